@@ -1,0 +1,3 @@
+from sae_ray.cli import entrypoint
+
+entrypoint()

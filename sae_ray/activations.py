@@ -1,0 +1,153 @@
+"""Frozen model -> hooked activations as Parquet shards of Arrow record batches.
+
+Two tables per split: token rows (every non-pad token; what the SAE trains on) and
+sequence rows (the pooled position, with example id and label; what sharpening and
+evaluation read). A manifest records rows, width, dtype and a checksum per shard so a
+reader can refuse a truncated or foreign shard.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from sae_ray.data import Split
+from sae_ray.finetune import batches
+from sae_ray.models import Classifier, hooked, pooled
+
+MANIFEST = "manifest.json"
+
+
+@dataclass
+class Manifest:
+    kind: str  # "tokens" or "sequences"
+    d: int
+    dtype: str
+    rows: int = 0
+    files: list[dict] = field(default_factory=list)
+
+    def paths(self, root: Path) -> list[str]:
+        return [str(root / f["path"]) for f in self.files]
+
+
+def vectors_to_arrow(x: np.ndarray) -> pa.FixedSizeListArray:
+    """(n, d) -> fixed-size-list column without a Python loop or copy."""
+    return pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), x.shape[1])
+
+
+def arrow_to_vectors(column: pa.ChunkedArray | pa.Array, d: int) -> np.ndarray:
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    return column.values.to_numpy(zero_copy_only=False).reshape(-1, d)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class ShardWriter:
+    """Streams record batches into fixed-size Parquet shards; nothing is held whole."""
+
+    def __init__(self, root: Path, kind: str, d: int, dtype: str, rows_per_shard: int = 200_000):
+        self.root, self.rows_per_shard = root, rows_per_shard
+        self.manifest = Manifest(kind=kind, d=d, dtype=dtype)
+        self._writer: pq.ParquetWriter | None = None
+        self._rows_in_shard = 0
+        root.mkdir(parents=True, exist_ok=True)
+
+    def write(self, batch: pa.RecordBatch) -> None:
+        if self._writer is None:
+            name = f"{self.manifest.kind}-{len(self.manifest.files):05d}.parquet"
+            self._writer = pq.ParquetWriter(self.root / name, batch.schema)
+            self.manifest.files.append({"path": name, "rows": 0})
+        self._writer.write_batch(batch)
+        self._rows_in_shard += batch.num_rows
+        self.manifest.files[-1]["rows"] += batch.num_rows
+        self.manifest.rows += batch.num_rows
+        if self._rows_in_shard >= self.rows_per_shard:
+            self._close_shard()
+
+    def _close_shard(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            entry = self.manifest.files[-1]
+            entry["sha256"] = _sha256(self.root / entry["path"])
+            self._writer, self._rows_in_shard = None, 0
+
+    def close(self) -> Manifest:
+        self._close_shard()
+        (self.root / MANIFEST).write_text(json.dumps(asdict(self.manifest), indent=1))
+        return self.manifest
+
+
+def read_manifest(root: Path, verify: bool = False) -> Manifest:
+    path = root / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no activation manifest")
+    manifest = Manifest(**json.loads(path.read_text()))
+    if verify:
+        for entry in manifest.files:
+            if _sha256(root / entry["path"]) != entry["sha256"]:
+                raise ValueError(f"{root / entry['path']}: checksum does not match the manifest")
+    return manifest
+
+
+@torch.no_grad()
+def extract(clf: Classifier, split: Split, layer: int, out_dir: Path, max_length: int,
+            batch_size: int = 64, dtype: str = "float32", tokens: bool = True) -> dict[str, Manifest]:
+    """Write `out_dir/tokens` (optional) and `out_dir/sequences` for one split."""
+    clf.model.eval()
+    np_dtype = np.dtype(dtype)
+    writers: dict[str, ShardWriter] = {}
+    for batch in batches(clf, split, batch_size, max_length):
+        with hooked(clf.model, layer) as store:
+            clf.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        h, mask = store["h"].float(), batch["attention_mask"]
+        d = h.shape[-1]
+        if not writers:
+            kinds = ("tokens", "sequences") if tokens else ("sequences",)
+            writers = {k: ShardWriter(out_dir / k, k, d, dtype) for k in kinds}
+        seq = pooled(h, mask, clf.pooling).numpy().astype(np_dtype)
+        writers["sequences"].write(pa.record_batch({
+            "example_id": pa.array(batch["ids"].numpy()),
+            "label": pa.array(batch["labels"].numpy()),
+            "x": vectors_to_arrow(seq),
+        }))
+        if tokens:
+            keep = mask.bool()
+            tok = h[keep].numpy().astype(np_dtype)  # every non-pad token, no Python loop
+            example = batch["ids"].unsqueeze(1).expand_as(mask)[keep].numpy()
+            writers["tokens"].write(pa.record_batch({
+                "example_id": pa.array(example), "x": vectors_to_arrow(tok)}))
+    return {kind: w.close() for kind, w in writers.items()}
+
+
+def load_sequences(root: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(example_ids, labels, x) of a sequence table, read whole: it is one row per example."""
+    manifest = read_manifest(root)
+    table = pq.read_table(manifest.paths(root))
+    return (table["example_id"].to_numpy(), table["label"].to_numpy(),
+            arrow_to_vectors(table["x"], manifest.d).astype(np.float32))
+
+
+def load_tokens(root: Path, limit: int | None = None) -> np.ndarray:
+    manifest = read_manifest(root)
+    parts, total = [], 0
+    for path in manifest.paths(root):
+        for rb in pq.ParquetFile(path).iter_batches(columns=["x"]):
+            parts.append(arrow_to_vectors(rb.column(0), manifest.d))
+            total += rb.num_rows
+            if limit and total >= limit:
+                return np.concatenate(parts)[:limit].astype(np.float32)
+    return np.concatenate(parts).astype(np.float32)

@@ -1,0 +1,101 @@
+"""`sae-ray`: sweep, run.
+
+Bad input ends in one line on stderr naming the field or file and exit code 2; a
+traceback is for bugs, not for typos in a YAML file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import Any
+
+from sae_ray import config as config_mod
+from sae_ray.config import Config, ConfigError
+
+EXIT_BAD_INPUT = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sae-ray", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, help_text in (("sweep", "run a Ray Tune + Optuna sweep from a YAML file"),
+                            ("run", "run one trial with the YAML's fixed values")):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("sweep_file", help="sweep YAML, e.g. sweeps/quickstart.yaml")
+        p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. sae.k=16")
+        p.add_argument("--address", default=os.environ.get("RAY_ADDRESS"),
+                       help="Ray cluster to join (default: RAY_ADDRESS, else a local one)")
+    return parser
+
+
+def _connect(address: str | None) -> None:
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=address, log_to_driver=True, configure_logging=False)
+
+
+def _print_outcome(cfg: Config, rows: list[dict[str, Any]]) -> None:
+    from sae_ray.results import best_row, summary_table
+
+    params = list(cfg.search.space)
+    print(f"\nresults: {cfg.sweep_dir / 'results.csv'}")
+    print(summary_table(rows, params, cfg.search.metric))
+    best = best_row(rows, cfg.search.metric, cfg.search.mode)
+    if best is None:
+        print("\nno trial completed")
+    else:
+        chosen = ", ".join(f"{p}={best.get(p)}" for p in params) or "fixed config"
+        print(f"\nbest trial: {best['trial_id']} ({chosen}) "
+              f"{cfg.search.metric}={best[cfg.search.metric]:.4g}")
+
+
+def _run_one(cfg: Config) -> list[dict[str, Any]]:
+    from sae_ray.cycle import run_trial
+    from sae_ray.results import write_results
+
+    rows: list[dict[str, Any]] = []
+
+    def report(metrics: dict[str, Any]) -> None:
+        rows.append({"trial_id": "run", **metrics, "status": "COMPLETE", "error": ""})
+        print(f"cycle {metrics['cycle']}: " + ", ".join(
+            f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float)))
+
+    run_trial(cfg, report)
+    write_results(rows, cfg.sweep_dir / "results.csv")
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = config_mod.load(args.sweep_file, args.overrides)
+        if args.command == "sweep":
+            from sae_ray.sweep import max_concurrent_trials, run_sweep, search_space
+
+            search_space(cfg)  # refuse an empty space before starting Ray
+            _connect(args.address)
+            import ray
+
+            max_concurrent_trials(cfg, ray.cluster_resources())
+            rows = run_sweep(cfg)
+        else:
+            _connect(args.address)
+            rows = _run_one(cfg)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    _print_outcome(cfg, rows)
+    return 0
+
+
+def entrypoint() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entrypoint()

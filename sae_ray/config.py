@@ -1,0 +1,221 @@
+"""Sweep YAML -> one validated, typed config.
+
+Every section forbids unknown keys so a typo fails loudly instead of silently running the
+default. Errors are reduced to one line naming the dotted field, because a researcher
+editing YAML needs "sae.k: ..." and not a pydantic traceback.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A user-facing config problem; the message is one line that names the field."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class Experiment(Section):
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")
+    storage_path: str = "./runs"
+    seed: int = 0
+
+
+class Model(Section):
+    name: str = "tiny-gpt2"
+    layer: int = Field(-1, description="hooked block index; negative counts from the end")
+    max_length: int = Field(64, ge=4)
+
+
+class Dataset(Section):
+    name: str = "synthetic:topics"
+    text_column: str = "text"
+    label_column: str = "label"
+    num_examples: int = Field(2000, ge=40, description="size of the synthetic task")
+    max_examples: int | None = Field(None, ge=10, description="cap on the loaded train split")
+    val_fraction: float = Field(0.1, gt=0, lt=0.5)
+    test_fraction: float = Field(0.1, gt=0, lt=0.5)
+
+
+class Cycles(Section):
+    count: int = Field(2, ge=1)
+    epochs: int = Field(1, ge=1)
+    aux_weight: float = Field(0.1, ge=0)
+    lr: float = Field(1e-4, gt=0)
+    batch_size: int = Field(32, ge=1)
+    weight_decay: float = Field(0.01, ge=0)
+
+
+class Sae(Section):
+    k: int = Field(32, ge=1)
+    expansion_factor: int = Field(8, ge=1)
+    epochs: int = Field(1, ge=1)
+    batch_size: int = Field(1024, ge=1)
+    lr: float | None = Field(None, gt=0, description="default scales with 1/sqrt(latents)")
+    auxk_alpha: float = Field(1 / 32, ge=0)
+    dead_tokens: int = Field(100_000, ge=1, description="a latent is dead after this many tokens")
+    activation_dtype: Literal["float32", "float16"] = "float32"
+
+
+class Sharpening(Section):
+    strategy: Literal["per_class", "per_example", "random", "none"] = "per_class"
+    top_k_pct: float = Field(10.0, gt=0, le=100)
+
+
+class SpaceEntry(Section):
+    type: Literal["choice", "int", "uniform", "loguniform"]
+    values: list[Any] | None = None
+    low: float | None = None
+    high: float | None = None
+    step: int | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> SpaceEntry:
+        if self.type == "choice":
+            if not self.values:
+                raise ValueError("choice needs a non-empty 'values' list")
+        elif self.low is None or self.high is None or self.low > self.high:
+            raise ValueError(f"{self.type} needs 'low' <= 'high'")
+        elif self.type == "loguniform" and self.low <= 0:
+            raise ValueError("loguniform needs 'low' > 0")
+        return self
+
+
+class Search(Section):
+    algorithm: Literal["tpe", "random"] = "tpe"
+    num_samples: int = Field(4, ge=1)
+    metric: str = "interp/u"
+    mode: Literal["max", "min"] = "max"
+    space: dict[str, SpaceEntry] = Field(default_factory=dict)
+    points_to_evaluate: list[dict[str, Any]] = Field(default_factory=list)
+    max_concurrent_trials: int | None = Field(None, ge=1)
+
+
+class Resources(Section):
+    num_workers: int = Field(2, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(0.5, gt=0)
+
+
+class Wandb(Section):
+    mode: Literal["offline", "online", "disabled"] = "disabled"
+    project: str = "sae-ray"
+
+
+class Config(Section):
+    experiment: Experiment
+    model: Model = Field(default_factory=Model)
+    dataset: Dataset = Field(default_factory=Dataset)
+    cycles: Cycles = Field(default_factory=Cycles)
+    sae: Sae = Field(default_factory=Sae)
+    sharpening: Sharpening = Field(default_factory=Sharpening)
+    search: Search = Field(default_factory=Search)
+    resources: Resources = Field(default_factory=Resources)
+    wandb: Wandb = Field(default_factory=Wandb)
+
+    @property
+    def sweep_dir(self) -> Path:
+        return Path(self.experiment.storage_path).expanduser().resolve() / self.experiment.name
+
+
+def _one_line(err: ValidationError) -> str:
+    first = err.errors()[0]
+    field = ".".join(str(p) for p in first["loc"]) or "config"
+    msg = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key"
+    return f"{field}: {msg}"
+
+
+def set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set tree['a']['b'] from 'a.b', creating sections as needed."""
+    *parents, leaf = dotted.split(".")
+    node = tree
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{dotted}: '{part}' is not a section")
+        node = child
+    node[leaf] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """'sae.k=16' -> ('sae.k', 16): the value is read as YAML so types come out right."""
+    if "=" not in text:
+        raise ConfigError(f"{text}: an override must look like section.key=value")
+    key, raw = text.split("=", 1)
+    return key.strip(), yaml.safe_load(raw) if raw else ""
+
+
+def validate(raw: dict[str, Any]) -> Config:
+    try:
+        config = Config.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_one_line(err)) from None
+    _check_space(config)
+    return config
+
+
+def _check_space(config: Config) -> None:
+    """Every searched path must exist and every value it can take must validate."""
+    base = config.model_dump()
+    for dotted, entry in config.search.space.items():
+        candidates = entry.values if entry.type == "choice" else [entry.low, entry.high]
+        if entry.type == "int":
+            candidates = [int(c) for c in candidates]
+        for value in candidates:
+            trial = copy.deepcopy(base)
+            try:
+                _assign_existing(trial, dotted, value)
+                Config.model_validate(trial)
+            except ValidationError as err:
+                raise ConfigError(f"search.space.{dotted}: {_one_line(err)}") from None
+            except KeyError:
+                raise ConfigError(f"search.space.{dotted}: no such parameter") from None
+    for i, point in enumerate(config.search.points_to_evaluate):
+        unknown = set(point) - set(config.search.space)
+        if unknown:
+            raise ConfigError(f"search.points_to_evaluate.{i}: {sorted(unknown)[0]} is not searched")
+
+
+def _assign_existing(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = tree
+    for part in parents:
+        node = node[part]
+        if not isinstance(node, dict):
+            raise KeyError(dotted)
+    if leaf not in node or not parents:
+        raise KeyError(dotted)
+    node[leaf] = value
+
+
+def load(path: str | Path, overrides: list[str] | None = None) -> Config:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such sweep file")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    for text in overrides or []:
+        set_dotted(raw, *parse_override(text))
+    return validate(raw)
+
+
+def apply_params(config: Config, params: dict[str, Any]) -> Config:
+    """A trial's config: the sweep's config with the sampled dotted parameters set."""
+    tree = config.model_dump()
+    for dotted, value in params.items():
+        _assign_existing(tree, dotted, value)
+    return validate(tree)

@@ -1,0 +1,142 @@
+"""One trial: cycles 0..C-1 of fine-tune -> extract -> SAE -> evaluate -> sharpen.
+
+Each stage's output is an artifact keyed by what determines it, so trials that share a
+prefix (e.g. every trial's cycle-0 model) compute it once. `report` receives one flat
+metrics dict per cycle: Tune's `tune.report` in a sweep, a list's append in `sae-ray run`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from sae_ray.activations import extract, load_sequences, load_tokens
+from sae_ray.config import Config
+from sae_ray.data import TextData, load_text_data
+from sae_ray.evaluate import accuracy, interp_u, sae_quality
+from sae_ray.finetune import TargetTable, finetune, predict
+from sae_ray.models import build_classifier, load_classifier, resolve_layer, save_classifier
+from sae_ray.sae import SparseAutoencoder
+from sae_ray.sae_train import train_sae
+from sae_ray.sharpen import sharpen
+from sae_ray.store import ArtifactStore
+
+log = logging.getLogger(__name__)
+Report = Callable[[dict[str, Any]], None]
+
+
+def _model_spec(cfg: Config) -> dict[str, Any]:
+    return {"model": cfg.model.model_dump(exclude={"layer"}), "dataset": cfg.dataset.model_dump(),
+            "train": cfg.cycles.model_dump(exclude={"count", "aux_weight"}),
+            "seed": cfg.experiment.seed}
+
+
+def _effective_strategy(cfg: Config) -> str:
+    """λ = 0 makes every strategy the 'none' control: they then share one artifact."""
+    return "none" if cfg.cycles.aux_weight == 0 else cfg.sharpening.strategy
+
+
+def run_trial(cfg: Config, report: Report) -> None:
+    threads = int(os.environ.get("SAE_RAY_TORCH_THREADS", "0"))
+    if threads:
+        torch.set_num_threads(threads)
+    store = ArtifactStore(cfg.sweep_dir / "artifacts")
+    data = load_text_data(cfg.dataset, seed=cfg.experiment.seed)
+    seed = cfg.experiment.seed
+    strategy = _effective_strategy(cfg)
+
+    def make_cycle0(out: Path) -> None:
+        clf = build_classifier(cfg.model.name, data.num_classes, data.splits["train"].texts,
+                               seed, cfg.model.max_length)
+        finetune(clf, data.splits["train"], cfg.cycles, cfg.model.layer, cfg.model.max_length, seed)
+        save_classifier(clf, out)
+
+    model_dir, model_key = store.get_or_compute("model", _model_spec(cfg), make_cycle0)
+    targets: TargetTable | None = None
+    sae_key = ""
+    for cycle in range(cfg.cycles.count):
+        if cycle > 0:
+            model_dir, model_key = _retrain(store, cfg, data, model_dir, model_key, sae_key,
+                                            targets, strategy, cycle)
+        clf = load_classifier(model_dir)
+        layer = resolve_layer(clf.model, cfg.model.layer)
+
+        def make_acts(out: Path, clf=clf, layer=layer) -> None:
+            for split in ("train", "validation", "test"):
+                extract(clf, data.splits[split], layer, out / split, cfg.model.max_length,
+                        dtype=cfg.sae.activation_dtype, tokens=split != "test")
+
+        acts_spec = {"parent": model_key, "layer": layer, "dtype": cfg.sae.activation_dtype}
+        acts_dir, acts_key = store.get_or_compute("activations", acts_spec, make_acts)
+
+        sae_spec = {"parent": acts_key, "sae": cfg.sae.model_dump(), "seed": seed + cycle,
+                    "workers": cfg.resources.num_workers}
+
+        def make_sae(out: Path, acts_dir=acts_dir, cycle=cycle, spec=sae_spec) -> None:
+            # The Train run is named after the artifact: deterministic, and distinct per SAE.
+            result = train_sae(acts_dir / "train" / "tokens", cfg.sae, cfg.resources, seed + cycle,
+                               run_name=f"sae-{store.key('sae', spec)}",
+                               storage_path=cfg.sweep_dir / "train_runs")
+            result.sae.save(out)
+            (out / "train_metrics.json").write_text(json.dumps(result.metrics))
+
+        sae_dir, sae_key = store.get_or_compute("sae", sae_spec, make_sae)
+        sae = SparseAutoencoder.load(sae_dir)
+        train_stats = json.loads((sae_dir / "train_metrics.json").read_text())
+
+        metrics = _evaluate(cfg, data, clf, sae, acts_dir)
+        metrics.update({"cycle": cycle, "strategy_effective": strategy,
+                        "is_control": strategy == "none"})
+        if "tokens_per_s" in train_stats:
+            metrics["sae/train_tokens_per_s"] = train_stats["tokens_per_s"]
+        if cycle + 1 < cfg.cycles.count and strategy != "none":
+            ids, labels, x = load_sequences(acts_dir / "train" / "sequences")
+            targets = sharpen(strategy, sae, ids, labels, x, data.num_classes,
+                              cfg.sharpening.top_k_pct, seed=seed + cycle)
+        report(metrics)
+
+
+def _retrain(store: ArtifactStore, cfg: Config, data: TextData, parent_dir: Path, parent_key: str,
+             sae_key: str, targets: TargetTable | None, strategy: str,
+             cycle: int) -> tuple[Path, str]:
+    """model_c from model_{c-1}: CE + λ(1 − cos(h, t)), or CE alone for the control."""
+    spec = {"parent": parent_key, "strategy": strategy, "cycle": cycle,
+            "train": cfg.cycles.model_dump(exclude={"count"}), "layer": cfg.model.layer}
+    if strategy in ("per_class", "per_example"):
+        spec.update(sae=sae_key, top_k_pct=cfg.sharpening.top_k_pct)
+    if strategy == "none":
+        spec["train"]["aux_weight"] = 0.0
+
+    def compute(out: Path) -> None:
+        clf = load_classifier(parent_dir)
+        finetune(clf, data.splits["train"], cfg.cycles, cfg.model.layer, cfg.model.max_length,
+                 seed=cfg.experiment.seed + cycle, targets=targets,
+                 aux_weight=0.0 if strategy == "none" else cfg.cycles.aux_weight)
+        save_classifier(clf, out)
+
+    return store.get_or_compute("model", spec, compute)
+
+
+def _evaluate(cfg: Config, data: TextData, clf, sae: SparseAutoencoder,
+              acts_dir: Path) -> dict[str, Any]:
+    """Selection metrics on validation; the held-out test split is reported, never selected on."""
+    out: dict[str, Any] = {}
+    for split, prefix in (("validation", "val"), ("test", "test")):
+        preds = predict(clf, data.splits[split], cfg.model.max_length)
+        out[f"{prefix}/accuracy"] = accuracy(preds, data.splits[split].labels)
+    quality = sae_quality(sae, load_tokens(acts_dir / "validation" / "tokens"))
+    out.update({f"sae/{k}": v for k, v in quality.items()})
+    for split, prefix in (("validation", "interp"), ("test", "test/interp")):
+        _, labels, x = load_sequences(acts_dir / split / "sequences")
+        codes = sae.dense_codes(torch.from_numpy(x)).detach().numpy()
+        u = interp_u(codes, labels, data.num_classes)
+        out[f"{prefix}/u"] = u["u"]
+        out[f"{prefix}/alive_frac"] = u["alive_frac"]
+    return {k: float(v) if isinstance(v, (float, np.floating)) else v for k, v in out.items()}

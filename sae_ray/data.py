@@ -1,0 +1,165 @@
+"""Labelled text datasets -> train / validation / held-out test splits with stable example ids.
+
+Example ids are what sharpened targets are joined on, so they are assigned once here and
+travel with every row (tokens, activations, targets) from then on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from sae_ray.config import ConfigError, Dataset
+
+SPLITS = ("train", "validation", "test")
+
+# Four topics that a bag of words separates: small enough to learn in seconds on a CPU.
+_TOPICS = {
+    "sports": "goal match team score coach league player season win stadium referee ball "
+    "tournament striker defender keeper race medal sprint champion",
+    "science": "atom cell theory experiment lab molecule energy physics quantum gene "
+    "protein data telescope orbit neuron chemistry research particle hypothesis fossil",
+    "food": "bread cheese recipe oven spice soup garlic butter pasta sauce kitchen chef "
+    "flavor tomato salad bake roast dessert noodle pepper",
+    "music": "guitar song album band melody chord drum concert rhythm piano lyric singer "
+    "tempo orchestra jazz chorus violin stage vinyl tune",
+}
+_FILLER = (
+    "the a of and to in is it that was for on with as at by this from they we say "
+    "her she or an will my one all would there their what so up out if about who get "
+    "which go me when make can like time no just him know take people into year your good"
+).split()
+
+
+@dataclass
+class Split:
+    ids: np.ndarray  # int64, unique across all splits
+    texts: list[str]
+    labels: np.ndarray  # int64 in [0, num_classes)
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+
+@dataclass
+class TextData:
+    splits: dict[str, Split]
+    num_classes: int
+    label_names: list[str]
+
+
+def synthetic_topics(num_examples: int, seed: int = 1234) -> tuple[list[str], list[int]]:
+    """A deterministic 4-class task: ~35% of each text's words come from its topic."""
+    rng = np.random.default_rng(seed)
+    topics = [words.split() for words in _TOPICS.values()]
+    texts, labels = [], []
+    for i in range(num_examples):
+        label = i % len(topics)
+        length = int(rng.integers(8, 21))
+        from_topic = rng.random(length) < 0.35
+        words = [
+            topics[label][rng.integers(len(topics[label]))]
+            if t
+            else _FILLER[rng.integers(len(_FILLER))]
+            for t in from_topic
+        ]
+        texts.append(" ".join(words))
+        labels.append(label)
+    return texts, labels
+
+
+def _read_local(path: Path):
+    import datasets
+
+    kinds = {".parquet": "parquet", ".csv": "csv", ".jsonl": "json", ".json": "json"}
+    if path.is_dir():
+        files = {}
+        for split, alias in (("train", "train"), ("validation", "validation"), ("test", "test")):
+            found = [p for p in path.iterdir() if p.stem in (split, alias) and p.suffix in kinds]
+            if found:
+                files[split] = str(found[0])
+        if "train" not in files:
+            raise ConfigError(f"dataset.name: {path} has no train.(parquet|csv|jsonl) file")
+        kind = kinds[Path(files["train"]).suffix]
+    elif path.suffix in kinds:
+        files, kind = {"train": str(path)}, kinds[path.suffix]
+    else:
+        raise ConfigError(f"dataset.name: {path} is not a .parquet, .csv or .jsonl file")
+    return datasets.load_dataset(kind, data_files=files)
+
+
+def _load_raw(cfg: Dataset) -> dict[str, tuple[list[str], list]]:
+    """Each available split as (texts, labels), from the synthetic task, local files or the hub."""
+    if cfg.name.startswith("synthetic:"):
+        if cfg.name != "synthetic:topics":
+            raise ConfigError(f"dataset.name: unknown synthetic task {cfg.name!r}")
+        return {"train": synthetic_topics(cfg.num_examples)}
+    path = Path(cfg.name).expanduser()
+    if path.exists():
+        dd = _read_local(path)
+    else:
+        import datasets
+
+        hub_id, _, subset = cfg.name.partition("/") if cfg.name.startswith("glue/") else (
+            cfg.name,
+            "",
+            "",
+        )
+        dd = datasets.load_dataset(hub_id, subset or None)
+    out = {}
+    for split in dd:
+        columns = dd[split].column_names
+        text_col = cfg.text_column if cfg.text_column in columns else _guess_text(columns)
+        if text_col is None or cfg.label_column not in columns:
+            missing = cfg.label_column if text_col else cfg.text_column
+            raise ConfigError(f"dataset.{'label' if text_col else 'text'}_column: "
+                              f"{missing!r} not in {cfg.name} ({', '.join(columns)})")
+        out[split] = (list(dd[split][text_col]), list(dd[split][cfg.label_column]))
+    return out
+
+
+def _guess_text(columns: list[str]) -> str | None:
+    # glue/sst2 calls its text column "sentence".
+    return next((c for c in ("text", "sentence", "content") if c in columns), None)
+
+
+def load_text_data(cfg: Dataset, seed: int = 0) -> TextData:
+    """Train / validation / test. A labelled test split from the source is the held-out test;
+    otherwise the source's validation split is, and validation is carved from train."""
+    raw = _load_raw(cfg)
+    raw = {s: (t, y) for s, (t, y) in raw.items() if not all(v == -1 for v in y)}  # unlabelled
+    label_values = sorted({v for _, ys in raw.values() for v in ys}, key=str)
+    if all(isinstance(v, (int, np.integer)) for v in label_values):
+        if label_values[0] < 0:
+            raise ConfigError(f"dataset.label_column: label {label_values[0]} is negative")
+        names = [str(v) for v in range(int(max(label_values)) + 1)]
+        to_int = {v: int(v) for v in label_values}
+    else:
+        names = [str(v) for v in label_values]
+        to_int = {v: i for i, v in enumerate(label_values)}
+    if len(names) < 2:
+        raise ConfigError(f"dataset.label_column: {cfg.name} has fewer than two classes")
+
+    rng = np.random.default_rng(seed)
+    train_t, train_y = raw["train"]
+    order = rng.permutation(len(train_t))
+    test = raw.get("test") or raw.get("validation")
+    n_val = max(2, int(round(cfg.val_fraction * len(train_t))))
+    n_test = 0 if test else max(2, int(round(cfg.test_fraction * len(train_t))))
+    val_idx, test_idx, tr_idx = np.split(order, [n_val, n_val + n_test])
+    if cfg.max_examples:
+        tr_idx = tr_idx[: cfg.max_examples]
+    pick = {"train": tr_idx, "validation": val_idx}
+    parts = {s: ([train_t[i] for i in idx], [train_y[i] for i in idx]) for s, idx in pick.items()}
+    parts["test"] = test if test else ([train_t[i] for i in test_idx], [train_y[i] for i in test_idx])
+
+    splits, next_id = {}, 0
+    for name in SPLITS:
+        texts, ys = parts[name]
+        ids = np.arange(next_id, next_id + len(texts), dtype=np.int64)
+        next_id += len(texts)
+        labels = np.array([to_int[v] for v in ys], dtype=np.int64)
+        splits[name] = Split(ids=ids, texts=[str(t) for t in texts], labels=labels)
+    return TextData(splits=splits, num_classes=len(names), label_names=names)

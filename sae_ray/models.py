@@ -1,0 +1,148 @@
+"""Sequence classifiers, the hook on the configured block, and the position the head reads.
+
+The hook keeps the block's output *with* its autograd graph: the auxiliary loss of cycle
+c > 0 must reach the model's parameters through it (the original code detached it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import nn
+from transformers import (
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    BertConfig,
+    GPT2Config,
+    PreTrainedTokenizerFast,
+)
+
+# Models whose classification head reads the first ([CLS]) token; the rest read the last
+# real token (GPT-2, GPT-NeoX/Pythia, Llama, ...).
+FIRST_TOKEN_TYPES = {"bert", "roberta", "distilbert", "electra", "albert", "xlm-roberta",
+                     "mpnet", "deberta", "deberta-v2"}
+TINY_PRESETS = ("tiny-gpt2", "tiny-bert")
+Pooling = Literal["first", "last"]
+
+
+@dataclass
+class Classifier:
+    model: nn.Module
+    tokenizer: PreTrainedTokenizerFast
+
+    @property
+    def pooling(self) -> Pooling:
+        return "first" if self.model.config.model_type in FIRST_TOKEN_TYPES else "last"
+
+
+def word_tokenizer(texts: list[str], kind: str) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over the training texts: lets tiny presets run with no hub."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"] if kind == "bert" else ["<pad>", "<unk>"]
+    vocab = {tok: i for i, tok in enumerate(specials)}
+    for word in sorted({w for t in texts for w in t.lower().split()}):
+        vocab.setdefault(word, len(vocab))
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token=specials[1]))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    from tokenizers import normalizers
+
+    core.normalizer = normalizers.Lowercase()
+    if kind == "bert":
+        from tokenizers import processors
+
+        core.post_processor = processors.TemplateProcessing(
+            single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
+        )
+        return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="[PAD]",
+                                       unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]")
+    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", unk_token="<unk>")
+
+
+def build_classifier(name: str, num_labels: int, train_texts: list[str], seed: int,
+                     max_length: int) -> Classifier:
+    """A hub id / local path with a fresh classification head, or a tiny random preset."""
+    torch.manual_seed(seed)
+    if name in TINY_PRESETS:
+        kind = name.removeprefix("tiny-")
+        tok = word_tokenizer(train_texts, kind)
+        common = dict(vocab_size=len(tok), num_labels=num_labels, pad_token_id=tok.pad_token_id)
+        if kind == "gpt2":
+            cfg = GPT2Config(n_layer=2, n_embd=64, n_head=4, n_positions=max_length + 2,
+                             bos_token_id=None, eos_token_id=None, **common)
+        else:
+            cfg = BertConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4,
+                             intermediate_size=128, max_position_embeddings=max_length + 2,
+                             **common)
+        model = AutoModelForSequenceClassification.from_config(cfg)
+        return Classifier(model, tok)
+    tok = AutoTokenizer.from_pretrained(name)
+    if tok.pad_token is None:  # GPT-2 style tokenizers ship without one
+        tok.pad_token = tok.eos_token
+    model = AutoModelForSequenceClassification.from_pretrained(name, num_labels=num_labels)
+    model.config.pad_token_id = tok.pad_token_id
+    return Classifier(model, tok)
+
+
+def save_classifier(clf: Classifier, path: Path) -> None:
+    clf.model.save_pretrained(path, safe_serialization=True)
+    clf.tokenizer.save_pretrained(path)
+
+
+def load_classifier(path: Path) -> Classifier:
+    model = AutoModelForSequenceClassification.from_pretrained(path)
+    return Classifier(model, AutoTokenizer.from_pretrained(path))
+
+
+def blocks(model: nn.Module) -> nn.ModuleList:
+    """The transformer's list of blocks, found by shape so any HF architecture works."""
+    n = model.config.num_hidden_layers
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) == n:
+            return module
+    raise ValueError(f"model.layer: no list of {n} blocks found in {type(model).__name__}")
+
+
+def resolve_layer(model: nn.Module, layer: int) -> int:
+    n = model.config.num_hidden_layers
+    if not -n <= layer < n:
+        raise ValueError(f"model.layer: {layer} is out of range for a {n}-block model")
+    return layer % n
+
+
+@contextlib.contextmanager
+def hooked(model: nn.Module, layer: int) -> Iterator[dict[str, torch.Tensor]]:
+    """Capture block `layer`'s output (graph kept) into the yielded dict under 'h'."""
+    store: dict[str, torch.Tensor] = {}
+
+    def hook(_module, _inputs, output):
+        store["h"] = output[0] if isinstance(output, tuple) else output
+
+    handle = blocks(model)[resolve_layer(model, layer)].register_forward_hook(hook)
+    try:
+        yield store
+    finally:
+        handle.remove()
+
+
+def pooled_index(attention_mask: torch.Tensor, pooling: Pooling) -> torch.Tensor:
+    """Per row, the position the classifier reads: [CLS] or the last real token.
+
+    Works for right and left padding alike (the last real token is the largest attended
+    index), which is where the original code read a pad position instead.
+    """
+    if pooling == "first":
+        return torch.zeros(attention_mask.shape[0], dtype=torch.long,
+                           device=attention_mask.device)
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    return (positions * attention_mask.long()).argmax(dim=-1)
+
+
+def pooled(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: Pooling) -> torch.Tensor:
+    rows = torch.arange(hidden.shape[0], device=hidden.device)
+    return hidden[rows, pooled_index(attention_mask, pooling)]

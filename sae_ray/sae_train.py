@@ -1,0 +1,126 @@
+"""Train the TopK SAE with Ray Train workers fed by Ray Data from the activation shards.
+
+Driver: `train_sae` reads the token shards with `ray.data.read_parquet` and runs a
+`TorchTrainer`. Worker: `train_loop` streams its shard (`get_dataset_shard` ->
+`iter_torch_batches`), trains under DDP, and rank 0 reports the SAE as a checkpoint.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+import ray.train
+import torch
+import torch.distributed as dist
+from ray.train import Checkpoint, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from sae_ray.activations import read_manifest
+from sae_ray.config import Resources, Sae
+from sae_ray.sae import SaeConfig, SparseAutoencoder, auxk_loss, default_lr, fvu
+
+
+@dataclass
+class SaeTrainResult:
+    sae: SparseAutoencoder
+    metrics: dict[str, float]
+
+
+def _all_reduce_max(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t
+
+
+def train_loop(config: dict[str, Any]) -> None:
+    """One Ray Train worker. Every worker runs the same number of steps (equal shards)."""
+    torch.manual_seed(config["seed"])
+    device = ray.train.torch.get_device()
+    ctx = ray.train.get_context()
+    world = ctx.get_world_size()
+    shard = ray.train.get_dataset_shard("train")
+    sae = SparseAutoencoder(SaeConfig(config["d_in"], config["num_latents"], config["k"]))
+    sae.to(device)
+
+    def stream():
+        return shard.iter_torch_batches(batch_size=config["batch_size"], dtypes=torch.float32,
+                                        device=device)
+
+    model = None
+    opt = None
+    tokens_since_fired = torch.zeros(sae.cfg.num_latents, dtype=torch.long, device=device)
+    seen, started, last = 0, time.perf_counter(), {}
+    for epoch in range(config["epochs"]):
+        for batch in stream():
+            x = batch["x"]
+            if model is None:
+                # b_dec from rank 0's first batch; DDP broadcasts rank 0's parameters.
+                sae.init_b_dec(x)
+                model = ray.train.torch.prepare_model(sae)
+                opt = torch.optim.Adam(sae.parameters(), lr=config["lr"], eps=6.25e-10)
+            x_hat, codes = model(x)
+            loss_fvu = fvu(x, x_hat)
+            dead = tokens_since_fired > config["dead_tokens"]
+            aux = auxk_loss(sae, x, x_hat, codes.pre, dead)
+            loss = loss_fvu + config["auxk_alpha"] * aux
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            sae.remove_gradient_parallel_to_decoder_directions()
+            torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0)
+            opt.step()
+            sae.set_decoder_norm_to_unit_norm()
+
+            with torch.no_grad():
+                fired = torch.zeros_like(tokens_since_fired)
+                active = codes.indices[codes.values > 0]
+                fired[active] = 1
+                fired = _all_reduce_max(fired)
+                tokens_since_fired += x.shape[0] * world
+                tokens_since_fired[fired.bool()] = 0
+                seen += x.shape[0] * world
+                last = {"loss": loss.item(), "fvu": loss_fvu.item(),
+                        "l0": (codes.values > 0).sum(-1).float().mean().item(),
+                        "dead_pct": 100.0 * dead.float().mean().item(), "epoch": epoch}
+    elapsed = time.perf_counter() - started
+    last.update(tokens=seen, tokens_per_s=seen / max(elapsed, 1e-9))
+    if ctx.get_world_rank() == 0:
+        with tempfile.TemporaryDirectory() as tmp:
+            sae.save(Path(tmp))
+            ray.train.report(last, checkpoint=Checkpoint.from_directory(tmp))
+    else:
+        ray.train.report(last)
+
+
+def train_sae(tokens_dir: Path, cfg: Sae, resources: Resources, seed: int, run_name: str,
+              storage_path: Path) -> SaeTrainResult:
+    """Fit an SAE on the token shards under `tokens_dir` (read through Ray Data)."""
+    manifest = read_manifest(tokens_dir, verify=True)
+    num_latents = manifest.d * cfg.expansion_factor
+    SaeConfig(manifest.d, num_latents, cfg.k)  # fail fast on k > latents, before any worker
+    dataset = ray.data.read_parquet(manifest.paths(tokens_dir), columns=["x"],
+                                    shuffle="files" if len(manifest.files) > 1 else None)
+    loop_config = {
+        "seed": seed, "d_in": manifest.d, "num_latents": num_latents, "k": cfg.k,
+        "epochs": cfg.epochs, "batch_size": cfg.batch_size,
+        "lr": cfg.lr or default_lr(num_latents), "auxk_alpha": cfg.auxk_alpha,
+        "dead_tokens": cfg.dead_tokens,
+    }
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(
+            num_workers=resources.num_workers, use_gpu=resources.use_gpu,
+            resources_per_worker={"CPU": resources.cpus_per_worker},
+        ),
+        run_config=ray.train.RunConfig(name=run_name, storage_path=str(storage_path)),
+        datasets={"train": dataset},
+    )
+    result = trainer.fit()
+    with result.checkpoint.as_directory() as directory:
+        sae = SparseAutoencoder.load(Path(directory))
+    return SaeTrainResult(sae=sae, metrics=dict(result.metrics))
