@@ -104,8 +104,16 @@ def read_manifest(root: Path, verify: bool = False) -> Manifest:
 
 
 @torch.no_grad()
-def extract(clf: Classifier, split: Split, layer: int, out_dir: Path, max_length: int,
-            batch_size: int = 64, dtype: str = "float32", tokens: bool = True) -> dict[str, Manifest]:
+def extract(
+    clf: Classifier,
+    split: Split,
+    layer: int,
+    out_dir: Path,
+    max_length: int,
+    batch_size: int = 64,
+    dtype: str = "float32",
+    tokens: bool = True,
+) -> dict[str, Manifest]:
     """Write `out_dir/tokens` (optional) and `out_dir/sequences` for one split."""
     clf.model.eval()
     np_dtype = np.dtype(dtype)
@@ -119,17 +127,22 @@ def extract(clf: Classifier, split: Split, layer: int, out_dir: Path, max_length
             kinds = ("tokens", "sequences") if tokens else ("sequences",)
             writers = {k: ShardWriter(out_dir / k, k, d, dtype) for k in kinds}
         seq = pooled(h, mask, clf.pooling).numpy().astype(np_dtype)
-        writers["sequences"].write(pa.record_batch({
-            "example_id": pa.array(batch["ids"].numpy()),
-            "label": pa.array(batch["labels"].numpy()),
-            "x": vectors_to_arrow(seq),
-        }))
+        writers["sequences"].write(
+            pa.record_batch(
+                {
+                    "example_id": pa.array(batch["ids"].numpy()),
+                    "label": pa.array(batch["labels"].numpy()),
+                    "x": vectors_to_arrow(seq),
+                }
+            )
+        )
         if tokens:
             keep = mask.bool()
             tok = h[keep].numpy().astype(np_dtype)  # every non-pad token, no Python loop
             example = batch["ids"].unsqueeze(1).expand_as(mask)[keep].numpy()
-            writers["tokens"].write(pa.record_batch({
-                "example_id": pa.array(example), "x": vectors_to_arrow(tok)}))
+            writers["tokens"].write(
+                pa.record_batch({"example_id": pa.array(example), "x": vectors_to_arrow(tok)})
+            )
     return {kind: w.close() for kind, w in writers.items()}
 
 
@@ -137,8 +150,11 @@ def load_sequences(root: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(example_ids, labels, x) of a sequence table, read whole: it is one row per example."""
     manifest = read_manifest(root)
     table = pq.read_table(manifest.paths(root))
-    return (table["example_id"].to_numpy(), table["label"].to_numpy(),
-            arrow_to_vectors(table["x"], manifest.d).astype(np.float32))
+    return (
+        table["example_id"].to_numpy(),
+        table["label"].to_numpy(),
+        arrow_to_vectors(table["x"], manifest.d).astype(np.float32),
+    )
 
 
 def load_tokens(root: Path, limit: int | None = None) -> np.ndarray:

@@ -21,13 +21,18 @@ EXIT_BAD_INPUT = 2
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sae-ray", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, help_text in (("sweep", "run a Ray Tune + Optuna sweep from a YAML file"),
-                            ("run", "run one trial with the YAML's fixed values")):
+    for name, help_text in (
+        ("sweep", "run a Ray Tune + Optuna sweep from a YAML file"),
+        ("run", "run one trial with the YAML's fixed values"),
+    ):
         p = sub.add_parser(name, help=help_text)
         p.add_argument("sweep_file", help="sweep YAML, e.g. sweeps/quickstart.yaml")
         p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. sae.k=16")
-        p.add_argument("--address", default=os.environ.get("RAY_ADDRESS"),
-                       help="Ray cluster to join (default: RAY_ADDRESS, else a local one)")
+        p.add_argument(
+            "--address",
+            default=os.environ.get("RAY_ADDRESS"),
+            help="Ray cluster to join (default: RAY_ADDRESS, else a local one)",
+        )
     return parser
 
 
@@ -49,8 +54,10 @@ def _print_outcome(cfg: Config, rows: list[dict[str, Any]]) -> None:
         print("\nno trial completed")
     else:
         chosen = ", ".join(f"{p}={best.get(p)}" for p in params) or "fixed config"
-        print(f"\nbest trial: {best['trial_id']} ({chosen}) "
-              f"{cfg.search.metric}={best[cfg.search.metric]:.4g}")
+        print(
+            f"\nbest trial: {best['trial_id']} ({chosen}) "
+            f"{cfg.search.metric}={best[cfg.search.metric]:.4g}"
+        )
 
 
 def _run_one(cfg: Config) -> list[dict[str, Any]]:
@@ -60,9 +67,12 @@ def _run_one(cfg: Config) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
 
     def report(metrics: dict[str, Any]) -> None:
-        rows.append({"trial_id": "run", **metrics, "status": "COMPLETE", "error": ""})
-        print(f"cycle {metrics['cycle']}: " + ", ".join(
-            f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float)))
+        fixed = {p: config_mod.get_dotted(cfg, p) for p in cfg.search.space}
+        rows.append({"trial_id": "run", **fixed, **metrics, "status": "COMPLETE", "error": ""})
+        print(
+            f"cycle {metrics['cycle']}: "
+            + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float))
+        )
 
     run_trial(cfg, report)
     write_results(rows, cfg.sweep_dir / "results.csv")

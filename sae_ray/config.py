@@ -183,7 +183,9 @@ def _check_space(config: Config) -> None:
     for i, point in enumerate(config.search.points_to_evaluate):
         unknown = set(point) - set(config.search.space)
         if unknown:
-            raise ConfigError(f"search.points_to_evaluate.{i}: {sorted(unknown)[0]} is not searched")
+            raise ConfigError(
+                f"search.points_to_evaluate.{i}: {sorted(unknown)[0]} is not searched"
+            )
 
 
 def _assign_existing(tree: dict[str, Any], dotted: str, value: Any) -> None:
@@ -211,6 +213,13 @@ def load(path: str | Path, overrides: list[str] | None = None) -> Config:
     for text in overrides or []:
         set_dotted(raw, *parse_override(text))
     return validate(raw)
+
+
+def get_dotted(config: Config, dotted: str) -> Any:
+    node: Any = config
+    for part in dotted.split("."):
+        node = getattr(node, part)
+    return node
 
 
 def apply_params(config: Config, params: dict[str, Any]) -> Config:

@@ -33,9 +33,12 @@ Report = Callable[[dict[str, Any]], None]
 
 
 def _model_spec(cfg: Config) -> dict[str, Any]:
-    return {"model": cfg.model.model_dump(exclude={"layer"}), "dataset": cfg.dataset.model_dump(),
-            "train": cfg.cycles.model_dump(exclude={"count", "aux_weight"}),
-            "seed": cfg.experiment.seed}
+    return {
+        "model": cfg.model.model_dump(exclude={"layer"}),
+        "dataset": cfg.dataset.model_dump(),
+        "train": cfg.cycles.model_dump(exclude={"count", "aux_weight"}),
+        "seed": cfg.experiment.seed,
+    }
 
 
 def _effective_strategy(cfg: Config) -> str:
@@ -53,8 +56,9 @@ def run_trial(cfg: Config, report: Report) -> None:
     strategy = _effective_strategy(cfg)
 
     def make_cycle0(out: Path) -> None:
-        clf = build_classifier(cfg.model.name, data.num_classes, data.splits["train"].texts,
-                               seed, cfg.model.max_length)
+        clf = build_classifier(
+            cfg.model.name, data.num_classes, data.splits["train"].texts, seed, cfg.model.max_length
+        )
         finetune(clf, data.splits["train"], cfg.cycles, cfg.model.layer, cfg.model.max_length, seed)
         save_classifier(clf, out)
 
@@ -63,27 +67,44 @@ def run_trial(cfg: Config, report: Report) -> None:
     sae_key = ""
     for cycle in range(cfg.cycles.count):
         if cycle > 0:
-            model_dir, model_key = _retrain(store, cfg, data, model_dir, model_key, sae_key,
-                                            targets, strategy, cycle)
+            model_dir, model_key = _retrain(
+                store, cfg, data, model_dir, model_key, sae_key, targets, strategy, cycle
+            )
         clf = load_classifier(model_dir)
         layer = resolve_layer(clf.model, cfg.model.layer)
 
         def make_acts(out: Path, clf=clf, layer=layer) -> None:
             for split in ("train", "validation", "test"):
-                extract(clf, data.splits[split], layer, out / split, cfg.model.max_length,
-                        dtype=cfg.sae.activation_dtype, tokens=split != "test")
+                extract(
+                    clf,
+                    data.splits[split],
+                    layer,
+                    out / split,
+                    cfg.model.max_length,
+                    dtype=cfg.sae.activation_dtype,
+                    tokens=split != "test",
+                )
 
         acts_spec = {"parent": model_key, "layer": layer, "dtype": cfg.sae.activation_dtype}
         acts_dir, acts_key = store.get_or_compute("activations", acts_spec, make_acts)
 
-        sae_spec = {"parent": acts_key, "sae": cfg.sae.model_dump(), "seed": seed + cycle,
-                    "workers": cfg.resources.num_workers}
+        sae_spec = {
+            "parent": acts_key,
+            "sae": cfg.sae.model_dump(),
+            "seed": seed + cycle,
+            "workers": cfg.resources.num_workers,
+        }
 
         def make_sae(out: Path, acts_dir=acts_dir, cycle=cycle, spec=sae_spec) -> None:
             # The Train run is named after the artifact: deterministic, and distinct per SAE.
-            result = train_sae(acts_dir / "train" / "tokens", cfg.sae, cfg.resources, seed + cycle,
-                               run_name=f"sae-{store.key('sae', spec)}",
-                               storage_path=cfg.sweep_dir / "train_runs")
+            result = train_sae(
+                acts_dir / "train" / "tokens",
+                cfg.sae,
+                cfg.resources,
+                seed + cycle,
+                run_name=f"sae-{store.key('sae', spec)}",
+                storage_path=cfg.sweep_dir / "train_runs",
+            )
             result.sae.save(out)
             (out / "train_metrics.json").write_text(json.dumps(result.metrics))
 
@@ -92,23 +113,45 @@ def run_trial(cfg: Config, report: Report) -> None:
         train_stats = json.loads((sae_dir / "train_metrics.json").read_text())
 
         metrics = _evaluate(cfg, data, clf, sae, acts_dir)
-        metrics.update({"cycle": cycle, "strategy_effective": strategy,
-                        "is_control": strategy == "none"})
+        metrics.update(
+            {"cycle": cycle, "strategy_effective": strategy, "is_control": strategy == "none"}
+        )
         if "tokens_per_s" in train_stats:
             metrics["sae/train_tokens_per_s"] = train_stats["tokens_per_s"]
         if cycle + 1 < cfg.cycles.count and strategy != "none":
             ids, labels, x = load_sequences(acts_dir / "train" / "sequences")
-            targets = sharpen(strategy, sae, ids, labels, x, data.num_classes,
-                              cfg.sharpening.top_k_pct, seed=seed + cycle)
+            targets = sharpen(
+                strategy,
+                sae,
+                ids,
+                labels,
+                x,
+                data.num_classes,
+                cfg.sharpening.top_k_pct,
+                seed=seed + cycle,
+            )
         report(metrics)
 
 
-def _retrain(store: ArtifactStore, cfg: Config, data: TextData, parent_dir: Path, parent_key: str,
-             sae_key: str, targets: TargetTable | None, strategy: str,
-             cycle: int) -> tuple[Path, str]:
+def _retrain(
+    store: ArtifactStore,
+    cfg: Config,
+    data: TextData,
+    parent_dir: Path,
+    parent_key: str,
+    sae_key: str,
+    targets: TargetTable | None,
+    strategy: str,
+    cycle: int,
+) -> tuple[Path, str]:
     """model_c from model_{c-1}: CE + λ(1 − cos(h, t)), or CE alone for the control."""
-    spec = {"parent": parent_key, "strategy": strategy, "cycle": cycle,
-            "train": cfg.cycles.model_dump(exclude={"count"}), "layer": cfg.model.layer}
+    spec = {
+        "parent": parent_key,
+        "strategy": strategy,
+        "cycle": cycle,
+        "train": cfg.cycles.model_dump(exclude={"count"}),
+        "layer": cfg.model.layer,
+    }
     if strategy in ("per_class", "per_example"):
         spec.update(sae=sae_key, top_k_pct=cfg.sharpening.top_k_pct)
     if strategy == "none":
@@ -116,16 +159,24 @@ def _retrain(store: ArtifactStore, cfg: Config, data: TextData, parent_dir: Path
 
     def compute(out: Path) -> None:
         clf = load_classifier(parent_dir)
-        finetune(clf, data.splits["train"], cfg.cycles, cfg.model.layer, cfg.model.max_length,
-                 seed=cfg.experiment.seed + cycle, targets=targets,
-                 aux_weight=0.0 if strategy == "none" else cfg.cycles.aux_weight)
+        finetune(
+            clf,
+            data.splits["train"],
+            cfg.cycles,
+            cfg.model.layer,
+            cfg.model.max_length,
+            seed=cfg.experiment.seed + cycle,
+            targets=targets,
+            aux_weight=0.0 if strategy == "none" else cfg.cycles.aux_weight,
+        )
         save_classifier(clf, out)
 
     return store.get_or_compute("model", spec, compute)
 
 
-def _evaluate(cfg: Config, data: TextData, clf, sae: SparseAutoencoder,
-              acts_dir: Path) -> dict[str, Any]:
+def _evaluate(
+    cfg: Config, data: TextData, clf, sae: SparseAutoencoder, acts_dir: Path
+) -> dict[str, Any]:
     """Selection metrics on validation; the held-out test split is reported, never selected on."""
     out: dict[str, Any] = {}
     for split, prefix in (("validation", "val"), ("test", "test")):

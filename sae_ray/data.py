@@ -27,9 +27,9 @@ _TOPICS = {
     "tempo orchestra jazz chorus violin stage vinyl tune",
 }
 _FILLER = (
-    "the a of and to in is it that was for on with as at by this from they we say "
-    "her she or an will my one all would there their what so up out if about who get "
-    "which go me when make can like time no just him know take people into year your good"
+    "the a of and to in is it that was for on with as at by this from they we say her she "
+    "or an will my one all would there their what so up out if about who get which go me "
+    "when make can like time no just him know take people into year your good"
 ).split()
 
 
@@ -102,10 +102,14 @@ def _load_raw(cfg: Dataset) -> dict[str, tuple[list[str], list]]:
     else:
         import datasets
 
-        hub_id, _, subset = cfg.name.partition("/") if cfg.name.startswith("glue/") else (
-            cfg.name,
-            "",
-            "",
+        hub_id, _, subset = (
+            cfg.name.partition("/")
+            if cfg.name.startswith("glue/")
+            else (
+                cfg.name,
+                "",
+                "",
+            )
         )
         dd = datasets.load_dataset(hub_id, subset or None)
     out = {}
@@ -114,8 +118,10 @@ def _load_raw(cfg: Dataset) -> dict[str, tuple[list[str], list]]:
         text_col = cfg.text_column if cfg.text_column in columns else _guess_text(columns)
         if text_col is None or cfg.label_column not in columns:
             missing = cfg.label_column if text_col else cfg.text_column
-            raise ConfigError(f"dataset.{'label' if text_col else 'text'}_column: "
-                              f"{missing!r} not in {cfg.name} ({', '.join(columns)})")
+            raise ConfigError(
+                f"dataset.{'label' if text_col else 'text'}_column: "
+                f"{missing!r} not in {cfg.name} ({', '.join(columns)})"
+            )
         out[split] = (list(dd[split][text_col]), list(dd[split][cfg.label_column]))
     return out
 
@@ -153,7 +159,9 @@ def load_text_data(cfg: Dataset, seed: int = 0) -> TextData:
         tr_idx = tr_idx[: cfg.max_examples]
     pick = {"train": tr_idx, "validation": val_idx}
     parts = {s: ([train_t[i] for i in idx], [train_y[i] for i in idx]) for s, idx in pick.items()}
-    parts["test"] = test if test else ([train_t[i] for i in test_idx], [train_y[i] for i in test_idx])
+    parts["test"] = (
+        test if test else ([train_t[i] for i in test_idx], [train_y[i] for i in test_idx])
+    )
 
     splits, next_id = {}, 0
     for name in SPLITS:

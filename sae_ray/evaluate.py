@@ -18,8 +18,7 @@ def _entropy(p: np.ndarray, axis: int = -1) -> np.ndarray:
         return -np.where(p > 0, p * np.log(p), 0.0).sum(axis=axis)
 
 
-def uncertainty_coefficients(fires: np.ndarray, labels: np.ndarray,
-                             num_classes: int) -> np.ndarray:
+def uncertainty_coefficients(fires: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
     """U_j = I(f_j; Y) / H(Y) for each binary feature column f_j of `fires` (n, m)."""
     n = len(labels)
     onehot = np.eye(num_classes)[labels]  # (n, C)
@@ -30,8 +29,9 @@ def uncertainty_coefficients(fires: np.ndarray, labels: np.ndarray,
     if h_y == 0:
         return np.zeros(fires.shape[1])
     p_on = joint_on.sum(1) / n
-    h_y_given_f = (p_on * _entropy(joint_on / np.maximum(joint_on.sum(1, keepdims=True), 1))
-                   + (1 - p_on) * _entropy(joint_off / np.maximum(joint_off.sum(1, keepdims=True), 1)))
+    h_y_given_f = p_on * _entropy(joint_on / np.maximum(joint_on.sum(1, keepdims=True), 1)) + (
+        1 - p_on
+    ) * _entropy(joint_off / np.maximum(joint_off.sum(1, keepdims=True), 1))
     return np.clip((h_y - h_y_given_f) / h_y, 0.0, 1.0)
 
 
@@ -48,7 +48,9 @@ def accuracy(preds: np.ndarray, labels: np.ndarray) -> float:
 
 
 @torch.no_grad()
-def sae_quality(sae: SparseAutoencoder, tokens: np.ndarray, batch_size: int = 4096) -> dict[str, float]:
+def sae_quality(
+    sae: SparseAutoencoder, tokens: np.ndarray, batch_size: int = 4096
+) -> dict[str, float]:
     """FVU, explained variance, L0 and dead % over held-out token rows."""
     sae.eval()
     x = torch.from_numpy(tokens)
@@ -62,8 +64,12 @@ def sae_quality(sae: SparseAutoencoder, tokens: np.ndarray, batch_size: int = 40
         l0 += on.sum().item()
         fired[codes.indices[on]] = True
     value = fvu(x, torch.cat(x_hat_parts)).item()
-    return {"fvu": value, "explained_variance": 1.0 - value, "l0": l0 / len(x),
-            "dead_pct": 100.0 * (1 - fired.float().mean().item())}
+    return {
+        "fvu": value,
+        "explained_variance": 1.0 - value,
+        "l0": l0 / len(x),
+        "dead_pct": 100.0 * (1 - fired.float().mean().item()),
+    }
 
 
 @torch.no_grad()

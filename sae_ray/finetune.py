@@ -41,24 +41,39 @@ class TargetTable:
         return self.vectors[torch.as_tensor(rows)]
 
 
-def batches(clf: Classifier, split: Split, batch_size: int, max_length: int,
-            order: np.ndarray | None = None) -> Iterator[dict[str, torch.Tensor]]:
+def batches(
+    clf: Classifier, split: Split, batch_size: int, max_length: int, order: np.ndarray | None = None
+) -> Iterator[dict[str, torch.Tensor]]:
     """Tokenised batches, padded per batch, carrying each row's example id."""
     order = np.arange(len(split)) if order is None else order
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
-        enc = clf.tokenizer([split.texts[i] for i in idx], padding=True, truncation=True,
-                            max_length=max_length, return_tensors="pt")
-        yield {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
-               "labels": torch.as_tensor(split.labels[idx]), "ids": torch.as_tensor(split.ids[idx])}
+        enc = clf.tokenizer(
+            [split.texts[i] for i in idx],
+            padding=True,
+            truncation=True,
+            max_length=max_length,
+            return_tensors="pt",
+        )
+        yield {
+            "input_ids": enc["input_ids"],
+            "attention_mask": enc["attention_mask"],
+            "labels": torch.as_tensor(split.labels[idx]),
+            "ids": torch.as_tensor(split.ids[idx]),
+        }
 
 
 def aux_loss(h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return (1 - F.cosine_similarity(h, targets.to(h.dtype), dim=-1)).mean()
 
 
-def loss_on_batch(clf: Classifier, batch: dict[str, torch.Tensor], layer: int, aux_weight: float,
-                  targets: TargetTable | None) -> tuple[torch.Tensor, dict[str, float]]:
+def loss_on_batch(
+    clf: Classifier,
+    batch: dict[str, torch.Tensor],
+    layer: int,
+    aux_weight: float,
+    targets: TargetTable | None,
+) -> tuple[torch.Tensor, dict[str, float]]:
     """CE + λ·aux for one batch; the aux term is skipped (not zeroed) when λ = 0."""
     use_aux = aux_weight > 0 and targets is not None
     with hooked(clf.model, layer) as store:
@@ -73,9 +88,17 @@ def loss_on_batch(clf: Classifier, batch: dict[str, torch.Tensor], layer: int, a
     return ce + aux_weight * aux, parts
 
 
-def finetune(clf: Classifier, train: Split, cfg: Cycles, layer: int, max_length: int, seed: int,
-             targets: TargetTable | None = None, aux_weight: float = 0.0,
-             warmup_steps: int = 100) -> list[dict[str, float]]:
+def finetune(
+    clf: Classifier,
+    train: Split,
+    cfg: Cycles,
+    layer: int,
+    max_length: int,
+    seed: int,
+    targets: TargetTable | None = None,
+    aux_weight: float = 0.0,
+    warmup_steps: int = 100,
+) -> list[dict[str, float]]:
     """AdamW with linear warm-up and decay, gradient clip 1.0; returns per-epoch mean losses."""
     model = clf.model
     model.train()
@@ -105,6 +128,10 @@ def finetune(clf: Classifier, train: Split, cfg: Cycles, layer: int, max_length:
 @torch.no_grad()
 def predict(clf: Classifier, split: Split, max_length: int, batch_size: int = 128) -> np.ndarray:
     clf.model.eval()
-    preds = [clf.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
-             .logits.argmax(-1).numpy() for b in batches(clf, split, batch_size, max_length)]
+    preds = [
+        clf.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
+        .logits.argmax(-1)
+        .numpy()
+        for b in batches(clf, split, batch_size, max_length)
+    ]
     return np.concatenate(preds)

@@ -24,8 +24,17 @@ from transformers import (
 
 # Models whose classification head reads the first ([CLS]) token; the rest read the last
 # real token (GPT-2, GPT-NeoX/Pythia, Llama, ...).
-FIRST_TOKEN_TYPES = {"bert", "roberta", "distilbert", "electra", "albert", "xlm-roberta",
-                     "mpnet", "deberta", "deberta-v2"}
+FIRST_TOKEN_TYPES = {
+    "bert",
+    "roberta",
+    "distilbert",
+    "electra",
+    "albert",
+    "xlm-roberta",
+    "mpnet",
+    "deberta",
+    "deberta-v2",
+}
 TINY_PRESETS = ("tiny-gpt2", "tiny-bert")
 Pooling = Literal["first", "last"]
 
@@ -59,13 +68,19 @@ def word_tokenizer(texts: list[str], kind: str) -> PreTrainedTokenizerFast:
         core.post_processor = processors.TemplateProcessing(
             single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
         )
-        return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="[PAD]",
-                                       unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]")
+        return PreTrainedTokenizerFast(
+            tokenizer_object=core,
+            pad_token="[PAD]",
+            unk_token="[UNK]",
+            cls_token="[CLS]",
+            sep_token="[SEP]",
+        )
     return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", unk_token="<unk>")
 
 
-def build_classifier(name: str, num_labels: int, train_texts: list[str], seed: int,
-                     max_length: int) -> Classifier:
+def build_classifier(
+    name: str, num_labels: int, train_texts: list[str], seed: int, max_length: int
+) -> Classifier:
     """A hub id / local path with a fresh classification head, or a tiny random preset."""
     torch.manual_seed(seed)
     if name in TINY_PRESETS:
@@ -73,12 +88,24 @@ def build_classifier(name: str, num_labels: int, train_texts: list[str], seed: i
         tok = word_tokenizer(train_texts, kind)
         common = dict(vocab_size=len(tok), num_labels=num_labels, pad_token_id=tok.pad_token_id)
         if kind == "gpt2":
-            cfg = GPT2Config(n_layer=2, n_embd=64, n_head=4, n_positions=max_length + 2,
-                             bos_token_id=None, eos_token_id=None, **common)
+            cfg = GPT2Config(
+                n_layer=2,
+                n_embd=64,
+                n_head=4,
+                n_positions=max_length + 2,
+                bos_token_id=None,
+                eos_token_id=None,
+                **common,
+            )
         else:
-            cfg = BertConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4,
-                             intermediate_size=128, max_position_embeddings=max_length + 2,
-                             **common)
+            cfg = BertConfig(
+                num_hidden_layers=2,
+                hidden_size=64,
+                num_attention_heads=4,
+                intermediate_size=128,
+                max_position_embeddings=max_length + 2,
+                **common,
+            )
         model = AutoModelForSequenceClassification.from_config(cfg)
         return Classifier(model, tok)
     tok = AutoTokenizer.from_pretrained(name)
@@ -137,8 +164,7 @@ def pooled_index(attention_mask: torch.Tensor, pooling: Pooling) -> torch.Tensor
     index), which is where the original code read a pad position instead.
     """
     if pooling == "first":
-        return torch.zeros(attention_mask.shape[0], dtype=torch.long,
-                           device=attention_mask.device)
+        return torch.zeros(attention_mask.shape[0], dtype=torch.long, device=attention_mask.device)
     positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
     return (positions * attention_mask.long()).argmax(dim=-1)
 

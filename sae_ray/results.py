@@ -19,9 +19,21 @@ LEAD = ["trial_id", "cycle"]
 TAIL = ["status", "error"]
 HEADLINE = ["val/accuracy", "test/accuracy", "interp/u", "sae/fvu", "sae/l0", "sae/dead_pct"]
 # Tune's own bookkeeping columns that say nothing about the science.
-_TUNE_COLUMNS = {"timestamp", "checkpoint_dir_name", "done", "training_iteration", "date",
-                 "time_this_iter_s", "time_total_s", "pid", "hostname", "node_ip",
-                 "time_since_restore", "iterations_since_restore", "strategy_effective"}
+_TUNE_COLUMNS = {
+    "timestamp",
+    "checkpoint_dir_name",
+    "done",
+    "training_iteration",
+    "date",
+    "time_this_iter_s",
+    "time_total_s",
+    "pid",
+    "hostname",
+    "node_ip",
+    "time_since_restore",
+    "iterations_since_restore",
+    "strategy_effective",
+}
 
 
 def _error_line(error: BaseException | None) -> str:
@@ -41,13 +53,25 @@ def collect_results(grid, params: list[str]) -> list[dict[str, Any]]:
         records = frame.to_dict("records") if frame is not None and len(frame) else []
         for record in records:
             row = {"trial_id": trial_id, **{p: config.get(p) for p in params}}
-            row.update({k: v for k, v in record.items()
-                        if k not in _TUNE_COLUMNS and not k.startswith("config/")})
+            row.update(
+                {
+                    k: v
+                    for k, v in record.items()
+                    if k not in _TUNE_COLUMNS and not k.startswith("config/")
+                }
+            )
             row.update(trial_id=trial_id, status=status, error="")
             rows.append(row)
         if result.error:
-            rows.append({"trial_id": trial_id, "cycle": None, **{p: config.get(p) for p in params},
-                         "status": "ERROR", "error": _error_line(result.error)})
+            rows.append(
+                {
+                    "trial_id": trial_id,
+                    "cycle": None,
+                    **{p: config.get(p) for p in params},
+                    "status": "ERROR",
+                    "error": _error_line(result.error),
+                }
+            )
     return rows
 
 
@@ -69,8 +93,9 @@ def final_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for row in rows:
         done = row.get("cycle") is not None and not _isnan(row.get("cycle"))
         current = last.get(row["trial_id"])
-        if current is None or (done and (current.get("cycle") is None
-                                         or row["cycle"] >= current["cycle"])):
+        if current is None or (
+            done and (current.get("cycle") is None or row["cycle"] >= current["cycle"])
+        ):
             last[row["trial_id"]] = row
         if row.get("status") == "ERROR":
             last[row["trial_id"]]["status"] = "ERROR"
@@ -82,8 +107,13 @@ def _isnan(value: Any) -> bool:
 
 
 def best_row(rows: list[dict[str, Any]], metric: str, mode: str) -> dict[str, Any] | None:
-    scored = [r for r in final_rows(rows) if r.get("status") == "COMPLETE"
-              and isinstance(r.get(metric), (int, float)) and not _isnan(r.get(metric))]
+    scored = [
+        r
+        for r in final_rows(rows)
+        if r.get("status") == "COMPLETE"
+        and isinstance(r.get(metric), (int, float))
+        and not _isnan(r.get(metric))
+    ]
     if not scored:
         return None
     pick = max if mode == "max" else min
@@ -94,8 +124,11 @@ def summary_table(rows: list[dict[str, Any]], params: list[str], metric: str) ->
     headline = [metric] + [m for m in HEADLINE if m != metric]
     table = []
     for row in final_rows(rows):
-        line = {"trial": row["trial_id"], **{p: row.get(p) for p in params},
-                "cycle": row.get("cycle")}
+        line = {
+            "trial": row["trial_id"],
+            **{p: row.get(p) for p in params},
+            "cycle": row.get("cycle"),
+        }
         line.update({m: row.get(m) for m in headline})
         line["status"] = row.get("status")
         table.append(line)

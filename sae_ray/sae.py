@@ -58,8 +58,9 @@ class SparseAutoencoder(nn.Module):
 
     def decode_sparse(self, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """Σ_j z_j W_dec[j] over the active indices only (without b_dec)."""
-        return F.embedding_bag(indices, self.W_dec, per_sample_weights=values.to(self.W_dec.dtype),
-                               mode="sum")
+        return F.embedding_bag(
+            indices, self.W_dec, per_sample_weights=values.to(self.W_dec.dtype), mode="sum"
+        )
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, Codes]:
         codes = self.encode(x)
@@ -111,8 +112,13 @@ def fvu(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
     return (x - x_hat).pow(2).sum() / total.clamp_min(1e-12)
 
 
-def auxk_loss(sae: SparseAutoencoder, x: torch.Tensor, x_hat: torch.Tensor, pre: torch.Tensor,
-              dead: torch.Tensor) -> torch.Tensor:
+def auxk_loss(
+    sae: SparseAutoencoder,
+    x: torch.Tensor,
+    x_hat: torch.Tensor,
+    pre: torch.Tensor,
+    dead: torch.Tensor,
+) -> torch.Tensor:
     """Dead latents learn to explain what the live ones miss (residual detached)."""
     num_dead = int(dead.sum())
     if num_dead == 0:

@@ -48,8 +48,9 @@ def train_loop(config: dict[str, Any]) -> None:
     sae.to(device)
 
     def stream():
-        return shard.iter_torch_batches(batch_size=config["batch_size"], dtypes=torch.float32,
-                                        device=device)
+        return shard.iter_torch_batches(
+            batch_size=config["batch_size"], dtypes=torch.float32, device=device
+        )
 
     model = None
     opt = None
@@ -83,9 +84,13 @@ def train_loop(config: dict[str, Any]) -> None:
                 tokens_since_fired += x.shape[0] * world
                 tokens_since_fired[fired.bool()] = 0
                 seen += x.shape[0] * world
-                last = {"loss": loss.item(), "fvu": loss_fvu.item(),
-                        "l0": (codes.values > 0).sum(-1).float().mean().item(),
-                        "dead_pct": 100.0 * dead.float().mean().item(), "epoch": epoch}
+                last = {
+                    "loss": loss.item(),
+                    "fvu": loss_fvu.item(),
+                    "l0": (codes.values > 0).sum(-1).float().mean().item(),
+                    "dead_pct": 100.0 * dead.float().mean().item(),
+                    "epoch": epoch,
+                }
     elapsed = time.perf_counter() - started
     last.update(tokens=seen, tokens_per_s=seen / max(elapsed, 1e-9))
     if ctx.get_world_rank() == 0:
@@ -96,25 +101,37 @@ def train_loop(config: dict[str, Any]) -> None:
         ray.train.report(last)
 
 
-def train_sae(tokens_dir: Path, cfg: Sae, resources: Resources, seed: int, run_name: str,
-              storage_path: Path) -> SaeTrainResult:
+def train_sae(
+    tokens_dir: Path, cfg: Sae, resources: Resources, seed: int, run_name: str, storage_path: Path
+) -> SaeTrainResult:
     """Fit an SAE on the token shards under `tokens_dir` (read through Ray Data)."""
     manifest = read_manifest(tokens_dir, verify=True)
     num_latents = manifest.d * cfg.expansion_factor
     SaeConfig(manifest.d, num_latents, cfg.k)  # fail fast on k > latents, before any worker
-    dataset = ray.data.read_parquet(manifest.paths(tokens_dir), columns=["x"],
-                                    shuffle="files" if len(manifest.files) > 1 else None)
+    # Per-operator progress bars from every worker drown the sweep's own output.
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    dataset = ray.data.read_parquet(
+        manifest.paths(tokens_dir),
+        columns=["x"],
+        shuffle="files" if len(manifest.files) > 1 else None,
+    )
     loop_config = {
-        "seed": seed, "d_in": manifest.d, "num_latents": num_latents, "k": cfg.k,
-        "epochs": cfg.epochs, "batch_size": cfg.batch_size,
-        "lr": cfg.lr or default_lr(num_latents), "auxk_alpha": cfg.auxk_alpha,
+        "seed": seed,
+        "d_in": manifest.d,
+        "num_latents": num_latents,
+        "k": cfg.k,
+        "epochs": cfg.epochs,
+        "batch_size": cfg.batch_size,
+        "lr": cfg.lr or default_lr(num_latents),
+        "auxk_alpha": cfg.auxk_alpha,
         "dead_tokens": cfg.dead_tokens,
     }
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(
-            num_workers=resources.num_workers, use_gpu=resources.use_gpu,
+            num_workers=resources.num_workers,
+            use_gpu=resources.use_gpu,
             resources_per_worker={"CPU": resources.cpus_per_worker},
         ),
         run_config=ray.train.RunConfig(name=run_name, storage_path=str(storage_path)),

@@ -50,8 +50,16 @@ def random_targets(ids: np.ndarray, d: int, seed: int) -> np.ndarray:
 
 
 @torch.no_grad()
-def sharpen(strategy: str, sae: SparseAutoencoder | None, ids: np.ndarray, labels: np.ndarray,
-            x: np.ndarray, num_classes: int, top_k_pct: float, seed: int) -> TargetTable | None:
+def sharpen(
+    strategy: str,
+    sae: SparseAutoencoder | None,
+    ids: np.ndarray,
+    labels: np.ndarray,
+    x: np.ndarray,
+    num_classes: int,
+    top_k_pct: float,
+    seed: int,
+) -> TargetTable | None:
     """Targets in the model's activation space for each training example, or None for 'none'."""
     if strategy == "none":
         return None
@@ -64,8 +72,12 @@ def sharpen(strategy: str, sae: SparseAutoencoder | None, ids: np.ndarray, label
         mask = class_masks(codes, labels, num_classes, keep)[labels]
     elif strategy == "per_example":
         if keep >= sae.cfg.k:
-            log.warning("per_example keeps %d latents >= k=%d: the targets equal the SAE's own "
-                        "reconstruction, so sharpening changes nothing", keep, sae.cfg.k)
+            log.warning(
+                "per_example keeps %d latents >= k=%d: the targets equal the SAE's own "
+                "reconstruction, so sharpening changes nothing",
+                keep,
+                sae.cfg.k,
+            )
         mask = example_masks(codes, keep)
     else:
         raise ValueError(f"sharpening.strategy: unknown strategy {strategy!r}")

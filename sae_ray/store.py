@@ -42,8 +42,9 @@ class ArtifactStore:
     def exists(self, kind: str, key: str) -> bool:
         return (self.path(kind, key) / DONE).is_file()
 
-    def get_or_compute(self, kind: str, spec: dict[str, Any],
-                       compute: Callable[[Path], None]) -> tuple[Path, str]:
+    def get_or_compute(
+        self, kind: str, spec: dict[str, Any], compute: Callable[[Path], None]
+    ) -> tuple[Path, str]:
         """The artifact's directory and key; `compute(tmp_dir)` fills it if it is missing."""
         key = self.key(kind, spec)
         final = self.path(kind, key)
@@ -56,8 +57,9 @@ class ArtifactStore:
             tmp.mkdir()
             try:
                 compute(tmp)
-                (tmp / "spec.json").write_text(json.dumps(spec, indent=1, sort_keys=True,
-                                                          default=str))
+                (tmp / "spec.json").write_text(
+                    json.dumps(spec, indent=1, sort_keys=True, default=str)
+                )
                 (tmp / DONE).touch()
                 if final.exists():  # a stale incomplete one from a crash
                     shutil.rmtree(final)

@@ -46,8 +46,12 @@ def make_searcher(cfg: Config) -> OptunaSearch:
         sampler = optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True)
     else:
         sampler = optuna.samplers.RandomSampler(seed=seed)
-    return OptunaSearch(metric=cfg.search.metric, mode=cfg.search.mode, sampler=sampler,
-                        points_to_evaluate=cfg.search.points_to_evaluate or None)
+    return OptunaSearch(
+        metric=cfg.search.metric,
+        mode=cfg.search.mode,
+        sampler=sampler,
+        points_to_evaluate=cfg.search.points_to_evaluate or None,
+    )
 
 
 def max_concurrent_trials(cfg: Config, cluster: dict[str, float]) -> int:
@@ -58,13 +62,16 @@ def max_concurrent_trials(cfg: Config, cluster: dict[str, float]) -> int:
         raise ConfigError(
             f"resources.num_workers: {cfg.resources.num_workers} workers x "
             f"{cfg.resources.cpus_per_worker} CPU need {per_trial:g} CPUs plus 1 for Ray Data, "
-            f"the cluster has {cluster.get('CPU', 0):g}")
+            f"the cluster has {cluster.get('CPU', 0):g}"
+        )
     fit = math.floor(spare / per_trial)
     if cfg.resources.use_gpu:
         gpus = cluster.get("GPU", 0)
         if gpus < cfg.resources.num_workers:
-            raise ConfigError(f"resources.use_gpu: {cfg.resources.num_workers} GPU workers "
-                              f"requested, the cluster has {gpus:g} GPUs")
+            raise ConfigError(
+                f"resources.use_gpu: {cfg.resources.num_workers} GPU workers "
+                f"requested, the cluster has {gpus:g} GPUs"
+            )
         fit = min(fit, math.floor(gpus / cfg.resources.num_workers))
     if cfg.search.max_concurrent_trials:
         fit = min(fit, cfg.search.max_concurrent_trials)
@@ -83,29 +90,41 @@ def _callbacks(cfg: Config) -> list:
 
     # The callback's own mode= is not enough offline: wandb reads the environment.
     os.environ["WANDB_MODE"] = cfg.wandb.mode
+    os.environ.setdefault("WANDB_SILENT", "true")  # one summary per trial floods the console
     os.environ.setdefault("WANDB_DIR", str(cfg.sweep_dir))
     cfg.sweep_dir.mkdir(parents=True, exist_ok=True)
-    return [WandbLoggerCallback(project=cfg.wandb.project, group=cfg.experiment.name,
-                                mode=cfg.wandb.mode, log_config=True)]
+    return [
+        WandbLoggerCallback(
+            project=cfg.wandb.project,
+            group=cfg.experiment.name,
+            mode=cfg.wandb.mode,
+            log_config=True,
+        )
+    ]
 
 
 def run_sweep(cfg: Config) -> list[dict[str, Any]]:
     """Run the sweep on the connected Ray cluster and write results.csv; returns its rows."""
     space = search_space(cfg)
     concurrency = max_concurrent_trials(cfg, ray.cluster_resources())
-    trainable = tune.with_resources(tune.with_parameters(_trainable, base=cfg.model_dump()),
-                                    DRIVER_RESOURCES)
+    trainable = tune.with_resources(
+        tune.with_parameters(_trainable, base=cfg.model_dump()), DRIVER_RESOURCES
+    )
     tuner = tune.Tuner(
         trainable,
         param_space=space,
-        tune_config=tune.TuneConfig(search_alg=make_searcher(cfg),
-                                    num_samples=cfg.search.num_samples,
-                                    max_concurrent_trials=concurrency),
-        run_config=tune.RunConfig(name=cfg.experiment.name,
-                                  storage_path=str(cfg.sweep_dir.parent),
-                                  callbacks=_callbacks(cfg),
-                                  failure_config=tune.FailureConfig(max_failures=0),
-                                  verbose=1),
+        tune_config=tune.TuneConfig(
+            search_alg=make_searcher(cfg),
+            num_samples=cfg.search.num_samples,
+            max_concurrent_trials=concurrency,
+        ),
+        run_config=tune.RunConfig(
+            name=cfg.experiment.name,
+            storage_path=str(cfg.sweep_dir.parent),
+            callbacks=_callbacks(cfg),
+            failure_config=tune.FailureConfig(max_failures=0),
+            verbose=1,
+        ),
     )
     grid = tuner.fit()
     rows = collect_results(grid, list(cfg.search.space))

@@ -1,0 +1,34 @@
+# Two entry points for a fresh machine (see README): `make quickstart` and `make test`.
+# torch goes in first, on its own, so that no dependency pulls a multi-GB CUDA build.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+TORCH  ?= torch==2.13.0
+PIP    := $(PY) -m pip install -q -c constraints.txt
+
+.PHONY: quickstart test lint format install clean
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PIP) "$(TORCH)"
+	$(PIP) -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+
+quickstart: install
+	$(VENV)/bin/sae-ray sweep sweeps/quickstart.yaml
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: install
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+test: lint
+	WANDB_MODE=offline $(PY) -m pytest -ra --durations=10
+
+clean:
+	rm -rf $(VENV) runs wandb .pytest_cache .ruff_cache

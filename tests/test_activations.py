@@ -1,0 +1,64 @@
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from sae_ray.activations import (
+    ShardWriter,
+    extract,
+    load_sequences,
+    load_tokens,
+    read_manifest,
+    vectors_to_arrow,
+)
+from sae_ray.models import build_classifier
+
+
+def test_shards_round_trip_exactly(tmp_path):
+    import pyarrow as pa
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1000, 24)).astype(np.float32)
+    writer = ShardWriter(tmp_path, "tokens", 24, "float32", rows_per_shard=300)
+    for start in range(0, 1000, 128):
+        chunk = x[start : start + 128]
+        writer.write(
+            pa.record_batch(
+                {
+                    "example_id": pa.array(np.arange(start, start + len(chunk))),
+                    "x": vectors_to_arrow(chunk),
+                }
+            )
+        )
+    manifest = writer.close()
+    assert manifest.rows == 1000 and len(manifest.files) == 3  # a shard closes past 300 rows
+    assert sum(f["rows"] for f in manifest.files) == 1000
+    np.testing.assert_array_equal(load_tokens(tmp_path), x)  # bit-exact
+    read_manifest(tmp_path, verify=True)
+
+
+def test_corrupted_shard_is_refused(tmp_path):
+    import pyarrow as pa
+
+    writer = ShardWriter(tmp_path, "tokens", 4, "float32")
+    writer.write(pa.record_batch({"x": vectors_to_arrow(np.ones((10, 4), np.float32))}))
+    manifest = writer.close()
+    shard = tmp_path / manifest.files[0]["path"]
+    shard.write_bytes(shard.read_bytes()[:-10])
+    with pytest.raises(ValueError, match="checksum"):
+        read_manifest(tmp_path, verify=True)
+
+
+def test_extract_writes_every_non_pad_token(tmp_path, topics):
+    clf = build_classifier("tiny-gpt2", 4, topics.splits["train"].texts, seed=0, max_length=32)
+    split = topics.splits["validation"]
+    manifests = extract(clf, split, -1, tmp_path, max_length=32, batch_size=7)
+    n_tokens = sum(
+        len(clf.tokenizer(t, truncation=True, max_length=32)["input_ids"]) for t in split.texts
+    )
+    assert manifests["tokens"].rows == n_tokens
+    ids, labels, x = load_sequences(tmp_path / "sequences")
+    np.testing.assert_array_equal(ids, split.ids)
+    np.testing.assert_array_equal(labels, split.labels)
+    assert x.shape == (len(split), 64)
+    token_ids = pq.read_table(read_manifest(tmp_path / "tokens").paths(tmp_path / "tokens"))
+    assert set(token_ids["example_id"].to_pylist()) == set(split.ids.tolist())

@@ -1,0 +1,101 @@
+import subprocess
+import sys
+
+import pytest
+
+from sae_ray import config as C
+from sae_ray.sweep import max_concurrent_trials, search_space
+from tests.conftest import QUICKSTART
+
+
+def _write(tmp_path, text):
+    path = tmp_path / "sweep.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_quickstart_validates_with_overrides():
+    cfg = C.load(QUICKSTART, ["sae.k=16", "cycles.aux_weight=0.25", "wandb.mode=disabled"])
+    assert cfg.sae.k == 16 and cfg.cycles.aux_weight == 0.25 and cfg.wandb.mode == "disabled"
+    assert cfg.experiment.storage_path == "./runs"
+    assert set(search_space(cfg)) == {"sae.k", "sae.expansion_factor", "sharpening.strategy"}
+
+
+@pytest.mark.parametrize(
+    "text, field",
+    [
+        ("experiment: {name: x}\nsae: {kk: 3}\n", "sae.kk: unknown key"),
+        ("experiment: {name: x}\nsae: {k: many}\n", "sae.k"),
+        ("experiment: {name: x}\nsharpening: {strategy: blur}\n", "sharpening.strategy"),
+        ("experiment: {name: x}\nbogus: {}\n", "bogus: unknown key"),
+        ("model: {name: tiny-gpt2}\n", "experiment: Field required"),
+        (
+            "experiment: {name: x}\nsearch: {space: {sae.nope: {type: choice, values: [1]}}}\n",
+            "search.space.sae.nope",
+        ),
+        (
+            "experiment: {name: x}\nsearch: {space: {sae.k: {type: choice, values: [0, 8]}}}\n",
+            "search.space.sae.k",
+        ),
+        (
+            "experiment: {name: x}\nsearch: {space: {sae.k: {type: int, low: 9, high: 2}}}\n",
+            "search.space.sae.k",
+        ),
+    ],
+)
+def test_bad_config_names_the_field(tmp_path, text, field):
+    with pytest.raises(C.ConfigError) as err:
+        C.load(_write(tmp_path, text))
+    assert field in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "text, field",
+    [
+        ("experiment: {name: x}\nsae: {kk: 3}\n", "sae.kk"),
+        ("experiment: {name: x}\ncycles: {count: [1]}\n", "cycles.count"),
+    ],
+)
+def test_cli_bad_yaml_exits_2_with_one_line(tmp_path, text, field):
+    proc = subprocess.run(
+        [sys.executable, "-m", "sae_ray", "sweep", str(_write(tmp_path, text))],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and field in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_cli_bad_override_and_missing_file(tmp_path):
+    from sae_ray import cli
+
+    assert cli.main(["run", str(QUICKSTART), "sae.k=-1"]) == 2
+    assert cli.main(["sweep", str(tmp_path / "missing.yaml")]) == 2
+
+
+def test_empty_space_refused():
+    cfg = C.load(QUICKSTART, ["search.space={}", "search.points_to_evaluate=[]"])
+    with pytest.raises(C.ConfigError, match="search.space"):
+        search_space(cfg)
+
+
+def test_concurrency_leaves_a_cpu_for_ray_data():
+    cfg = C.load(QUICKSTART)
+    assert max_concurrent_trials(cfg, {"CPU": 2}) == 1
+    assert max_concurrent_trials(cfg, {"CPU": 16}) == 15
+    with pytest.raises(C.ConfigError, match="resources.num_workers"):
+        max_concurrent_trials(cfg, {"CPU": 1})
+    gpu = C.load(QUICKSTART, ["resources.use_gpu=true"])
+    assert max_concurrent_trials(gpu, {"CPU": 32, "GPU": 4}) == 2
+
+
+def test_apply_params_sets_dotted_values():
+    cfg = C.load(QUICKSTART)
+    trial = C.apply_params(cfg, {"sae.k": 4, "sharpening.strategy": "none"})
+    assert trial.sae.k == 4 and trial.sharpening.strategy == "none"
+    with pytest.raises(C.ConfigError):
+        C.apply_params(cfg, {"sae.k": 0})

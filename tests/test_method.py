@@ -1,0 +1,84 @@
+"""The original SAE-ception code's bugs, each pinned down for GPT-2 and BERT style models."""
+
+import numpy as np
+import pytest
+import torch
+
+from sae_ray.config import Cycles
+from sae_ray.finetune import TargetTable, batches, finetune, loss_on_batch
+from sae_ray.models import blocks, build_classifier, hooked, pooled
+
+
+@pytest.fixture(params=["tiny-gpt2", "tiny-bert"])
+def clf(request, topics):
+    model = build_classifier(
+        request.param, topics.num_classes, topics.splits["train"].texts, seed=0, max_length=32
+    )
+    model.model.eval()
+    return model
+
+
+def _head(clf, h_pooled):
+    """The model's own path from the last block's pooled row to its logits."""
+    m = clf.model
+    if clf.model.config.model_type == "gpt2":
+        return m.score(m.transformer.ln_f(h_pooled))
+    return m.classifier(m.bert.pooler(h_pooled.unsqueeze(1)))
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_pooled_row_reproduces_logits(clf, topics, side):
+    clf.tokenizer.padding_side = side
+    batch = next(batches(clf, topics.splits["validation"], 16, 32))
+    assert (batch["attention_mask"] == 0).any(), "the batch must contain padding"
+    with torch.no_grad(), hooked(clf.model, -1) as store:
+        logits = clf.model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+        ).logits
+    rebuilt = _head(clf, pooled(store["h"], batch["attention_mask"], clf.pooling))
+    torch.testing.assert_close(rebuilt, logits, rtol=1e-4, atol=1e-5)
+
+
+def test_aux_gradient_reaches_hooked_layer(clf, topics):
+    train = topics.splits["train"]
+    d = clf.model.config.hidden_size
+    targets = TargetTable(train.ids.copy(), torch.randn(len(train), d))
+    batch = next(batches(clf, train, 16, 32))
+    with_aux, parts = loss_on_batch(clf, batch, 0, 1.0, targets)
+    ce_only, _ = loss_on_batch(clf, batch, 0, 0.0, targets)
+    assert parts["aux"] > 0
+    (with_aux - ce_only).backward()  # the aux term alone
+    grads = [p.grad for p in blocks(clf.model)[0].parameters() if p.grad is not None]
+    assert grads and max(g.abs().max().item() for g in grads) > 0
+
+
+def test_targets_follow_their_example_under_shuffling(clf, topics):
+    train = topics.splits["train"]
+    d = clf.model.config.hidden_size
+    rng = np.random.default_rng(0)
+    vectors = torch.randn(len(train), d)
+    table = TargetTable(train.ids.copy(), vectors.clone())
+    own = {int(i): vectors[row] for row, i in enumerate(train.ids)}
+    order = rng.permutation(len(train))
+    for batch in batches(clf, train, 16, 32, order):
+        got = table.lookup(batch["ids"].numpy())
+        want = torch.stack([own[int(i)] for i in batch["ids"]])
+        torch.testing.assert_close(got, want)
+        _, a = loss_on_batch(clf, batch, -1, 1.0, table)
+        flip = torch.arange(len(batch["ids"]) - 1, -1, -1)
+        reversed_batch = {k: v[flip] for k, v in batch.items()}
+        _, b = loss_on_batch(clf, reversed_batch, -1, 1.0, table)
+        assert a["aux"] == pytest.approx(b["aux"], rel=1e-5)
+    with pytest.raises(KeyError, match="example id"):
+        table.lookup(np.array([10**9]))
+
+
+def test_lambda_zero_trains_like_no_targets(topics):
+    cfg = Cycles(epochs=1, lr=1e-3, batch_size=32)
+    train = topics.splits["train"]
+    runs = []
+    for targets in (None, TargetTable(train.ids.copy(), torch.randn(len(train), 64))):
+        clf = build_classifier("tiny-gpt2", 4, train.texts, seed=0, max_length=32)
+        finetune(clf, train, cfg, -1, 32, seed=0, targets=targets, aux_weight=0.0)
+        runs.append(torch.cat([p.detach().flatten() for p in clf.model.parameters()]))
+    torch.testing.assert_close(runs[0], runs[1], rtol=0, atol=0)

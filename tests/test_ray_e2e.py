@@ -1,0 +1,146 @@
+"""End-to-end on a real local Ray cluster (one per session): Ray Data -> Ray Train -> Tune."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pytest
+import torch
+
+from sae_ray.activations import ShardWriter, vectors_to_arrow
+from sae_ray.config import Resources, Sae
+
+pytestmark = pytest.mark.ray
+
+
+def _write_tokens(root: Path, x: np.ndarray, shard_rows: int) -> None:
+    writer = ShardWriter(root, "tokens", x.shape[1], "float32", rows_per_shard=shard_rows)
+    for start in range(0, len(x), 100):
+        chunk = x[start : start + 100]
+        writer.write(
+            pa.record_batch(
+                {
+                    "example_id": pa.array(np.arange(start, start + len(chunk), dtype=np.int64)),
+                    "x": vectors_to_arrow(chunk),
+                }
+            )
+        )
+    writer.close()
+
+
+def _record_ids(config):
+    import ray.train
+
+    ctx = ray.train.get_context()
+    seen = []
+    for batch in ray.train.get_dataset_shard("train").iter_torch_batches(batch_size=64):
+        seen.extend(batch["example_id"].tolist())
+    out = Path(config["out"]) / f"rank{ctx.get_world_rank()}.json"
+    out.write_text(json.dumps(seen))
+    ray.train.report({"rows": len(seen)})
+
+
+def test_ray_data_delivers_every_row_once_across_two_workers(ray_cluster, tmp_path):
+    import ray.data
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from sae_ray.activations import read_manifest
+
+    rows = 2000
+    _write_tokens(
+        tmp_path / "tokens",
+        np.random.default_rng(0).standard_normal((rows, 8)).astype(np.float32),
+        shard_rows=700,
+    )
+    manifest = read_manifest(tmp_path / "tokens", verify=True)
+    assert len(manifest.files) == 3
+    ds = ray.data.read_parquet(manifest.paths(tmp_path / "tokens"))
+    trainer = TorchTrainer(
+        _record_ids,
+        train_loop_config={"out": str(tmp_path)},
+        scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),
+        run_config=RunConfig(name="exactly-once", storage_path=str(tmp_path / "train")),
+        datasets={"train": ds},
+    )
+    trainer.fit()
+    per_worker = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert all(len(ids) > 0 for ids in per_worker), "both workers must get data"
+    everything = sorted(per_worker[0] + per_worker[1])
+    assert everything == list(range(rows))  # every row, exactly once
+
+
+def test_sae_through_ray_train_learns_a_sparse_dictionary(ray_cluster, tmp_path):
+    from sae_ray.evaluate import sae_quality
+    from sae_ray.sae_train import train_sae
+
+    rng = np.random.default_rng(0)
+    d, atoms, k, n = 32, 64, 4, 12000
+    dictionary = rng.standard_normal((atoms, d))
+    dictionary /= np.linalg.norm(dictionary, axis=1, keepdims=True)
+    codes = np.zeros((n, atoms))
+    for row in range(n):
+        codes[row, rng.choice(atoms, k, replace=False)] = rng.uniform(0.5, 2.0, k)
+    x = (codes @ dictionary).astype(np.float32)
+    _write_tokens(tmp_path / "tokens", x[:10000], shard_rows=4000)
+    result = train_sae(
+        tmp_path / "tokens",
+        Sae(k=k, expansion_factor=4, epochs=8, batch_size=128, lr=5e-3, dead_tokens=5000),
+        Resources(num_workers=2),
+        seed=0,
+        run_name="sae-known-dictionary",
+        storage_path=tmp_path / "train",
+    )
+    held_out = sae_quality(result.sae, x[10000:])
+    assert held_out["fvu"] < 0.2, held_out
+    assert result.metrics["tokens"] == 8 * 10000  # global count over both workers
+    decoder = result.sae.W_dec.detach()
+    assert decoder.norm(dim=1).allclose(torch.ones(len(decoder)), atol=1e-4)
+    best_cos = (decoder @ torch.from_numpy(dictionary).float().T).max(0).values
+    assert (best_cos > 0.9).float().mean() >= 0.9  # the true atoms are found
+
+
+def test_quickstart_sweep_end_to_end(quickstart_sweep):
+    results = pd.read_csv(quickstart_sweep / "results.csv")
+    assert len(results) == 4 * 2
+    assert (results["status"] == "COMPLETE").all()
+    assert sorted(results.groupby("trial_id")["cycle"].apply(list).tolist()) == [[0, 1]] * 4
+    for column in [
+        "trial_id",
+        "cycle",
+        "sae.k",
+        "sae.expansion_factor",
+        "sharpening.strategy",
+        "val/accuracy",
+        "test/accuracy",
+        "sae/fvu",
+        "sae/l0",
+        "sae/dead_pct",
+        "interp/u",
+    ]:
+        assert column in results.columns and results[column].notna().all(), column
+    assert set(results["sharpening.strategy"]) == {"per_class", "per_example", "random", "none"}
+    assert results.loc[results["sharpening.strategy"] == "none", "is_control"].all()
+    assert (results["val/accuracy"] > 0.5).all()  # the task is learnt (chance is 0.25)
+    assert (results["sae/fvu"] < 1).all()
+
+
+def test_quickstart_shares_the_cycle0_model(quickstart_sweep):
+    from sae_ray.store import DONE
+
+    artifacts = quickstart_sweep / "artifacts"
+    specs = [
+        json.loads((p / "spec.json").read_text())
+        for p in artifacts.glob("model-*")
+        if (p / DONE).exists()
+    ]
+    cycle0 = [s for s in specs if "parent" not in s]
+    assert len(cycle0) == 1  # fine-tuned once for all 4 trials, counted from the store
+    assert len(specs) == 1 + 4  # plus one cycle-1 model per trial
+
+
+def test_quickstart_writes_offline_wandb_runs(quickstart_sweep):
+    runs = list(quickstart_sweep.glob("**/wandb/offline-run-*"))
+    assert len(runs) == 4

@@ -1,0 +1,46 @@
+import numpy as np
+import torch
+
+from sae_ray.sae import SaeConfig, SparseAutoencoder
+from sae_ray.sharpen import class_masks, num_kept, random_targets, sharpen
+
+
+def _sae():
+    torch.manual_seed(0)
+    return SparseAutoencoder(SaeConfig(16, 40, 8))
+
+
+def test_per_class_keeps_exactly_the_class_top_latents():
+    sae = _sae()
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((60, 16)).astype(np.float32)
+    labels = np.repeat([0, 1, 2], 20)
+    ids = np.arange(100, 160)
+    table = sharpen("per_class", sae, ids, labels, x, 3, top_k_pct=10, seed=0)
+    codes = sae.dense_codes(torch.from_numpy(x)).detach().numpy()
+    keep = num_kept(40, 10)
+    assert keep == 4
+    masks = class_masks(codes, labels, 3, keep)
+    for c in range(3):
+        top = np.argsort(-codes[labels == c].mean(0))[:keep]
+        assert set(np.flatnonzero(masks[c])) == set(top)
+    want = sae.decode_dense(torch.from_numpy(codes * masks[labels])).detach()
+    torch.testing.assert_close(table.lookup(ids), want)
+
+
+def test_random_is_seeded_and_ignores_the_sae():
+    ids = np.arange(50)
+    a = random_targets(ids, 16, seed=3)
+    np.testing.assert_array_equal(a, random_targets(ids, 16, seed=3))
+    assert not np.allclose(a, random_targets(ids, 16, seed=4))
+    np.testing.assert_allclose(np.linalg.norm(a, axis=1), 1, rtol=1e-5)
+    table = sharpen(
+        "random", None, ids[::-1].copy(), np.zeros(50, int), np.zeros((50, 16)), 2, 10, seed=3
+    )
+    np.testing.assert_allclose(table.lookup(ids).numpy(), a)
+
+
+def test_none_has_no_targets():
+    assert (
+        sharpen("none", _sae(), np.arange(3), np.zeros(3, int), np.zeros((3, 16)), 2, 10, 0) is None
+    )
