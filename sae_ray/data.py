@@ -90,6 +90,22 @@ def _read_local(path: Path):
     return datasets.load_dataset(kind, data_files=files)
 
 
+# Short names for the seed experiments' datasets -> (hub id, subset).
+HUB_PRESETS = {
+    "glue/sst2": ("nyu-mll/glue", "sst2"),
+    "sst2": ("nyu-mll/glue", "sst2"),
+    "ag_news": ("fancyzhx/ag_news", None),
+}
+
+
+def hub_dataset(name: str) -> tuple[str, str | None]:
+    """A preset, or 'owner/id' with an optional ':subset' (e.g. 'nyu-mll/glue:sst2')."""
+    if name in HUB_PRESETS:
+        return HUB_PRESETS[name]
+    hub_id, _, subset = name.partition(":")
+    return hub_id, subset or None
+
+
 def _load_raw(cfg: Dataset) -> dict[str, tuple[list[str], list]]:
     """Each available split as (texts, labels), from the synthetic task, local files or the hub."""
     if cfg.name.startswith("synthetic:"):
@@ -102,16 +118,8 @@ def _load_raw(cfg: Dataset) -> dict[str, tuple[list[str], list]]:
     else:
         import datasets
 
-        hub_id, _, subset = (
-            cfg.name.partition("/")
-            if cfg.name.startswith("glue/")
-            else (
-                cfg.name,
-                "",
-                "",
-            )
-        )
-        dd = datasets.load_dataset(hub_id, subset or None)
+        hub_id, subset = hub_dataset(cfg.name)
+        dd = datasets.load_dataset(hub_id, subset)
     out = {}
     for split in dd:
         columns = dd[split].column_names

@@ -83,6 +83,11 @@ def _trainable(params: dict[str, Any], base: dict[str, Any]) -> None:
     run_trial(cfg, report=tune.report)
 
 
+def _trial_name(trial) -> str:
+    """Short and stable: the default packs every parameter into the folder name."""
+    return f"trial_{trial.trial_id}"
+
+
 def _callbacks(cfg: Config) -> list:
     if cfg.wandb.mode == "disabled":
         return []
@@ -117,6 +122,8 @@ def run_sweep(cfg: Config) -> list[dict[str, Any]]:
             search_alg=make_searcher(cfg),
             num_samples=cfg.search.num_samples,
             max_concurrent_trials=concurrency,
+            trial_name_creator=_trial_name,
+            trial_dirname_creator=_trial_name,
         ),
         run_config=tune.RunConfig(
             name=cfg.experiment.name,

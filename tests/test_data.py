@@ -39,3 +39,12 @@ def test_local_missing_column_names_it(tmp_path):
     pd.DataFrame({"text": ["a b", "c d"], "y": [0, 1]}).to_csv(path, index=False)
     with pytest.raises(ConfigError, match="dataset.label_column"):
         load_text_data(Dataset(name=str(path)))
+
+
+def test_hub_names_resolve_to_real_ids():
+    from sae_ray.data import hub_dataset
+
+    assert hub_dataset("glue/sst2") == ("nyu-mll/glue", "sst2")
+    assert hub_dataset("ag_news") == ("fancyzhx/ag_news", None)
+    assert hub_dataset("stanfordnlp/imdb") == ("stanfordnlp/imdb", None)
+    assert hub_dataset("nyu-mll/glue:cola") == ("nyu-mll/glue", "cola")
