@@ -24,6 +24,8 @@ from sae_ray.activations import read_manifest
 from sae_ray.config import Resources, Sae
 from sae_ray.sae import SaeConfig, SparseAutoencoder, auxk_loss, default_lr, fvu
 
+MATERIALIZE_BYTES = 256 << 20  # activation sets up to this size are read once, then reused
+
 
 @dataclass
 class SaeTrainResult:
@@ -108,13 +110,14 @@ def train_sae(
     manifest = read_manifest(tokens_dir, verify=True)
     num_latents = manifest.d * cfg.expansion_factor
     SaeConfig(manifest.d, num_latents, cfg.k)  # fail fast on k > latents, before any worker
+    context = ray.data.DataContext.get_current()
     # Per-operator progress bars from every worker drown the sweep's own output.
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    dataset = ray.data.read_parquet(
-        manifest.paths(tokens_dir),
-        columns=["x"],
-        shuffle="files" if len(manifest.files) > 1 else None,
-    )
+    context.enable_progress_bars = False
+    context.execution_options.preserve_order = True  # same blocks in the same order each run
+    dataset = ray.data.read_parquet(manifest.paths(tokens_dir), columns=["x"])
+    if manifest.rows * manifest.d * 4 <= MATERIALIZE_BYTES:
+        # Each lazy pass re-plans and re-reads (seconds even on MBs): read small sets once.
+        dataset = dataset.materialize()
     loop_config = {
         "seed": seed,
         "d_in": manifest.d,
