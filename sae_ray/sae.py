@@ -87,7 +87,7 @@ class SparseAutoencoder(nn.Module):
         self.W_dec.grad -= parallel * self.W_dec.data
 
     def save(self, directory: Path) -> None:
-        """sparsify's layout: sae.safetensors + cfg.json."""
+        """sparsify's layout and tensor names: `SparseCoder.load_from_disk` reads it as is."""
         directory.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         save_file(state, str(directory / "sae.safetensors"))

@@ -1,0 +1,30 @@
+"""Our checkpoints are sparsify checkpoints: the real eai-sparsify loads them and agrees."""
+
+import sparsify  # eai-sparsify, a dev dependency: a missing install fails, never skips
+import torch
+
+from sae_ray.sae import SaeConfig, SparseAutoencoder
+
+
+def test_sparsify_loads_our_checkpoint_and_gives_the_same_codes(tmp_path):
+    torch.manual_seed(0)
+    ours = SparseAutoencoder(SaeConfig(d_in=48, num_latents=192, k=12))
+    x = torch.randn(256, 48)
+    ours.init_b_dec(x)
+    with torch.no_grad():  # move off the tied init so the test can tell W_dec from W_encᵀ
+        ours.W_dec.add_(0.1 * torch.randn_like(ours.W_dec))
+        ours.encoder.bias.normal_(0, 0.05)
+    ours.set_decoder_norm_to_unit_norm()
+    path = tmp_path / "run" / "layers.1"
+    ours.save(path)
+
+    theirs = sparsify.SparseCoder.load_from_disk(path)
+    assert theirs.num_latents == 192 and theirs.cfg.k == 12
+    enc = theirs.encode(x)
+    codes = ours.encode(x)
+    mine = torch.zeros(256, 192).scatter_(1, codes.indices, codes.values)
+    other = torch.zeros(256, 192).scatter_(1, enc.top_indices, enc.top_acts)
+    torch.testing.assert_close(mine, other.to(mine.dtype), rtol=1e-5, atol=1e-6)
+    out = theirs(x)
+    x_hat, _ = ours(x)
+    torch.testing.assert_close(x_hat, out.sae_out.to(x_hat.dtype), rtol=1e-4, atol=1e-5)
