@@ -118,8 +118,12 @@ def auxk_loss(
     x_hat: torch.Tensor,
     pre: torch.Tensor,
     dead: torch.Tensor,
+    total_variance: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Dead latents learn to explain what the live ones miss (residual detached)."""
+    """Dead latents learn to explain what the live ones miss (residual detached).
+
+    `total_variance` is the residual's Σ‖e − mean(e)‖²; pass the all-workers value under DDP.
+    """
     num_dead = int(dead.sum())
     if num_dead == 0:
         return x.new_zeros(())
@@ -129,4 +133,6 @@ def auxk_loss(
     values, indices = masked.topk(k_aux, dim=-1, sorted=False)
     e_hat = sae.decode_sparse(values, indices)  # b_dec is counted once, in x_hat
     scale = min(num_dead / k_aux, 1.0)
-    return scale * fvu(residual, e_hat)
+    if total_variance is None:
+        return scale * fvu(residual, e_hat)
+    return scale * (residual - e_hat).pow(2).sum() / total_variance

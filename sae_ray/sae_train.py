@@ -22,7 +22,7 @@ from ray.train.torch import TorchTrainer
 
 from sae_ray.activations import read_manifest
 from sae_ray.config import Resources, Sae
-from sae_ray.sae import SaeConfig, SparseAutoencoder, auxk_loss, default_lr, fvu
+from sae_ray.sae import SaeConfig, SparseAutoencoder, auxk_loss, default_lr
 
 MATERIALIZE_BYTES = 256 << 20  # activation sets up to this size are read once, then reused
 
@@ -33,10 +33,71 @@ class SaeTrainResult:
     metrics: dict[str, float]
 
 
-def _all_reduce_max(t: torch.Tensor) -> torch.Tensor:
+def _all_reduce(t: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
     if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        dist.all_reduce(t, op=op)
     return t
+
+
+def global_total_variance(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Σ‖x − μ‖² of the union of every worker's batch, and its row count.
+
+    Normalising each worker's squared error by the union's variance (not its own) makes the
+    DDP-averaged gradient equal to the gradient of the union batch's FVU.
+    """
+    x64 = x.detach().double()
+    stats = torch.cat([x64.sum(0), x64.pow(2).sum().view(1), x64.new_tensor([len(x)])])
+    stats = _all_reduce(stats)
+    total, sq, n = stats[:-2], stats[-2], stats[-1]
+    return (sq - total.pow(2).sum() / n).clamp_min(1e-12).float(), int(n.item())
+
+
+@dataclass
+class StepState:
+    """What a worker carries between steps besides the model and optimiser."""
+
+    tokens_since_fired: torch.Tensor
+    dead_tokens: int
+    auxk_alpha: float
+    world: int = 1
+
+
+def train_step(
+    model: torch.nn.Module,
+    sae: SparseAutoencoder,
+    opt: torch.optim.Optimizer,
+    x: torch.Tensor,
+    state: StepState,
+) -> dict[str, float]:
+    """One SAE update on this worker's batch; under DDP the step is the union batch's step."""
+    x_hat, codes = model(x)
+    total_var, n_global = global_total_variance(x)
+    loss_fvu = (x - x_hat).pow(2).sum() / total_var
+    dead = state.tokens_since_fired > state.dead_tokens
+    residual_var, _ = global_total_variance(x - x_hat)
+    aux = auxk_loss(sae, x, x_hat, codes.pre, dead, total_variance=residual_var)
+    # DDP averages gradients over workers; scaling by world size turns that into the sum.
+    loss = state.world * (loss_fvu + state.auxk_alpha * aux)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    sae.remove_gradient_parallel_to_decoder_directions()
+    torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0)
+    opt.step()
+    sae.set_decoder_norm_to_unit_norm()
+    with torch.no_grad():
+        fired = torch.zeros_like(state.tokens_since_fired)
+        fired[codes.indices[codes.values > 0]] = 1
+        fired = _all_reduce(fired, dist.ReduceOp.MAX)
+        state.tokens_since_fired += n_global
+        state.tokens_since_fired[fired.bool()] = 0
+        fvu_global = _all_reduce(loss_fvu.detach().clone()).item()
+    return {
+        "loss": fvu_global + state.auxk_alpha * aux.item(),
+        "fvu": fvu_global,
+        "l0": (codes.values > 0).sum(-1).float().mean().item(),
+        "dead_pct": 100.0 * dead.float().mean().item(),
+        "tokens": n_global,
+    }
 
 
 def train_loop(config: dict[str, Any]) -> None:
@@ -44,55 +105,30 @@ def train_loop(config: dict[str, Any]) -> None:
     torch.manual_seed(config["seed"])
     device = ray.train.torch.get_device()
     ctx = ray.train.get_context()
-    world = ctx.get_world_size()
     shard = ray.train.get_dataset_shard("train")
     sae = SparseAutoencoder(SaeConfig(config["d_in"], config["num_latents"], config["k"]))
     sae.to(device)
-
-    def stream():
-        return shard.iter_torch_batches(
-            batch_size=config["batch_size"], dtypes=torch.float32, device=device
-        )
-
-    model = None
-    opt = None
-    tokens_since_fired = torch.zeros(sae.cfg.num_latents, dtype=torch.long, device=device)
+    state = StepState(
+        tokens_since_fired=torch.zeros(sae.cfg.num_latents, dtype=torch.long, device=device),
+        dead_tokens=config["dead_tokens"],
+        auxk_alpha=config["auxk_alpha"],
+        world=ctx.get_world_size(),
+    )
+    model = opt = None
     seen, started, last = 0, time.perf_counter(), {}
     for epoch in range(config["epochs"]):
-        for batch in stream():
+        for batch in shard.iter_torch_batches(
+            batch_size=config["batch_size"], dtypes=torch.float32, device=device
+        ):
             x = batch["x"]
             if model is None:
                 # b_dec from rank 0's first batch; DDP broadcasts rank 0's parameters.
                 sae.init_b_dec(x)
                 model = ray.train.torch.prepare_model(sae)
                 opt = torch.optim.Adam(sae.parameters(), lr=config["lr"], eps=6.25e-10)
-            x_hat, codes = model(x)
-            loss_fvu = fvu(x, x_hat)
-            dead = tokens_since_fired > config["dead_tokens"]
-            aux = auxk_loss(sae, x, x_hat, codes.pre, dead)
-            loss = loss_fvu + config["auxk_alpha"] * aux
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            sae.remove_gradient_parallel_to_decoder_directions()
-            torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0)
-            opt.step()
-            sae.set_decoder_norm_to_unit_norm()
-
-            with torch.no_grad():
-                fired = torch.zeros_like(tokens_since_fired)
-                active = codes.indices[codes.values > 0]
-                fired[active] = 1
-                fired = _all_reduce_max(fired)
-                tokens_since_fired += x.shape[0] * world
-                tokens_since_fired[fired.bool()] = 0
-                seen += x.shape[0] * world
-                last = {
-                    "loss": loss.item(),
-                    "fvu": loss_fvu.item(),
-                    "l0": (codes.values > 0).sum(-1).float().mean().item(),
-                    "dead_pct": 100.0 * dead.float().mean().item(),
-                    "epoch": epoch,
-                }
+            last = train_step(model, sae, opt, x, state)
+            seen += last.pop("tokens")
+            last["epoch"] = epoch
     elapsed = time.perf_counter() - started
     last.update(tokens=seen, tokens_per_s=seen / max(elapsed, 1e-9))
     if ctx.get_world_rank() == 0:
