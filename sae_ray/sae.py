@@ -122,17 +122,19 @@ def auxk_loss(
 ) -> torch.Tensor:
     """Dead latents learn to explain what the live ones miss (residual detached).
 
-    `total_variance` is the residual's Σ‖e − mean(e)‖²; pass the all-workers value under DDP.
+    Normalised like the main loss, by the input's Σ‖x − mean(x)‖² (as sparsify does), so the
+    two terms share a scale; under DDP pass the all-workers value as `total_variance`.
     """
     num_dead = int(dead.sum())
     if num_dead == 0:
         return x.new_zeros(())
+    # Gao et al. B.1: k_aux = d/2, and the loss shrinks when fewer latents than that are dead.
     k_aux = min(x.shape[-1] // 2, num_dead)
+    scale = min(num_dead / (x.shape[-1] // 2), 1.0)
     residual = (x - x_hat).detach()
     masked = torch.where(dead, pre, torch.full_like(pre, -torch.inf))
     values, indices = masked.topk(k_aux, dim=-1, sorted=False)
     e_hat = sae.decode_sparse(values, indices)  # b_dec is counted once, in x_hat
-    scale = min(num_dead / k_aux, 1.0)
     if total_variance is None:
-        return scale * fvu(residual, e_hat)
+        total_variance = (x - x.mean(0)).pow(2).sum().clamp_min(1e-12)
     return scale * (residual - e_hat).pow(2).sum() / total_variance

@@ -74,8 +74,7 @@ def train_step(
     total_var, n_global = global_total_variance(x)
     loss_fvu = (x - x_hat).pow(2).sum() / total_var
     dead = state.tokens_since_fired > state.dead_tokens
-    residual_var, _ = global_total_variance(x - x_hat)
-    aux = auxk_loss(sae, x, x_hat, codes.pre, dead, total_variance=residual_var)
+    aux = auxk_loss(sae, x, x_hat, codes.pre, dead, total_variance=total_var)
     # DDP averages gradients over workers; scaling by world size turns that into the sum.
     loss = state.world * (loss_fvu + state.auxk_alpha * aux)
     opt.zero_grad(set_to_none=True)

@@ -28,3 +28,21 @@ def test_sparsify_loads_our_checkpoint_and_gives_the_same_codes(tmp_path):
     out = theirs(x)
     x_hat, _ = ours(x)
     torch.testing.assert_close(x_hat, out.sae_out.to(x_hat.dtype), rtol=1e-4, atol=1e-5)
+
+
+def test_auxk_loss_matches_sparsify_with_few_dead_latents(tmp_path):
+    from sae_ray.sae import auxk_loss
+
+    torch.manual_seed(1)
+    ours = SparseAutoencoder(SaeConfig(d_in=32, num_latents=128, k=8))
+    x = torch.randn(200, 32)
+    ours.init_b_dec(x)
+    ours.save(tmp_path / "sae")
+    theirs = sparsify.SparseCoder.load_from_disk(tmp_path / "sae")
+    for num_dead in (3, 40):  # fewer than d/2 = 16 (loss scaled down), and more
+        dead = torch.zeros(128, dtype=torch.bool)
+        dead[torch.randperm(128)[:num_dead]] = True
+        x_hat, codes = ours(x)
+        mine = auxk_loss(ours, x, x_hat, codes.pre, dead)
+        want = theirs(x, dead_mask=dead).auxk_loss
+        torch.testing.assert_close(mine, want.to(mine.dtype), rtol=1e-4, atol=1e-6)
