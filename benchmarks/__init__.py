@@ -1,0 +1,1 @@
+"""Side-by-side ratio benchmarks: each prints one JSON line per figure."""

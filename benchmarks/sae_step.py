@@ -1,0 +1,110 @@
+"""SAE training step tokens/s: ours vs eai-sparsify's SparseCoder, same config and device.
+
+Both sides take full steps (forward, FVU, backward, parallel-gradient removal, Adam, decoder
+renormalisation) on the same batch, measured interleaved (A B A B ...) so machine noise
+hits both alike. Prints one JSON line; `ratio` = ours / theirs, target >= 1.3.
+
+    python -m benchmarks.sae_step                      # d_in 768, x32, k 32, 4096 tokens
+    python -m benchmarks.sae_step --d_in 256 --steps 5 # quicker
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+import torch
+
+
+def _ours(d_in: int, num_latents: int, k: int, device: str):
+    from sae_ray.sae import SaeConfig, SparseAutoencoder
+    from sae_ray.sae_train import StepState, train_step
+
+    sae = SparseAutoencoder(SaeConfig(d_in, num_latents, k)).to(device)
+    opt = torch.optim.Adam(sae.parameters(), lr=1e-4)
+    state = StepState(torch.zeros(num_latents, dtype=torch.long, device=device), 10**9, 1 / 32)
+    return lambda x: train_step(sae, sae, opt, x, state)
+
+
+def _theirs(d_in: int, num_latents: int, k: int, device: str):
+    from sparsify import SparseCoder, SparseCoderConfig
+
+    sae = SparseCoder(d_in, SparseCoderConfig(num_latents=num_latents, k=k), device=device)
+    opt = torch.optim.Adam(sae.parameters(), lr=1e-4)
+
+    def step(x):
+        out = sae(x, dead_mask=torch.zeros(num_latents, dtype=torch.bool, device=device))
+        loss = out.fvu + out.auxk_loss / 32
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        sae.remove_gradient_parallel_to_decoder_directions()
+        torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0)
+        opt.step()
+        sae.set_decoder_norm_to_unit_norm()
+
+    return step
+
+
+def _time(step, x, device: str) -> float:
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    step(x)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--d_in", type=int, default=768)
+    parser.add_argument("--expansion_factor", type=int, default=32)
+    parser.add_argument("--k", type=int, default=32)
+    parser.add_argument("--batch", type=int, default=4096)
+    parser.add_argument("--steps", type=int, default=5)
+    args = parser.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    num_latents = args.d_in * args.expansion_factor
+    torch.manual_seed(0)
+    x = torch.randn(args.batch, args.d_in, device=device)
+    sides = {
+        "ours": _ours(args.d_in, num_latents, args.k, device),
+        "sparsify": _theirs(args.d_in, num_latents, args.k, device),
+    }
+    for step in sides.values():  # warm-up: allocations, kernels
+        step(x)
+    times: dict[str, list[float]] = {name: [] for name in sides}
+    for _ in range(args.steps):
+        for name, step in sides.items():
+            times[name].append(_time(step, x, device))
+    rate = {name: args.batch / statistics.median(t) for name, t in times.items()}
+    print(
+        json.dumps(
+            {
+                "name": "sae_step_tokens_per_s",
+                "ours": round(rate["ours"], 1),
+                "theirs": round(rate["sparsify"], 1),
+                "ratio": round(rate["ours"] / rate["sparsify"], 3),
+                "target": 1.3,
+                "better": "higher",
+                "config": {
+                    "d_in": args.d_in,
+                    "num_latents": num_latents,
+                    "k": args.k,
+                    "batch": args.batch,
+                    "steps": args.steps,
+                    "threads": torch.get_num_threads(),
+                },
+                "device": torch.cuda.get_device_name()
+                if device == "cuda"
+                else f"cpu x{os.cpu_count()}",
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
