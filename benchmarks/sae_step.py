@@ -32,18 +32,14 @@ def _ours(d_in: int, num_latents: int, k: int, device: str):
 def _theirs(d_in: int, num_latents: int, k: int, device: str):
     from sparsify import SparseCoder, SparseCoderConfig
 
+    from sae_ray.sae_train import apply_update
+
     sae = SparseCoder(d_in, SparseCoderConfig(num_latents=num_latents, k=k), device=device)
     opt = torch.optim.Adam(sae.parameters(), lr=1e-4)
 
     def step(x):
         out = sae(x, dead_mask=torch.zeros(num_latents, dtype=torch.bool, device=device))
-        loss = out.fvu + out.auxk_loss / 32
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        sae.remove_gradient_parallel_to_decoder_directions()
-        torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0)
-        opt.step()
-        sae.set_decoder_norm_to_unit_norm()
+        apply_update(sae, opt, out.fvu + out.auxk_loss / 32)
 
     return step
 

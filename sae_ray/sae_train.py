@@ -62,6 +62,17 @@ class StepState:
     world: int = 1
 
 
+def apply_update(sae: torch.nn.Module, opt: torch.optim.Optimizer, loss: torch.Tensor) -> None:
+    """Backward and step, keeping decoder rows on the unit sphere (sparsify's recipe; works
+    for its SparseCoder too, which has the same two decoder methods)."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    sae.remove_gradient_parallel_to_decoder_directions()
+    torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0)
+    opt.step()
+    sae.set_decoder_norm_to_unit_norm()
+
+
 def train_step(
     model: torch.nn.Module,
     sae: SparseAutoencoder,
@@ -77,12 +88,7 @@ def train_step(
     aux = auxk_loss(sae, x, x_hat, codes.pre, dead, total_variance=total_var)
     # DDP averages gradients over workers; scaling by world size turns that into the sum.
     loss = state.world * (loss_fvu + state.auxk_alpha * aux)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    sae.remove_gradient_parallel_to_decoder_directions()
-    torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0)
-    opt.step()
-    sae.set_decoder_norm_to_unit_norm()
+    apply_update(sae, opt, loss)
     with torch.no_grad():
         fired = torch.zeros_like(state.tokens_since_fired)
         fired[codes.indices[codes.values > 0]] = 1
