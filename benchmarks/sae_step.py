@@ -1,7 +1,8 @@
 """SAE training step tokens/s: ours vs eai-sparsify's SparseCoder, same config and device.
 
 Both sides take full steps (forward, FVU, backward, parallel-gradient removal, Adam, decoder
-renormalisation) on the same batch, measured interleaved (A B A B ...) so machine noise
+renormalisation; sparsify as its Trainer does it, ours as ours does, which adds gradient
+clipping) on the same batch, measured interleaved (A B A B ...) so machine noise
 hits both alike. Prints one JSON line; `ratio` = ours / theirs, target >= 1.3.
 
     python -m benchmarks.sae_step                      # d_in 768, x32, k 32, 4096 tokens
@@ -21,25 +22,33 @@ import torch
 
 def _ours(d_in: int, num_latents: int, k: int, device: str):
     from sae_ray.sae import SaeConfig, SparseAutoencoder
-    from sae_ray.sae_train import StepState, train_step
+    from sae_ray.sae_train import DeadTracker, make_optimizer, train_step
 
     sae = SparseAutoencoder(SaeConfig(d_in, num_latents, k)).to(device)
-    opt = torch.optim.Adam(sae.parameters(), lr=1e-4)
-    state = StepState(torch.zeros(num_latents, dtype=torch.long, device=device), 10**9, 1 / 32)
-    return lambda x: train_step(sae, sae, opt, x, state)
+    opt = make_optimizer("adam", sae.parameters(), lr=1e-4)
+    tracker = DeadTracker(torch.zeros(num_latents, dtype=torch.long, device=device), 10**9)
+    use_bf16 = device == "cuda" and torch.cuda.is_bf16_supported()
+
+    def step(x):
+        with torch.autocast(device, torch.bfloat16, enabled=use_bf16):  # as the trainer does
+            return train_step(sae, sae, opt, x, tracker, 1 / 32)
+
+    return step
 
 
 def _theirs(d_in: int, num_latents: int, k: int, device: str):
     from sparsify import SparseCoder, SparseCoderConfig
 
-    from sae_ray.sae_train import apply_update
-
     sae = SparseCoder(d_in, SparseCoderConfig(num_latents=num_latents, k=k), device=device)
-    opt = torch.optim.Adam(sae.parameters(), lr=1e-4)
+    opt = torch.optim.Adam(sae.parameters(), lr=1e-4)  # sparsify's trainer: torch's Adam
 
-    def step(x):
+    def step(x):  # the order of sparsify's Trainer.fit (its forward autocasts on CUDA)
+        sae.set_decoder_norm_to_unit_norm()
         out = sae(x, dead_mask=torch.zeros(num_latents, dtype=torch.bool, device=device))
-        apply_update(sae, opt, out.fvu + out.auxk_loss / 32)
+        (out.fvu + out.auxk_loss / 32).backward()
+        sae.remove_gradient_parallel_to_decoder_directions()
+        opt.step()
+        opt.zero_grad()
 
     return step
 

@@ -20,7 +20,7 @@ import torch
 
 from sae_ray.data import Split
 from sae_ray.finetune import batches
-from sae_ray.models import Classifier, hooked, pooled
+from sae_ray.models import Classifier, hooked_many, hookpoint, pooled, resolve_layer
 
 MANIFEST = "manifest.json"
 
@@ -32,6 +32,7 @@ class Manifest:
     dtype: str
     rows: int = 0
     files: list[dict] = field(default_factory=list)
+    columns: list[str] = field(default_factory=lambda: ["x"])  # vector columns, each (rows, d)
 
     def paths(self, root: Path) -> list[str]:
         return [str(root / f["path"]) for f in self.files]
@@ -59,9 +60,17 @@ def _sha256(path: Path) -> str:
 class ShardWriter:
     """Streams record batches into fixed-size Parquet shards; nothing is held whole."""
 
-    def __init__(self, root: Path, kind: str, d: int, dtype: str, rows_per_shard: int = 200_000):
+    def __init__(
+        self,
+        root: Path,
+        kind: str,
+        d: int,
+        dtype: str,
+        rows_per_shard: int = 200_000,
+        columns: list[str] | None = None,
+    ):
         self.root, self.rows_per_shard = root, rows_per_shard
-        self.manifest = Manifest(kind=kind, d=d, dtype=dtype)
+        self.manifest = Manifest(kind=kind, d=d, dtype=dtype, columns=columns or ["x"])
         self._writer: pq.ParquetWriter | None = None
         self._rows_in_shard = 0
         root.mkdir(parents=True, exist_ok=True)
@@ -103,65 +112,102 @@ def read_manifest(root: Path, verify: bool = False) -> Manifest:
     return manifest
 
 
+def column_of(manifest: Manifest, root: Path, column: str | None) -> str:
+    """The vector column to read: the one asked for, or the table's only one."""
+    if column is None:
+        if len(manifest.columns) != 1:
+            raise ValueError(f"{root}: several hookpoints {manifest.columns}; name one")
+        return manifest.columns[0]
+    if column not in manifest.columns:
+        raise ValueError(f"{root}: no hookpoint {column!r} (has {manifest.columns})")
+    return column
+
+
 @torch.no_grad()
 def extract(
     clf: Classifier,
     split: Split,
-    layer: int,
+    layers: int | list[int],
     out_dir: Path,
     max_length: int,
     batch_size: int = 64,
     dtype: str = "float32",
     tokens: bool = True,
+    max_tokens: int | None = None,
 ) -> dict[str, Manifest]:
-    """Write `out_dir/tokens` (optional) and `out_dir/sequences` for one split."""
+    """Write `out_dir/tokens` (optional) and `out_dir/sequences` for one split.
+
+    Every layer in `layers` is captured from the same forward pass and stored as its own
+    column, named by its hookpoint: training SAEs on many layers costs one extraction.
+    `max_tokens` stops once that many token rows are written (the SAE's budget).
+    """
     clf.model.eval()
+    layers = [layers] if isinstance(layers, int) else list(layers)
+    names = {resolve_layer(clf.model, ly): hookpoint(clf.model, ly) for ly in layers}
     np_dtype = np.dtype(dtype)
     writers: dict[str, ShardWriter] = {}
+    written = 0
     for batch in batches(clf, split, batch_size, max_length):
-        with hooked(clf.model, layer) as store:
+        with hooked_many(clf.model, layers) as store:
             clf.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-        h, mask = store["h"].float(), batch["attention_mask"]
-        d = h.shape[-1]
+        mask = batch["attention_mask"]
+        hidden = {names[ly]: store[ly].float() for ly in names}
         if not writers:
+            d = next(iter(hidden.values())).shape[-1]
             kinds = ("tokens", "sequences") if tokens else ("sequences",)
-            writers = {k: ShardWriter(out_dir / k, k, d, dtype) for k in kinds}
-        seq = pooled(h, mask, clf.pooling).numpy().astype(np_dtype)
+            cols = list(hidden)
+            writers = {k: ShardWriter(out_dir / k, k, d, dtype, columns=cols) for k in kinds}
+        seq = {
+            name: vectors_to_arrow(pooled(h, mask, clf.pooling).numpy().astype(np_dtype))
+            for name, h in hidden.items()
+        }
         writers["sequences"].write(
             pa.record_batch(
                 {
                     "example_id": pa.array(batch["ids"].numpy()),
                     "label": pa.array(batch["labels"].numpy()),
-                    "x": vectors_to_arrow(seq),
+                    **seq,
                 }
             )
         )
         if tokens:
             keep = mask.bool()
-            tok = h[keep].numpy().astype(np_dtype)  # every non-pad token, no Python loop
             example = batch["ids"].unsqueeze(1).expand_as(mask)[keep].numpy()
+            take = len(example) if max_tokens is None else min(len(example), max_tokens - written)
+            # every non-pad token, no Python loop
+            tok = {
+                n: vectors_to_arrow(h[keep][:take].numpy().astype(np_dtype))
+                for n, h in hidden.items()
+            }
             writers["tokens"].write(
-                pa.record_batch({"example_id": pa.array(example), "x": vectors_to_arrow(tok)})
+                pa.record_batch({"example_id": pa.array(example[:take]), **tok})
             )
+            written += take
+            if max_tokens is not None and written >= max_tokens:
+                break
     return {kind: w.close() for kind, w in writers.items()}
 
 
-def load_sequences(root: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def load_sequences(
+    root: Path, column: str | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(example_ids, labels, x) of a sequence table, read whole: it is one row per example."""
     manifest = read_manifest(root)
-    table = pq.read_table(manifest.paths(root))
+    column = column_of(manifest, root, column)
+    table = pq.read_table(manifest.paths(root), columns=["example_id", "label", column])
     return (
         table["example_id"].to_numpy(),
         table["label"].to_numpy(),
-        arrow_to_vectors(table["x"], manifest.d).astype(np.float32),
+        arrow_to_vectors(table[column], manifest.d).astype(np.float32),
     )
 
 
-def load_tokens(root: Path, limit: int | None = None) -> np.ndarray:
+def load_tokens(root: Path, column: str | None = None, limit: int | None = None) -> np.ndarray:
     manifest = read_manifest(root)
+    column = column_of(manifest, root, column)
     parts, total = [], 0
     for path in manifest.paths(root):
-        for rb in pq.ParquetFile(path).iter_batches(columns=["x"]):
+        for rb in pq.ParquetFile(path).iter_batches(columns=[column]):
             parts.append(arrow_to_vectors(rb.column(0), manifest.d))
             total += rb.num_rows
             if limit and total >= limit:

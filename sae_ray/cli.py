@@ -1,4 +1,4 @@
-"""`sae-ray`: sweep, run.
+"""`sae-ray`: sweep, run, train-sae.
 
 Bad input ends in one line on stderr naming the field or file and exit code 2; a
 traceback is for bugs, not for typos in a YAML file.
@@ -21,6 +21,15 @@ EXIT_BAD_INPUT = 2
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sae-ray", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
+    from sae_ray import saetrain
+
+    p = sub.add_parser(
+        "train-sae",
+        help="train SAEs on a model's layers (the saetrain tool's flags)",
+        description=saetrain.__doc__.splitlines()[0],
+    )
+    saetrain.add_arguments(p)
+    p.add_argument("--address", default=os.environ.get("RAY_ADDRESS"), help="Ray cluster")
     for name, help_text in (
         ("sweep", "run a Ray Tune + Optuna sweep from a YAML file"),
         ("run", "run one trial with the YAML's fixed values"),
@@ -82,6 +91,16 @@ def _run_one(cfg: Config) -> list[dict[str, Any]]:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.command == "train-sae":
+        from sae_ray import saetrain
+
+        try:
+            _connect(args.address)
+            saetrain.run(args)
+        except ConfigError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        return 0
     try:
         cfg = config_mod.load(args.sweep_file, args.overrides)
         if args.command == "sweep":

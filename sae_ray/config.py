@@ -58,10 +58,17 @@ class Sae(Section):
     k: int = Field(32, ge=1)
     expansion_factor: int = Field(8, ge=1)
     epochs: int = Field(1, ge=1)
-    batch_size: int = Field(1024, ge=1)
+    batch_size: int = Field(1024, ge=1, description="tokens per SAE step, all workers")
     lr: float | None = Field(None, gt=0, description="default scales with 1/sqrt(latents)")
     auxk_alpha: float = Field(1 / 32, ge=0)
-    dead_tokens: int = Field(100_000, ge=1, description="a latent is dead after this many tokens")
+    dead_tokens: int = Field(100_000, ge=1, description="window over which firing is counted")
+    dead_percentage_threshold: float = Field(
+        0.0, ge=0, le=1, description="dead: fires on fewer than this fraction of the window"
+    )
+    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
+    weight_decay: float = Field(0.0, ge=0)
+    grad_acc_steps: int = Field(1, ge=1)
+    max_tokens: int | None = Field(None, ge=1, description="global token budget; else epochs")
     activation_dtype: Literal["float32", "float16"] = "float32"
 
 
@@ -103,6 +110,7 @@ class Resources(Section):
     num_workers: int = Field(2, ge=1)
     use_gpu: bool = False
     cpus_per_worker: float = Field(0.5, gt=0)
+    max_failures: int = Field(2, ge=0, description="worker-group restarts of a Train run")
 
 
 class Wandb(Section):

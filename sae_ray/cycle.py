@@ -17,14 +17,20 @@ from typing import Any
 import numpy as np
 import torch
 
-from sae_ray.activations import extract, load_sequences, load_tokens
+from sae_ray.activations import extract, load_sequences, load_tokens, read_manifest
 from sae_ray.config import Config
 from sae_ray.data import TextData, load_text_data
 from sae_ray.evaluate import accuracy, interp_u, sae_quality
 from sae_ray.finetune import TargetTable, finetune, predict
-from sae_ray.models import build_classifier, load_classifier, resolve_layer, save_classifier
+from sae_ray.models import (
+    build_classifier,
+    hookpoint,
+    load_classifier,
+    resolve_layer,
+    save_classifier,
+)
 from sae_ray.sae import SparseAutoencoder
-from sae_ray.sae_train import train_sae
+from sae_ray.sae_train import SaeTrainConfig, train_saes
 from sae_ray.sharpen import sharpen
 from sae_ray.store import ArtifactStore
 
@@ -44,6 +50,30 @@ def _model_spec(cfg: Config) -> dict[str, Any]:
 def _effective_strategy(cfg: Config) -> str:
     """λ = 0 makes every strategy the 'none' control: they then share one artifact."""
     return "none" if cfg.cycles.aux_weight == 0 else cfg.sharpening.strategy
+
+
+def sae_train_config(cfg: Config, hp: str, d_in: int, cycle: int) -> SaeTrainConfig:
+    """The sweep's `sae` section as the shared trainer's config (quiet: Tune reports)."""
+    sae = cfg.sae
+    return SaeTrainConfig(
+        hookpoints=[hp],
+        d_in=d_in,
+        k=sae.k,
+        expansion_factor=sae.expansion_factor,
+        batch_tokens=sae.batch_size,
+        grad_acc_steps=sae.grad_acc_steps,
+        max_tokens=sae.max_tokens,
+        epochs=sae.epochs,
+        optimizer=sae.optimizer,
+        lr=sae.lr,
+        weight_decay=sae.weight_decay,
+        auxk_alpha=sae.auxk_alpha,
+        dead_window_tokens=sae.dead_tokens,
+        dead_percentage_threshold=sae.dead_percentage_threshold,
+        init_seed=cfg.experiment.seed + cycle,
+        progress=False,
+        run_name=f"sae-c{cycle}",
+    )
 
 
 def run_trial(cfg: Config, report: Report) -> None:
@@ -72,6 +102,7 @@ def run_trial(cfg: Config, report: Report) -> None:
             )
         clf = load_classifier(model_dir)
         layer = resolve_layer(clf.model, cfg.model.layer)
+        hp = hookpoint(clf.model, layer)
 
         def make_acts(out: Path, clf=clf, layer=layer) -> None:
             for split in ("train", "validation", "test"):
@@ -85,7 +116,12 @@ def run_trial(cfg: Config, report: Report) -> None:
                     tokens=split != "test",
                 )
 
-        acts_spec = {"parent": model_key, "layer": layer, "dtype": cfg.sae.activation_dtype}
+        acts_spec = {
+            "parent": model_key,
+            "layer": layer,
+            "dtype": cfg.sae.activation_dtype,
+            "format": 2,  # one column per hookpoint
+        }
         acts_dir, acts_key = store.get_or_compute("activations", acts_spec, make_acts)
 
         sae_spec = {
@@ -95,31 +131,32 @@ def run_trial(cfg: Config, report: Report) -> None:
             "workers": cfg.resources.num_workers,
         }
 
-        def make_sae(out: Path, acts_dir=acts_dir, cycle=cycle, spec=sae_spec) -> None:
-            # The Train run is named after the artifact: deterministic, and distinct per SAE.
-            result = train_sae(
+        def make_sae(out: Path, acts_dir=acts_dir, cycle=cycle, spec=sae_spec, hp=hp) -> None:
+            # The Train run is named after the artifact: deterministic, and distinct per SAE,
+            # so a sweep restarted after a crash picks the run up from its last checkpoint.
+            run_name = f"sae-{store.key('sae', spec)}"
+            result = train_saes(
                 acts_dir / "train" / "tokens",
-                cfg.sae,
+                sae_train_config(cfg, hp, read_manifest(acts_dir / "train" / "tokens").d, cycle),
                 cfg.resources,
-                seed + cycle,
-                run_name=f"sae-{store.key('sae', spec)}",
                 storage_path=cfg.sweep_dir / "train_runs",
+                train_run_name=run_name,
             )
-            result.sae.save(out)
+            result.saes[hp].save(out)
             (out / "train_metrics.json").write_text(json.dumps(result.metrics))
 
         sae_dir, sae_key = store.get_or_compute("sae", sae_spec, make_sae)
         sae = SparseAutoencoder.load(sae_dir)
         train_stats = json.loads((sae_dir / "train_metrics.json").read_text())
 
-        metrics = _evaluate(cfg, data, clf, sae, acts_dir)
+        metrics = _evaluate(cfg, data, clf, sae, acts_dir, hp)
         metrics.update(
             {"cycle": cycle, "strategy_effective": strategy, "is_control": strategy == "none"}
         )
         if "tokens_per_s" in train_stats:
             metrics["sae/train_tokens_per_s"] = train_stats["tokens_per_s"]
         if cycle + 1 < cfg.cycles.count and strategy != "none":
-            ids, labels, x = load_sequences(acts_dir / "train" / "sequences")
+            ids, labels, x = load_sequences(acts_dir / "train" / "sequences", hp)
             targets = sharpen(
                 strategy,
                 sae,
@@ -175,17 +212,17 @@ def _retrain(
 
 
 def _evaluate(
-    cfg: Config, data: TextData, clf, sae: SparseAutoencoder, acts_dir: Path
+    cfg: Config, data: TextData, clf, sae: SparseAutoencoder, acts_dir: Path, hp: str
 ) -> dict[str, Any]:
     """Selection metrics on validation; the held-out test split is reported, never selected on."""
     out: dict[str, Any] = {}
     for split, prefix in (("validation", "val"), ("test", "test")):
         preds = predict(clf, data.splits[split], cfg.model.max_length)
         out[f"{prefix}/accuracy"] = accuracy(preds, data.splits[split].labels)
-    quality = sae_quality(sae, load_tokens(acts_dir / "validation" / "tokens"))
+    quality = sae_quality(sae, load_tokens(acts_dir / "validation" / "tokens", hp))
     out.update({f"sae/{k}": v for k, v in quality.items()})
     for split, prefix in (("validation", "interp"), ("test", "test/interp")):
-        _, labels, x = load_sequences(acts_dir / split / "sequences")
+        _, labels, x = load_sequences(acts_dir / split / "sequences", hp)
         codes = sae.dense_codes(torch.from_numpy(x)).detach().numpy()
         u = interp_u(codes, labels, data.num_classes)
         out[f"{prefix}/u"] = u["u"]

@@ -106,7 +106,7 @@ def hub_dataset(name: str) -> tuple[str, str | None]:
     return hub_id, subset or None
 
 
-def _load_raw(cfg: Dataset) -> dict[str, tuple[list[str], list]]:
+def _load_raw(cfg: Dataset, need_labels: bool = True) -> dict[str, tuple[list[str], list]]:
     """Each available split as (texts, labels), from the synthetic task, local files or the hub."""
     if cfg.name.startswith("synthetic:"):
         if cfg.name != "synthetic:topics":
@@ -124,6 +124,9 @@ def _load_raw(cfg: Dataset) -> dict[str, tuple[list[str], list]]:
     for split in dd:
         columns = dd[split].column_names
         text_col = cfg.text_column if cfg.text_column in columns else _guess_text(columns)
+        if text_col is not None and cfg.label_column not in columns and not need_labels:
+            out[split] = (list(dd[split][text_col]), [0] * len(dd[split]))
+            continue
         if text_col is None or cfg.label_column not in columns:
             missing = cfg.label_column if text_col else cfg.text_column
             raise ConfigError(
@@ -139,10 +142,12 @@ def _guess_text(columns: list[str]) -> str | None:
     return next((c for c in ("text", "sentence", "content") if c in columns), None)
 
 
-def load_text_data(cfg: Dataset, seed: int = 0) -> TextData:
+def load_text_data(cfg: Dataset, seed: int = 0, need_labels: bool = True) -> TextData:
     """Train / validation / test. A labelled test split from the source is the held-out test;
-    otherwise the source's validation split is, and validation is carved from train."""
-    raw = _load_raw(cfg)
+    otherwise the source's validation split is, and validation is carved from train.
+
+    `need_labels=False` (SAE training) accepts unlabelled text: every label is then 0."""
+    raw = _load_raw(cfg, need_labels)
     raw = {s: (t, y) for s, (t, y) in raw.items() if not all(v == -1 for v in y)}  # unlabelled
     label_values = sorted({v for _, ys in raw.values() for v in ys}, key=str)
     if all(isinstance(v, (int, np.integer)) for v in label_values):
@@ -153,7 +158,7 @@ def load_text_data(cfg: Dataset, seed: int = 0) -> TextData:
     else:
         names = [str(v) for v in label_values]
         to_int = {v: i for i, v in enumerate(label_values)}
-    if len(names) < 2:
+    if len(names) < 2 and need_labels:
         raise ConfigError(f"dataset.label_column: {cfg.name} has fewer than two classes")
 
     rng = np.random.default_rng(seed)

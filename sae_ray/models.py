@@ -126,13 +126,28 @@ def load_classifier(path: Path) -> Classifier:
     return Classifier(model, AutoTokenizer.from_pretrained(path))
 
 
+def _blocks_with_name(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    n = model.config.num_hidden_layers
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) == n:
+            return name, module
+    raise ValueError(f"model.layer: no list of {n} blocks found in {type(model).__name__}")
+
+
 def blocks(model: nn.Module) -> nn.ModuleList:
     """The transformer's list of blocks, found by shape so any HF architecture works."""
-    n = model.config.num_hidden_layers
-    for module in model.modules():
-        if isinstance(module, nn.ModuleList) and len(module) == n:
-            return module
-    raise ValueError(f"model.layer: no list of {n} blocks found in {type(model).__name__}")
+    return _blocks_with_name(model)[1]
+
+
+def hookpoint(model: nn.Module, layer: int) -> str:
+    """sparsify's name for a block's output: its module path below the base model
+    (`h.3` for GPT-2, `layers.3` for Pythia, `encoder.layer.3` for BERT), so SAE
+    directories line up with other tools' whatever head the model carries."""
+    name, _ = _blocks_with_name(model)
+    prefix = getattr(model, "base_model_prefix", "")
+    if prefix and name.startswith(prefix + "."):
+        name = name[len(prefix) + 1 :]
+    return f"{name}.{resolve_layer(model, layer)}"
 
 
 def resolve_layer(model: nn.Module, layer: int) -> int:
@@ -155,6 +170,24 @@ def hooked(model: nn.Module, layer: int) -> Iterator[dict[str, torch.Tensor]]:
         yield store
     finally:
         handle.remove()
+
+
+@contextlib.contextmanager
+def hooked_many(model: nn.Module, layers: list[int]) -> Iterator[dict[int, torch.Tensor]]:
+    """Capture several blocks' outputs in one forward pass, keyed by resolved layer index."""
+    store: dict[int, torch.Tensor] = {}
+    handles = []
+    for layer in {resolve_layer(model, ly) for ly in layers}:
+
+        def hook(_module, _inputs, output, layer=layer):
+            store[layer] = output[0] if isinstance(output, tuple) else output
+
+        handles.append(blocks(model)[layer].register_forward_hook(hook))
+    try:
+        yield store
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def pooled_index(attention_mask: torch.Tensor, pooling: Pooling) -> torch.Tensor:

@@ -33,7 +33,68 @@ class SaeConfig:
 class Codes(NamedTuple):
     values: torch.Tensor  # (batch, k), >= 0
     indices: torch.Tensor  # (batch, k)
-    pre: torch.Tensor  # (batch, num_latents) pre-activations, for AuxK
+    aux_values: torch.Tensor  # (batch, k_aux): top dead latents, for AuxK; k_aux may be 0
+    aux_indices: torch.Tensor  # (batch, k_aux)
+
+
+def _latent_rows(indices: torch.Tensor, grads: torch.Tensor, x: torch.Tensor, m: int):
+    """Σ_n g_nj x_n for every latent j, touching only the selected (n, j) pairs.
+
+    A transposed embedding_bag: sort the pairs by latent, then bag rows of x per latent.
+    Costs O(batch·k·d) instead of the dense O(batch·latents·d) of `pre.T @ x`.
+    """
+    flat = indices.reshape(-1)
+    order = flat.argsort()
+    rows = torch.arange(len(x), device=x.device).repeat_interleave(indices.shape[1])[order]
+    counts = torch.bincount(flat, minlength=m)
+    offsets = counts.cumsum(0) - counts
+    weights = grads.reshape(-1)[order].to(x.dtype)
+    return F.embedding_bag(rows, x, offsets, mode="sum", per_sample_weights=weights)
+
+
+class _TopKEncode(torch.autograd.Function):
+    """TopK(ReLU(W_enc x + b_enc)) with a backward that scales with k, not with latents.
+
+    Only the selected pre-activations get gradient, so the encoder's backward is sparse
+    (as in sparsify's fused encoder) and the ReLU is applied to the k winners, not to the
+    whole (batch, latents) matrix. The AuxK candidates (top dead latents) are picked in the
+    same pass and share the sparse backward, so AuxK also trains the encoder.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, k: int, dead_idx, k_aux: int):
+        dev = x.device.type
+        dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+        with torch.autocast(dev, enabled=False):
+            pre = torch.addmm(bias.to(dt), x.to(dt), weight.to(dt).t())
+        raw, indices = pre.topk(k, dim=-1, sorted=False)
+        values = raw.clamp_min(0)
+        if dead_idx is not None and k_aux > 0:
+            araw, pos = pre.index_select(1, dead_idx).topk(k_aux, dim=-1, sorted=False)
+            aux_indices, aux_values = dead_idx[pos], araw.clamp_min(0)
+        else:
+            aux_indices, aux_values = indices[:, :0], values[:, :0]
+        ctx.save_for_backward(x, weight, indices, values, aux_indices, aux_values)
+        ctx.mark_non_differentiable(indices, aux_indices)
+        return values, indices, aux_values, aux_indices
+
+    @staticmethod
+    def backward(ctx, g_values, _g_indices, g_aux, _g_aux_indices):
+        x, weight, indices, values, aux_indices, aux_values = ctx.saved_tensors
+        # ReLU: no gradient where the selected pre-activation was not positive.
+        grads = torch.cat([g_values * (values > 0), g_aux * (aux_values > 0)], 1)
+        grads = grads.to(weight.dtype)
+        picked = torch.cat([indices, aux_indices], 1)
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = F.embedding_bag(picked, weight, mode="sum", per_sample_weights=grads)
+            grad_x = grad_x.to(x.dtype)
+        if ctx.needs_input_grad[1]:
+            grad_w = _latent_rows(picked, grads, x.to(weight.dtype), weight.shape[0])
+        if ctx.needs_input_grad[2]:
+            grad_b = torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device)
+            grad_b.index_add_(0, picked.reshape(-1), grads.reshape(-1))
+        return grad_x, grad_w, grad_b, None, None, None
 
 
 class SparseAutoencoder(nn.Module):
@@ -51,10 +112,17 @@ class SparseAutoencoder(nn.Module):
         """b_dec from the data (mean), so the encoder sees centred inputs from step one."""
         self.b_dec.data.copy_(x.float().mean(0).to(self.b_dec.dtype))
 
-    def encode(self, x: torch.Tensor) -> Codes:
-        pre = F.relu(self.encoder(x - self.b_dec))
-        values, indices = pre.topk(self.cfg.k, dim=-1, sorted=False)
-        return Codes(values, indices, pre)
+    def encode(self, x: torch.Tensor, dead: torch.Tensor | None = None) -> Codes:
+        """TopK codes; with a `dead` mask also the AuxK candidates (Gao et al. B.1: the top
+        d/2 dead latents)."""
+        dead_idx, k_aux = None, 0
+        if dead is not None and bool(dead.any()):
+            dead_idx = dead.nonzero().squeeze(1)
+            k_aux = min(self.cfg.d_in // 2, len(dead_idx))
+        values, indices, aux_values, aux_indices = _TopKEncode.apply(
+            x - self.b_dec, self.encoder.weight, self.encoder.bias, self.cfg.k, dead_idx, k_aux
+        )
+        return Codes(values, indices, aux_values, aux_indices)
 
     def decode_sparse(self, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """Σ_j z_j W_dec[j] over the active indices only (without b_dec)."""
@@ -62,13 +130,15 @@ class SparseAutoencoder(nn.Module):
             indices, self.W_dec, per_sample_weights=values.to(self.W_dec.dtype), mode="sum"
         )
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, Codes]:
-        codes = self.encode(x)
+    def forward(
+        self, x: torch.Tensor, dead: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, Codes]:
+        codes = self.encode(x, dead)
         return self.decode_sparse(codes.values, codes.indices) + self.b_dec, codes
 
     def dense_codes(self, x: torch.Tensor) -> torch.Tensor:
         codes = self.encode(x)
-        dense = torch.zeros_like(codes.pre)
+        dense = codes.values.new_zeros(len(x), self.cfg.num_latents)
         return dense.scatter_(-1, codes.indices, codes.values)
 
     def decode_dense(self, z: torch.Tensor) -> torch.Tensor:
@@ -106,6 +176,22 @@ def default_lr(num_latents: int) -> float:
     return 2e-4 / math.sqrt(num_latents / 2**14)
 
 
+@torch.no_grad()
+def decoder_absorption(w_dec: torch.Tensor, top: int = 100, sample: int = 4096, seed: int = 0):
+    """Absorption proxy: mean of the `top` largest cosine similarities between distinct
+    decoder rows (each pair once). Near-duplicate latents split or absorb one feature; on
+    more than `sample` latents a fixed random sample keeps this O(sample²)."""
+    w = w_dec.float()
+    if len(w) > sample:
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        w = w[torch.randperm(len(w), generator=gen)[:sample].to(w.device)]
+    w = w / w.norm(dim=1, keepdim=True).clamp_min(1e-8)
+    n = len(w)
+    upper = torch.ones(n, n, dtype=torch.bool, device=w.device).triu(1)
+    cos = (w @ w.T).masked_fill_(~upper, -torch.inf).flatten()
+    return cos.topk(min(top, n * (n - 1) // 2)).values.mean().item()
+
+
 def fvu(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
     """Fraction of variance unexplained: Σ‖x − x̂‖² / Σ‖x − mean(x)‖²."""
     total = (x - x.mean(0)).pow(2).sum()
@@ -116,25 +202,22 @@ def auxk_loss(
     sae: SparseAutoencoder,
     x: torch.Tensor,
     x_hat: torch.Tensor,
-    pre: torch.Tensor,
-    dead: torch.Tensor,
+    codes: Codes,
+    num_dead: int,
     total_variance: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Dead latents learn to explain what the live ones miss (residual detached).
 
-    Normalised like the main loss, by the input's Σ‖x − mean(x)‖² (as sparsify does), so the
-    two terms share a scale; under DDP pass the all-workers value as `total_variance`.
+    `codes` must come from `encode(x, dead)` so it carries the top dead latents. Normalised
+    like the main loss, by the input's Σ‖x − mean(x)‖² (as sparsify does), so the two terms
+    share a scale; under DDP pass the all-workers value as `total_variance`.
     """
-    num_dead = int(dead.sum())
-    if num_dead == 0:
+    if num_dead == 0 or codes.aux_indices.shape[1] == 0:
         return x.new_zeros(())
     # Gao et al. B.1: k_aux = d/2, and the loss shrinks when fewer latents than that are dead.
-    k_aux = min(x.shape[-1] // 2, num_dead)
     scale = min(num_dead / (x.shape[-1] // 2), 1.0)
     residual = (x - x_hat).detach()
-    masked = torch.where(dead, pre, torch.full_like(pre, -torch.inf))
-    values, indices = masked.topk(k_aux, dim=-1, sorted=False)
-    e_hat = sae.decode_sparse(values, indices)  # b_dec is counted once, in x_hat
+    e_hat = sae.decode_sparse(codes.aux_values, codes.aux_indices)  # b_dec counted once
     if total_variance is None:
         total_variance = (x - x.mean(0)).pow(2).sum().clamp_min(1e-12)
     return scale * (residual - e_hat).pow(2).sum() / total_variance

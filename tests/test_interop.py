@@ -42,7 +42,7 @@ def test_auxk_loss_matches_sparsify_with_few_dead_latents(tmp_path):
     for num_dead in (3, 40):  # fewer than d/2 = 16 (loss scaled down), and more
         dead = torch.zeros(128, dtype=torch.bool)
         dead[torch.randperm(128)[:num_dead]] = True
-        x_hat, codes = ours(x)
-        mine = auxk_loss(ours, x, x_hat, codes.pre, dead)
+        x_hat, codes = ours(x, dead)
+        mine = auxk_loss(ours, x, x_hat, codes, num_dead)
         want = theirs(x, dead_mask=dead).auxk_loss
         torch.testing.assert_close(mine, want.to(mine.dtype), rtol=1e-4, atol=1e-6)

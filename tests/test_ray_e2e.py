@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from sae_ray.activations import ShardWriter, vectors_to_arrow
-from sae_ray.config import Resources, Sae
+from sae_ray.config import Resources
 
 pytestmark = pytest.mark.ray
 
@@ -74,7 +74,7 @@ def test_ray_data_delivers_every_row_once_across_two_workers(ray_cluster, tmp_pa
 
 def test_sae_through_ray_train_learns_a_sparse_dictionary(ray_cluster, tmp_path):
     from sae_ray.evaluate import sae_quality
-    from sae_ray.sae_train import train_sae
+    from sae_ray.sae_train import SaeTrainConfig, train_saes
 
     rng = np.random.default_rng(0)
     d, atoms, k, n = 32, 64, 4, 12000
@@ -85,21 +85,97 @@ def test_sae_through_ray_train_learns_a_sparse_dictionary(ray_cluster, tmp_path)
         codes[row, rng.choice(atoms, k, replace=False)] = rng.uniform(0.5, 2.0, k)
     x = (codes @ dictionary).astype(np.float32)
     _write_tokens(tmp_path / "tokens", x[:10000], shard_rows=4000)
-    result = train_sae(
-        tmp_path / "tokens",
-        Sae(k=k, expansion_factor=4, epochs=8, batch_size=128, lr=5e-3, dead_tokens=5000),
-        Resources(num_workers=2),
-        seed=0,
+    cfg = SaeTrainConfig(
+        hookpoints=["x"],
+        d_in=d,
+        k=k,
+        expansion_factor=4,
+        epochs=8,
+        batch_tokens=256,
+        lr=5e-3,
+        dead_window_tokens=5000,
+        progress=False,
         run_name="sae-known-dictionary",
-        storage_path=tmp_path / "train",
     )
-    held_out = sae_quality(result.sae, x[10000:])
+    result = train_saes(tmp_path / "tokens", cfg, Resources(num_workers=2), tmp_path / "train")
+    sae = result.saes["x"]
+    held_out = sae_quality(sae, x[10000:])
     assert held_out["fvu"] < 0.2, held_out
     assert result.metrics["tokens"] == 8 * 10000  # global count over both workers
-    decoder = result.sae.W_dec.detach()
+    decoder = sae.W_dec.detach()
     assert decoder.norm(dim=1).allclose(torch.ones(len(decoder)), atol=1e-4)
     best_cos = (decoder @ torch.from_numpy(dictionary).float().T).max(0).values
     assert (best_cos > 0.9).float().mean() >= 0.9  # the true atoms are found
+
+
+TRAIN_SAE = [
+    "train-sae",
+    "tiny-gpt2",
+    "synthetic:topics",
+    "--layers",
+    "0",
+    "1",
+    "--max_tokens",
+    "8000",
+    "--batch_size",
+    "8",
+    "--ctx_len",
+    "32",
+    "--k",
+    "8",
+    "--expansion_factor",
+    "4",
+    "--save_every",
+    "5",
+    "--wandb_log_frequency",
+    "1",
+    "--log_to_wandb",
+    "true",
+]
+
+
+def _log(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_train_sae_cli_resume_equals_an_uninterrupted_run(ray_cluster, tmp_path):
+    """`train-sae` on two layers from one extraction; stop after 13 steps, `--resume`, and
+    the result is the uninterrupted run's: same tokens, same parameters, no step twice."""
+    import sparsify
+    from safetensors.torch import load_file
+
+    from sae_ray import cli
+
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    assert cli.main([*TRAIN_SAE, "--save_dir", str(whole)]) == 0
+    assert cli.main([*TRAIN_SAE, "--save_dir", str(split), "--max_steps", "13"]) == 0
+    assert json.loads((split / "tiny-gpt2-0-1" / "state.json").read_text())["step"] == 13
+    assert cli.main([*TRAIN_SAE, "--save_dir", str(split), "--resume"]) == 0
+
+    a, b = whole / "tiny-gpt2-0-1", split / "tiny-gpt2-0-1"
+    steps = [row["step"] for row in _log(b)]
+    assert steps == list(range(1, len(steps) + 1)) == [row["step"] for row in _log(a)]
+    assert _log(a)[-1]["tokens"] == _log(b)[-1]["tokens"] == 8000  # the global budget
+    for hp in ("h.0", "h.1"):
+        ours, theirs = load_file(a / hp / "sae.safetensors"), load_file(b / hp / "sae.safetensors")
+        for name, value in ours.items():
+            torch.testing.assert_close(theirs[name], value, msg=f"{hp} {name}")
+    row = _log(a)[-1]
+    for metric in ("loss", "fvu", "l0", "dead_pct", "absorption"):
+        assert f"{metric}/h.1" in row, metric
+    assert row["l0/h.0"] <= 8 and 0 < row["fvu/h.0"] < 1 and row["tokens_per_s"] > 0
+    loaded = sparsify.SparseCoder.load_many(str(a), local=True)  # sparsify reads our layout
+    assert sorted(loaded) == ["h.0", "h.1"] and loaded["h.0"].cfg.k == 8
+    assert list(whole.glob("wandb/offline-run-*"))  # --log_to_wandb, offline here
+
+
+def test_train_sae_cli_refuses_k_above_latents(ray_cluster, tmp_path, capsys):
+    from sae_ray import cli
+
+    args = [*TRAIN_SAE[:3], "--num_latents", "4", "--k", "8", "--save_dir", str(tmp_path)]
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --k:"), err
 
 
 def test_quickstart_sweep_end_to_end(quickstart_sweep):

@@ -47,12 +47,14 @@ def test_parallel_gradient_removed_and_rows_renormalised():
 def test_auxk_uses_only_dead_latents():
     sae = _sae()
     x = torch.randn(32, 16)
-    x_hat, codes = sae(x)
-    none_dead = auxk_loss(sae, x, x_hat, codes.pre, torch.zeros(64, dtype=torch.bool))
-    assert none_dead.item() == 0
+    none = torch.zeros(64, dtype=torch.bool)
+    x_hat, codes = sae(x, none)
+    assert auxk_loss(sae, x, x_hat, codes, 0).item() == 0
     dead = torch.zeros(64, dtype=torch.bool)
     dead[:10] = True
-    loss = auxk_loss(sae, x, x_hat, codes.pre, dead)
+    x_hat, codes = sae(x, dead)
+    assert set(codes.aux_indices.unique().tolist()) <= set(range(10))
+    loss = auxk_loss(sae, x, x_hat, codes, 10)
     loss.backward()
     assert sae.W_dec.grad[10:].abs().sum() == 0 and sae.W_dec.grad[:10].abs().sum() > 0
 
@@ -70,3 +72,33 @@ def test_save_load_round_trip(tmp_path):
     back = SparseAutoencoder.load(tmp_path / "layer")
     x = torch.randn(5, 16)
     torch.testing.assert_close(back(x)[0], sae(x)[0])
+
+
+def test_sparse_encoder_backward_equals_dense_autograd():
+    """The k-sparse backward gives the gradients of the plain dense formulation, AuxK too."""
+    import torch.nn.functional as F
+
+    sae = _sae(d=16, n=64, k=4)
+    x = torch.randn(48, 16) * 2 + 0.5
+    sae.init_b_dec(x)
+    dead = torch.zeros(64, dtype=torch.bool)
+    dead[::3] = True
+    x_hat, codes = sae(x, dead)
+    loss = fvu(x, x_hat) + 0.5 * auxk_loss(sae, x, x_hat, codes, int(dead.sum()))
+    loss.backward()
+    sparse = {n: p.grad.clone() for n, p in sae.named_parameters()}
+    sae.zero_grad()
+
+    pre = F.relu(F.linear(x - sae.b_dec, sae.encoder.weight, sae.encoder.bias))
+    values, indices = pre.topk(4, dim=-1)
+    x_hat = F.embedding_bag(indices, sae.W_dec, per_sample_weights=values, mode="sum")
+    x_hat = x_hat + sae.b_dec
+    k_aux = min(8, int(dead.sum()))
+    aux_v, aux_i = torch.where(dead, pre, -torch.inf).topk(k_aux, dim=-1)
+    e_hat = F.embedding_bag(aux_i, sae.W_dec, per_sample_weights=aux_v, mode="sum")
+    total = (x - x.mean(0)).pow(2).sum()
+    aux = min(int(dead.sum()) / 8, 1.0) * ((x - x_hat).detach() - e_hat).pow(2).sum() / total
+    (fvu(x, x_hat) + 0.5 * aux).backward()
+    for name, param in sae.named_parameters():
+        assert sparse[name].abs().sum() > 0, name
+        torch.testing.assert_close(sparse[name], param.grad, rtol=1e-4, atol=1e-6, msg=name)
