@@ -30,7 +30,7 @@ from sae_ray.models import (
     save_classifier,
 )
 from sae_ray.sae import SparseAutoencoder
-from sae_ray.sae_train import SaeTrainConfig, train_saes
+from sae_ray.sae_train import SaeTrainConfig, activation_dataset, train_saes
 from sae_ray.sharpen import sharpen
 from sae_ray.store import ArtifactStore
 
@@ -135,9 +135,10 @@ def run_trial(cfg: Config, report: Report) -> None:
             # The Train run is named after the artifact: deterministic, and distinct per SAE,
             # so a sweep restarted after a crash picks the run up from its last checkpoint.
             run_name = f"sae-{store.key('sae', spec)}"
+            tokens_dir = acts_dir / "train" / "tokens"
             result = train_saes(
-                acts_dir / "train" / "tokens",
-                sae_train_config(cfg, hp, read_manifest(acts_dir / "train" / "tokens").d, cycle),
+                *activation_dataset(tokens_dir, [hp]),
+                sae_train_config(cfg, hp, read_manifest(tokens_dir).d, cycle),
                 cfg.resources,
                 storage_path=cfg.sweep_dir / "train_runs",
                 train_run_name=run_name,

@@ -15,6 +15,7 @@ from typing import Literal
 import torch
 from torch import nn
 from transformers import (
+    AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
     BertConfig,
@@ -78,6 +79,28 @@ def word_tokenizer(texts: list[str], kind: str) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", unk_token="<unk>")
 
 
+def _tiny_config(kind: str, tok, num_labels: int, max_length: int):
+    common = dict(vocab_size=len(tok), num_labels=num_labels, pad_token_id=tok.pad_token_id)
+    if kind == "gpt2":
+        return GPT2Config(
+            n_layer=2,
+            n_embd=64,
+            n_head=4,
+            n_positions=max_length + 2,
+            bos_token_id=None,
+            eos_token_id=None,
+            **common,
+        )
+    return BertConfig(
+        num_hidden_layers=2,
+        hidden_size=64,
+        num_attention_heads=4,
+        intermediate_size=128,
+        max_position_embeddings=max_length + 2,
+        **common,
+    )
+
+
 def build_classifier(
     name: str, num_labels: int, train_texts: list[str], seed: int, max_length: int
 ) -> Classifier:
@@ -86,33 +109,25 @@ def build_classifier(
     if name in TINY_PRESETS:
         kind = name.removeprefix("tiny-")
         tok = word_tokenizer(train_texts, kind)
-        common = dict(vocab_size=len(tok), num_labels=num_labels, pad_token_id=tok.pad_token_id)
-        if kind == "gpt2":
-            cfg = GPT2Config(
-                n_layer=2,
-                n_embd=64,
-                n_head=4,
-                n_positions=max_length + 2,
-                bos_token_id=None,
-                eos_token_id=None,
-                **common,
-            )
-        else:
-            cfg = BertConfig(
-                num_hidden_layers=2,
-                hidden_size=64,
-                num_attention_heads=4,
-                intermediate_size=128,
-                max_position_embeddings=max_length + 2,
-                **common,
-            )
-        model = AutoModelForSequenceClassification.from_config(cfg)
+        model = AutoModelForSequenceClassification.from_config(
+            _tiny_config(kind, tok, num_labels, max_length)
+        )
         return Classifier(model, tok)
     tok = AutoTokenizer.from_pretrained(name)
     if tok.pad_token is None:  # GPT-2 style tokenizers ship without one
         tok.pad_token = tok.eos_token
     model = AutoModelForSequenceClassification.from_pretrained(name, num_labels=num_labels)
     model.config.pad_token_id = tok.pad_token_id
+    return Classifier(model, tok)
+
+
+def build_tiny_lm(name: str, train_texts: list[str], seed: int, max_length: int) -> Classifier:
+    """The tiny GPT-2 preset with its language-model head (for end-to-end SAE losses)."""
+    if name != "tiny-gpt2":
+        raise ValueError(f"--loss_fn: {name} has no language-model head; use tiny-gpt2")
+    torch.manual_seed(seed)
+    tok = word_tokenizer(train_texts, "gpt2")
+    model = AutoModelForCausalLM.from_config(_tiny_config("gpt2", tok, 2, max_length))
     return Classifier(model, tok)
 
 

@@ -56,7 +56,9 @@ class SaeTrainConfig(BaseModel):
     lr: float | None = Field(None, gt=0, description="default scales with 1/sqrt(latents)")
     weight_decay: float = Field(0.0, ge=0)
     auxk_alpha: float = Field(1 / 32, ge=0)
-    loss_fn: Literal["fvu", "mse"] = "fvu"
+    loss_fn: Literal["fvu", "mse", "ce", "kl"] = Field(
+        "fvu", description="ce / kl: end to end, the SAE spliced into the model's forward"
+    )
     dead_window_tokens: int = Field(10_000_000, ge=1)
     dead_percentage_threshold: float = Field(0.0, ge=0, le=1)
     save_every: int = Field(1000, ge=1, description="optimizer steps between checkpoints")
@@ -234,6 +236,42 @@ def train_step(
     return stats
 
 
+class ActivationFeed:
+    """Stored activations -> each hookpoint's SAE on its own column (the local losses)."""
+
+    def __init__(self, cfg: SaeTrainConfig, world: int, device: torch.device):
+        self.cfg, self.world, self.device = cfg, world, device
+
+    def batches(self, shard, epoch: int):
+        cfg = self.cfg
+        return shard.iter_torch_batches(
+            batch_size=max(1, cfg.batch_tokens // self.world),
+            dtypes=torch.float32,
+            device=self.device,
+            local_shuffle_buffer_size=cfg.shuffle_buffer_tokens or None,
+            local_shuffle_seed=cfg.shuffle_seed + epoch if cfg.shuffle_buffer_tokens else None,
+        )
+
+    def init_b_dec(self, saes: dict[str, SparseAutoencoder], batch) -> None:
+        for hp, sae in saes.items():
+            sae.init_b_dec(batch[hp])
+
+    def losses(self, models, saes, batch, trackers) -> tuple[torch.Tensor, dict[str, dict]]:
+        total, stats = 0.0, {}
+        for hp, sae in saes.items():  # disjoint parameters: one backward of the sum suffices
+            loss, stats[hp] = sae_loss(
+                models[hp],
+                sae,
+                batch[hp],
+                trackers[hp],
+                self.cfg.auxk_alpha,
+                self.world,
+                self.cfg.loss_fn,
+            )
+            total = total + loss
+        return total, stats
+
+
 # ---------------------------------------------------------------- checkpoints
 
 
@@ -390,39 +428,38 @@ def train_loop(config: dict[str, Any]) -> None:
             settings=wandb.Settings(quiet=True),
         )
 
+    if cfg.loss_fn in ("ce", "kl"):
+        from sae_ray.e2e import ModelFeed
+
+        feed = ModelFeed(cfg, config["e2e"], world, device)
+    else:
+        feed = ActivationFeed(cfg, world, device)
     models: dict[str, torch.nn.Module] = {}
     stats: dict[str, dict[str, float]] = {}
     started, started_tokens = time.perf_counter(), progress.tokens
     micro = 0
     done = progress.tokens >= budget or (cfg.max_steps and progress.step >= cfg.max_steps)
-    per_worker = max(1, cfg.batch_tokens // world)
     while not done:
         epoch, skip = progress.epoch, progress.batches_in_epoch
-        batches = shard.iter_torch_batches(
-            batch_size=per_worker,
-            dtypes=torch.float32,
-            device=device,
-            local_shuffle_buffer_size=cfg.shuffle_buffer_tokens or None,
-            local_shuffle_seed=cfg.shuffle_seed + epoch if cfg.shuffle_buffer_tokens else None,
-        )
-        for i, batch in enumerate(batches):
+        seen_any = False
+        for i, batch in enumerate(feed.batches(shard, epoch)):
+            seen_any = True
             if i < skip:  # consumed before the checkpoint this run resumed from
                 continue
             if not models:
-                for hp, sae in saes.items():
-                    if checkpoint is None:  # b_dec from rank 0's first batch; DDP broadcasts it
-                        sae.init_b_dec(batch[hp])
-                    models[hp] = ray.train.torch.prepare_model(sae)
+                if checkpoint is None:  # b_dec from rank 0's first batch; DDP broadcasts it
+                    feed.init_b_dec(saes, batch)
+                models = {hp: ray.train.torch.prepare_model(sae) for hp, sae in saes.items()}
             last_micro = (micro + 1) % cfg.grad_acc_steps == 0
-            for hp, sae in saes.items():
-                sync = contextlib.nullcontext()
+            with contextlib.ExitStack() as stack:
                 if world > 1 and not last_micro:
-                    sync = models[hp].no_sync()
-                with sync, torch.autocast(device.type, torch.bfloat16, enabled=use_autocast):
-                    loss, stats[hp] = sae_loss(
-                        models[hp], sae, batch[hp], trackers[hp], cfg.auxk_alpha, world, cfg.loss_fn
-                    )
-                    (loss / cfg.grad_acc_steps).backward()
+                    for model in models.values():
+                        stack.enter_context(model.no_sync())
+                stack.enter_context(
+                    torch.autocast(device.type, torch.bfloat16, enabled=use_autocast)
+                )
+                loss, stats = feed.losses(models, saes, batch, trackers)
+                (loss / cfg.grad_acc_steps).backward()
             n_global = stats[cfg.hookpoints[0]]["tokens"]
             progress.tokens += n_global
             progress.extra["run_tokens"] = progress.tokens - started_tokens
@@ -456,6 +493,8 @@ def train_loop(config: dict[str, Any]) -> None:
             if done:
                 break
         else:
+            if not seen_any:  # cycling an empty shard for a token budget would never end
+                raise RuntimeError(f"worker {rank} received no activation rows")
             progress.epoch += 1
             progress.batches_in_epoch = 0
             if cfg.max_tokens is None and progress.epoch >= cfg.epochs:
@@ -502,8 +541,30 @@ def _truncate_log(path: Path, step: int) -> None:
         path.write_text("".join(r + "\n" for r in rows))
 
 
+def _quiet_ordered_data() -> None:
+    context = ray.data.DataContext.get_current()
+    # Per-operator progress bars from every worker drown the sweep's own output.
+    context.enable_progress_bars = False
+    context.execution_options.preserve_order = True  # same blocks in the same order each run
+
+
+def activation_dataset(tokens_dir: Path, hookpoints: list[str]) -> tuple[ray.data.Dataset, int]:
+    """The token shards under `tokens_dir` as a Ray Dataset of the hookpoints' columns, and
+    the number of token rows (checksums verified first)."""
+    manifest = read_manifest(tokens_dir, verify=True)
+    for hp in hookpoints:
+        column_of(manifest, tokens_dir, hp)
+    _quiet_ordered_data()
+    dataset = ray.data.read_parquet(manifest.paths(tokens_dir), columns=hookpoints)
+    if manifest.rows * manifest.d * 4 * len(hookpoints) <= MATERIALIZE_BYTES:
+        # Each lazy pass re-plans and re-reads (seconds even on MBs): read small sets once.
+        dataset = dataset.materialize()
+    return dataset, manifest.rows
+
+
 def train_saes(
-    tokens_dir: Path,
+    dataset: ray.data.Dataset,
+    tokens_per_epoch: int,
     cfg: SaeTrainConfig,
     resources: Resources,
     storage_path: Path,
@@ -511,37 +572,30 @@ def train_saes(
     resume: bool = False,
     train_run_name: str | None = None,
     wandb_dir: Path | None = None,
+    e2e: dict[str, Any] | None = None,
 ) -> SaeTrainResult:
-    """Fit one SAE per hookpoint on the token shards under `tokens_dir`.
+    """Fit one SAE per hookpoint: on stored activations (`activation_dataset`), or end to
+    end on token rows with `e2e` = {model, kind, layers, ctx_len} (see `e2e.py`).
 
     `save_dir` (the run's directory, `<save_dir>/<run_name>`) receives every checkpoint in
     sparsify's layout; with `resume` the run continues from the one there.
     """
-    manifest = read_manifest(tokens_dir, verify=True)
-    for hp in cfg.hookpoints:
-        column_of(manifest, tokens_dir, hp)
+    _quiet_ordered_data()
     resume_from = None
     if save_dir is not None:
         if resume and (save_dir / STATE).is_file():
             state = Progress(**json.loads((save_dir / STATE).read_text()))
-            if state.tokens >= (cfg.max_tokens or cfg.epochs * manifest.rows):
+            if state.tokens >= (cfg.max_tokens or cfg.epochs * tokens_per_epoch):
                 saes = {hp: SparseAutoencoder.load(save_dir / hp) for hp in cfg.hookpoints}
                 return SaeTrainResult(saes, {"step": state.step, "tokens": state.tokens}, save_dir)
             resume_from = Checkpoint.from_directory(str(save_dir))
             _truncate_log(save_dir / "metrics.jsonl", state.step)
         elif not resume and save_dir.exists():
             shutil.rmtree(save_dir)  # a fresh run does not inherit an old run's log
-    context = ray.data.DataContext.get_current()
-    # Per-operator progress bars from every worker drown the sweep's own output.
-    context.enable_progress_bars = False
-    context.execution_options.preserve_order = True  # same blocks in the same order each run
-    dataset = ray.data.read_parquet(manifest.paths(tokens_dir), columns=cfg.hookpoints)
-    if manifest.rows * manifest.d * 4 * len(cfg.hookpoints) <= MATERIALIZE_BYTES:
-        # Each lazy pass re-plans and re-reads (seconds even on MBs): read small sets once.
-        dataset = dataset.materialize()
     loop_config = {
         "cfg": cfg.model_dump(),
-        "rows": manifest.rows,
+        "rows": tokens_per_epoch,
+        "e2e": e2e,
         "save_dir": str(save_dir) if save_dir else None,
         "resume_from": resume_from,
         "wandb_dir": str(wandb_dir) if wandb_dir else None,

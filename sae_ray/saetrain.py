@@ -38,7 +38,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--num_latents", type=int, help="latents (overrides --expansion_factor)")
     g.add_argument("--grad_acc_steps", type=int, default=1)
     g.add_argument("--ctx_len", type=int, default=512, help="tokens per sequence")
-    g.add_argument("--loss_fn", choices=["fvu", "mse"], default="fvu")
+    g.add_argument(
+        "--loss_fn",
+        choices=["fvu", "mse", "ce", "kl"],
+        default="fvu",
+        help="fvu / mse: reconstruction; ce / kl: end to end, the SAE spliced into the model",
+    )
     g = p.add_argument_group("optimisation")
     g.add_argument("--optimizer", choices=["adam", "adamw", "sgd"], default="adam")
     g.add_argument("--lr", type=float, help="default: 2e-4 / sqrt(latents / 2^14)")
@@ -74,13 +79,28 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cpus_per_worker", type=float, default=1.0)
 
 
+def _head_kind(model: str) -> str:
+    from sae_ray.e2e import head_kind
+
+    if model == "tiny-gpt2":
+        return "lm"
+    if model == "tiny-bert":
+        return "classifier"
+    try:
+        return head_kind(model)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
 def run(args: argparse.Namespace) -> dict:
-    """Extract (cached) and train; returns the final metrics per hookpoint."""
+    """Extract (cached) or tokenise, then train; returns the final metrics."""
+    import ray
+
     from sae_ray.activations import extract, read_manifest
     from sae_ray.config import Dataset
     from sae_ray.data import load_text_data
-    from sae_ray.models import build_classifier, hookpoint, resolve_layer
-    from sae_ray.sae_train import SaeTrainConfig, train_saes
+    from sae_ray.models import build_classifier, build_tiny_lm, hookpoint, resolve_layer
+    from sae_ray.sae_train import SaeTrainConfig, activation_dataset, train_saes
     from sae_ray.store import ArtifactStore
 
     # HF tokenizers parallelise batch encoding over this many threads.
@@ -93,13 +113,23 @@ def run(args: argparse.Namespace) -> dict:
         save_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise ConfigError(f"--save_dir: {save_dir} is not writable ({err.strerror})") from None
+    end_to_end = args.loss_fn in ("ce", "kl")
+    kind = _head_kind(args.model) if end_to_end else None
+    need_labels = kind == "classifier" and args.loss_fn == "ce"
     data = load_text_data(
-        Dataset(name=args.dataset, text_column=args.text_column), args.shuffle_seed, False
+        Dataset(name=args.dataset, text_column=args.text_column), args.shuffle_seed, need_labels
     )
     split = data.splits["train"]
-    clf = build_classifier(
-        args.model, max(2, data.num_classes), split.texts, args.init_seeds, args.ctx_len
-    )
+    num_labels = max(2, data.num_classes)
+    if kind == "lm" and args.model == "tiny-gpt2":
+        clf = build_tiny_lm(args.model, split.texts, args.init_seeds, args.ctx_len)
+    elif end_to_end and args.model not in ("tiny-bert",):
+        from sae_ray.e2e import load_model
+        from sae_ray.models import Classifier
+
+        clf = Classifier(load_model(args.model, kind), _tokenizer(args.model))
+    else:
+        clf = build_classifier(args.model, num_labels, split.texts, args.init_seeds, args.ctx_len)
     n_layers = clf.model.config.num_hidden_layers
     layers = args.layers if args.layers else list(range(0, n_layers, args.layer_stride))
     try:
@@ -121,21 +151,44 @@ def run(args: argparse.Namespace) -> dict:
         "seed": args.shuffle_seed,
         "init": args.init_seeds,
     }
+    e2e = None
+    if end_to_end:
+        from sae_ray.e2e import save_for_workers, token_table
 
-    def make(out: Path) -> None:
-        extract(
-            clf,
-            split,
-            layers,
-            out,
-            args.ctx_len,
-            dtype=args.activation_dtype,
-            max_tokens=args.max_tokens,
-        )
+        model_path = args.model
+        if args.model.startswith("tiny-"):  # random weights: workers load this very copy
+            model_dir, _ = store.get_or_compute(
+                "model",
+                {**spec, "kind": kind},
+                lambda out: save_for_workers(clf.model, clf.tokenizer, out),
+            )
+            model_path = str(model_dir)
+        table, tokens_per_epoch = token_table(clf.tokenizer, split, args.ctx_len)
+        dataset = ray.data.from_arrow(table).materialize()
+        e2e = {
+            "model": model_path,
+            "kind": kind,
+            "layers": dict(zip(hookpoints, layers, strict=True)),
+            "ctx_len": args.ctx_len,
+        }
+        d_in = clf.model.config.hidden_size
+    else:
 
-    acts_dir, _ = store.get_or_compute("activations", spec, make)
-    tokens_dir = acts_dir / "tokens"
-    d_in = read_manifest(tokens_dir).d
+        def make(out: Path) -> None:
+            extract(
+                clf,
+                split,
+                layers,
+                out,
+                args.ctx_len,
+                dtype=args.activation_dtype,
+                max_tokens=args.max_tokens,
+            )
+
+        acts_dir, _ = store.get_or_compute("activations", spec, make)
+        tokens_dir = acts_dir / "tokens"
+        d_in = read_manifest(tokens_dir).d
+        dataset, tokens_per_epoch = activation_dataset(tokens_dir, hookpoints)
     try:
         cfg = SaeTrainConfig(
             hookpoints=hookpoints,
@@ -173,13 +226,15 @@ def run(args: argparse.Namespace) -> dict:
         num_workers=args.num_workers, use_gpu=args.use_gpu, cpus_per_worker=args.cpus_per_worker
     )
     result = train_saes(
-        tokens_dir,
+        dataset,
+        tokens_per_epoch,
         cfg,
         resources,
         storage_path=save_dir / ".ray_train",
         save_dir=save_dir / run_name,
         resume=args.resume,
         wandb_dir=save_dir,
+        e2e=e2e,
     )
     print(f"\nSAEs: {save_dir / run_name}  ({result.metrics.get('tokens', 0):,} tokens)")
     for hp in hookpoints:
@@ -188,3 +243,12 @@ def run(args: argparse.Namespace) -> dict:
         )
         print(f"  {hp}: fvu {fvu:.4f}  l0 {l0:.1f}  dead {dead:.1f}%")
     return result.metrics
+
+
+def _tokenizer(name: str):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(name)
+    if tok.pad_token is None:  # GPT-2 style tokenizers ship without one
+        tok.pad_token = tok.eos_token
+    return tok

@@ -74,7 +74,7 @@ def test_ray_data_delivers_every_row_once_across_two_workers(ray_cluster, tmp_pa
 
 def test_sae_through_ray_train_learns_a_sparse_dictionary(ray_cluster, tmp_path):
     from sae_ray.evaluate import sae_quality
-    from sae_ray.sae_train import SaeTrainConfig, train_saes
+    from sae_ray.sae_train import SaeTrainConfig, activation_dataset, train_saes
 
     rng = np.random.default_rng(0)
     d, atoms, k, n = 32, 64, 4, 12000
@@ -97,7 +97,8 @@ def test_sae_through_ray_train_learns_a_sparse_dictionary(ray_cluster, tmp_path)
         progress=False,
         run_name="sae-known-dictionary",
     )
-    result = train_saes(tmp_path / "tokens", cfg, Resources(num_workers=2), tmp_path / "train")
+    data = activation_dataset(tmp_path / "tokens", ["x"])
+    result = train_saes(*data, cfg, Resources(num_workers=2), tmp_path / "train")
     sae = result.saes["x"]
     held_out = sae_quality(sae, x[10000:])
     assert held_out["fvu"] < 0.2, held_out
@@ -167,6 +168,21 @@ def test_train_sae_cli_resume_equals_an_uninterrupted_run(ray_cluster, tmp_path)
     loaded = sparsify.SparseCoder.load_many(str(a), local=True)  # sparsify reads our layout
     assert sorted(loaded) == ["h.0", "h.1"] and loaded["h.0"].cfg.k == 8
     assert list(whole.glob("wandb/offline-run-*"))  # --log_to_wandb, offline here
+
+
+def test_train_sae_cli_end_to_end_kl(ray_cluster, tmp_path):
+    """--loss_fn kl: token rows through Ray Data, the SAE spliced into the LM on the worker."""
+    import sparsify
+
+    from sae_ray import cli
+
+    args = [*TRAIN_SAE[:3], "--layers", "1", "--loss_fn", "kl", "--max_tokens", "6000"]
+    args += ["--batch_size", "16", "--ctx_len", "32", "--k", "8", "--expansion_factor", "4"]
+    assert cli.main([*args, "--wandb_log_frequency", "2", "--save_dir", str(tmp_path)]) == 0
+    rows = _log(tmp_path / "tiny-gpt2-1")
+    assert rows[-1]["tokens"] >= 6000
+    assert rows[-1]["loss/h.1"] < rows[0]["loss/h.1"]  # KL(clean || spliced) goes down
+    assert sparsify.SparseCoder.load_from_disk(tmp_path / "tiny-gpt2-1" / "h.1").cfg.k == 8
 
 
 def test_train_sae_cli_refuses_k_above_latents(ray_cluster, tmp_path, capsys):

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from sae_ray.sae import SaeConfig, SparseAutoencoder, auxk_loss, fvu
@@ -102,3 +103,18 @@ def test_sparse_encoder_backward_equals_dense_autograd():
     for name, param in sae.named_parameters():
         assert sparse[name].abs().sum() > 0, name
         torch.testing.assert_close(sparse[name], param.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_encoder_under_bf16_autocast_keeps_fp32_gradients():
+    """The trainer autocasts the encoder to bf16 on GPUs; CPU autocast runs the same path."""
+    sae = _sae(d=16, n=64, k=4)
+    x = torch.randn(32, 16)
+    with torch.autocast("cpu", torch.bfloat16):
+        x_hat, codes = sae(x)
+        loss = fvu(x, x_hat)
+    assert codes.values.dtype == torch.bfloat16
+    loss.backward()
+    assert sae.encoder.weight.grad.dtype == torch.float32
+    assert sae.encoder.weight.grad.abs().sum() > 0
+    ref, _ = sae(x)
+    assert fvu(x, x_hat.float()).item() == pytest.approx(fvu(x, ref).item(), rel=0.05)
