@@ -20,7 +20,7 @@ import torch
 from sae_ray.activations import extract, load_sequences, load_tokens, read_manifest
 from sae_ray.config import Config
 from sae_ray.data import TextData, load_text_data
-from sae_ray.evaluate import accuracy, interp_u, sae_quality
+from sae_ray.evaluate import accuracy, f1_macro, interp_metrics, sae_quality
 from sae_ray.finetune import TargetTable, finetune, predict
 from sae_ray.models import (
     build_classifier,
@@ -29,7 +29,7 @@ from sae_ray.models import (
     resolve_layer,
     save_classifier,
 )
-from sae_ray.sae import SparseAutoencoder
+from sae_ray.sae import SparseAutoencoder, decoder_absorption
 from sae_ray.sae_train import SaeTrainConfig, activation_dataset, train_saes
 from sae_ray.sharpen import sharpen
 from sae_ray.store import ArtifactStore
@@ -215,17 +215,31 @@ def _retrain(
 def _evaluate(
     cfg: Config, data: TextData, clf, sae: SparseAutoencoder, acts_dir: Path, hp: str
 ) -> dict[str, Any]:
-    """Selection metrics on validation; the held-out test split is reported, never selected on."""
+    """Selection metrics on validation; the held-out test split is reported, never selected on.
+
+    `interp/...` read the SAE codes at the pooled position, `base/...` the same dense
+    activations without the SAE (what the SAE adds, or loses, is the difference)."""
     out: dict[str, Any] = {}
     for split, prefix in (("validation", "val"), ("test", "test")):
         preds = predict(clf, data.splits[split], cfg.model.max_length)
-        out[f"{prefix}/accuracy"] = accuracy(preds, data.splits[split].labels)
+        labels = data.splits[split].labels
+        out[f"{prefix}/accuracy"] = accuracy(preds, labels)
+        out[f"{prefix}/f1_macro"] = f1_macro(preds, labels, data.num_classes)
     quality = sae_quality(sae, load_tokens(acts_dir / "validation" / "tokens", hp))
     out.update({f"sae/{k}": v for k, v in quality.items()})
-    for split, prefix in (("validation", "interp"), ("test", "test/interp")):
+    out["sae/absorption"] = decoder_absorption(sae.W_dec.detach())
+
+    def codes_of(x: np.ndarray) -> np.ndarray:
+        return sae.dense_codes(torch.from_numpy(x)).detach().numpy()
+
+    _, y_train, x_train = load_sequences(acts_dir / "train" / "sequences", hp)
+    train = {"interp": (codes_of(x_train), y_train), "base": (x_train, y_train)}
+    seed = cfg.experiment.seed
+    for split, head in (("validation", ""), ("test", "test/")):
         _, labels, x = load_sequences(acts_dir / split / "sequences", hp)
-        codes = sae.dense_codes(torch.from_numpy(x)).detach().numpy()
-        u = interp_u(codes, labels, data.num_classes)
-        out[f"{prefix}/u"] = u["u"]
-        out[f"{prefix}/alive_frac"] = u["alive_frac"]
+        for kind, rep in (("interp", codes_of(x)), ("base", x)):
+            metrics = interp_metrics(
+                train[kind], (rep, labels), data.num_classes, seed=seed, dense=kind == "base"
+            )
+            out.update({f"{head}{kind}/{k}": v for k, v in metrics.items()})
     return {k: float(v) if isinstance(v, (float, np.floating)) else v for k, v in out.items()}

@@ -47,6 +47,107 @@ def accuracy(preds: np.ndarray, labels: np.ndarray) -> float:
     return float((preds == labels).mean())
 
 
+def f1_macro(preds: np.ndarray, labels: np.ndarray, num_classes: int) -> float:
+    from sklearn.metrics import f1_score
+
+    return float(
+        f1_score(labels, preds, average="macro", labels=np.arange(num_classes), zero_division=0)
+    )
+
+
+def class_selectivity(acts: np.ndarray, labels: np.ndarray, num_classes: int) -> float:
+    """Mean class selectivity index (Morcos et al. 2018) over alive units:
+    (μ_max − μ_rest) / (μ_max + μ_rest), with μ_max the mean of the unit's most active class
+    and μ_rest its mean over the other classes. Defined for non-negative activations: dense
+    activations are shifted by their minimum first (the index then compares mean heights
+    above each unit's floor)."""
+    acts = acts.astype(np.float64)
+    acts = acts - np.minimum(acts.min(0), 0.0)
+    present = [c for c in range(num_classes) if (labels == c).any()]
+    if len(present) < 2:
+        return 0.0
+    means = np.stack([acts[labels == c].mean(0) for c in present])  # (C, m)
+    alive = means.max(0) > 0
+    if not alive.any():
+        return 0.0
+    means = means[:, alive]
+    top = means.max(0)
+    rest = (means.sum(0) - top) / (len(present) - 1)
+    return float(((top - rest) / np.maximum(top + rest, 1e-12)).mean())
+
+
+def cluster_metrics(
+    x: np.ndarray, labels: np.ndarray, num_classes: int, seed: int = 0, sample: int = 2000
+) -> dict[str, float]:
+    """How the codes group the examples: ARI of k-means (k = classes) against the labels,
+    and silhouette / Davies-Bouldin / Calinski-Harabasz of the true labels' grouping.
+    Silhouette is O(n²): it runs on a fixed random sample of `sample` rows."""
+    from sklearn.cluster import KMeans
+    from sklearn.metrics import (
+        adjusted_rand_score,
+        calinski_harabasz_score,
+        davies_bouldin_score,
+        silhouette_score,
+    )
+
+    nan = float("nan")
+    if len(np.unique(labels)) < 2 or len(np.unique(x, axis=0)) < num_classes:
+        return {"ari": nan, "silhouette": nan, "davies_bouldin": nan, "calinski_harabasz": nan}
+    clusters = KMeans(num_classes, n_init=4, random_state=seed).fit_predict(x)
+    return {
+        "ari": float(adjusted_rand_score(labels, clusters)),
+        "silhouette": float(
+            silhouette_score(x, labels, sample_size=min(sample, len(x)), random_state=seed)
+        ),
+        "davies_bouldin": float(davies_bouldin_score(x, labels)),
+        "calinski_harabasz": float(calinski_harabasz_score(x, labels)),
+    }
+
+
+def probe_accuracy(
+    x_train: np.ndarray, y_train: np.ndarray, x_eval: np.ndarray, y_eval: np.ndarray, seed=0
+) -> float:
+    """Logistic-regression probe fitted on train, scored on the evaluation split."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    scaler = StandardScaler().fit(x_train)
+    probe = LogisticRegression(max_iter=2000, random_state=seed)
+    probe.fit(scaler.transform(x_train), y_train)
+    return float(probe.score(scaler.transform(x_eval), y_eval))
+
+
+def interp_metrics(
+    train: tuple[np.ndarray, np.ndarray],
+    evaluate: tuple[np.ndarray, np.ndarray],
+    num_classes: int,
+    sparse_ks: tuple[int, ...] = (1, 5, 25),
+    seed: int = 0,
+    dense: bool = False,
+) -> dict[str, float]:
+    """Every interpretability metric of one representation on one evaluation split.
+
+    Probes and the sparse probes' latent choice are fitted on train only. Sparse probes keep
+    the k latents with the highest U on train (Gurnee et al.'s k-sparse probing, with U as
+    the ranking). For dense activations (`dense`), "fires" means "is positive" for U."""
+    (x_tr, y_tr), (x_ev, y_ev) = train, evaluate
+    u = interp_u(x_ev, y_ev, num_classes)
+    out = {"u": u["u"], "alive_frac": u["alive_frac"]}
+    out["csi"] = class_selectivity(x_ev, y_ev, num_classes)
+    out.update(cluster_metrics(x_ev, y_ev, num_classes, seed))
+    if len(np.unique(y_tr)) < 2:
+        return out
+    out["probe_accuracy"] = probe_accuracy(x_tr, y_tr, x_ev, y_ev, seed)
+    if not dense:
+        ranking = np.argsort(-uncertainty_coefficients(x_tr > 0, y_tr, num_classes), kind="stable")
+        for k in sparse_ks:
+            keep = ranking[: min(k, x_tr.shape[1])]
+            out[f"sparse_probe_accuracy@{k}"] = probe_accuracy(
+                x_tr[:, keep], y_tr, x_ev[:, keep], y_ev, seed
+            )
+    return out
+
+
 @torch.no_grad()
 def sae_quality(
     sae: SparseAutoencoder, tokens: np.ndarray, batch_size: int = 4096
