@@ -73,7 +73,9 @@ class Sae(Section):
 
 
 class Sharpening(Section):
-    strategy: Literal["per_class", "per_example", "random", "none"] = "per_class"
+    strategy: Literal["per_class", "per_class_complement", "per_example", "random", "none"] = (
+        "per_class"
+    )
     top_k_pct: float = Field(10.0, gt=0, le=100)
 
 

@@ -190,7 +190,7 @@ def _retrain(
         "train": cfg.cycles.model_dump(exclude={"count"}),
         "layer": cfg.model.layer,
     }
-    if strategy in ("per_class", "per_example"):
+    if strategy in ("per_class", "per_class_complement", "per_example"):
         spec.update(sae=sae_key, top_k_pct=cfg.sharpening.top_k_pct)
     if strategy == "none":
         spec["train"]["aux_weight"] = 0.0

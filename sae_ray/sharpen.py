@@ -1,6 +1,8 @@
 """SAE codes of the training examples -> one dense target per example id.
 
-per_class keeps, in each example's code, only the top p% latents of its class's mean code;
+per_class keeps, in each example's code, only the top p% latents of its class's mean code
+(per_class_complement drops exactly those and keeps the rest, the variant the original
+paper tried);
 per_example keeps the example's own top p%; random is a seeded unit vector that never looks
 at the SAE (the control for "any target at all"); none means λ = 0 (equal-compute control).
 """
@@ -70,6 +72,8 @@ def sharpen(
     keep = num_kept(sae.cfg.num_latents, top_k_pct)
     if strategy == "per_class":
         mask = class_masks(codes, labels, num_classes, keep)[labels]
+    elif strategy == "per_class_complement":  # the paper's variant: drop the class's top
+        mask = ~class_masks(codes, labels, num_classes, keep)[labels]
     elif strategy == "per_example":
         if keep >= sae.cfg.k:
             log.warning(

@@ -44,3 +44,33 @@ def test_none_has_no_targets():
     assert (
         sharpen("none", _sae(), np.arange(3), np.zeros(3, int), np.zeros((3, 16)), 2, 10, 0) is None
     )
+
+
+def test_per_class_complement_drops_exactly_the_class_top_latents():
+    sae = _sae()
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((40, 16)).astype(np.float32)
+    labels = np.repeat([0, 1], 20)
+    ids = np.arange(40)
+    table = sharpen("per_class_complement", sae, ids, labels, x, 2, top_k_pct=10, seed=0)
+    codes = sae.dense_codes(torch.from_numpy(x)).detach().numpy()
+    dropped = class_masks(codes, labels, 2, num_kept(40, 10))[labels]
+    want = sae.decode_dense(torch.from_numpy(codes * ~dropped)).detach()
+    torch.testing.assert_close(table.lookup(ids), want)
+    kept = sharpen("per_class", sae, ids, labels, x, 2, top_k_pct=10, seed=0).lookup(ids)
+    full = sae.decode_dense(torch.from_numpy(codes)).detach()
+    torch.testing.assert_close(kept + table.lookup(ids), full + sae.b_dec.detach())  # a split
+
+
+def test_per_example_warns_when_it_keeps_k_or_more_latents(caplog):
+    sae = _sae()  # 40 latents, k = 8
+    x = np.random.default_rng(2).standard_normal((10, 16)).astype(np.float32)
+    args = (np.arange(10), np.zeros(10, int), x, 2)
+    with caplog.at_level("WARNING", logger="sae_ray.sharpen"):
+        sharpen("per_example", sae, *args, top_k_pct=10, seed=0)  # keeps 4 < 8: sharpens
+        assert not caplog.records
+        table = sharpen("per_example", sae, *args, top_k_pct=20, seed=0)  # keeps 8 = k
+    assert "changes nothing" in caplog.records[0].getMessage()
+    torch.testing.assert_close(  # and indeed: the target is the SAE's own reconstruction
+        table.lookup(np.arange(10)), sae(torch.from_numpy(x))[0].detach()
+    )
