@@ -20,31 +20,42 @@ import time
 import torch
 
 
-def _ours(d_in: int, num_latents: int, k: int, device: str):
+def _dead_mask(num_latents: int, dead_frac: float, device: str) -> torch.Tensor:
+    dead = torch.zeros(num_latents, dtype=torch.bool, device=device)
+    dead[: int(dead_frac * num_latents)] = True
+    return dead
+
+
+def _ours(d_in: int, num_latents: int, k: int, device: str, dead_frac: float):
     from sae_ray.sae import SaeConfig, SparseAutoencoder
     from sae_ray.sae_train import DeadTracker, make_optimizer, train_step
 
     sae = SparseAutoencoder(SaeConfig(d_in, num_latents, k)).to(device)
     opt = make_optimizer("adam", sae.parameters(), lr=1e-4)
-    tracker = DeadTracker(torch.zeros(num_latents, dtype=torch.long, device=device), 10**9)
+    tracker = DeadTracker(torch.zeros(num_latents, dtype=torch.long, device=device), 10**12)
+    # the same latents dead on both sides: a finished window in which they never fired
+    alive = ~_dead_mask(num_latents, dead_frac, device)
+    tracker.prev_fires, tracker.prev_tokens = alive.long() * 10**6, 10**12
     use_bf16 = device == "cuda" and torch.cuda.is_bf16_supported()
 
     def step(x):
+        tracker.fires.zero_()  # keep the dead set fixed, as sparsify's side's mask is
         with torch.autocast(device, torch.bfloat16, enabled=use_bf16):  # as the trainer does
             return train_step(sae, sae, opt, x, tracker, 1 / 32)
 
     return step
 
 
-def _theirs(d_in: int, num_latents: int, k: int, device: str):
+def _theirs(d_in: int, num_latents: int, k: int, device: str, dead_frac: float):
     from sparsify import SparseCoder, SparseCoderConfig
 
     sae = SparseCoder(d_in, SparseCoderConfig(num_latents=num_latents, k=k), device=device)
     opt = torch.optim.Adam(sae.parameters(), lr=1e-4)  # sparsify's trainer: torch's Adam
+    dead = _dead_mask(num_latents, dead_frac, device)
 
     def step(x):  # the order of sparsify's Trainer.fit (its forward autocasts on CUDA)
         sae.set_decoder_norm_to_unit_norm()
-        out = sae(x, dead_mask=torch.zeros(num_latents, dtype=torch.bool, device=device))
+        out = sae(x, dead_mask=dead)
         (out.fvu + out.auxk_loss / 32).backward()
         sae.remove_gradient_parallel_to_decoder_directions()
         opt.step()
@@ -70,14 +81,15 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=32)
     parser.add_argument("--batch", type=int, default=4096)
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--dead_frac", type=float, default=0.0, help="latents dead (AuxK on)")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     num_latents = args.d_in * args.expansion_factor
     torch.manual_seed(0)
     x = torch.randn(args.batch, args.d_in, device=device)
     sides = {
-        "ours": _ours(args.d_in, num_latents, args.k, device),
-        "sparsify": _theirs(args.d_in, num_latents, args.k, device),
+        "ours": _ours(args.d_in, num_latents, args.k, device, args.dead_frac),
+        "sparsify": _theirs(args.d_in, num_latents, args.k, device, args.dead_frac),
     }
     for step in sides.values():  # warm-up: allocations, kernels
         step(x)
@@ -101,6 +113,7 @@ def main() -> None:
                     "k": args.k,
                     "batch": args.batch,
                     "steps": args.steps,
+                    "dead_frac": args.dead_frac,
                     "threads": torch.get_num_threads(),
                 },
                 "device": torch.cuda.get_device_name()
