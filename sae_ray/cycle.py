@@ -44,6 +44,7 @@ def _model_spec(cfg: Config) -> dict[str, Any]:
         "dataset": cfg.dataset.model_dump(),
         "train": cfg.cycles.model_dump(exclude={"count", "aux_weight"}),
         "seed": cfg.experiment.seed,
+        "select": "best_val_accuracy",
     }
 
 
@@ -89,7 +90,15 @@ def run_trial(cfg: Config, report: Report) -> None:
         clf = build_classifier(
             cfg.model.name, data.num_classes, data.splits["train"].texts, seed, cfg.model.max_length
         )
-        finetune(clf, data.splits["train"], cfg.cycles, cfg.model.layer, cfg.model.max_length, seed)
+        finetune(
+            clf,
+            data.splits["train"],
+            cfg.cycles,
+            cfg.model.layer,
+            cfg.model.max_length,
+            seed,
+            val=data.splits["validation"],
+        )
         save_classifier(clf, out)
 
     model_dir, model_key = store.get_or_compute("model", _model_spec(cfg), make_cycle0)
@@ -189,6 +198,7 @@ def _retrain(
         "cycle": cycle,
         "train": cfg.cycles.model_dump(exclude={"count"}),
         "layer": cfg.model.layer,
+        "select": "best_val_accuracy",
     }
     if strategy in ("per_class", "per_class_complement", "per_example"):
         spec.update(sae=sae_key, top_k_pct=cfg.sharpening.top_k_pct)
@@ -206,6 +216,7 @@ def _retrain(
             seed=cfg.experiment.seed + cycle,
             targets=targets,
             aux_weight=0.0 if strategy == "none" else cfg.cycles.aux_weight,
+            val=data.splits["validation"],
         )
         save_classifier(clf, out)
 

@@ -98,15 +98,20 @@ def finetune(
     targets: TargetTable | None = None,
     aux_weight: float = 0.0,
     warmup_steps: int = 100,
+    val: Split | None = None,
 ) -> list[dict[str, float]]:
-    """AdamW with linear warm-up and decay, gradient clip 1.0; returns per-epoch mean losses."""
+    """AdamW with linear warm-up and decay, gradient clip 1.0; returns per-epoch mean losses.
+
+    With `val`, the model ends as its best epoch on validation accuracy (ties: the later
+    epoch), never chosen on the held-out test split."""
     model = clf.model
     model.train()
     rng = np.random.default_rng(seed)
     steps = cfg.epochs * -(-len(train) // cfg.batch_size)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = get_linear_schedule_with_warmup(opt, min(warmup_steps, steps // 10), steps)
-    history = []
+    history: list[dict[str, float]] = []
+    best: tuple[float, dict[str, torch.Tensor]] | None = None
     for _ in range(cfg.epochs):
         sums: dict[str, float] = {}
         n = 0
@@ -121,6 +126,14 @@ def finetune(
                 sums[key] = sums.get(key, 0.0) + value
             n += 1
         history.append({key: value / n for key, value in sums.items()})
+        if val is not None:
+            acc = float((predict(clf, val, max_length) == val.labels).mean())
+            history[-1]["val_accuracy"] = acc
+            if best is None or acc >= best[0]:
+                best = (acc, {k: v.detach().clone() for k, v in model.state_dict().items()})
+            model.train()
+    if best is not None:
+        model.load_state_dict(best[1])
     model.eval()
     return history
 

@@ -82,3 +82,20 @@ def test_lambda_zero_trains_like_no_targets(topics):
         finetune(clf, train, cfg, -1, 32, seed=0, targets=targets, aux_weight=0.0)
         runs.append(torch.cat([p.detach().flatten() for p in clf.model.parameters()]))
     torch.testing.assert_close(runs[0], runs[1], rtol=0, atol=0)
+
+
+def test_finetune_ends_at_its_best_validation_epoch(topics):
+    """A validation split whose labels are the true ones shifted by one: the better the model
+    learns the task, the worse it scores there, so its best epoch is the first, not the last."""
+    from sae_ray.data import Split
+    from sae_ray.finetune import predict
+
+    clf = build_classifier("tiny-gpt2", 4, topics.splits["train"].texts, seed=0, max_length=32)
+    train = topics.splits["train"]
+    shifted = Split(train.ids, train.texts, (train.labels + 1) % 4)
+    cfg = Cycles(epochs=4, lr=3e-3, batch_size=16)
+    history = finetune(clf, train, cfg, -1, 32, seed=0, val=shifted)
+    accs = [h["val_accuracy"] for h in history]
+    assert accs[0] > accs[-1]  # the premise: later epochs are worse on this split
+    final = float((predict(clf, shifted, 32) == shifted.labels).mean())
+    assert final == max(accs)
