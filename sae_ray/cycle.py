@@ -90,16 +90,7 @@ def run_trial(cfg: Config, report: Report) -> None:
         clf = build_classifier(
             cfg.model.name, data.num_classes, data.splits["train"].texts, seed, cfg.model.max_length
         )
-        finetune(
-            clf,
-            data.splits["train"],
-            cfg.cycles,
-            cfg.model.layer,
-            cfg.model.max_length,
-            seed,
-            val=data.splits["validation"],
-        )
-        save_classifier(clf, out)
+        _finetune(cfg, data, clf, out, seed)
 
     model_dir, model_key = store.get_or_compute("model", _model_spec(cfg), make_cycle0)
     targets: TargetTable | None = None
@@ -180,6 +171,30 @@ def run_trial(cfg: Config, report: Report) -> None:
         report(metrics)
 
 
+def _finetune(
+    cfg: Config,
+    data: TextData,
+    clf,
+    out: Path,
+    seed: int,
+    targets: TargetTable | None = None,
+    aux_weight: float = 0.0,
+) -> None:
+    """Train on train, keep the best epoch on validation, save to `out`."""
+    finetune(
+        clf,
+        data.splits["train"],
+        cfg.cycles,
+        cfg.model.layer,
+        cfg.model.max_length,
+        seed,
+        targets=targets,
+        aux_weight=aux_weight,
+        val=data.splits["validation"],
+    )
+    save_classifier(clf, out)
+
+
 def _retrain(
     store: ArtifactStore,
     cfg: Config,
@@ -206,19 +221,9 @@ def _retrain(
         spec["train"]["aux_weight"] = 0.0
 
     def compute(out: Path) -> None:
+        aux_weight = 0.0 if strategy == "none" else cfg.cycles.aux_weight
         clf = load_classifier(parent_dir)
-        finetune(
-            clf,
-            data.splits["train"],
-            cfg.cycles,
-            cfg.model.layer,
-            cfg.model.max_length,
-            seed=cfg.experiment.seed + cycle,
-            targets=targets,
-            aux_weight=0.0 if strategy == "none" else cfg.cycles.aux_weight,
-            val=data.splits["validation"],
-        )
-        save_classifier(clf, out)
+        _finetune(cfg, data, clf, out, cfg.experiment.seed + cycle, targets, aux_weight)
 
     return store.get_or_compute("model", spec, compute)
 

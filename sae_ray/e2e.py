@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from sae_ray.data import Split
-from sae_ray.models import blocks
+from sae_ray.models import block_output, blocks, hooked_many
 from sae_ray.sae import SparseAutoencoder, auxk_loss
 from sae_ray.sae_train import DeadTracker, SaeTrainConfig, _all_reduce, global_total_variance
 
@@ -64,10 +64,6 @@ def token_table(tokenizer, split: Split, ctx_len: int) -> tuple[pa.Table, int]:
     return table, int(mask.sum())
 
 
-def _output(out) -> torch.Tensor:
-    return out[0] if isinstance(out, tuple) else out
-
-
 class ModelFeed:
     """Token batches -> one forward with every hookpoint's SAE spliced in -> CE or KL."""
 
@@ -90,38 +86,23 @@ class ModelFeed:
             local_shuffle_seed=cfg.shuffle_seed + epoch if cfg.shuffle_buffer_tokens else None,
         )
 
-    def _hidden(self, batch) -> dict[str, torch.Tensor]:
-        """Clean activations at every hookpoint (real tokens only)."""
-        keep = batch["attention_mask"].bool()
-        found: dict[str, torch.Tensor] = {}
-        handles = [
-            self.blocks[layer].register_forward_hook(
-                lambda _m, _i, out, hp=hp: found.__setitem__(hp, _output(out)[keep])
-            )
-            for hp, layer in self.layers.items()
-        ]
-        try:
-            with torch.no_grad():
-                self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-        finally:
-            for h in handles:
-                h.remove()
-        return found
-
     def init_b_dec(self, saes: dict[str, SparseAutoencoder], batch) -> None:
-        for hp, x in self._hidden(batch).items():
-            saes[hp].init_b_dec(x.float())
+        """b_dec from the clean activations (real tokens) of the first batch."""
+        keep = batch["attention_mask"].bool()
+        with torch.no_grad(), hooked_many(self.model, list(self.layers.values())) as found:
+            self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        for hp, layer in self.layers.items():
+            saes[hp].init_b_dec(found[layer][keep].float())
 
     def _task_loss(self, logits, clean, batch) -> torch.Tensor:
         ids, mask = batch["input_ids"], batch["attention_mask"]
         if self.kind == "lm":  # next token, at real positions that have a real next token
-            logits, clean = logits[:, :-1], clean[:, :-1]
-            target = ids[:, 1:]
             valid = (mask[:, 1:] * mask[:, :-1]).bool()
-            logits, clean, target = logits[valid], clean[valid], target[valid]
+            logits, target = logits[:, :-1][valid], ids[:, 1:][valid]
+            clean = None if clean is None else clean[:, :-1][valid]
         else:
             target = batch["label"]
-        if self.cfg.loss_fn == "ce":
+        if clean is None:
             return F.cross_entropy(logits.float(), target)
         return F.kl_div(
             F.log_softmax(logits.float(), -1),
@@ -137,7 +118,7 @@ class ModelFeed:
         pieces: dict[str, tuple] = {}
 
         def splice(_module, _inputs, out, hp):
-            h = _output(out)
+            h = block_output(out)
             x = h[keep].float()
             dead = trackers[hp].dead()
             x_hat, codes = models[hp](x, dead)
@@ -146,10 +127,12 @@ class ModelFeed:
             spliced[keep] = x_hat.to(h.dtype)
             return (spliced, *out[1:]) if isinstance(out, tuple) else spliced
 
-        with torch.no_grad():
-            clean = self.model(
-                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-            ).logits
+        clean = None
+        if self.cfg.loss_fn == "kl":  # CE needs only the data; KL needs the clean model too
+            with torch.no_grad():
+                clean = self.model(
+                    input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+                ).logits
         handles = [
             self.blocks[layer].register_forward_hook(lambda m, i, o, hp=hp: splice(m, i, o, hp))
             for hp, layer in self.layers.items()

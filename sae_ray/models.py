@@ -172,13 +172,18 @@ def resolve_layer(model: nn.Module, layer: int) -> int:
     return layer % n
 
 
+def block_output(output) -> torch.Tensor:
+    """A block's hidden states, whether the block returns a tensor or a tuple."""
+    return output[0] if isinstance(output, tuple) else output
+
+
 @contextlib.contextmanager
 def hooked(model: nn.Module, layer: int) -> Iterator[dict[str, torch.Tensor]]:
     """Capture block `layer`'s output (graph kept) into the yielded dict under 'h'."""
     store: dict[str, torch.Tensor] = {}
 
     def hook(_module, _inputs, output):
-        store["h"] = output[0] if isinstance(output, tuple) else output
+        store["h"] = block_output(output)
 
     handle = blocks(model)[resolve_layer(model, layer)].register_forward_hook(hook)
     try:
@@ -195,7 +200,7 @@ def hooked_many(model: nn.Module, layers: list[int]) -> Iterator[dict[int, torch
     for layer in {resolve_layer(model, ly) for ly in layers}:
 
         def hook(_module, _inputs, output, layer=layer):
-            store[layer] = output[0] if isinstance(output, tuple) else output
+            store[layer] = block_output(output)
 
         handles.append(blocks(model)[layer].register_forward_hook(hook))
     try:

@@ -17,7 +17,7 @@ import json
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -92,7 +92,6 @@ class SaeTrainConfig(BaseModel):
 class SaeTrainResult:
     saes: dict[str, SparseAutoencoder]
     metrics: dict[str, Any]
-    checkpoint: Path | None = None  # <save_dir>/<run_name> when a save_dir was given
 
 
 def _dist() -> bool:
@@ -283,7 +282,6 @@ class Progress:
     tokens: int = 0  # tokens trained on, all workers
     epoch: int = 0
     batches_in_epoch: int = 0  # micro-batches of `epoch` already consumed
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def _flatten_optimizer(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
@@ -437,6 +435,7 @@ def train_loop(config: dict[str, Any]) -> None:
     models: dict[str, torch.nn.Module] = {}
     stats: dict[str, dict[str, float]] = {}
     started, started_tokens = time.perf_counter(), progress.tokens
+    since = (started, started_tokens)  # this run's clock and token count, for its tokens/s
     micro = 0
     done = progress.tokens >= budget or (cfg.max_steps and progress.step >= cfg.max_steps)
     while not done:
@@ -462,7 +461,6 @@ def train_loop(config: dict[str, Any]) -> None:
                 (loss / cfg.grad_acc_steps).backward()
             n_global = stats[cfg.hookpoints[0]]["tokens"]
             progress.tokens += n_global
-            progress.extra["run_tokens"] = progress.tokens - started_tokens
             progress.batches_in_epoch = i + 1
             micro += 1
             if bar is not None:
@@ -489,7 +487,7 @@ def train_loop(config: dict[str, Any]) -> None:
                     with (save_dir / "metrics.jsonl").open("a") as fh:
                         fh.write(json.dumps(row) + "\n")
             if progress.step % cfg.save_every == 0 or done:
-                _report(cfg, saes, opts, trackers, progress, stats, rank, save_dir, started)
+                _report(cfg, saes, opts, trackers, progress, stats, rank, save_dir, since)
             if done:
                 break
         else:
@@ -500,26 +498,23 @@ def train_loop(config: dict[str, Any]) -> None:
             if cfg.max_tokens is None and progress.epoch >= cfg.epochs:
                 done = True
                 if progress.step % cfg.save_every:  # the last step's checkpoint
-                    _report(cfg, saes, opts, trackers, progress, stats, rank, save_dir, started)
+                    _report(cfg, saes, opts, trackers, progress, stats, rank, save_dir, since)
     if bar is not None:
         bar.close()
     if wandb_run is not None:
         wandb_run.finish()
 
 
-def _report(cfg, saes, opts, trackers, progress, stats, rank, save_dir, started) -> None:
+def _report(cfg, saes, opts, trackers, progress, stats, rank, save_dir, since) -> None:
     """Checkpoint to Ray Train (worker-fault restarts read it back) and, on rank 0, publish
     it to `<save_dir>/<run_name>` in sparsify's layout. Every rank calls report."""
-    hp = cfg.hookpoints[0]
+    started, started_tokens = since
     metrics = {
         "step": progress.step,
         "tokens": progress.tokens,
-        "run_tokens": progress.extra.get("run_tokens", 0),
+        "run_tokens": progress.tokens - started_tokens,
         "elapsed_s": time.perf_counter() - started,
         **{f"{k}/{h}": v for h, s in stats.items() for k, v in s.items() if k != "tokens"},
-        "fvu": stats[hp]["fvu"],
-        "l0": stats[hp]["l0"],
-        "dead_pct": stats[hp]["dead_pct"],
     }
     if rank != 0:
         ray.train.report(metrics)
@@ -587,7 +582,7 @@ def train_saes(
             state = Progress(**json.loads((save_dir / STATE).read_text()))
             if state.tokens >= (cfg.max_tokens or cfg.epochs * tokens_per_epoch):
                 saes = {hp: SparseAutoencoder.load(save_dir / hp) for hp in cfg.hookpoints}
-                return SaeTrainResult(saes, {"step": state.step, "tokens": state.tokens}, save_dir)
+                return SaeTrainResult(saes, {"step": state.step, "tokens": state.tokens})
             resume_from = Checkpoint.from_directory(str(save_dir))
             _truncate_log(save_dir / "metrics.jsonl", state.step)
         elif not resume and save_dir.exists():
@@ -620,4 +615,4 @@ def train_saes(
         saes = {hp: SparseAutoencoder.load(Path(directory) / hp) for hp in cfg.hookpoints}
     metrics = dict(result.metrics)
     metrics["tokens_per_s"] = metrics.pop("run_tokens") / max(metrics.pop("elapsed_s"), 1e-9)
-    return SaeTrainResult(saes=saes, metrics=metrics, checkpoint=save_dir)
+    return SaeTrainResult(saes=saes, metrics=metrics)
