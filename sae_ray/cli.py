@@ -104,9 +104,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = config_mod.load(args.sweep_file, args.overrides)
         if args.command == "sweep":
-            from sae_ray.sweep import max_concurrent_trials, run_sweep, search_space
+            from sae_ray.sweep import max_concurrent_trials, run_sweep, search_space, with_control
 
             search_space(cfg)  # refuse an empty space before starting Ray
+            cfg = with_control(cfg)
             _connect(args.address)
             import ray
 

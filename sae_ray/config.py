@@ -12,7 +12,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 
 class ConfigError(ValueError):
@@ -30,9 +37,14 @@ class Experiment(Section):
 
 
 class Model(Section):
-    name: str = "tiny-gpt2"
+    name: str = Field(
+        "tiny-gpt2", description="hub id, local path, or a preset (see models.MODEL_PRESETS)"
+    )
     layer: int = Field(-1, description="hooked block index; negative counts from the end")
     max_length: int = Field(64, ge=4)
+    dtype: Literal["float32", "bfloat16"] = Field(
+        "float32", description="weights as loaded (bfloat16 halves a large model's memory)"
+    )
 
 
 class Dataset(Section):
@@ -46,12 +58,36 @@ class Dataset(Section):
 
 
 class Cycles(Section):
+    """The classifier's training: the seed's recipe (AdamW 1e-4, weight decay 0.01, 100
+    warm-up steps then linear decay, gradient clip 1.0) as defaults."""
+
     count: int = Field(2, ge=1)
-    epochs: int = Field(1, ge=1)
-    aux_weight: float = Field(0.1, ge=0)
+    epochs: int = Field(1, ge=1, description="epochs of every fine-tune (equal compute)")
+    aux_weight: float = Field(0.1, ge=0, description="λ in CE + λ(1 − cos(h, t))")
     lr: float = Field(1e-4, gt=0)
-    batch_size: int = Field(32, ge=1)
+    batch_size: int = Field(32, ge=1, description="examples per step, over all workers")
     weight_decay: float = Field(0.01, ge=0)
+    warmup_steps: int = Field(100, ge=0, description="linear warm-up, then linear decay to 0")
+    grad_clip: float = Field(1.0, gt=0, description="max global gradient norm")
+    start_from: str = Field(
+        "finetune",
+        min_length=1,
+        description="cycle 0: 'finetune' the pretrained model, 'pretrained' (untrained "
+        "head, no training), or the path of an already fine-tuned classifier",
+    )
+    train_layers: Literal["all", "from_hooked"] = Field(
+        "all",
+        description="what retraining (cycle > 0) updates: everything, or the hooked "
+        "block, the blocks above it and the head",
+    )
+    autocast: bool = Field(True, description="bf16 autocast when the workers have a GPU")
+
+    @field_validator("start_from")
+    @classmethod
+    def _known_start(cls, value: str) -> str:
+        if value not in ("finetune", "pretrained") and not Path(value).expanduser().is_dir():
+            raise ValueError(f"{value!r} is neither 'finetune', 'pretrained' nor a model directory")
+        return value
 
 
 class Sae(Section):
@@ -106,6 +142,11 @@ class Search(Section):
     space: dict[str, SpaceEntry] = Field(default_factory=dict)
     points_to_evaluate: list[dict[str, Any]] = Field(default_factory=list)
     max_concurrent_trials: int | None = Field(None, ge=1)
+    control: bool = Field(
+        True,
+        description="run the λ = 0 control (strategy none) as the first trial, at the first "
+        "point's other settings, beside the num_samples searched ones",
+    )
 
 
 class Resources(Section):

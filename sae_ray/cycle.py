@@ -18,34 +18,37 @@ import numpy as np
 import torch
 
 from sae_ray.activations import extract, load_sequences, load_tokens, read_manifest
-from sae_ray.config import Config
+from sae_ray.config import Config, ConfigError
 from sae_ray.data import TextData, load_text_data
 from sae_ray.evaluate import accuracy, f1_macro, interp_metrics, sae_quality
-from sae_ray.finetune import TargetTable, finetune, predict
-from sae_ray.models import (
-    build_classifier,
-    hookpoint,
-    load_classifier,
-    resolve_layer,
-    save_classifier,
-)
+from sae_ray.finetune import HISTORY, finetune_on_ray, initial_classifier, predict
+from sae_ray.models import hookpoint, load_classifier, resolve_layer, save_classifier
 from sae_ray.sae import SparseAutoencoder, decoder_absorption
 from sae_ray.sae_train import SaeTrainConfig, activation_dataset, train_saes
 from sae_ray.sharpen import sharpen
 from sae_ray.store import ArtifactStore
 
 log = logging.getLogger(__name__)
+TARGETS = "targets.safetensors"
 Report = Callable[[dict[str, Any]], None]
 
 
 def _model_spec(cfg: Config) -> dict[str, Any]:
-    return {
+    """What determines the cycle-0 model (the hooked layer does not: CE alone trains it)."""
+    spec: dict[str, Any] = {
         "model": cfg.model.model_dump(exclude={"layer"}),
         "dataset": cfg.dataset.model_dump(),
-        "train": cfg.cycles.model_dump(exclude={"count", "aux_weight"}),
         "seed": cfg.experiment.seed,
-        "select": "best_val_accuracy",
+        "start_from": cfg.cycles.start_from,
     }
+    if cfg.cycles.start_from == "finetune":
+        spec["train"] = cfg.cycles.model_dump(
+            exclude={"count", "aux_weight", "train_layers", "start_from"}
+        )
+        spec["select"] = "best_val_accuracy"
+    elif cfg.cycles.start_from != "pretrained":
+        spec["start_from"] = str(Path(cfg.cycles.start_from).expanduser().resolve())
+    return spec
 
 
 def _effective_strategy(cfg: Config) -> str:
@@ -86,19 +89,21 @@ def run_trial(cfg: Config, report: Report) -> None:
     seed = cfg.experiment.seed
     strategy = _effective_strategy(cfg)
 
-    def make_cycle0(out: Path) -> None:
-        clf = build_classifier(
-            cfg.model.name, data.num_classes, data.splits["train"].texts, seed, cfg.model.max_length
-        )
-        _finetune(cfg, data, clf, out, seed)
-
-    model_dir, model_key = store.get_or_compute("model", _model_spec(cfg), make_cycle0)
-    targets: TargetTable | None = None
-    sae_key = ""
+    model_dir, model_key = store.get_or_compute(
+        "model", _model_spec(cfg), lambda out: _make_cycle0(cfg, data, out)
+    )
+    targets_dir: Path | None = None
+    targets_key = None
     for cycle in range(cfg.cycles.count):
         if cycle > 0:
             model_dir, model_key = _retrain(
-                store, cfg, data, model_dir, model_key, sae_key, targets, strategy, cycle
+                store,
+                cfg,
+                data,
+                (model_dir, model_key),
+                (targets_dir, targets_key),
+                strategy,
+                cycle,
             )
         clf = load_classifier(model_dir)
         layer = resolve_layer(clf.model, cfg.model.layer)
@@ -156,76 +161,147 @@ def run_trial(cfg: Config, report: Report) -> None:
         )
         if "tokens_per_s" in train_stats:
             metrics["sae/train_tokens_per_s"] = train_stats["tokens_per_s"]
+        metrics.update(_finetune_stats(model_dir))
         if cycle + 1 < cfg.cycles.count and strategy != "none":
-            ids, labels, x = load_sequences(acts_dir / "train" / "sequences", hp)
-            targets = sharpen(
-                strategy,
-                sae,
-                ids,
-                labels,
-                x,
-                data.num_classes,
-                cfg.sharpening.top_k_pct,
-                seed=seed + cycle,
+            targets_dir, targets_key = _targets(
+                store, cfg, data, strategy, (sae_dir, sae_key), (acts_dir, acts_key), hp, cycle
             )
         report(metrics)
 
 
-def _finetune(
+def _make_cycle0(cfg: Config, data: TextData, out: Path) -> None:
+    """Fine-tune the pretrained model on Ray Train (the default), or take the pretrained model
+    with its untrained head as is, or copy an already fine-tuned classifier."""
+    start = cfg.cycles.start_from
+    seed = cfg.experiment.seed
+    init = {
+        "build": {
+            "name": cfg.model.name,
+            "seed": seed,
+            "max_length": cfg.model.max_length,
+            "dtype": cfg.model.dtype,
+        }
+    }
+    if start == "finetune":
+        finetune_on_ray(
+            init,
+            data,
+            cfg.cycles,
+            cfg.model.layer,
+            cfg.model.max_length,
+            seed,
+            out,
+            cfg.resources,
+            cfg.sweep_dir / "train_runs",
+        )
+        return
+    if start == "pretrained":
+        clf = initial_classifier(init, data)
+    else:
+        clf = load_classifier(Path(start).expanduser())
+        if clf.model.config.num_labels != data.num_classes:
+            raise ConfigError(
+                f"cycles.start_from: {start} has {clf.model.config.num_labels} labels, "
+                f"{cfg.dataset.name} has {data.num_classes}"
+            )
+    save_classifier(clf, out)
+    (out / HISTORY).write_text("[]")
+
+
+def _targets(
+    store: ArtifactStore,
     cfg: Config,
     data: TextData,
-    clf,
-    out: Path,
-    seed: int,
-    targets: TargetTable | None = None,
-    aux_weight: float = 0.0,
-) -> None:
-    """Train on train, keep the best epoch on validation, save to `out`."""
-    finetune(
-        clf,
-        data.splits["train"],
-        cfg.cycles,
-        cfg.model.layer,
-        cfg.model.max_length,
-        seed,
-        targets=targets,
-        aux_weight=aux_weight,
-        val=data.splits["validation"],
-    )
-    save_classifier(clf, out)
+    strategy: str,
+    sae: tuple[Path, str],
+    acts: tuple[Path, str],
+    hp: str,
+    cycle: int,
+) -> tuple[Path, str]:
+    """Cycle `cycle`'s sharpened targets, one per training example id, as an artifact.
+
+    `random` never reads the SAE, so its targets hang off the activations alone."""
+    seed = cfg.experiment.seed + cycle
+    if strategy == "random":
+        spec = {"parent": acts[1], "strategy": strategy, "seed": seed, "hookpoint": hp}
+    else:
+        spec = {
+            "parent": sae[1],
+            "strategy": strategy,
+            "top_k_pct": cfg.sharpening.top_k_pct,
+            "hookpoint": hp,
+        }
+
+    def compute(out: Path) -> None:
+        ids, labels, x = load_sequences(acts[0] / "train" / "sequences", hp)
+        table = sharpen(
+            strategy,
+            SparseAutoencoder.load(sae[0]),
+            ids,
+            labels,
+            x,
+            data.num_classes,
+            cfg.sharpening.top_k_pct,
+            seed=seed,
+        )
+        table.save(out / TARGETS)
+
+    return store.get_or_compute("targets", spec, compute)
 
 
 def _retrain(
     store: ArtifactStore,
     cfg: Config,
     data: TextData,
-    parent_dir: Path,
-    parent_key: str,
-    sae_key: str,
-    targets: TargetTable | None,
+    parent: tuple[Path, str],
+    targets: tuple[Path | None, str | None],
     strategy: str,
     cycle: int,
 ) -> tuple[Path, str]:
-    """model_c from model_{c-1}: CE + λ(1 − cos(h, t)), or CE alone for the control."""
+    """model_c from model_{c-1} on Ray Train: CE + λ(1 − cos(h, t)), or CE alone for the
+    control, with the same epochs and steps either way (equal compute)."""
+    aux_weight = 0.0 if strategy == "none" else cfg.cycles.aux_weight
+    train = cfg.cycles.model_dump(exclude={"count", "start_from"})
+    train["aux_weight"] = aux_weight
     spec = {
-        "parent": parent_key,
+        "parent": parent[1],
+        "targets": targets[1],
         "strategy": strategy,
         "cycle": cycle,
-        "train": cfg.cycles.model_dump(exclude={"count"}),
+        "train": train,
         "layer": cfg.model.layer,
         "select": "best_val_accuracy",
     }
-    if strategy in ("per_class", "per_class_complement", "per_example"):
-        spec.update(sae=sae_key, top_k_pct=cfg.sharpening.top_k_pct)
-    if strategy == "none":
-        spec["train"]["aux_weight"] = 0.0
 
     def compute(out: Path) -> None:
-        aux_weight = 0.0 if strategy == "none" else cfg.cycles.aux_weight
-        clf = load_classifier(parent_dir)
-        _finetune(cfg, data, clf, out, cfg.experiment.seed + cycle, targets, aux_weight)
+        finetune_on_ray(
+            {"load": str(parent[0])},
+            data,
+            cfg.cycles,
+            cfg.model.layer,
+            cfg.model.max_length,
+            cfg.experiment.seed + cycle,
+            out,
+            cfg.resources,
+            cfg.sweep_dir / "train_runs",
+            targets=targets[0] / TARGETS if targets[0] else None,
+            aux_weight=aux_weight,
+            train_layers=cfg.cycles.train_layers,
+        )
 
     return store.get_or_compute("model", spec, compute)
+
+
+def _finetune_stats(model_dir: Path) -> dict[str, float]:
+    """How the cycle's model was trained: steps (equal across strategies and the control),
+    the epoch validation chose, and that epoch's training losses."""
+    history = json.loads((model_dir / HISTORY).read_text())
+    if not history:
+        return {"finetune/steps": 0.0}
+    best = max(history, key=lambda r: (r["val_accuracy"], r["epoch"]))
+    out = {"finetune/steps": float(history[-1]["steps"]), "finetune/best_epoch": best["epoch"]}
+    out.update({f"finetune/{k}": best[k] for k in ("ce", "aux") if k in best})
+    return out
 
 
 def _evaluate(

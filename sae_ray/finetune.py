@@ -2,21 +2,46 @@
 
 h is the hooked block's output at the pooled position, with gradient; t is the example's
 sharpened target, looked up by example id so any batch order pairs correctly.
+
+`finetune` is one training loop that runs alone (tests, one process) or as one DDP rank;
+`finetune_on_ray` runs it on a Ray Train `TorchTrainer` over the configured workers and
+returns the best epoch on validation, which Ray checkpoints and hands back to the driver.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import json
+import logging
+import shutil
+import tempfile
+import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from transformers import get_linear_schedule_with_warmup
 
-from sae_ray.config import Cycles
-from sae_ray.data import Split
-from sae_ray.models import Classifier, hooked, pooled
+from sae_ray.config import Cycles, Resources
+from sae_ray.data import Split, TextData
+from sae_ray.models import (
+    Classifier,
+    blocks,
+    build_classifier,
+    hooked,
+    load_classifier,
+    pooled,
+    resolve_layer,
+    save_classifier,
+)
+
+log = logging.getLogger(__name__)
+HISTORY = "history.json"
 
 
 @dataclass
@@ -40,6 +65,14 @@ class TargetTable:
             raise KeyError(f"no sharpened target for example id {missing}")
         return self.vectors[torch.as_tensor(rows)]
 
+    def save(self, path: Path) -> None:
+        save_file({"ids": torch.from_numpy(self.ids), "vectors": self.vectors.contiguous()}, path)
+
+    @classmethod
+    def load(cls, path: Path) -> TargetTable:
+        tensors = load_file(path)
+        return cls(tensors["ids"].numpy(), tensors["vectors"])
+
 
 def batches(
     clf: Classifier, split: Split, batch_size: int, max_length: int, order: np.ndarray | None = None
@@ -47,24 +80,27 @@ def batches(
     """Tokenised batches, padded per batch, carrying each row's example id."""
     order = np.arange(len(split)) if order is None else order
     for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
-        enc = clf.tokenizer(
-            [split.texts[i] for i in idx],
-            padding=True,
-            truncation=True,
-            max_length=max_length,
-            return_tensors="pt",
-        )
-        yield {
-            "input_ids": enc["input_ids"],
-            "attention_mask": enc["attention_mask"],
-            "labels": torch.as_tensor(split.labels[idx]),
-            "ids": torch.as_tensor(split.ids[idx]),
-        }
+        yield encode(clf, split, order[start : start + batch_size], max_length)
+
+
+def encode(clf: Classifier, split: Split, idx: np.ndarray, max_length: int) -> dict:
+    enc = clf.tokenizer(
+        [split.texts[i] for i in idx],
+        padding=True,
+        truncation=True,
+        max_length=max_length,
+        return_tensors="pt",
+    )
+    return {
+        "input_ids": enc["input_ids"],
+        "attention_mask": enc["attention_mask"],
+        "labels": torch.as_tensor(split.labels[idx]),
+        "ids": torch.as_tensor(split.ids[idx]),
+    }
 
 
 def aux_loss(h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return (1 - F.cosine_similarity(h, targets.to(h.dtype), dim=-1)).mean()
+    return (1 - F.cosine_similarity(h.float(), targets.to(h.device, torch.float32), dim=-1)).mean()
 
 
 def loss_on_batch(
@@ -73,19 +109,75 @@ def loss_on_batch(
     layer: int,
     aux_weight: float,
     targets: TargetTable | None,
+    forward: torch.nn.Module | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """CE + λ·aux for one batch; the aux term is skipped (not zeroed) when λ = 0."""
+    """CE + λ·aux for one batch; the aux term is skipped (not zeroed) when λ = 0.
+
+    `forward` is what runs the batch (a DDP wrapper of `clf.model` on a worker); the hook
+    sits on the wrapped model's block either way."""
     use_aux = aux_weight > 0 and targets is not None
+    device = next(clf.model.parameters()).device
+    mask = batch["attention_mask"].to(device)
     with hooked(clf.model, layer) as store:
-        out = clf.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    ce = F.cross_entropy(out.logits, batch["labels"])
+        out = (forward or clf.model)(input_ids=batch["input_ids"].to(device), attention_mask=mask)
+    ce = F.cross_entropy(out.logits.float(), batch["labels"].to(device))
     parts = {"ce": ce.item()}
     if not use_aux:
         return ce, parts
-    h = pooled(store["h"], batch["attention_mask"], clf.pooling)
+    h = pooled(store["h"], mask, clf.pooling)
     aux = aux_loss(h, targets.lookup(batch["ids"].numpy()))
     parts["aux"] = aux.item()
     return ce + aux_weight * aux, parts
+
+
+def select_trainable(model: torch.nn.Module, layer: int, train_layers: str) -> list:
+    """The parameters retraining updates; the rest are frozen (requires_grad False).
+
+    'from_hooked' trains the hooked block, every block above it and everything registered
+    after the blocks (final norm, pooler, head): HF models register embeddings, then blocks,
+    then the head, so "above" is "at or after the hooked block's first parameter"."""
+    params = list(model.named_parameters())
+    if train_layers == "all":
+        for _, p in params:
+            p.requires_grad_(True)
+        return [p for _, p in params]
+    first = next(iter(blocks(model)[resolve_layer(model, layer)].parameters()))
+    start = next(i for i, (_, p) in enumerate(params) if p is first)
+    for i, (_, p) in enumerate(params):
+        p.requires_grad_(i >= start)
+    return [p for _, p in params[start:]]
+
+
+def _rank_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def epoch_rows(n: int, batch_size: int, seed: int, epoch: int, rank: int, world: int):
+    """This rank's rows of each global batch of one epoch, with the global batch's size.
+
+    The shuffle is a function of (seed, epoch) alone and every global batch is split across
+    the ranks, so the examples seen per step do not depend on the worker count. A last batch
+    smaller than the worker count is dropped (at most world − 1 examples per epoch)."""
+    order = np.random.default_rng([seed, epoch]).permutation(n)
+    for start in range(0, n, batch_size):
+        idx = order[start : start + batch_size]
+        if len(idx) < world:
+            return
+        yield np.array_split(idx, world)[rank], len(idx)
+
+
+def steps_per_epoch(n: int, batch_size: int, world: int) -> int:
+    full, rest = divmod(n, batch_size)
+    return full + (rest >= world and rest > 0)
+
+
+def _sum_over_ranks(values: list[float], device: torch.device) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if _rank_world()[1] > 1:
+        dist.all_reduce(t)
+    return t.tolist()
 
 
 def finetune(
@@ -97,54 +189,212 @@ def finetune(
     seed: int,
     targets: TargetTable | None = None,
     aux_weight: float = 0.0,
-    warmup_steps: int = 100,
     val: Split | None = None,
+    train_layers: str = "all",
+    on_epoch: Callable[[dict[str, float]], None] | None = None,
 ) -> list[dict[str, float]]:
-    """AdamW with linear warm-up and decay, gradient clip 1.0; returns per-epoch mean losses.
+    """AdamW with linear warm-up and decay, gradient clip; returns per-epoch records.
 
-    With `val`, the model ends as its best epoch on validation accuracy (ties: the later
-    epoch), never chosen on the held-out test split."""
+    Runs as one DDP rank when torch.distributed is initialised (each rank its share of every
+    global batch). With `val`, the model ends as its best epoch on validation accuracy (ties:
+    the later epoch), never chosen on the held-out test split; rank 0 holds that copy."""
+    rank, world = _rank_world()
     model = clf.model
-    model.train()
-    rng = np.random.default_rng(seed)
-    steps = cfg.epochs * -(-len(train) // cfg.batch_size)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = get_linear_schedule_with_warmup(opt, min(warmup_steps, steps // 10), steps)
+    device = next(model.parameters()).device
+    params = select_trainable(model, layer, train_layers)
+    forward: torch.nn.Module = model
+    if world > 1:
+        ids = [device.index] if device.type == "cuda" else None
+        forward = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    total = cfg.epochs * steps_per_epoch(len(train), cfg.batch_size, world)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = get_linear_schedule_with_warmup(opt, min(cfg.warmup_steps, total), total)
+    autocast = torch.autocast(
+        device.type, dtype=torch.bfloat16, enabled=cfg.autocast and device.type == "cuda"
+    )
     history: list[dict[str, float]] = []
     best: tuple[float, dict[str, torch.Tensor]] | None = None
-    for _ in range(cfg.epochs):
-        sums: dict[str, float] = {}
+    step = 0
+    for epoch in range(cfg.epochs):
+        model.train()
+        sums = {"ce": 0.0, "aux": 0.0}
         n = 0
-        for batch in batches(clf, train, cfg.batch_size, max_length, rng.permutation(len(train))):
-            loss, parts = loss_on_batch(clf, batch, layer, aux_weight, targets)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        for rows, global_n in epoch_rows(len(train), cfg.batch_size, seed, epoch, rank, world):
+            batch = encode(clf, train, rows, max_length)
+            with autocast:
+                loss, parts = loss_on_batch(clf, batch, layer, aux_weight, targets, forward)
+            # DDP averages gradients over ranks: weight each rank's mean by its share so the
+            # step is the global batch's mean even when the split is uneven.
+            (loss * (len(rows) * world / global_n)).backward()
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             opt.step()
             sched.step()
+            opt.zero_grad(set_to_none=True)
             for key, value in parts.items():
-                sums[key] = sums.get(key, 0.0) + value
+                sums[key] += value
             n += 1
-        history.append({key: value / n for key, value in sums.items()})
+            step += 1
+        ce, aux, count = _sum_over_ranks([sums["ce"], sums["aux"], n], device)
+        record = {"epoch": epoch, "steps": step, "ce": ce / max(count, 1)}
+        if aux_weight > 0 and targets is not None:
+            record["aux"] = aux / max(count, 1)
         if val is not None:
-            acc = float((predict(clf, val, max_length) == val.labels).mean())
-            history[-1]["val_accuracy"] = acc
-            if best is None or acc >= best[0]:
-                best = (acc, {k: v.detach().clone() for k, v in model.state_dict().items()})
-            model.train()
+            record["val_accuracy"] = accuracy_on(clf, val, max_length)
+            if rank == 0 and (best is None or record["val_accuracy"] >= best[0]):
+                state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+                best = (record["val_accuracy"], state)
+        history.append(record)
+        if on_epoch is not None:
+            on_epoch(record)
     if best is not None:
         model.load_state_dict(best[1])
+    for p in model.parameters():
+        p.requires_grad_(True)
     model.eval()
     return history
 
 
 @torch.no_grad()
+def accuracy_on(clf: Classifier, split: Split, max_length: int, batch_size: int = 128) -> float:
+    """Accuracy over the whole split; under DDP each rank scores its slice and counts add up."""
+    rank, world = _rank_world()
+    device = next(clf.model.parameters()).device
+    idx = np.array_split(np.arange(len(split)), world)[rank]
+    clf.model.eval()
+    correct = 0
+    for start in range(0, len(idx), batch_size):
+        b = encode(clf, split, idx[start : start + batch_size], max_length)
+        logits = clf.model(
+            input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device)
+        ).logits
+        correct += int((logits.argmax(-1).cpu() == b["labels"]).sum())
+    right, total = _sum_over_ranks([correct, len(idx)], device)
+    return right / max(total, 1)
+
+
+@torch.no_grad()
 def predict(clf: Classifier, split: Split, max_length: int, batch_size: int = 128) -> np.ndarray:
     clf.model.eval()
+    device = next(clf.model.parameters()).device
     preds = [
-        clf.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
+        clf.model(
+            input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device)
+        )
         .logits.argmax(-1)
+        .cpu()
         .numpy()
         for b in batches(clf, split, batch_size, max_length)
     ]
     return np.concatenate(preds)
+
+
+# ---------------------------------------------------------------- on Ray Train
+
+
+def initial_classifier(init: dict[str, Any], data: TextData) -> Classifier:
+    """{'load': dir} or {'build': {name, seed, max_length, dtype}} (a fresh head)."""
+    if "load" in init:
+        return load_classifier(Path(init["load"]))
+    spec = init["build"]
+    return build_classifier(
+        spec["name"],
+        data.num_classes,
+        data.splits["train"].texts,
+        spec["seed"],
+        spec["max_length"],
+        spec.get("dtype", "float32"),
+    )
+
+
+def finetune_loop(config: dict[str, Any]) -> None:
+    """One Ray Train worker: build or load the model, train its share, report each epoch;
+    rank 0 reports the best epoch as the run's checkpoint."""
+    import ray.train
+    import ray.train.torch
+    from ray.train import Checkpoint
+
+    rank = ray.train.get_context().get_world_rank()
+    data: TextData = config["data"]
+    clf = initial_classifier(config["init"], data)
+    clf.model.to(ray.train.torch.get_device())
+    targets = TargetTable.load(Path(config["targets"])) if config["targets"] else None
+    cfg = Cycles.model_validate(config["cycles"])
+    history = finetune(
+        clf,
+        data.splits["train"],
+        cfg,
+        config["layer"],
+        config["max_length"],
+        config["seed"],
+        targets=targets,
+        aux_weight=config["aux_weight"],
+        val=data.splits["validation"],
+        train_layers=config["train_layers"],
+        on_epoch=lambda record: ray.train.report(dict(record)),
+    )
+    best = max(history, key=lambda r: (r["val_accuracy"], r["epoch"]))
+    summary = {"best_epoch": best["epoch"], "val_accuracy": best["val_accuracy"]}
+    if rank != 0:
+        ray.train.report(summary)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        clf.model.to("cpu")
+        save_classifier(clf, Path(tmp))
+        (Path(tmp) / HISTORY).write_text(json.dumps(history, indent=1))
+        ray.train.report(summary, checkpoint=Checkpoint.from_directory(tmp))
+
+
+def finetune_on_ray(
+    init: dict[str, Any],
+    data: TextData,
+    cycles: Cycles,
+    layer: int,
+    max_length: int,
+    seed: int,
+    out: Path,
+    resources: Resources,
+    storage_path: Path,
+    targets: Path | None = None,
+    aux_weight: float = 0.0,
+    train_layers: str = "all",
+) -> list[dict[str, float]]:
+    """Fine-tune on a TorchTrainer (DDP over `resources`), write the best-on-validation model
+    and its per-epoch history to `out`, and return the history.
+
+    A worker fault restarts the worker group (`resources.max_failures`) and the fine-tune
+    from its start: it is deterministic, and its checkpoints are whole models."""
+    import ray.train
+    from ray.train import ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    run_name = f"finetune-{uuid.uuid4().hex[:12]}"
+    trainer = TorchTrainer(
+        finetune_loop,
+        train_loop_config={
+            "init": init,
+            "data": data,
+            "cycles": cycles.model_dump(),
+            "layer": layer,
+            "max_length": max_length,
+            "seed": seed,
+            "targets": str(targets) if targets else None,
+            "aux_weight": aux_weight,
+            "train_layers": train_layers,
+        },
+        scaling_config=ScalingConfig(
+            num_workers=resources.num_workers,
+            use_gpu=resources.use_gpu,
+            resources_per_worker={"CPU": resources.cpus_per_worker},
+        ),
+        run_config=ray.train.RunConfig(
+            name=run_name,
+            storage_path=str(storage_path),
+            failure_config=ray.train.FailureConfig(max_failures=resources.max_failures),
+        ),
+    )
+    result = trainer.fit()
+    with result.checkpoint.as_directory() as directory:
+        shutil.copytree(directory, out, dirs_exist_ok=True)
+    # The model now lives in the artifact store; the run's copy is only disk space.
+    shutil.rmtree(Path(storage_path) / run_name, ignore_errors=True)
+    return json.loads((out / HISTORY).read_text())

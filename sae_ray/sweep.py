@@ -23,6 +23,36 @@ from sae_ray.results import collect_results, write_results
 DRIVER_RESOURCES = {"cpu": 0, "memory": 1 << 20}  # an empty request is refused
 
 
+STRATEGY = "sharpening.strategy"
+
+
+def with_control(cfg: Config) -> Config:
+    """The sweep with its λ = 0 control trial added, unless it has one or asked for none.
+
+    The control is enqueued first with the first point's other settings (same SAE, same
+    epochs: equal compute) and counts on top of `num_samples`; 'none' joins the strategy
+    choices so the searcher knows the value."""
+    search = cfg.search
+    points = list(search.points_to_evaluate)
+    already = any(p.get(STRATEGY) == "none" or p.get("cycles.aux_weight") == 0 for p in points)
+    always = cfg.sharpening.strategy == "none" or cfg.cycles.aux_weight == 0
+    if not search.control or already or (always and STRATEGY not in search.space):
+        return cfg
+    space = dict(search.space)
+    entry = space.get(STRATEGY)
+    if entry is None:
+        space[STRATEGY] = SpaceEntry(type="choice", values=[cfg.sharpening.strategy, "none"])
+    elif "none" not in (entry.values or []):
+        space[STRATEGY] = entry.model_copy(update={"values": [*entry.values, "none"]})
+    control = {**(points[0] if points else {}), STRATEGY: "none"}
+    update = {
+        "space": space,
+        "points_to_evaluate": [control, *points],
+        "num_samples": search.num_samples + 1,
+    }
+    return cfg.model_copy(update={"search": search.model_copy(update=update)})
+
+
 def tune_domain(entry: SpaceEntry):
     if entry.type == "choice":
         return tune.choice(entry.values)

@@ -99,3 +99,35 @@ def test_apply_params_sets_dotted_values():
     assert trial.sae.k == 4 and trial.sharpening.strategy == "none"
     with pytest.raises(C.ConfigError):
         C.apply_params(cfg, {"sae.k": 0})
+
+
+def test_control_trial_is_added_first_at_the_first_points_settings():
+    from sae_ray.sweep import with_control
+
+    cfg = C.load(
+        QUICKSTART,
+        [
+            "search.space={sae.k: {type: choice, values: [4, 8]}, "
+            "sharpening.strategy: {type: choice, values: [per_class, random]}}",
+            "search.points_to_evaluate=[{sae.k: 8, sharpening.strategy: random}]",
+        ],
+    )
+    out = with_control(cfg)
+    assert out.search.points_to_evaluate[0] == {"sae.k": 8, "sharpening.strategy": "none"}
+    assert out.search.points_to_evaluate[1:] == cfg.search.points_to_evaluate
+    assert out.search.space["sharpening.strategy"].values == ["per_class", "random", "none"]
+    assert out.search.num_samples == cfg.search.num_samples + 1
+    assert C.apply_params(out, out.search.points_to_evaluate[0]).sharpening.strategy == "none"
+    # a sweep that does not search the strategy gets it as (its strategy | none)
+    fixed = with_control(
+        C.load(
+            QUICKSTART,
+            ["search.space={sae.k: {type: choice, values: [4]}}", "search.points_to_evaluate=[]"],
+        )
+    )
+    assert fixed.search.space["sharpening.strategy"].values == ["per_class", "none"]
+    assert fixed.search.points_to_evaluate == [{"sharpening.strategy": "none"}]
+    # already present (the quickstart seeds one), or turned off: unchanged
+    assert with_control(C.load(QUICKSTART)) == C.load(QUICKSTART)
+    off = C.load(QUICKSTART, ["search.control=false", "search.points_to_evaluate=[]"])
+    assert with_control(off) == off

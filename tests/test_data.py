@@ -48,3 +48,45 @@ def test_hub_names_resolve_to_real_ids():
     assert hub_dataset("ag_news") == ("fancyzhx/ag_news", None)
     assert hub_dataset("stanfordnlp/imdb") == ("stanfordnlp/imdb", None)
     assert hub_dataset("nyu-mll/glue:cola") == ("nyu-mll/glue", "cola")
+
+
+def _fake_hub(monkeypatch, splits):
+    """datasets.load_dataset answering with in-memory splits, recording what was asked."""
+    import datasets
+
+    asked = []
+
+    def load_dataset(path, name=None, **_):
+        asked.append((path, name))
+        return datasets.DatasetDict({k: datasets.Dataset.from_dict(v) for k, v in splits.items()})
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    return asked
+
+
+def _rows(n, start=0, label=lambda i: i % 4, text="text"):
+    return {text: [f"doc {start + i}" for i in range(n)], "label": [label(i) for i in range(n)]}
+
+
+def test_ag_news_preset_keeps_its_test_split_and_carves_validation(monkeypatch):
+    asked = _fake_hub(monkeypatch, {"train": _rows(200), "test": _rows(40, start=1000)})
+    data = load_text_data(Dataset(name="ag_news", val_fraction=0.1), seed=0)
+    assert asked == [("fancyzhx/ag_news", None)]
+    test = set(data.splits["test"].texts)
+    assert test == {f"doc {1000 + i}" for i in range(40)}  # the source's test split, whole
+    val, train = set(data.splits["validation"].texts), set(data.splits["train"].texts)
+    assert len(val) == 20 and len(train) == 180 and not val & train
+    assert (val | train) == {f"doc {i}" for i in range(200)}  # carved from train
+
+
+def test_sst2_preset_uses_validation_as_test_when_test_labels_are_hidden(monkeypatch):
+    splits = {
+        "train": _rows(100, text="sentence", label=lambda i: i % 2),
+        "validation": _rows(30, start=500, text="sentence", label=lambda i: i % 2),
+        "test": _rows(30, start=900, text="sentence", label=lambda i: -1),  # GLUE hides them
+    }
+    asked = _fake_hub(monkeypatch, splits)
+    data = load_text_data(Dataset(name="glue/sst2", val_fraction=0.2), seed=0)
+    assert asked == [("nyu-mll/glue", "sst2")]
+    assert set(data.splits["test"].texts) == {f"doc {500 + i}" for i in range(30)}
+    assert len(data.splits["validation"]) == 20 and data.num_classes == 2

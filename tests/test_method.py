@@ -1,4 +1,5 @@
-"""The original SAE-ception code's bugs, each pinned down for GPT-2 and BERT style models."""
+"""The original SAE-ception code's bugs, each pinned down for GPT-2 and BERT style models
+(tiny ones built from a config, and the real pretrained MiniLM)."""
 
 import numpy as np
 import pytest
@@ -9,7 +10,7 @@ from sae_ray.finetune import TargetTable, batches, finetune, loss_on_batch
 from sae_ray.models import blocks, build_classifier, hooked, pooled
 
 
-@pytest.fixture(params=["tiny-gpt2", "tiny-bert"])
+@pytest.fixture(params=["tiny-gpt2", "tiny-bert", "minilm"])
 def clf(request, topics):
     model = build_classifier(
         request.param, topics.num_classes, topics.splits["train"].texts, seed=0, max_length=32

@@ -236,3 +236,26 @@ def test_quickstart_shares_the_cycle0_model(quickstart_sweep):
 def test_quickstart_writes_offline_wandb_runs(quickstart_sweep):
     runs = list(quickstart_sweep.glob("**/wandb/offline-run-*"))
     assert len(runs) == 4
+
+
+def test_quickstart_finetunes_on_ray_train_at_equal_compute(quickstart_sweep):
+    """Every model was trained by a 2-worker TorchTrainer run (its history holds the per-epoch
+    validation accuracy it was chosen on), and the λ = 0 control took as many steps as the
+    sharpened trials."""
+    from sae_ray.finetune import HISTORY
+
+    results = pd.read_csv(quickstart_sweep / "results.csv")
+    models = [p for p in (quickstart_sweep / "artifacts").glob("model-*") if p.is_dir()]
+    for model in models:
+        history = json.loads((model / HISTORY).read_text())
+        assert [h["epoch"] for h in history] == [0, 1, 2]
+        assert all(0 <= h["val_accuracy"] <= 1 for h in history)
+    cycle1 = results[results["cycle"] == 1]
+    assert cycle1["finetune/steps"].nunique() == 1 and cycle1["finetune/steps"].iloc[0] > 0
+    sharpened = cycle1[~cycle1["is_control"]]
+    assert (sharpened["finetune/aux"] > 0).all() and cycle1[cycle1["is_control"]][
+        "finetune/aux"
+    ].isna().all()
+    targets = list((quickstart_sweep / "artifacts").glob("targets-*"))
+    assert len(targets) == 3  # per_class, per_example, random: the control needs none
+    assert not list((quickstart_sweep / "train_runs").glob("finetune-*"))  # cleaned up
