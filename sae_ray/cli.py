@@ -42,6 +42,12 @@ def _parser() -> argparse.ArgumentParser:
             default=os.environ.get("RAY_ADDRESS"),
             help="Ray cluster to join (default: RAY_ADDRESS, else a local one)",
         )
+        if name == "sweep":
+            p.add_argument(
+                "--resume",
+                action="store_true",
+                help="finish an interrupted sweep: unfinished trials run on, finished ones stay",
+            )
     return parser
 
 
@@ -53,25 +59,33 @@ def _connect(address: str | None) -> None:
 
 
 def _print_outcome(cfg: Config, rows: list[dict[str, Any]]) -> None:
-    from sae_ray.results import best_row, summary_table
+    from sae_ray.results import best_summary, summary_table
 
     params = list(cfg.search.space)
+    goals = cfg.search.goals()
     print(f"\nresults: {cfg.sweep_dir / 'results.csv'}")
-    print(summary_table(rows, params, cfg.search.metric))
-    best = best_row(rows, cfg.search.metric, cfg.search.mode)
-    if best is None:
-        print("\nno trial completed")
+    print(summary_table(rows, params, goals[0].key))
+    summary = best_summary(rows, cfg)
+
+    def describe(entry: dict[str, Any]) -> str:
+        chosen = ", ".join(f"{p}={v}" for p, v in entry["params"].items()) or "fixed config"
+        scores = ", ".join(f"{k}={v:.4g}" for k, v in entry["objectives"].items())
+        return f"{entry['trial_id']} ({chosen}) {scores}"
+
+    if "pareto_front" in summary:
+        print(f"\nPareto front ({len(summary['pareto_front'])} trials):")
+        for entry in summary["pareto_front"]:
+            print(f"  {describe(entry)}")
+    elif summary["best"] is None:
+        print("\nno trial completed feasibly")
     else:
-        chosen = ", ".join(f"{p}={best.get(p)}" for p in params) or "fixed config"
-        print(
-            f"\nbest trial: {best['trial_id']} ({chosen}) "
-            f"{cfg.search.metric}={best[cfg.search.metric]:.4g}"
-        )
+        print(f"\nbest trial: {describe(summary['best'])}")
 
 
 def _run_one(cfg: Config) -> list[dict[str, Any]]:
     from sae_ray.cycle import run_trial
-    from sae_ray.results import write_results
+    from sae_ray.results import write_outputs
+    from sae_ray.sweep import objective_reporter
 
     rows: list[dict[str, Any]] = []
 
@@ -83,8 +97,8 @@ def _run_one(cfg: Config) -> list[dict[str, Any]]:
             + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float))
         )
 
-    run_trial(cfg, report)
-    write_results(rows, cfg.sweep_dir / "results.csv")
+    run_trial(cfg, objective_reporter(cfg.search, report))
+    write_outputs(rows, cfg)
     return rows
 
 
@@ -112,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
             import ray
 
             max_concurrent_trials(cfg, ray.cluster_resources())
-            rows = run_sweep(cfg)
+            rows = run_sweep(cfg, resume=args.resume)
         else:
             _connect(args.address)
             rows = _run_one(cfg)

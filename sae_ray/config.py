@@ -116,11 +116,16 @@ class Sharpening(Section):
 
 
 class SpaceEntry(Section):
-    type: Literal["choice", "int", "uniform", "loguniform"]
+    """One searched parameter. `when` makes it conditional: it is sampled only when every
+    named parameter has (one of) the given value(s), e.g. top_k_pct only for strategies that
+    use it; otherwise the trial keeps the YAML's value."""
+
+    type: Literal["choice", "int", "intlog", "uniform", "loguniform"]
     values: list[Any] | None = None
     low: float | None = None
     high: float | None = None
-    step: int | None = None
+    step: int | None = Field(None, ge=1)
+    when: dict[str, Any] | None = None
 
     @model_validator(mode="after")
     def _check(self) -> SpaceEntry:
@@ -129,16 +134,64 @@ class SpaceEntry(Section):
                 raise ValueError("choice needs a non-empty 'values' list")
         elif self.low is None or self.high is None or self.low > self.high:
             raise ValueError(f"{self.type} needs 'low' <= 'high'")
-        elif self.type == "loguniform" and self.low <= 0:
-            raise ValueError("loguniform needs 'low' > 0")
+        elif self.type in ("loguniform", "intlog") and self.low <= 0:
+            raise ValueError(f"{self.type} needs 'low' > 0")
+        elif self.type == "intlog" and self.step not in (None, 1):
+            raise ValueError("intlog takes no 'step'")
+        return self
+
+    def allows(self, params: dict[str, Any]) -> bool:
+        """Whether this entry is active given the parameters sampled so far."""
+        for dotted, wanted in (self.when or {}).items():
+            options = wanted if isinstance(wanted, list) else [wanted]
+            if params.get(dotted) not in options:
+                return False
+        return True
+
+
+class Objective(Section):
+    metric: str = Field(min_length=1)
+    mode: Literal["max", "min"] = "max"
+    at: Literal["last", "best"] = Field(
+        "last", description="the last cycle's value, or the best cycle's"
+    )
+
+    @property
+    def key(self) -> str:
+        """The name the searcher reads: the metric itself, or its running best."""
+        return self.metric if self.at == "last" else f"best/{self.metric}"
+
+
+class Constraint(Section):
+    """A feasibility bound on a metric at the last cycle: `min` / `max` absolute bounds, or
+    `max_drop` below its cycle-0 value (accuracy may drop at most 0.005 = 0.5 points)."""
+
+    metric: str = Field(min_length=1)
+    min: float | None = None
+    max: float | None = None
+    max_drop: float | None = Field(None, ge=0)
+
+    @model_validator(mode="after")
+    def _one_bound(self) -> Constraint:
+        if self.min is None and self.max is None and self.max_drop is None:
+            raise ValueError("a constraint needs 'min', 'max' or 'max_drop'")
         return self
 
 
 class Search(Section):
-    algorithm: Literal["tpe", "random"] = "tpe"
-    num_samples: int = Field(4, ge=1)
+    algorithm: Literal["tpe", "random", "grid", "nsga2"] = "tpe"
+    num_samples: int = Field(4, ge=1, description="trials (grid: ignored, one per point)")
     metric: str = "interp/u"
     mode: Literal["max", "min"] = "max"
+    objectives: list[Objective] = Field(
+        default_factory=list, description="several objectives: a Pareto front (overrides metric)"
+    )
+    constraints: list[Constraint] = Field(default_factory=list)
+    scheduler: Literal["none", "asha"] = Field(
+        "none", description="ASHA stops weak trials after a cycle (one objective only)"
+    )
+    grace_cycles: int = Field(1, ge=1, description="ASHA: cycles every trial runs")
+    reduction_factor: float = Field(2.0, gt=1)
     space: dict[str, SpaceEntry] = Field(default_factory=dict)
     points_to_evaluate: list[dict[str, Any]] = Field(default_factory=list)
     max_concurrent_trials: int | None = Field(None, ge=1)
@@ -148,12 +201,31 @@ class Search(Section):
         "point's other settings, beside the num_samples searched ones",
     )
 
+    @model_validator(mode="after")
+    def _check(self) -> Search:
+        targets = self.goals()
+        names = [o.metric for o in targets]
+        if len(set(names)) != len(names):
+            raise ValueError(f"objective {names[0]!r} is listed twice")
+        if self.scheduler == "asha" and len(targets) > 1:
+            raise ValueError("asha stops trials on one objective; drop it or use one objective")
+        if self.algorithm == "grid":
+            for dotted, entry in self.space.items():
+                if entry.type != "choice" and not (entry.type == "int" and entry.step):
+                    raise ValueError(f"grid needs choice (or int with step) entries: {dotted}")
+        return self
+
+    def goals(self) -> list[Objective]:
+        """The objectives: the list, or the single metric/mode."""
+        return self.objectives or [Objective(metric=self.metric, mode=self.mode)]
+
 
 class Resources(Section):
     num_workers: int = Field(2, ge=1)
     use_gpu: bool = False
     cpus_per_worker: float = Field(0.5, gt=0)
     max_failures: int = Field(2, ge=0, description="worker-group restarts of a Train run")
+    trial_retries: int = Field(1, ge=0, description="re-runs of a failed trial (artifacts kept)")
 
 
 class Wandb(Section):
@@ -220,8 +292,13 @@ def _check_space(config: Config) -> None:
     base = config.model_dump()
     for dotted, entry in config.search.space.items():
         candidates = entry.values if entry.type == "choice" else [entry.low, entry.high]
-        if entry.type == "int":
+        if entry.type in ("int", "intlog"):
             candidates = [int(c) for c in candidates]
+        for parent in entry.when or {}:
+            if parent not in config.search.space or parent == dotted:
+                raise ConfigError(
+                    f"search.space.{dotted}.when: {parent} is not another searched parameter"
+                )
         for value in candidates:
             trial = copy.deepcopy(base)
             try:

@@ -7,13 +7,18 @@ finished, plus a row saying why it stopped, so no finished work is lost from the
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import sqlite3
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 from tabulate import tabulate
+
+if TYPE_CHECKING:
+    from sae_ray.config import Config, Objective, SpaceEntry
 
 LEAD = ["trial_id", "cycle"]
 TAIL = ["status", "error"]
@@ -133,3 +138,147 @@ def summary_table(rows: list[dict[str, Any]], params: list[str], metric: str) ->
         line["status"] = row.get("status")
         table.append(line)
     return tabulate(table, headers="keys", floatfmt=".4g", tablefmt="github")
+
+
+# ---------------------------------------------------------------- best.json, the study
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _feasible(row: dict[str, Any]) -> bool:
+    flag = row.get("feasible", True)
+    return bool(flag) if not _isnan(flag) else True
+
+
+def scored_rows(rows: list[dict[str, Any]], goals: list[Objective]) -> list[dict[str, Any]]:
+    """Trials that can be best: completed, feasible, every objective a finite number."""
+    return [
+        r
+        for r in final_rows(rows)
+        if r.get("status") == "COMPLETE"
+        and _feasible(r)
+        and all(_finite(r.get(g.key)) for g in goals)
+    ]
+
+
+def dominates(a: dict, b: dict, goals: list[Objective]) -> bool:
+    """a is at least as good as b on every objective and better on one."""
+    signs = [1 if g.mode == "max" else -1 for g in goals]
+    diffs = [s * (a[g.key] - b[g.key]) for s, g in zip(signs, goals, strict=True)]
+    return all(d >= 0 for d in diffs) and any(d > 0 for d in diffs)
+
+
+def pareto_front(rows: list[dict[str, Any]], goals: list[Objective]) -> list[dict[str, Any]]:
+    candidates = scored_rows(rows, goals)
+    return [r for r in candidates if not any(dominates(o, r, goals) for o in candidates)]
+
+
+def _entry(row: dict[str, Any], params: list[str], goals: list[Objective]) -> dict[str, Any]:
+    return {
+        "trial_id": row["trial_id"],
+        "cycle": row.get("cycle"),
+        "params": {p: row.get(p) for p in params if not _isnan(row.get(p))},
+        "objectives": {g.key: row[g.key] for g in goals},
+        "is_control": bool(row.get("is_control", False)),
+    }
+
+
+def best_summary(rows: list[dict[str, Any]], cfg: Config) -> dict[str, Any]:
+    """The best feasible trial (one objective) or the Pareto front (several), with the
+    settings that produced them; infeasible and failed trials are never best."""
+    goals = cfg.search.goals()
+    params = list(cfg.search.space)
+    out: dict[str, Any] = {
+        "sweep": cfg.experiment.name,
+        "objectives": [g.model_dump() for g in goals],
+        "constraints": [c.model_dump(exclude_none=True) for c in cfg.search.constraints],
+        "trials": len(final_rows(rows)),
+        "feasible": len(scored_rows(rows, goals)),
+    }
+    if len(goals) > 1:
+        front = pareto_front(rows, goals)
+        out["pareto_front"] = [_entry(r, params, goals) for r in front]
+    else:
+        best = best_row(scored_rows(rows, goals), goals[0].key, goals[0].mode)
+        out["best"] = _entry(best, params, goals) if best else None
+    return out
+
+
+def _distribution(entry: SpaceEntry):
+    import optuna.distributions as d
+
+    if entry.type == "choice":
+        return d.CategoricalDistribution(entry.values)
+    if entry.type in ("int", "intlog"):
+        log = entry.type == "intlog"
+        step = 1 if log else entry.step or 1
+        return d.IntDistribution(int(entry.low), int(entry.high), log=log, step=step)
+    return d.FloatDistribution(entry.low, entry.high, log=entry.type == "loguniform")
+
+
+def export_study(rows: list[dict[str, Any]], cfg: Config, path: Path) -> None:
+    """The sweep as an Optuna study in SQLite, for Optuna's own analysis and plots:
+    `optuna.load_study(study_name=<sweep name>, storage="sqlite:///<path>")`."""
+    import optuna
+
+    goals = cfg.search.goals()
+    space = cfg.search.space
+    tmp = path.with_suffix(".db.tmp")
+    tmp.unlink(missing_ok=True)
+    storage = f"sqlite:///{tmp}"
+    study = optuna.create_study(
+        study_name=cfg.experiment.name,
+        storage=storage,
+        directions=["maximize" if g.mode == "max" else "minimize" for g in goals],
+    )
+    by_trial: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        by_trial.setdefault(row["trial_id"], []).append(row)
+    trials = []
+    for final in final_rows(rows):
+        params = {p: final.get(p) for p in space if final.get(p) is not None}
+        params = {p: v for p, v in params.items() if not _isnan(v)}
+        values = [final.get(g.key) for g in goals]
+        done = final.get("status") == "COMPLETE" and all(_finite(v) for v in values)
+        cycles = [r for r in by_trial[final["trial_id"]] if _finite(r.get("cycle"))]
+        trials.append(
+            optuna.trial.create_trial(
+                params=params,
+                distributions={p: _distribution(space[p]) for p in params},
+                values=[float(v) for v in values] if done else None,
+                state=optuna.trial.TrialState.COMPLETE if done else optuna.trial.TrialState.FAIL,
+                user_attrs={
+                    "trial_id": final["trial_id"],
+                    "feasible": _feasible(final),
+                    "constraint": [float(final.get("constraint/violation", 0.0) or 0.0)],
+                    "error": final.get("error") or "",
+                },
+                intermediate_values=(
+                    {
+                        int(r["cycle"]): float(r[goals[0].key])
+                        for r in cycles
+                        if _finite(r.get(goals[0].key))
+                    }
+                    if len(goals) == 1
+                    else None
+                ),
+            )
+        )
+    study.add_trials(trials)
+    del study
+    with sqlite3.connect(tmp):
+        pass  # every connection closed before the rename
+    os.replace(tmp, path)
+
+
+def write_outputs(rows: list[dict[str, Any]], cfg: Config) -> None:
+    """results.csv, best.json and optuna.db under the sweep directory, each atomically."""
+    write_results(rows, cfg.sweep_dir / "results.csv")
+    best = cfg.sweep_dir / "best.json"
+    tmp = best.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(best_summary(rows, cfg), indent=1, default=str))
+    os.replace(tmp, best)
+    if rows:
+        export_study(rows, cfg, cfg.sweep_dir / "optuna.db")

@@ -1,12 +1,18 @@
 """Sweep YAML -> Ray Tune run: OptunaSearch over the dotted space, one function trial each.
 
-Each trial only reserves its driver (no CPU); the SAE's TorchTrainer asks for its workers
-when it starts. Concurrency is sized so that running trials' workers never take the last CPU,
-which Ray Data's read tasks need (the Tune + Train deadlock DESIGN.md describes).
+The space is define-by-run (Optuna's own way to express conditional parameters); TPE,
+NSGA-II, random and grid are Optuna samplers behind Tune's `OptunaSearch`. Constraints go
+to the samplers as Optuna constraint values (infeasible trials inform the search but are
+never best). Each trial only reserves its driver (no CPU); its TorchTrainers ask for their
+workers when they start. Concurrency is sized so that running trials' workers never take
+the last CPU, which Ray Data's read tasks need (the Tune + Train deadlock DESIGN.md
+describes).
 """
 
 from __future__ import annotations
 
+import functools
+import logging
 import math
 import os
 from typing import Any
@@ -16,14 +22,14 @@ import ray
 from ray import tune
 from ray.tune.search.optuna import OptunaSearch
 
-from sae_ray.config import Config, ConfigError, SpaceEntry, apply_params
+from sae_ray.config import Config, ConfigError, Constraint, Search, SpaceEntry, apply_params
 from sae_ray.cycle import run_trial
-from sae_ray.results import collect_results, write_results
+from sae_ray.results import collect_results, write_outputs
 
+log = logging.getLogger(__name__)
 DRIVER_RESOURCES = {"cpu": 0, "memory": 1 << 20}  # an empty request is refused
-
-
 STRATEGY = "sharpening.strategy"
+VIOLATION = "constraint/violation"
 
 
 def with_control(cfg: Config) -> Config:
@@ -31,7 +37,7 @@ def with_control(cfg: Config) -> Config:
 
     The control is enqueued first with the first point's other settings (same SAE, same
     epochs: equal compute) and counts on top of `num_samples`; 'none' joins the strategy
-    choices so the searcher knows the value."""
+    choices so the searcher knows the value (a grid then simply includes it)."""
     search = cfg.search
     points = list(search.points_to_evaluate)
     already = any(p.get(STRATEGY) == "none" or p.get("cycles.aux_weight") == 0 for p in points)
@@ -44,43 +50,100 @@ def with_control(cfg: Config) -> Config:
         space[STRATEGY] = SpaceEntry(type="choice", values=[cfg.sharpening.strategy, "none"])
     elif "none" not in (entry.values or []):
         space[STRATEGY] = entry.model_copy(update={"values": [*entry.values, "none"]})
-    control = {**(points[0] if points else {}), STRATEGY: "none"}
-    update = {
-        "space": space,
-        "points_to_evaluate": [control, *points],
-        "num_samples": search.num_samples + 1,
-    }
+    update: dict[str, Any] = {"space": space}
+    if search.algorithm != "grid":
+        update["points_to_evaluate"] = [{**(points[0] if points else {}), STRATEGY: "none"}]
+        update["points_to_evaluate"] += points
+        update["num_samples"] = search.num_samples + 1
     return cfg.model_copy(update={"search": search.model_copy(update=update)})
 
 
-def tune_domain(entry: SpaceEntry):
-    if entry.type == "choice":
-        return tune.choice(entry.values)
-    if entry.type == "int":
-        low, high = int(entry.low), int(entry.high)
-        return tune.qrandint(low, high, entry.step) if entry.step else tune.randint(low, high + 1)
-    if entry.type == "loguniform":
-        return tune.loguniform(entry.low, entry.high)
-    return tune.uniform(entry.low, entry.high)
-
-
-def search_space(cfg: Config) -> dict[str, Any]:
+def search_space(cfg: Config) -> dict[str, SpaceEntry]:
+    """The searched entries, parents before the entries conditional on them."""
     if not cfg.search.space:
         raise ConfigError("search.space: a sweep needs at least one searched parameter")
-    return {dotted: tune_domain(entry) for dotted, entry in cfg.search.space.items()}
+    if cfg.search.algorithm == "grid" and cfg.search.points_to_evaluate:
+        raise ConfigError("search.points_to_evaluate: a grid runs every point already")
+    return dict(sorted(cfg.search.space.items(), key=lambda item: item[1].when is not None))
+
+
+def grid_values(entry: SpaceEntry) -> list[Any]:
+    if entry.type == "choice":
+        return list(entry.values or [])
+    return list(range(int(entry.low), int(entry.high) + 1, entry.step or 1))
+
+
+def suggest(space: dict[str, SpaceEntry], trial: optuna.Trial) -> None:
+    """Define-by-run: each active entry asks the Optuna trial for a value."""
+    params: dict[str, Any] = {}
+    for dotted, entry in space.items():
+        if not entry.allows(params):
+            continue
+        low, high = entry.low, entry.high
+        if entry.type == "choice":
+            params[dotted] = trial.suggest_categorical(dotted, entry.values)
+        elif entry.type in ("int", "intlog"):
+            log_scale = entry.type == "intlog"
+            step = 1 if log_scale else entry.step or 1
+            params[dotted] = trial.suggest_int(
+                dotted, int(low), int(high), step=step, log=log_scale
+            )
+        else:
+            params[dotted] = trial.suggest_float(dotted, low, high, log=entry.type == "loguniform")
+
+
+class ConstrainedOptunaSearch(OptunaSearch):
+    """OptunaSearch that hands each finished trial's constraint violation to Optuna
+    (`Trial.set_constraint`, which TPE and NSGA-II read) before telling the study."""
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
+        ot_trial = self._ot_trials.get(trial_id)
+        if ot_trial is not None and result and VIOLATION in result:
+            ot_trial.set_constraint("violation", float(result[VIOLATION]))
+        super().on_trial_complete(trial_id, result, error)
+
+
+def make_sampler(search: Search, seed: int, space: dict[str, SpaceEntry]):
+    if search.algorithm == "tpe":
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True)
+    if search.algorithm == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=seed)
+    if search.algorithm == "grid":
+        return optuna.samplers.GridSampler({k: grid_values(e) for k, e in space.items()}, seed)
+    return optuna.samplers.RandomSampler(seed=seed)
 
 
 def make_searcher(cfg: Config) -> OptunaSearch:
-    seed = cfg.experiment.seed
-    if cfg.search.algorithm == "tpe":
-        sampler = optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True)
-    else:
-        sampler = optuna.samplers.RandomSampler(seed=seed)
-    return OptunaSearch(
-        metric=cfg.search.metric,
-        mode=cfg.search.mode,
-        sampler=sampler,
+    space = search_space(cfg)
+    goals = cfg.search.goals()
+    keys = [g.key for g in goals]
+    modes = [g.mode for g in goals]
+    return ConstrainedOptunaSearch(
+        space=functools.partial(suggest, space),
+        metric=keys if len(keys) > 1 else keys[0],
+        mode=modes if len(modes) > 1 else modes[0],
+        sampler=make_sampler(cfg.search, cfg.experiment.seed, space),
         points_to_evaluate=cfg.search.points_to_evaluate or None,
+    )
+
+
+def num_trials(cfg: Config) -> int:
+    if cfg.search.algorithm == "grid":
+        return math.prod(len(grid_values(e)) for e in cfg.search.space.values())
+    return cfg.search.num_samples
+
+
+def make_scheduler(cfg: Config):
+    if cfg.search.scheduler != "asha":
+        return None
+    goal = cfg.search.goals()[0]
+    return tune.schedulers.ASHAScheduler(
+        time_attr="training_iteration",  # one report per cycle
+        metric=goal.key,
+        mode=goal.mode,
+        max_t=cfg.cycles.count,
+        grace_period=min(cfg.search.grace_cycles, cfg.cycles.count),
+        reduction_factor=cfg.search.reduction_factor,
     )
 
 
@@ -108,9 +171,49 @@ def max_concurrent_trials(cfg: Config, cluster: dict[str, float]) -> int:
     return max(1, fit)
 
 
+def violation(constraints: list[Constraint], metrics: dict, first: dict) -> float:
+    """How far a cycle's metrics are outside the constraints, summed (0 when feasible)."""
+    total = 0.0
+    for c in constraints:
+        if c.metric not in metrics:
+            raise ConfigError(f"search.constraints: {c.metric} is not a reported metric")
+        value = float(metrics[c.metric])
+        if c.min is not None:
+            total += max(0.0, c.min - value)
+        if c.max is not None:
+            total += max(0.0, value - c.max)
+        if c.max_drop is not None:
+            total += max(0.0, float(first[c.metric]) - value - c.max_drop)
+    return total
+
+
+def objective_reporter(search: Search, report):
+    """Wrap a per-cycle report: add each 'best'-cycle objective's running best, and the
+    constraint violation against cycle 0, so the searcher and ASHA read them directly."""
+    first: dict[str, Any] = {}
+    best: dict[str, float] = {}
+
+    def wrapped(metrics: dict[str, Any]) -> None:
+        metrics = dict(metrics)
+        if not first:
+            first.update(metrics)
+        for goal in search.goals():
+            if goal.at == "best":
+                value = float(metrics[goal.metric])
+                pick = max if goal.mode == "max" else min
+                best[goal.key] = pick(best.get(goal.key, value), value)
+                metrics[goal.key] = best[goal.key]
+        if search.constraints:
+            metrics[VIOLATION] = violation(search.constraints, metrics, first)
+            metrics["feasible"] = metrics[VIOLATION] == 0
+        report(metrics)
+
+    return wrapped
+
+
 def _trainable(params: dict[str, Any], base: dict[str, Any]) -> None:
     cfg = apply_params(Config.model_validate(base), params)
-    run_trial(cfg, report=tune.report)
+    run_trial(cfg, report=objective_reporter(cfg.search, tune.report))
 
 
 def _trial_name(trial) -> str:
@@ -138,32 +241,41 @@ def _callbacks(cfg: Config) -> list:
     ]
 
 
-def run_sweep(cfg: Config) -> list[dict[str, Any]]:
-    """Run the sweep on the connected Ray cluster and write results.csv; returns its rows."""
-    space = search_space(cfg)
-    concurrency = max_concurrent_trials(cfg, ray.cluster_resources())
+def _tuner(cfg: Config, resume: bool) -> tune.Tuner:
     trainable = tune.with_resources(
         tune.with_parameters(_trainable, base=cfg.model_dump()), DRIVER_RESOURCES
     )
-    tuner = tune.Tuner(
+    callbacks = _callbacks(cfg)
+    if resume:
+        if not tune.Tuner.can_restore(str(cfg.sweep_dir)):
+            raise ConfigError(f"--resume: no sweep to resume at {cfg.sweep_dir}")
+        # Unfinished trials run on (their finished cycles' artifacts are reused); completed
+        # and errored ones are kept as they are.
+        return tune.Tuner.restore(str(cfg.sweep_dir), trainable, resume_unfinished=True)
+    return tune.Tuner(
         trainable,
-        param_space=space,
         tune_config=tune.TuneConfig(
             search_alg=make_searcher(cfg),
-            num_samples=cfg.search.num_samples,
-            max_concurrent_trials=concurrency,
+            scheduler=make_scheduler(cfg),
+            num_samples=num_trials(cfg),
+            max_concurrent_trials=max_concurrent_trials(cfg, ray.cluster_resources()),
             trial_name_creator=_trial_name,
             trial_dirname_creator=_trial_name,
         ),
         run_config=tune.RunConfig(
             name=cfg.experiment.name,
             storage_path=str(cfg.sweep_dir.parent),
-            callbacks=_callbacks(cfg),
-            failure_config=tune.FailureConfig(max_failures=0),
+            callbacks=callbacks,
+            failure_config=tune.FailureConfig(max_failures=cfg.resources.trial_retries),
             verbose=1,
         ),
     )
-    grid = tuner.fit()
+
+
+def run_sweep(cfg: Config, resume: bool = False) -> list[dict[str, Any]]:
+    """Run (or resume) the sweep on the connected Ray cluster; write results.csv, best.json
+    and the Optuna study; return the result rows."""
+    grid = _tuner(cfg, resume).fit()
     rows = collect_results(grid, list(cfg.search.space))
-    write_results(rows, cfg.sweep_dir / "results.csv")
+    write_outputs(rows, cfg)
     return rows

@@ -220,17 +220,26 @@ def test_quickstart_sweep_end_to_end(quickstart_sweep):
 
 
 def test_quickstart_shares_the_cycle0_model(quickstart_sweep):
+    """4 trials with fixed cycle-0 settings: one cycle-0 fine-tune and one extraction of its
+    activations, counted from the artifact store (not from logs)."""
     from sae_ray.store import DONE
 
     artifacts = quickstart_sweep / "artifacts"
-    specs = [
-        json.loads((p / "spec.json").read_text())
-        for p in artifacts.glob("model-*")
-        if (p / DONE).exists()
-    ]
-    cycle0 = [s for s in specs if "parent" not in s]
-    assert len(cycle0) == 1  # fine-tuned once for all 4 trials, counted from the store
-    assert len(specs) == 1 + 4  # plus one cycle-1 model per trial
+
+    def specs(kind):
+        return {
+            p.name.split("-", 1)[1]: json.loads((p / "spec.json").read_text())
+            for p in artifacts.glob(f"{kind}-*")
+            if (p / DONE).exists()
+        }
+
+    models = specs("model")
+    cycle0 = [key for key, spec in models.items() if "parent" not in spec]
+    assert len(cycle0) == 1  # fine-tuned once for all 4 trials
+    assert len(models) == 1 + 4  # plus one cycle-1 model per trial
+    activations = specs("activations").values()
+    assert sum(spec["parent"] == cycle0[0] for spec in activations) == 1
+    assert len(activations) == 1 + 4
 
 
 def test_quickstart_writes_offline_wandb_runs(quickstart_sweep):

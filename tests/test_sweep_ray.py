@@ -1,0 +1,123 @@
+"""A real 2-objective NSGA-II sweep whose driver is SIGKILLed after one trial completed, then
+finished with `--resume`: every trial present once, the completed one not re-run, a trial
+that fails (a layer the model does not have) recorded with its error while the sweep goes
+on, and a Pareto front in which no member is dominated by another trial."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pytest
+
+from tests.conftest import QUICKSTART, ROOT
+
+pytestmark = pytest.mark.ray
+
+TRIALS = 4
+OVERRIDES = [
+    "experiment.name=pareto",
+    "dataset.num_examples=400",
+    "cycles.count=1",
+    "cycles.epochs=1",
+    "sae.epochs=2",
+    "search.algorithm=nsga2",
+    f"search.num_samples={TRIALS}",
+    "search.control=false",
+    "search.objectives=[{metric: interp/u, mode: max}, {metric: sae/fvu, mode: min}]",
+    "search.space={sae.k: {type: choice, values: [2, 4, 8, 16]}, "
+    "sae.expansion_factor: {type: intlog, low: 2, high: 8}, "
+    "model.layer: {type: choice, values: [-1, -2, 5]}}",  # tiny-gpt2 has 2 blocks
+    "search.points_to_evaluate=[{sae.k: 4, sae.expansion_factor: 2, model.layer: -1}, "
+    "{sae.k: 8, sae.expansion_factor: 2, model.layer: 5}]",
+    "wandb.mode=disabled",
+]
+
+
+def _terminated(sweep_dir) -> list[str]:
+    """Trials Tune's saved experiment state records as finished (what a resume trusts)."""
+    done = []
+    for state in sweep_dir.glob("experiment_state-*.json"):
+        try:
+            trials = json.loads(state.read_text())["trial_data"]
+        except (ValueError, KeyError):
+            continue  # being rewritten
+        for trial_json, _ in trials:
+            trial = json.loads(trial_json)
+            if trial.get("status") == "TERMINATED":
+                done.append(trial["trial_id"])
+    return done
+
+
+@pytest.fixture(scope="session")
+def resumed_sweep(ray_cluster, tmp_path_factory):
+    from sae_ray import cli
+
+    storage = tmp_path_factory.mktemp("resume")
+    args = [str(QUICKSTART), *OVERRIDES, f"experiment.storage_path={storage}"]
+    address = ray_cluster.get_runtime_context().gcs_address
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "sae_ray", "sweep", *args, "--address", address],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    sweep_dir = storage / "pareto"
+    deadline = time.time() + 480
+    while not _terminated(sweep_dir):
+        assert driver.poll() is None, "the sweep driver ended before any trial completed"
+        assert time.time() < deadline, "no trial completed in 8 minutes"
+        time.sleep(2)
+    driver.send_signal(signal.SIGKILL)
+    driver.wait()
+    done = _terminated(sweep_dir)
+    before = {t: (sweep_dir / f"trial_{t}" / "result.json").read_text() for t in done}
+    assert not (sweep_dir / "results.csv").exists()  # it really died mid-sweep
+    assert cli.main(["sweep", *args, "--resume"]) == 0
+    return sweep_dir, before
+
+
+def test_resume_finishes_every_trial_once_without_rerunning_completed(resumed_sweep):
+    sweep_dir, before = resumed_sweep
+    results = pd.read_csv(sweep_dir / "results.csv")
+    assert results["trial_id"].nunique() == TRIALS
+    assert len(results) == TRIALS  # one row each (one cycle, or the error), none twice
+    failed = results[results["status"] == "ERROR"]
+    assert (failed["model.layer"] == 5).all() and len(failed) >= 1
+    assert failed["error"].str.contains("model.layer: 5 is out of range").all()
+    assert (results.loc[results["model.layer"] != 5, "status"] == "COMPLETE").all()
+    for trial, text in before.items():  # a re-run would have appended results again
+        assert (sweep_dir / f"trial_{trial}" / "result.json").read_text() == text
+
+
+def test_two_objective_sweep_writes_an_undominated_pareto_front(resumed_sweep):
+    sweep_dir, _ = resumed_sweep
+    results = pd.read_csv(sweep_dir / "results.csv")
+    results = results[results["status"] == "COMPLETE"]
+    front = json.loads((sweep_dir / "best.json").read_text())["pareto_front"]
+    assert front
+    for member in front:
+        u, fvu = member["objectives"]["interp/u"], member["objectives"]["sae/fvu"]
+        better = results[
+            (results["interp/u"] >= u)
+            & (results["sae/fvu"] <= fvu)
+            & ((results["interp/u"] > u) | (results["sae/fvu"] < fvu))
+        ]
+        assert better.empty, f"{member['trial_id']} is dominated"
+    front_ids = {m["trial_id"] for m in front}
+    for _, row in results.iterrows():  # and every trial off the front is dominated by it
+        if row["trial_id"] not in front_ids:
+            assert any(
+                m["objectives"]["interp/u"] >= row["interp/u"]
+                and m["objectives"]["sae/fvu"] <= row["sae/fvu"]
+                for m in front
+            )
+    import optuna
+
+    study = optuna.load_study(study_name="pareto", storage=f"sqlite:///{sweep_dir / 'optuna.db'}")
+    assert len(study.trials) == TRIALS and len(study.directions) == 2
