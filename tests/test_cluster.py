@@ -1,0 +1,59 @@
+"""The cluster files parse and pass the checks Ray offers offline; none opens the dashboard,
+GCS or client ports to the world."""
+
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+CLUSTER = Path(__file__).resolve().parents[1] / "cluster"
+
+
+@pytest.mark.parametrize("name", ["aws.yaml", "gcp.yaml"])
+def test_launcher_configs_pass_rays_schema(name):
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    raw = yaml.safe_load((CLUSTER / name).read_text())
+    validate_config(prepare_config(raw))  # the checks `ray up` runs before it starts anything
+    types = raw["available_node_types"]
+    assert types[raw["head_node_type"]]["resources"] == {"CPU": 0}
+    assert {"gpu_h100"} <= set(types) and len(types) >= 3  # head, mid-size GPU, H100
+    starts = " ".join(raw["head_start_ray_commands"])
+    assert "--dashboard-host=127.0.0.1" in starts and "RAY_AUTH_MODE=token" in starts
+
+
+def test_kuberay_manifests_are_ray_io_v1_and_stay_inside_the_cluster():
+    cluster = yaml.safe_load((CLUSTER / "kuberay" / "raycluster.yaml").read_text())
+    job = yaml.safe_load((CLUSTER / "kuberay" / "rayjob.yaml").read_text())
+    assert (cluster["apiVersion"], cluster["kind"]) == ("ray.io/v1", "RayCluster")
+    assert (job["apiVersion"], job["kind"]) == ("ray.io/v1", "RayJob")
+    assert job["spec"]["entrypoint"].startswith("sae-ray sweep ")
+    for spec in (cluster["spec"], job["spec"]["rayClusterSpec"]):
+        assert spec["headGroupSpec"]["serviceType"] == "ClusterIP"
+        assert spec["authOptions"]["mode"] == "token"
+        gpu = spec["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
+        assert gpu["resources"]["limits"]["nvidia.com/gpu"] == "1"
+
+
+def test_runtime_env_is_valid_for_ray():
+    from ray.runtime_env import RuntimeEnv
+
+    env = RuntimeEnv(**yaml.safe_load((CLUSTER / "runtime_env.yaml").read_text()))
+    assert env["env_vars"]["WANDB_MODE"] == "offline"
+
+
+def test_slurm_script_is_valid_bash():
+    script = CLUSTER / "slurm_sweep.sh"
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    text = script.read_text()
+    assert "--dashboard-host=127.0.0.1" in text and "RAY_AUTH_MODE=token" in text
+
+
+def test_no_cluster_file_opens_ports_to_the_world():
+    for path in CLUSTER.rglob("*"):
+        if path.is_file() and path.suffix != ".md":
+            # what the files configure, not what their comments warn against
+            text = "\n".join(line.split("#")[0] for line in path.read_text().splitlines())
+            assert "0.0.0.0/0" not in text, path
+            assert "LoadBalancer" not in text and "NodePort" not in text, path
