@@ -131,3 +131,11 @@ def test_control_trial_is_added_first_at_the_first_points_settings():
     assert with_control(C.load(QUICKSTART)) == C.load(QUICKSTART)
     off = C.load(QUICKSTART, ["search.control=false", "search.points_to_evaluate=[]"])
     assert with_control(off) == off
+
+
+@pytest.mark.parametrize("path", sorted((QUICKSTART.parent).glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_sweep_file_validates(path):
+    cfg = C.load(path)
+    assert search_space(cfg)
+    for point in cfg.search.points_to_evaluate:
+        C.apply_params(cfg, point)  # each seeded point is a valid trial
