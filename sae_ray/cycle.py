@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from sae_ray import telemetry
 from sae_ray.activations import extract, load_sequences, load_tokens, read_manifest
 from sae_ray.config import Config, ConfigError
 from sae_ray.data import TextData, load_text_data
@@ -77,6 +79,7 @@ def sae_train_config(cfg: Config, hp: str, d_in: int, cycle: int) -> SaeTrainCon
         init_seed=cfg.experiment.seed + cycle,
         progress=False,
         run_name=f"sae-c{cycle}",
+        sweep=cfg.experiment.name,
     )
 
 
@@ -110,6 +113,7 @@ def run_trial(cfg: Config, report: Report) -> None:
         hp = hookpoint(clf.model, layer)
 
         def make_acts(out: Path, clf=clf, layer=layer) -> None:
+            started = time.perf_counter()
             for split in ("train", "validation", "test"):
                 extract(
                     clf,
@@ -120,6 +124,10 @@ def run_trial(cfg: Config, report: Report) -> None:
                     dtype=cfg.sae.activation_dtype,
                     tokens=split != "test",
                 )
+            rows = read_manifest(out / "train" / "tokens").rows
+            telemetry.extraction_rows_per_s(
+                cfg.experiment.name, rows / (time.perf_counter() - started)
+            )
 
         acts_spec = {
             "parent": model_key,
@@ -150,6 +158,8 @@ def run_trial(cfg: Config, report: Report) -> None:
             )
             result.saes[hp].save(out)
             (out / "train_metrics.json").write_text(json.dumps(result.metrics))
+            # The workers report it live, but a short fit ends before their last export.
+            telemetry.sae_tokens_per_s(cfg.experiment.name, hp, result.metrics["tokens_per_s"])
 
         sae_dir, sae_key = store.get_or_compute("sae", sae_spec, make_sae)
         sae = SparseAutoencoder.load(sae_dir)

@@ -30,6 +30,7 @@ from ray.train import Checkpoint, ScalingConfig
 from ray.train.torch import TorchTrainer
 from safetensors.torch import load_file, save_file
 
+from sae_ray import telemetry
 from sae_ray.activations import column_of, read_manifest
 from sae_ray.config import Resources
 from sae_ray.sae import SaeConfig, SparseAutoencoder, auxk_loss, decoder_absorption, default_lr
@@ -72,6 +73,7 @@ class SaeTrainConfig(BaseModel):
     log_to_wandb: bool = False
     wandb_project: str = "sae-ray"
     run_name: str = "sae"
+    sweep: str = Field("", description="tag of the dashboard metrics (default: run_name)")
 
     @model_validator(mode="after")
     def _check(self) -> SaeTrainConfig:
@@ -477,6 +479,8 @@ def train_loop(config: dict[str, Any]) -> None:
                 rate = (progress.tokens - started_tokens) / (time.perf_counter() - started)
                 row = {"step": progress.step, "tokens": progress.tokens, "epoch": epoch}
                 row.update(_log_metrics(cfg, saes, stats), tokens_per_s=rate)
+                for hp in cfg.hookpoints:
+                    telemetry.sae_tokens_per_s(cfg.sweep or cfg.run_name, hp, rate)
                 if bar is not None:
                     fvu, dead = (row[f"{m}/{cfg.hookpoints[0]}"] for m in ("fvu", "dead_pct"))
                     bar.set_description(f"{cfg.run_name} fvu {fvu:.3f} dead {dead:.0f}%")

@@ -22,6 +22,7 @@ import ray
 from ray import tune
 from ray.tune.search.optuna import OptunaSearch
 
+from sae_ray import telemetry
 from sae_ray.config import Config, ConfigError, Constraint, Search, SpaceEntry, apply_params
 from sae_ray.cycle import run_trial
 from sae_ray.results import collect_results, write_outputs
@@ -216,14 +217,42 @@ def _trainable(params: dict[str, Any], base: dict[str, Any]) -> None:
     run_trial(cfg, report=objective_reporter(cfg.search, tune.report))
 
 
+class SweepMetrics(tune.Callback):
+    """Trials finished / errored and the best feasible objective so far, on Ray's metrics
+    endpoint (see telemetry.py), from the sweep driver."""
+
+    def __init__(self, sweep: str, goals: list):
+        self.sweep = sweep
+        self.goals = goals
+        self.best: dict[str, float] = {}
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        if result.get("feasible") is False:
+            return
+        for goal in self.goals:
+            value = result.get(goal.key)
+            if not isinstance(value, (int, float)) or not math.isfinite(value):
+                continue
+            pick = max if goal.mode == "max" else min
+            self.best[goal.key] = pick(self.best.get(goal.key, value), value)
+            telemetry.best_objective(self.sweep, goal.key, self.best[goal.key])
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        telemetry.trial_ended(self.sweep, "finished")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        telemetry.trial_ended(self.sweep, "errored")
+
+
 def _trial_name(trial) -> str:
     """Short and stable: the default packs every parameter into the folder name."""
     return f"trial_{trial.trial_id}"
 
 
 def _callbacks(cfg: Config) -> list:
+    metrics = SweepMetrics(cfg.experiment.name, cfg.search.goals())
     if cfg.wandb.mode == "disabled":
-        return []
+        return [metrics]
     from ray.air.integrations.wandb import WandbLoggerCallback
 
     # The callback's own mode= is not enough offline: wandb reads the environment.
@@ -232,12 +261,13 @@ def _callbacks(cfg: Config) -> list:
     os.environ.setdefault("WANDB_DIR", str(cfg.sweep_dir))
     cfg.sweep_dir.mkdir(parents=True, exist_ok=True)
     return [
+        metrics,
         WandbLoggerCallback(
             project=cfg.wandb.project,
             group=cfg.experiment.name,
             mode=cfg.wandb.mode,
             log_config=True,
-        )
+        ),
     ]
 
 

@@ -4,14 +4,33 @@ quickstart sweep for the end-to-end tests (started once per session, only if nee
 from __future__ import annotations
 
 import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("WANDB_MODE", "offline")
+# Ray reads its auth mode when imported: the test cluster (like every local cluster since Ray
+# 2.59) uses token authentication, so this process must say so before anything imports ray.
+os.environ["RAY_AUTH_MODE"] = "token"
 os.environ.setdefault("WANDB_SILENT", "true")
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "sweeps" / "quickstart.yaml"
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# The node's Prometheus endpoint in the shared test cluster. Kept in the environment: test
+# modules import this file again as `tests.conftest`, and both copies must agree.
+METRICS_PORT = int(os.environ.setdefault("SAE_RAY_TEST_METRICS_PORT", str(_free_port())))
 
 
 @pytest.fixture(scope="session")
@@ -22,30 +41,79 @@ def topics():
     return load_text_data(Dataset(num_examples=200), seed=0)
 
 
+def ray_env() -> dict[str, str]:
+    """The environment of the `ray` CLI calls: this venv's scripts first on PATH, so the head
+    and the jobs it runs find `sae-ray` and the same Python; token authentication on (local
+    clusters use it since Ray 2.59, and the job CLI needs to be told)."""
+    bin_dir = str(Path(sys.executable).parent)
+    path = os.pathsep.join([bin_dir, os.environ.get("PATH", "")])
+    return {**os.environ, "PATH": path, "RAY_AUTH_MODE": "token"}
+
+
+def ray_cli(*args: str, **kwargs) -> subprocess.CompletedProcess:
+    ray = str(Path(sys.executable).parent / "ray")
+    return subprocess.run([ray, *args], env=ray_env(), capture_output=True, text=True, **kwargs)
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """One local 2-CPU Ray cluster for every end-to-end test (dashboard on, as in use)."""
+    """One 2-CPU Ray head started the way users start one (`ray start --head`, on loopback,
+    dashboard on), which every end-to-end test joins as a driver; `ray stop` at the end."""
     import ray
 
-    # Train workers unpickle loop functions defined in test modules: put tests/ on their path.
-    path = os.pathsep.join([str(ROOT / "tests"), str(ROOT)])
-    ray.init(
-        num_cpus=2,
-        include_dashboard=True,
-        log_to_driver=False,
-        object_store_memory=1 << 30,
-        runtime_env={"env_vars": {"PYTHONPATH": path}},
+    port, dashboard, agent = _free_port(), _free_port(), _free_port()
+    ray_cli("get-auth-token", "--generate", timeout=60, check=True)  # ~/.ray/auth_token
+    started = ray_cli(
+        "start",
+        "--head",
+        "--node-ip-address=127.0.0.1",
+        f"--port={port}",
+        "--num-cpus=2",
+        "--include-dashboard=true",
+        "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={dashboard}",
+        f"--dashboard-agent-listen-port={agent}",  # the job agent: not the shared default
+        f"--metrics-export-port={METRICS_PORT}",
+        f"--object-store-memory={1 << 30}",
+        "--disable-usage-stats",
+        timeout=300,
     )
+    try:
+        assert started.returncode == 0, started.stdout + started.stderr
+        # Train workers unpickle loop functions defined in test modules: tests/ on their path.
+        path = os.pathsep.join([str(ROOT / "tests"), str(ROOT)])
+        ray.init(
+            address=f"127.0.0.1:{port}",
+            log_to_driver=False,
+            runtime_env={"env_vars": {"PYTHONPATH": path}},
+        )
+    except BaseException:
+        ray_cli("stop", "--force", timeout=120)  # never leave a head behind
+        raise
+    ray.dashboard_address = f"http://127.0.0.1:{dashboard}"
     yield ray
     ray.shutdown()
+    ray_cli("stop", "--force", timeout=120)
 
 
 @pytest.fixture(scope="session")
 def quickstart_sweep(ray_cluster, tmp_path_factory):
-    """The README's quickstart sweep, run once for real through the CLI entry point."""
-    from sae_ray import cli
-
+    """The README's quickstart sweep, submitted as users submit it: `ray job submit
+    --working-dir .` to the head, with the cluster's runtime_env file. The job must SUCCEED."""
     storage = tmp_path_factory.mktemp("runs")
-    code = cli.main(["sweep", str(QUICKSTART), f"experiment.storage_path={storage}"])
-    assert code == 0
+    submitted = ray_cli(
+        "job",
+        "submit",
+        f"--address={ray_cluster.dashboard_address}",
+        f"--working-dir={ROOT}",
+        f"--runtime-env={ROOT / 'cluster' / 'runtime_env.yaml'}",
+        "--",
+        "sae-ray",
+        "sweep",
+        "sweeps/quickstart.yaml",  # relative: read from the uploaded working dir
+        f"experiment.storage_path={storage}",
+        timeout=1800,
+    )
+    log = submitted.stdout + submitted.stderr
+    assert submitted.returncode == 0 and re.search(r"Job '\w+' succeeded", log), log[-4000:]
     return storage / "quickstart"

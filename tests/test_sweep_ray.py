@@ -1,19 +1,23 @@
 """A real 2-objective NSGA-II sweep whose driver is SIGKILLed after one trial completed, then
 finished with `--resume`: every trial present once, the completed one not re-run, a trial
 that fails (a layer the model does not have) recorded with its error while the sweep goes
-on, and a Pareto front in which no member is dominated by another trial."""
+on, a Pareto front in which no member is dominated by another trial, and the sweep's custom
+metrics on the node's metrics endpoint while it runs."""
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
+import threading
 import time
+import urllib.request
 
 import pandas as pd
 import pytest
 
-from tests.conftest import QUICKSTART, ROOT
+from tests.conftest import METRICS_PORT, QUICKSTART, ROOT
 
 pytestmark = pytest.mark.ray
 
@@ -52,10 +56,34 @@ def _terminated(sweep_dir) -> list[str]:
     return done
 
 
+class Scraper(threading.Thread):
+    """Reads the node's Prometheus endpoint every second, keeping the sae_ray_* series of
+    the sweep it was given: what a dashboard or Prometheus would see while the sweep runs."""
+
+    def __init__(self, sweep: str):
+        super().__init__(daemon=True)
+        self.sweep, self.seen, self.stop = sweep, set(), threading.Event()
+
+    def run(self):
+        url = f"http://127.0.0.1:{METRICS_PORT}/metrics"
+        while not self.stop.is_set():
+            try:
+                text = urllib.request.urlopen(url, timeout=5).read().decode()
+            except OSError:
+                text = ""
+            for line in text.splitlines():
+                match = re.match(r"(?:ray_)?(sae_ray_\w+)\{.*sweep=\"(\w+)\"", line)
+                if match and match.group(2) == self.sweep:
+                    self.seen.add(match.group(1))
+            self.stop.wait(1.0)
+
+
 @pytest.fixture(scope="session")
 def resumed_sweep(ray_cluster, tmp_path_factory):
     from sae_ray import cli
 
+    scraper = Scraper("pareto")
+    scraper.start()
     storage = tmp_path_factory.mktemp("resume")
     args = [str(QUICKSTART), *OVERRIDES, f"experiment.storage_path={storage}"]
     address = ray_cluster.get_runtime_context().gcs_address
@@ -79,11 +107,14 @@ def resumed_sweep(ray_cluster, tmp_path_factory):
     before = {t: (sweep_dir / f"trial_{t}" / "result.json").read_text() for t in done}
     assert not (sweep_dir / "results.csv").exists()  # it really died mid-sweep
     assert cli.main(["sweep", *args, "--resume"]) == 0
-    return sweep_dir, before
+    time.sleep(12)  # one more export interval for the last values
+    scraper.stop.set()
+    scraper.join()
+    return sweep_dir, before, scraper.seen
 
 
 def test_resume_finishes_every_trial_once_without_rerunning_completed(resumed_sweep):
-    sweep_dir, before = resumed_sweep
+    sweep_dir, before, _ = resumed_sweep
     results = pd.read_csv(sweep_dir / "results.csv")
     assert results["trial_id"].nunique() == TRIALS
     assert len(results) == TRIALS  # one row each (one cycle, or the error), none twice
@@ -96,7 +127,7 @@ def test_resume_finishes_every_trial_once_without_rerunning_completed(resumed_sw
 
 
 def test_two_objective_sweep_writes_an_undominated_pareto_front(resumed_sweep):
-    sweep_dir, _ = resumed_sweep
+    sweep_dir, _, _ = resumed_sweep
     results = pd.read_csv(sweep_dir / "results.csv")
     results = results[results["status"] == "COMPLETE"]
     front = json.loads((sweep_dir / "best.json").read_text())["pareto_front"]
@@ -121,3 +152,14 @@ def test_two_objective_sweep_writes_an_undominated_pareto_front(resumed_sweep):
 
     study = optuna.load_study(study_name="pareto", storage=f"sqlite:///{sweep_dir / 'optuna.db'}")
     assert len(study.trials) == TRIALS and len(study.directions) == 2
+
+
+def test_custom_metrics_reach_the_metrics_endpoint_while_the_sweep_runs(resumed_sweep):
+    *_, seen = resumed_sweep
+    assert {
+        "sae_ray_trials_finished_total",
+        "sae_ray_trials_errored_total",
+        "sae_ray_best_objective",
+        "sae_ray_sae_tokens_per_s",
+        "sae_ray_extraction_rows_per_s",
+    } <= seen, seen
