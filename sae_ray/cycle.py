@@ -23,7 +23,7 @@ from sae_ray.activations import extract, load_sequences, load_tokens, read_manif
 from sae_ray.config import Config, ConfigError
 from sae_ray.data import TextData, load_text_data
 from sae_ray.evaluate import accuracy, f1_macro, interp_metrics, sae_quality
-from sae_ray.finetune import HISTORY, finetune_on_ray, initial_classifier, predict
+from sae_ray.finetune import HISTORY, best_epoch, finetune_on_ray, initial_classifier, predict
 from sae_ray.models import hookpoint, load_classifier, resolve_layer, save_classifier
 from sae_ray.sae import SparseAutoencoder, decoder_absorption
 from sae_ray.sae_train import SaeTrainConfig, activation_dataset, train_saes
@@ -308,7 +308,7 @@ def _finetune_stats(model_dir: Path) -> dict[str, float]:
     history = json.loads((model_dir / HISTORY).read_text())
     if not history:
         return {"finetune/steps": 0.0}
-    best = max(history, key=lambda r: (r["val_accuracy"], r["epoch"]))
+    best = best_epoch(history)
     out = {"finetune/steps": float(history[-1]["steps"]), "finetune/best_epoch": best["epoch"]}
     out.update({f"finetune/{k}": best[k] for k in ("ce", "aux") if k in best})
     return out

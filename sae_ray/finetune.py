@@ -148,6 +148,11 @@ def select_trainable(model: torch.nn.Module, layer: int, train_layers: str) -> l
     return [p for _, p in params[start:]]
 
 
+def best_epoch(history: list[dict[str, float]]) -> dict[str, float]:
+    """The epoch record `finetune` ends at: best validation accuracy, ties to the later."""
+    return max(history, key=lambda r: (r["val_accuracy"], r["epoch"]))
+
+
 def _rank_world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
@@ -332,7 +337,7 @@ def finetune_loop(config: dict[str, Any]) -> None:
         train_layers=config["train_layers"],
         on_epoch=lambda record: ray.train.report(dict(record)),
     )
-    best = max(history, key=lambda r: (r["val_accuracy"], r["epoch"]))
+    best = best_epoch(history)
     summary = {"best_epoch": best["epoch"], "val_accuracy": best["val_accuracy"]}
     if rank != 0:
         ray.train.report(summary)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import sqlite3
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -267,9 +266,6 @@ def export_study(rows: list[dict[str, Any]], cfg: Config, path: Path) -> None:
             )
         )
     study.add_trials(trials)
-    del study
-    with sqlite3.connect(tmp):
-        pass  # every connection closed before the rename
     os.replace(tmp, path)
 
 

@@ -53,9 +53,8 @@ def with_control(cfg: Config) -> Config:
         space[STRATEGY] = entry.model_copy(update={"values": [*entry.values, "none"]})
     update: dict[str, Any] = {"space": space}
     if search.algorithm != "grid":
-        update["points_to_evaluate"] = [{**(points[0] if points else {}), STRATEGY: "none"}]
-        update["points_to_evaluate"] += points
-        update["num_samples"] = search.num_samples + 1
+        control = {**(points[0] if points else {}), STRATEGY: "none"}
+        update.update(points_to_evaluate=[control, *points], num_samples=search.num_samples + 1)
     return cfg.model_copy(update={"search": search.model_copy(update=update)})
 
 

