@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from sae_ray import storage
 from sae_ray.data import Split
 from sae_ray.finetune import batches
 from sae_ray.models import Classifier, hooked_many, hookpoint, pooled, resolve_layer
@@ -34,8 +35,9 @@ class Manifest:
     files: list[dict] = field(default_factory=list)
     columns: list[str] = field(default_factory=lambda: ["x"])  # vector columns, each (rows, d)
 
-    def paths(self, root: Path) -> list[str]:
-        return [str(root / f["path"]) for f in self.files]
+    def paths(self, root: Path | str) -> list[str]:
+        """The shards as paths or URIs, whichever `root` is (Ray Data reads both)."""
+        return [storage.join(str(root), f["path"]) for f in self.files]
 
 
 def vectors_to_arrow(x: np.ndarray) -> pa.FixedSizeListArray:
@@ -92,6 +94,7 @@ class ShardWriter:
             self._writer.close()
             entry = self.manifest.files[-1]
             entry["sha256"] = _sha256(self.root / entry["path"])
+            entry["bytes"] = (self.root / entry["path"]).stat().st_size
             self._writer, self._rows_in_shard = None, 0
 
     def close(self) -> Manifest:
@@ -100,15 +103,24 @@ class ShardWriter:
         return self.manifest
 
 
-def read_manifest(root: Path, verify: bool = False) -> Manifest:
-    path = root / MANIFEST
-    if not path.is_file():
+def read_manifest(root: Path | str, verify: bool = False) -> Manifest:
+    """A table's manifest, from a local directory or a bucket URI.
+
+    `verify` re-hashes local shards. Shards in a bucket are checked by size only: the
+    object store checksums its own transfers, and hashing would mean a second full read."""
+    path = storage.join(str(root), MANIFEST)
+    if not storage.is_file(path):
         raise FileNotFoundError(f"{path}: no activation manifest")
-    manifest = Manifest(**json.loads(path.read_text()))
+    manifest = Manifest(**json.loads(storage.read_bytes(path)))
     if verify:
         for entry in manifest.files:
-            if _sha256(root / entry["path"]) != entry["sha256"]:
-                raise ValueError(f"{root / entry['path']}: checksum does not match the manifest")
+            shard = storage.join(str(root), entry["path"])
+            if storage.is_remote(shard):
+                ok = entry.get("bytes") in (None, storage.size(shard))
+            else:
+                ok = _sha256(Path(shard)) == entry["sha256"]
+            if not ok:
+                raise ValueError(f"{shard}: checksum does not match the manifest")
     return manifest
 
 

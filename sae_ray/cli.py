@@ -13,6 +13,7 @@ import sys
 from typing import Any
 
 from sae_ray import config as config_mod
+from sae_ray import storage
 from sae_ray.config import Config, ConfigError
 
 EXIT_BAD_INPUT = 2
@@ -63,7 +64,7 @@ def _print_outcome(cfg: Config, rows: list[dict[str, Any]]) -> None:
 
     params = list(cfg.search.space)
     goals = cfg.search.goals()
-    print(f"\nresults: {cfg.sweep_dir / 'results.csv'}")
+    print(f"\nresults: {storage.join(cfg.sweep_uri, 'results.csv')}")
     print(summary_table(rows, params, goals[0].key))
     summary = best_summary(rows, cfg)
 
@@ -84,7 +85,7 @@ def _print_outcome(cfg: Config, rows: list[dict[str, Any]]) -> None:
 
 def _run_one(cfg: Config) -> list[dict[str, Any]]:
     from sae_ray.cycle import run_trial
-    from sae_ray.results import write_outputs
+    from sae_ray.results import write_config, write_outputs
     from sae_ray.sweep import objective_reporter
 
     rows: list[dict[str, Any]] = []
@@ -97,6 +98,7 @@ def _run_one(cfg: Config) -> list[dict[str, Any]]:
             + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float))
         )
 
+    write_config(cfg)
     run_trial(cfg, objective_reporter(cfg.search, report))
     write_outputs(rows, cfg)
     return rows

@@ -21,6 +21,8 @@ from pydantic import (
     model_validator,
 )
 
+from sae_ray import storage
+
 
 class ConfigError(ValueError):
     """A user-facing config problem; the message is one line that names the field."""
@@ -32,8 +34,15 @@ class Section(BaseModel):
 
 class Experiment(Section):
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")
-    storage_path: str = "./runs"
+    storage_path: str = Field(
+        "./runs", description="local directory, or s3://bucket/prefix, gs://bucket/prefix"
+    )
     seed: int = 0
+
+    @field_validator("storage_path")
+    @classmethod
+    def _storage(cls, value: str) -> str:
+        return storage.check(value)
 
 
 class Model(Section):
@@ -245,8 +254,16 @@ class Config(Section):
     wandb: Wandb = Field(default_factory=Wandb)
 
     @property
+    def sweep_uri(self) -> str:
+        """Where the sweep keeps everything: an absolute local path or a bucket URI."""
+        return storage.join(storage.resolve(self.experiment.storage_path), self.experiment.name)
+
+    @property
     def sweep_dir(self) -> Path:
-        return Path(self.experiment.storage_path).expanduser().resolve() / self.experiment.name
+        """The sweep's directory when it is local (object-store sweeps have none)."""
+        if storage.is_remote(self.sweep_uri):
+            raise ValueError(f"{self.sweep_uri} is not a local directory")
+        return Path(self.sweep_uri)
 
 
 def _one_line(err: ValidationError) -> str:

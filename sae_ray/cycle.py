@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from sae_ray import telemetry
+from sae_ray import storage, telemetry
 from sae_ray.activations import extract, load_sequences, load_tokens, read_manifest
 from sae_ray.config import Config, ConfigError
 from sae_ray.data import TextData, load_text_data
@@ -28,7 +28,7 @@ from sae_ray.models import hookpoint, load_classifier, resolve_layer, save_class
 from sae_ray.sae import SparseAutoencoder, decoder_absorption
 from sae_ray.sae_train import SaeTrainConfig, activation_dataset, train_saes
 from sae_ray.sharpen import sharpen
-from sae_ray.store import ArtifactStore
+from sae_ray.store import Artifact, ArtifactStore
 
 log = logging.getLogger(__name__)
 TARGETS = "targets.safetensors"
@@ -87,28 +87,19 @@ def run_trial(cfg: Config, report: Report) -> None:
     threads = int(os.environ.get("SAE_RAY_TORCH_THREADS", "0"))
     if threads:
         torch.set_num_threads(threads)
-    store = ArtifactStore(cfg.sweep_dir / "artifacts")
+    store = ArtifactStore(storage.join(cfg.sweep_uri, "artifacts"))
     data = load_text_data(cfg.dataset, seed=cfg.experiment.seed)
     seed = cfg.experiment.seed
     strategy = _effective_strategy(cfg)
 
-    model_dir, model_key = store.get_or_compute(
+    model = store.get_or_compute(
         "model", _model_spec(cfg), lambda out: _make_cycle0(cfg, data, out)
     )
-    targets_dir: Path | None = None
-    targets_key = None
+    targets: Artifact | None = None
     for cycle in range(cfg.cycles.count):
         if cycle > 0:
-            model_dir, model_key = _retrain(
-                store,
-                cfg,
-                data,
-                (model_dir, model_key),
-                (targets_dir, targets_key),
-                strategy,
-                cycle,
-            )
-        clf = load_classifier(model_dir)
+            model = _retrain(store, cfg, data, model, targets, strategy, cycle)
+        clf = load_classifier(model.local())
         layer = resolve_layer(clf.model, cfg.model.layer)
         hp = hookpoint(clf.model, layer)
 
@@ -130,30 +121,30 @@ def run_trial(cfg: Config, report: Report) -> None:
             )
 
         acts_spec = {
-            "parent": model_key,
+            "parent": model.key,
             "layer": layer,
             "dtype": cfg.sae.activation_dtype,
             "format": 2,  # one column per hookpoint
         }
-        acts_dir, acts_key = store.get_or_compute("activations", acts_spec, make_acts)
+        acts = store.get_or_compute("activations", acts_spec, make_acts)
 
         sae_spec = {
-            "parent": acts_key,
+            "parent": acts.key,
             "sae": cfg.sae.model_dump(),
             "seed": seed + cycle,
             "workers": cfg.resources.num_workers,
         }
 
-        def make_sae(out: Path, acts_dir=acts_dir, cycle=cycle, spec=sae_spec, hp=hp) -> None:
+        def make_sae(out: Path, acts=acts, cycle=cycle, spec=sae_spec, hp=hp) -> None:
             # The Train run is named after the artifact: deterministic, and distinct per SAE,
             # so a sweep restarted after a crash picks the run up from its last checkpoint.
             run_name = f"sae-{store.key('sae', spec)}"
-            tokens_dir = acts_dir / "train" / "tokens"
+            tokens = acts.uri("train", "tokens")
             result = train_saes(
-                *activation_dataset(tokens_dir, [hp]),
-                sae_train_config(cfg, hp, read_manifest(tokens_dir).d, cycle),
+                *activation_dataset(tokens, [hp]),
+                sae_train_config(cfg, hp, read_manifest(tokens).d, cycle),
                 cfg.resources,
-                storage_path=cfg.sweep_dir / "train_runs",
+                storage_path=storage.join(cfg.sweep_uri, "train_runs"),
                 train_run_name=run_name,
             )
             result.saes[hp].save(out)
@@ -161,21 +152,19 @@ def run_trial(cfg: Config, report: Report) -> None:
             # The workers report it live, but a short fit ends before their last export.
             telemetry.sae_tokens_per_s(cfg.experiment.name, hp, result.metrics["tokens_per_s"])
 
-        sae_dir, sae_key = store.get_or_compute("sae", sae_spec, make_sae)
-        sae = SparseAutoencoder.load(sae_dir)
-        train_stats = json.loads((sae_dir / "train_metrics.json").read_text())
+        sae_art = store.get_or_compute("sae", sae_spec, make_sae)
+        sae = SparseAutoencoder.load(sae_art.local())
+        train_stats = json.loads((sae_art.local() / "train_metrics.json").read_text())
 
-        metrics = _evaluate(cfg, data, clf, sae, acts_dir, hp)
+        metrics = _evaluate(cfg, data, clf, sae, acts, hp)
         metrics.update(
             {"cycle": cycle, "strategy_effective": strategy, "is_control": strategy == "none"}
         )
         if "tokens_per_s" in train_stats:
             metrics["sae/train_tokens_per_s"] = train_stats["tokens_per_s"]
-        metrics.update(_finetune_stats(model_dir))
+        metrics.update(_finetune_stats(model.local()))
         if cycle + 1 < cfg.cycles.count and strategy != "none":
-            targets_dir, targets_key = _targets(
-                store, cfg, data, strategy, (sae_dir, sae_key), (acts_dir, acts_key), hp, cycle
-            )
+            targets = _targets(store, cfg, data, strategy, sae_art, acts, hp, cycle)
         report(metrics)
 
 
@@ -202,7 +191,7 @@ def _make_cycle0(cfg: Config, data: TextData, out: Path) -> None:
             seed,
             out,
             cfg.resources,
-            cfg.sweep_dir / "train_runs",
+            storage.join(cfg.sweep_uri, "train_runs"),
         )
         return
     if start == "pretrained":
@@ -223,30 +212,30 @@ def _targets(
     cfg: Config,
     data: TextData,
     strategy: str,
-    sae: tuple[Path, str],
-    acts: tuple[Path, str],
+    sae: Artifact,
+    acts: Artifact,
     hp: str,
     cycle: int,
-) -> tuple[Path, str]:
+) -> Artifact:
     """Cycle `cycle`'s sharpened targets, one per training example id, as an artifact.
 
     `random` never reads the SAE, so its targets hang off the activations alone."""
     seed = cfg.experiment.seed + cycle
     if strategy == "random":
-        spec = {"parent": acts[1], "strategy": strategy, "seed": seed, "hookpoint": hp}
+        spec = {"parent": acts.key, "strategy": strategy, "seed": seed, "hookpoint": hp}
     else:
         spec = {
-            "parent": sae[1],
+            "parent": sae.key,
             "strategy": strategy,
             "top_k_pct": cfg.sharpening.top_k_pct,
             "hookpoint": hp,
         }
 
     def compute(out: Path) -> None:
-        ids, labels, x = load_sequences(acts[0] / "train" / "sequences", hp)
+        ids, labels, x = load_sequences(acts.local("train", "sequences"), hp)
         table = sharpen(
             strategy,
-            SparseAutoencoder.load(sae[0]),
+            SparseAutoencoder.load(sae.local()),
             ids,
             labels,
             x,
@@ -263,19 +252,19 @@ def _retrain(
     store: ArtifactStore,
     cfg: Config,
     data: TextData,
-    parent: tuple[Path, str],
-    targets: tuple[Path | None, str | None],
+    parent: Artifact,
+    targets: Artifact | None,
     strategy: str,
     cycle: int,
-) -> tuple[Path, str]:
+) -> Artifact:
     """model_c from model_{c-1} on Ray Train: CE + λ(1 − cos(h, t)), or CE alone for the
     control, with the same epochs and steps either way (equal compute)."""
     aux_weight = 0.0 if strategy == "none" else cfg.cycles.aux_weight
     train = cfg.cycles.model_dump(exclude={"count", "start_from"})
     train["aux_weight"] = aux_weight
     spec = {
-        "parent": parent[1],
-        "targets": targets[1],
+        "parent": parent.key,
+        "targets": targets.key if targets else None,
         "strategy": strategy,
         "cycle": cycle,
         "train": train,
@@ -285,7 +274,7 @@ def _retrain(
 
     def compute(out: Path) -> None:
         finetune_on_ray(
-            {"load": str(parent[0])},
+            {"load": parent.location},
             data,
             cfg.cycles,
             cfg.model.layer,
@@ -293,8 +282,8 @@ def _retrain(
             cfg.experiment.seed + cycle,
             out,
             cfg.resources,
-            cfg.sweep_dir / "train_runs",
-            targets=targets[0] / TARGETS if targets[0] else None,
+            storage.join(cfg.sweep_uri, "train_runs"),
+            targets=targets.uri(TARGETS) if targets else None,
             aux_weight=aux_weight,
             train_layers=cfg.cycles.train_layers,
         )
@@ -315,7 +304,7 @@ def _finetune_stats(model_dir: Path) -> dict[str, float]:
 
 
 def _evaluate(
-    cfg: Config, data: TextData, clf, sae: SparseAutoencoder, acts_dir: Path, hp: str
+    cfg: Config, data: TextData, clf, sae: SparseAutoencoder, acts: Artifact, hp: str
 ) -> dict[str, Any]:
     """Selection metrics on validation; the held-out test split is reported, never selected on.
 
@@ -327,18 +316,18 @@ def _evaluate(
         labels = data.splits[split].labels
         out[f"{prefix}/accuracy"] = accuracy(preds, labels)
         out[f"{prefix}/f1_macro"] = f1_macro(preds, labels, data.num_classes)
-    quality = sae_quality(sae, load_tokens(acts_dir / "validation" / "tokens", hp))
+    quality = sae_quality(sae, load_tokens(acts.local("validation") / "tokens", hp))
     out.update({f"sae/{k}": v for k, v in quality.items()})
     out["sae/absorption"] = decoder_absorption(sae.W_dec.detach())
 
     def codes_of(x: np.ndarray) -> np.ndarray:
         return sae.dense_codes(torch.from_numpy(x)).detach().numpy()
 
-    _, y_train, x_train = load_sequences(acts_dir / "train" / "sequences", hp)
+    _, y_train, x_train = load_sequences(acts.local("train", "sequences"), hp)
     train = {"interp": (codes_of(x_train), y_train), "base": (x_train, y_train)}
     seed = cfg.experiment.seed
     for split, head in (("validation", ""), ("test", "test/")):
-        _, labels, x = load_sequences(acts_dir / split / "sequences", hp)
+        _, labels, x = load_sequences(acts.local(split) / "sequences", hp)
         for kind, rep in (("interp", codes_of(x)), ("base", x)):
             metrics = interp_metrics(
                 train[kind], (rep, labels), data.num_classes, seed=seed, dense=kind == "base"

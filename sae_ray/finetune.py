@@ -21,12 +21,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import safetensors.torch
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from transformers import get_linear_schedule_with_warmup
 
+from sae_ray import storage
 from sae_ray.config import Cycles, Resources
 from sae_ray.data import Split, TextData
 from sae_ray.models import (
@@ -69,8 +71,9 @@ class TargetTable:
         save_file({"ids": torch.from_numpy(self.ids), "vectors": self.vectors.contiguous()}, path)
 
     @classmethod
-    def load(cls, path: Path) -> TargetTable:
-        tensors = load_file(path)
+    def load(cls, location: str | Path) -> TargetTable:
+        """From a local path or a bucket URI (one small file: read, never cached)."""
+        tensors = safetensors.torch.load(storage.read_bytes(str(location)))
         return cls(tensors["ids"].numpy(), tensors["vectors"])
 
 
@@ -299,7 +302,7 @@ def predict(clf: Classifier, split: Split, max_length: int, batch_size: int = 12
 def initial_classifier(init: dict[str, Any], data: TextData) -> Classifier:
     """{'load': dir} or {'build': {name, seed, max_length, dtype}} (a fresh head)."""
     if "load" in init:
-        return load_classifier(Path(init["load"]))
+        return load_classifier(storage.local_copy(init["load"]))
     spec = init["build"]
     return build_classifier(
         spec["name"],
@@ -322,7 +325,7 @@ def finetune_loop(config: dict[str, Any]) -> None:
     data: TextData = config["data"]
     clf = initial_classifier(config["init"], data)
     clf.model.to(ray.train.torch.get_device())
-    targets = TargetTable.load(Path(config["targets"])) if config["targets"] else None
+    targets = TargetTable.load(config["targets"]) if config["targets"] else None
     cfg = Cycles.model_validate(config["cycles"])
     history = finetune(
         clf,
@@ -358,8 +361,8 @@ def finetune_on_ray(
     seed: int,
     out: Path,
     resources: Resources,
-    storage_path: Path,
-    targets: Path | None = None,
+    storage_path: str,
+    targets: str | None = None,
     aux_weight: float = 0.0,
     train_layers: str = "all",
 ) -> list[dict[str, float]]:
@@ -401,5 +404,5 @@ def finetune_on_ray(
     with result.checkpoint.as_directory() as directory:
         shutil.copytree(directory, out, dirs_exist_ok=True)
     # The model now lives in the artifact store; the run's copy is only disk space.
-    shutil.rmtree(Path(storage_path) / run_name, ignore_errors=True)
+    storage.remove(storage.join(str(storage_path), run_name))
     return json.loads((out / HISTORY).read_text())

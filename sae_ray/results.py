@@ -10,17 +10,22 @@ from __future__ import annotations
 import json
 import math
 import os
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pandas as pd
+import yaml
 from tabulate import tabulate
+
+from sae_ray import storage
 
 if TYPE_CHECKING:
     from sae_ray.config import Config, Objective, SpaceEntry
 
 LEAD = ["trial_id", "cycle"]
 TAIL = ["status", "error"]
+RESULTS, BEST, STUDY, CONFIG = "results.csv", "best.json", "optuna.db", "config.yaml"
 HEADLINE = ["val/accuracy", "test/accuracy", "interp/u", "sae/fvu", "sae/l0", "sae/dead_pct"]
 # Tune's own bookkeeping columns that say nothing about the science.
 _TUNE_COLUMNS = {
@@ -226,10 +231,10 @@ def export_study(rows: list[dict[str, Any]], cfg: Config, path: Path) -> None:
     space = cfg.search.space
     tmp = path.with_suffix(".db.tmp")
     tmp.unlink(missing_ok=True)
-    storage = f"sqlite:///{tmp}"
+    url = f"sqlite:///{tmp}"
     study = optuna.create_study(
         study_name=cfg.experiment.name,
-        storage=storage,
+        storage=url,
         directions=["maximize" if g.mode == "max" else "minimize" for g in goals],
     )
     by_trial: dict[str, list[dict[str, Any]]] = {}
@@ -269,12 +274,21 @@ def export_study(rows: list[dict[str, Any]], cfg: Config, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def write_config(cfg: Config) -> None:
+    """The resolved config beside the results: what `sae-ray report` reads, and a record."""
+    text = yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    storage.write_bytes(storage.join(cfg.sweep_uri, CONFIG), text.encode())
+
+
 def write_outputs(rows: list[dict[str, Any]], cfg: Config) -> None:
-    """results.csv, best.json and optuna.db under the sweep directory, each atomically."""
-    write_results(rows, cfg.sweep_dir / "results.csv")
-    best = cfg.sweep_dir / "best.json"
-    tmp = best.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(best_summary(rows, cfg), indent=1, default=str))
-    os.replace(tmp, best)
-    if rows:
-        export_study(rows, cfg, cfg.sweep_dir / "optuna.db")
+    """results.csv, best.json and optuna.db in the sweep's storage, each whole or not at all
+    (staged on local disk, then renamed into place or PUT as one object)."""
+    with tempfile.TemporaryDirectory(prefix="sae-ray-outputs-") as tmp:
+        staged = Path(tmp)
+        write_results(rows, staged / RESULTS)
+        (staged / BEST).write_text(json.dumps(best_summary(rows, cfg), indent=1, default=str))
+        if rows:
+            export_study(rows, cfg, staged / STUDY)
+        for name in (RESULTS, BEST, STUDY):  # config.yaml: written when the sweep starts
+            if (staged / name).is_file():
+                storage.upload(staged / name, storage.join(cfg.sweep_uri, name))

@@ -547,9 +547,12 @@ def _quiet_ordered_data() -> None:
     context.execution_options.preserve_order = True  # same blocks in the same order each run
 
 
-def activation_dataset(tokens_dir: Path, hookpoints: list[str]) -> tuple[ray.data.Dataset, int]:
-    """The token shards under `tokens_dir` as a Ray Dataset of the hookpoints' columns, and
-    the number of token rows (checksums verified first)."""
+def activation_dataset(
+    tokens_dir: Path | str, hookpoints: list[str]
+) -> tuple[ray.data.Dataset, int]:
+    """The token shards under `tokens_dir` (a path, or a bucket URI that every node can read)
+    as a Ray Dataset of the hookpoints' columns, and the number of token rows (checked against
+    the manifest first)."""
     manifest = read_manifest(tokens_dir, verify=True)
     for hp in hookpoints:
         column_of(manifest, tokens_dir, hp)
@@ -566,7 +569,7 @@ def train_saes(
     tokens_per_epoch: int,
     cfg: SaeTrainConfig,
     resources: Resources,
-    storage_path: Path,
+    storage_path: Path | str,
     save_dir: Path | None = None,
     resume: bool = False,
     train_run_name: str | None = None,

@@ -157,12 +157,11 @@ def run(args: argparse.Namespace) -> dict:
 
         model_path = args.model
         if args.model.startswith("tiny-"):  # random weights: workers load this very copy
-            model_dir, _ = store.get_or_compute(
+            model_path = store.get_or_compute(
                 "model",
                 {**spec, "kind": kind},
                 lambda out: save_for_workers(clf.model, clf.tokenizer, out),
-            )
-            model_path = str(model_dir)
+            ).location
         table, tokens_per_epoch = token_table(clf.tokenizer, split, args.ctx_len)
         dataset = ray.data.from_arrow(table).materialize()
         e2e = {
@@ -185,8 +184,7 @@ def run(args: argparse.Namespace) -> dict:
                 max_tokens=args.max_tokens,
             )
 
-        acts_dir, _ = store.get_or_compute("activations", spec, make)
-        tokens_dir = acts_dir / "tokens"
+        tokens_dir = store.get_or_compute("activations", spec, make).uri("tokens")
         d_in = read_manifest(tokens_dir).d
         dataset, tokens_per_epoch = activation_dataset(tokens_dir, hookpoints)
     try:

@@ -1,10 +1,13 @@
-"""Content-addressed artifacts shared by the trials of a sweep.
+"""Content-addressed artifacts shared by the trials of a sweep, on disk or in a bucket.
 
 An artifact's key is a hash of everything that determines it, its parent's key included,
 so trials sharing a prefix (same cycle-0 model, same SAE config) reuse one computation.
-Concurrent trials needing the same missing artifact serialise on a file lock: one computes,
-the rest wait and load. Results are built in a temporary directory and renamed into place,
-so a crash never leaves a half-written artifact under its final name.
+Concurrent trials needing the same missing artifact serialise: one computes, the rest wait
+and load. The lock is a file lock for a local root (one machine, or a shared POSIX
+filesystem) and a Ray lease (`leases.py`) for an object-store root. An artifact is built
+in a scratch directory and published with its completion marker last (a rename locally,
+marker-after-upload in a bucket), so a crash never leaves a half-written artifact that a
+reader would take for whole.
 """
 
 from __future__ import annotations
@@ -14,10 +17,13 @@ import json
 import shutil
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from filelock import FileLock
+
+from sae_ray import storage
 
 DONE = ".complete"
 
@@ -27,46 +33,94 @@ def key_of(spec: dict[str, Any]) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+@dataclass(frozen=True)
+class Artifact:
+    """Where a finished artifact is (a path or URI any node can read) and its key."""
+
+    location: str
+    key: str
+
+    def local(self, *sub: str) -> Path:
+        """The artifact (or one of its subdirectories) on this node's disk."""
+        if storage.is_remote(self.location):
+            whole = storage.cache_dir(self.location)
+            if (whole / storage.FETCHED).is_file():
+                return whole.joinpath(*sub)
+        return storage.local_copy(storage.join(self.location, *sub))
+
+    def uri(self, *sub: str) -> str:
+        return storage.join(self.location, *sub)
+
+
 class ArtifactStore:
-    def __init__(self, root: Path):
-        self.root = root
-        root.mkdir(parents=True, exist_ok=True)
+    def __init__(self, root: str | Path):
+        self.root = storage.resolve(str(root))
+        self.remote = storage.is_remote(self.root)
+        if not self.remote:
+            Path(self.root).mkdir(parents=True, exist_ok=True)
 
     @staticmethod
     def key(kind: str, spec: dict[str, Any]) -> str:
         return key_of({"kind": kind, **spec})
 
-    def path(self, kind: str, key: str) -> Path:
-        return self.root / f"{kind}-{key}"
+    def artifact(self, kind: str, key: str) -> Artifact:
+        return Artifact(storage.join(self.root, f"{kind}-{key}"), key)
 
     def exists(self, kind: str, key: str) -> bool:
-        return (self.path(kind, key) / DONE).is_file()
+        return storage.is_file(self.artifact(kind, key).uri(DONE))
 
     def get_or_compute(
         self, kind: str, spec: dict[str, Any], compute: Callable[[Path], None]
-    ) -> tuple[Path, str]:
-        """The artifact's directory and key; `compute(tmp_dir)` fills it if it is missing."""
+    ) -> Artifact:
+        """The artifact; `compute(scratch_dir)` fills it first if it is missing."""
         key = self.key(kind, spec)
-        final = self.path(kind, key)
+        art = self.artifact(kind, key)
         if self.exists(kind, key):
-            return final, key
-        with FileLock(str(self.root / f".{kind}-{key}.lock")):
+            return art
+        with self._lock(f"{kind}-{key}"):
             if self.exists(kind, key):  # another trial made it while we waited
-                return final, key
-            tmp = self.root / f".tmp-{kind}-{key}-{uuid.uuid4().hex[:8]}"
-            tmp.mkdir()
+                return art
+            scratch = self._scratch(f"{kind}-{key}")
             try:
-                compute(tmp)
-                (tmp / "spec.json").write_text(
+                compute(scratch)
+                (scratch / "spec.json").write_text(
                     json.dumps(spec, indent=1, sort_keys=True, default=str)
                 )
-                (tmp / DONE).touch()
-                if final.exists():  # a stale incomplete one from a crash
-                    shutil.rmtree(final)
-                tmp.rename(final)
+                self._publish(scratch, art)
             finally:
-                shutil.rmtree(tmp, ignore_errors=True)
-        return final, key
+                shutil.rmtree(scratch, ignore_errors=True)
+        return art
 
     def count(self, kind: str) -> int:
-        return sum(1 for p in self.root.glob(f"{kind}-*") if (p / DONE).is_file())
+        names = storage.listdir(self.root)
+        return sum(
+            1
+            for n in names
+            if n.startswith(f"{kind}-") and storage.is_file(storage.join(self.root, n, DONE))
+        )
+
+    def _lock(self, name: str):
+        if self.remote:
+            from sae_ray.leases import lease
+
+            return lease(self.root, name)
+        return FileLock(str(Path(self.root) / f".{name}.lock"))
+
+    def _scratch(self, name: str) -> Path:
+        base = storage.cache_root() / "build" if self.remote else Path(self.root)
+        scratch = base / f".tmp-{name}-{uuid.uuid4().hex[:8]}"
+        scratch.mkdir(parents=True)
+        return scratch
+
+    def _publish(self, scratch: Path, art: Artifact) -> None:
+        if not self.remote:
+            final = Path(art.location)
+            (scratch / DONE).touch()
+            if final.exists():  # a stale incomplete one from a crash
+                shutil.rmtree(final)
+            scratch.rename(final)
+            return
+        storage.remove(art.location)  # a stale partial upload from a crash
+        storage.upload(scratch, art.location)
+        storage.write_bytes(art.uri(DONE), b"")
+        storage.adopt(scratch, art.location)

@@ -22,10 +22,10 @@ import ray
 from ray import tune
 from ray.tune.search.optuna import OptunaSearch
 
-from sae_ray import telemetry
+from sae_ray import storage, telemetry
 from sae_ray.config import Config, ConfigError, Constraint, Search, SpaceEntry, apply_params
 from sae_ray.cycle import run_trial
-from sae_ray.results import collect_results, write_outputs
+from sae_ray.results import collect_results, write_config, write_outputs
 
 log = logging.getLogger(__name__)
 DRIVER_RESOURCES = {"cpu": 0, "memory": 1 << 20}  # an empty request is refused
@@ -257,8 +257,13 @@ def _callbacks(cfg: Config) -> list:
     # The callback's own mode= is not enough offline: wandb reads the environment.
     os.environ["WANDB_MODE"] = cfg.wandb.mode
     os.environ.setdefault("WANDB_SILENT", "true")  # one summary per trial floods the console
-    os.environ.setdefault("WANDB_DIR", str(cfg.sweep_dir))
-    cfg.sweep_dir.mkdir(parents=True, exist_ok=True)
+    wandb_dir = (
+        storage.cache_root() / "wandb" / cfg.experiment.name
+        if storage.is_remote(cfg.sweep_uri)
+        else cfg.sweep_dir  # W&B writes local files; a bucket sweep keeps them in the cache
+    )
+    wandb_dir.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("WANDB_DIR", str(wandb_dir))
     return [
         metrics,
         WandbLoggerCallback(
@@ -276,11 +281,11 @@ def _tuner(cfg: Config, resume: bool) -> tune.Tuner:
     )
     callbacks = _callbacks(cfg)
     if resume:
-        if not tune.Tuner.can_restore(str(cfg.sweep_dir)):
-            raise ConfigError(f"--resume: no sweep to resume at {cfg.sweep_dir}")
+        if not tune.Tuner.can_restore(cfg.sweep_uri):
+            raise ConfigError(f"--resume: no sweep to resume at {cfg.sweep_uri}")
         # Unfinished trials run on (their finished cycles' artifacts are reused); completed
         # and errored ones are kept as they are.
-        return tune.Tuner.restore(str(cfg.sweep_dir), trainable, resume_unfinished=True)
+        return tune.Tuner.restore(cfg.sweep_uri, trainable, resume_unfinished=True)
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
@@ -293,7 +298,7 @@ def _tuner(cfg: Config, resume: bool) -> tune.Tuner:
         ),
         run_config=tune.RunConfig(
             name=cfg.experiment.name,
-            storage_path=str(cfg.sweep_dir.parent),
+            storage_path=storage.resolve(cfg.experiment.storage_path),
             callbacks=callbacks,
             failure_config=tune.FailureConfig(max_failures=cfg.resources.trial_retries),
             verbose=1,
@@ -304,6 +309,7 @@ def _tuner(cfg: Config, resume: bool) -> tune.Tuner:
 def run_sweep(cfg: Config, resume: bool = False) -> list[dict[str, Any]]:
     """Run (or resume) the sweep on the connected Ray cluster; write results.csv, best.json
     and the Optuna study; return the result rows."""
+    write_config(cfg)
     grid = _tuner(cfg, resume).fit()
     rows = collect_results(grid, list(cfg.search.space))
     write_outputs(rows, cfg)

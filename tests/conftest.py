@@ -34,6 +34,36 @@ METRICS_PORT = int(os.environ.setdefault("SAE_RAY_TEST_METRICS_PORT", str(_free_
 
 
 @pytest.fixture(scope="session")
+def s3_server():
+    """A local S3 (moto's server mode, loopback only) with one bucket, `sae-ray-test`.
+
+    The AWS variables are set in this process for the session (what pyarrow, boto3 and Ray
+    read) and returned, for jobs that must be handed them in their runtime_env."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    env = {
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    boto3.client("s3").create_bucket(Bucket="sae-ray-test")
+    yield env
+    server.stop()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture(scope="session")
 def topics():
     from sae_ray.config import Dataset
     from sae_ray.data import load_text_data

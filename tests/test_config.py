@@ -41,6 +41,11 @@ def test_quickstart_validates_with_overrides():
             "experiment: {name: x}\nsearch: {space: {sae.k: {type: int, low: 9, high: 2}}}\n",
             "search.space.sae.k",
         ),
+        (
+            "experiment: {name: x, storage_path: 'ftp://host/runs'}\n",
+            "experiment.storage_path: unsupported scheme 'ftp'",
+        ),
+        ("experiment: {name: x, storage_path: 's3:///runs'}\n", "experiment.storage_path"),
     ],
 )
 def test_bad_config_names_the_field(tmp_path, text, field):

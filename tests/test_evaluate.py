@@ -102,6 +102,7 @@ def test_a_cycles_evaluation_reports_every_metric(tmp_path, topics):
     from sae_ray.cycle import _evaluate
     from sae_ray.models import build_classifier, hookpoint
     from sae_ray.sae import SaeConfig, SparseAutoencoder
+    from sae_ray.store import Artifact
 
     clf = build_classifier("tiny-gpt2", 4, topics.splits["train"].texts, seed=0, max_length=32)
     for split in ("train", "validation", "test"):
@@ -109,7 +110,7 @@ def test_a_cycles_evaluation_reports_every_metric(tmp_path, topics):
     torch.manual_seed(0)
     sae = SparseAutoencoder(SaeConfig(64, 256, 8))
     cfg = Config.model_validate({"experiment": {"name": "t"}, "model": {"max_length": 32}})
-    out = _evaluate(cfg, topics, clf, sae, tmp_path, hookpoint(clf.model, -1))
+    out = _evaluate(cfg, topics, clf, sae, Artifact(str(tmp_path), "k"), hookpoint(clf.model, -1))
     names = ["accuracy", "f1_macro"]
     interp = ["u", "alive_frac", "csi", "ari", "silhouette", "davies_bouldin"]
     interp += ["calinski_harabasz", "probe_accuracy"]

@@ -1,0 +1,79 @@
+"""The quickstart sweep with `storage_path: s3://...`, submitted as a Ray job against a local
+S3 server (moto, loopback): it succeeds, and its results, artifacts and Tune state are all
+in the bucket."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pandas as pd
+import pyarrow as pa
+import pytest
+import yaml
+
+from sae_ray import storage
+from sae_ray.store import DONE
+from tests.conftest import ROOT, ray_cli
+
+pytestmark = pytest.mark.ray
+BUCKET_PATH = "s3://sae-ray-test/team/sweeps"
+
+
+@pytest.fixture(scope="module")
+def s3_sweep(ray_cluster, s3_server, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("s3-sweep")
+    runtime_env = yaml.safe_load((ROOT / "cluster" / "runtime_env.yaml").read_text())
+    # Credentials and the endpoint reach the job, its trials and their workers as a cluster
+    # user's would: through the job's runtime_env (or the nodes' own IAM roles).
+    runtime_env["env_vars"].update({**s3_server, "SAE_RAY_CACHE": str(tmp / "cache")})
+    env_file = tmp / "runtime_env.yaml"
+    env_file.write_text(yaml.safe_dump(runtime_env))
+    submitted = ray_cli(
+        "job",
+        "submit",
+        f"--address={ray_cluster.dashboard_address}",
+        f"--working-dir={ROOT}",
+        f"--runtime-env={env_file}",
+        "--",
+        "sae-ray",
+        "sweep",
+        "sweeps/quickstart.yaml",
+        f"experiment.storage_path={BUCKET_PATH}",
+        timeout=1800,
+    )
+    log = submitted.stdout + submitted.stderr
+    assert submitted.returncode == 0 and re.search(r"Job '\w+' succeeded", log), log[-4000:]
+    assert f"results: {BUCKET_PATH}/quickstart/results.csv" in log
+    return f"{BUCKET_PATH}/quickstart", tmp / "cache"
+
+
+def test_results_are_complete_in_the_bucket(s3_sweep):
+    sweep, _ = s3_sweep
+    results = pd.read_csv(pa.BufferReader(storage.read_bytes(f"{sweep}/results.csv")))
+    assert len(results) == 4 * 2 and (results["status"] == "COMPLETE").all()
+    assert sorted(results.groupby("trial_id")["cycle"].apply(list).tolist()) == [[0, 1]] * 4
+    assert results["interp/u"].notna().all() and results["val/accuracy"].notna().all()
+    best = json.loads(storage.read_bytes(f"{sweep}/best.json"))
+    assert best["best"]["trial_id"] in set(results["trial_id"])
+    assert storage.is_file(f"{sweep}/optuna.db")
+
+
+def test_artifacts_and_tune_state_are_in_the_bucket(s3_sweep):
+    sweep, cache = s3_sweep
+    names = storage.listdir(f"{sweep}/artifacts")
+    kinds = {n.split("-")[0] for n in names}
+    assert kinds == {"model", "activations", "sae", "targets"}, names
+    for name in names:
+        assert storage.is_file(f"{sweep}/artifacts/{name}/{DONE}"), name
+    # cycle 0 shared by all four trials, then one retrained model per strategy
+    assert sum(n.startswith("model-") for n in names) == 1 + 4
+    listing = storage.listdir(sweep)
+    assert any(n.startswith("experiment_state-") for n in listing)  # what --resume reads
+    assert sum(n.startswith("trial_") for n in listing) == 4
+    runs = storage.listdir(f"{sweep}/train_runs")
+    assert runs and not [r for r in runs if r.startswith("finetune-")]  # copied, then removed
+    trial = next(n for n in listing if n.startswith("trial_"))
+    assert any(n.startswith("offline-run-") for n in storage.listdir(f"{sweep}/{trial}/wandb"))
+    # What trials read locally was fetched into the node's cache, not written beside the job.
+    assert list((cache / "remote").glob("*/spec.json"))
