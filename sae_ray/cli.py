@@ -10,6 +10,7 @@ import argparse
 import logging
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 from sae_ray import config as config_mod
@@ -31,6 +32,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     saetrain.add_arguments(p)
     p.add_argument("--address", default=os.environ.get("RAY_ADDRESS"), help="Ray cluster")
+    p = sub.add_parser(
+        "report",
+        help="write SWEEP/report/index.html and its plots from a sweep's results",
+    )
+    p.add_argument("sweep_dir", help="the sweep's directory or bucket URI, e.g. runs/quickstart")
+    p.add_argument("--out", help="write the report here instead of SWEEP/report")
     for name, help_text in (
         ("sweep", "run a Ray Tune + Optuna sweep from a YAML file"),
         ("run", "run one trial with the YAML's fixed values"),
@@ -56,7 +63,14 @@ def _connect(address: str | None) -> None:
     import ray
 
     if not ray.is_initialized():
-        ray.init(address=address, log_to_driver=True, configure_logging=False)
+        # Workers' Ray Train / Data INFO lines (one per report) would bury the sweep's own
+        # progress table; warnings and errors still reach the console.
+        ray.init(
+            address=address,
+            log_to_driver=True,
+            configure_logging=False,
+            logging_config=ray.LoggingConfig(log_level="WARNING"),
+        )
 
 
 def _print_outcome(cfg: Config, rows: list[dict[str, Any]]) -> None:
@@ -106,7 +120,9 @@ def _run_one(cfg: Config) -> list[dict[str, Any]]:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # Our INFO lines, and only warnings from the libraries (tensorboardX, optuna, ...).
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("sae_ray").setLevel(logging.INFO)
     if args.command == "train-sae":
         from sae_ray import saetrain
 
@@ -114,6 +130,13 @@ def main(argv: list[str] | None = None) -> int:
             _connect(args.address)
             saetrain.run(args)
         except ConfigError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        return 0
+    if args.command == "report":
+        try:
+            _report(args.sweep_dir, args.out)
+        except FileNotFoundError as err:
             print(f"error: {err}", file=sys.stderr)
             return EXIT_BAD_INPUT
         return 0
@@ -136,7 +159,39 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
     _print_outcome(cfg, rows)
+    if args.command == "sweep":
+        _after_sweep(cfg, rows)
     return 0
+
+
+def _after_sweep(cfg: Config, rows: list[dict[str, Any]]) -> None:
+    """The report and W&B summary run: extras once results.csv is written, so a failure in
+    either is a warning, never a failed sweep."""
+    try:
+        pages = _report(cfg.sweep_uri, None)
+    except Exception as err:  # noqa: BLE001
+        logging.getLogger(__name__).warning("report not written: %s", err)
+        pages = None
+    _wandb_summary(cfg, rows, pages)
+
+
+def _wandb_summary(cfg: Config, rows: list[dict[str, Any]], pages: Path | None) -> None:
+    if cfg.wandb.mode == "disabled":
+        return
+    from sae_ray.wandb_log import log_summary
+
+    try:
+        print(f"W&B summary run: {log_summary(cfg, rows, pages)}")
+    except Exception as err:  # noqa: BLE001 - the results are already written
+        logging.getLogger(__name__).warning("W&B summary run not written: %s", err)
+
+
+def _report(sweep: str, out: str | None) -> Path:
+    from sae_ray.report import build_report
+
+    index, pages = build_report(sweep, out)
+    print(f"report: {index}")
+    return pages
 
 
 def entrypoint() -> None:

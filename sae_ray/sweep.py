@@ -25,6 +25,7 @@ from ray.tune.search.optuna import OptunaSearch
 from sae_ray import storage, telemetry
 from sae_ray.config import Config, ConfigError, Constraint, Search, SpaceEntry, apply_params
 from sae_ray.cycle import run_trial
+from sae_ray.progress import SweepProgress
 from sae_ray.results import collect_results, write_config, write_outputs
 
 log = logging.getLogger(__name__)
@@ -249,28 +250,31 @@ def _trial_name(trial) -> str:
 
 
 def _callbacks(cfg: Config) -> list:
-    metrics = SweepMetrics(cfg.experiment.name, cfg.search.goals())
+    goals = cfg.search.goals()
+    callbacks = [
+        SweepMetrics(cfg.experiment.name, goals),
+        SweepProgress(cfg.experiment.name, list(cfg.search.space), goals, cfg.cycles.count),
+    ]
     if cfg.wandb.mode == "disabled":
-        return [metrics]
-    from ray.air.integrations.wandb import WandbLoggerCallback
+        return callbacks
+    import wandb
+
+    from sae_ray.wandb_log import SweepWandb, flat_config
 
     # The callback's own mode= is not enough offline: wandb reads the environment.
     os.environ["WANDB_MODE"] = cfg.wandb.mode
     os.environ.setdefault("WANDB_SILENT", "true")  # one summary per trial floods the console
-    wandb_dir = (
-        storage.cache_root() / "wandb" / cfg.experiment.name
-        if storage.is_remote(cfg.sweep_uri)
-        else cfg.sweep_dir  # W&B writes local files; a bucket sweep keeps them in the cache
-    )
-    wandb_dir.mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("WANDB_DIR", str(wandb_dir))
+    # Each trial's run is written in its trial folder, which Tune keeps in the sweep's storage.
     return [
-        metrics,
-        WandbLoggerCallback(
+        *callbacks,
+        SweepWandb(
+            flat_config(cfg),
             project=cfg.wandb.project,
             group=cfg.experiment.name,
             mode=cfg.wandb.mode,
             log_config=True,
+            # Each trial's logger actor would print its run's whole summary when it ends.
+            settings=wandb.Settings(silent=True, console="off"),
         ),
     ]
 
@@ -301,7 +305,7 @@ def _tuner(cfg: Config, resume: bool) -> tune.Tuner:
             storage_path=storage.resolve(cfg.experiment.storage_path),
             callbacks=callbacks,
             failure_config=tune.FailureConfig(max_failures=cfg.resources.trial_retries),
-            verbose=1,
+            verbose=0,  # progress.SweepProgress prints the table instead
         ),
     )
 

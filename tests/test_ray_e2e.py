@@ -242,9 +242,36 @@ def test_quickstart_shares_the_cycle0_model(quickstart_sweep):
     assert len(activations) == 1 + 4
 
 
-def test_quickstart_writes_offline_wandb_runs(quickstart_sweep):
-    runs = list(quickstart_sweep.glob("**/wandb/offline-run-*"))
+def test_quickstart_wandb_runs_carry_the_flat_config_and_every_cycle(quickstart_sweep):
+    """One offline run per trial in its trial folder (grouped by sweep, the whole config
+    under dotted keys, a history row per cycle) and the sweep's summary run."""
+    from tests.wandb_records import run_contents
+
+    results = pd.read_csv(quickstart_sweep / "results.csv")
+    runs = list(quickstart_sweep.glob("trial_*/wandb/offline-run-*/run-*.wandb"))
     assert len(runs) == 4
+    for run in runs:
+        config, history, _ = run_contents(run)
+        trial = results[results["trial_id"] == config["trial_id"]]
+        for key in ("sae.k", "sae.expansion_factor", "sharpening.strategy"):  # searched
+            assert config[key] == trial[key].iloc[0], key
+        assert config["model.name"] == "tiny-gpt2" and config["cycles.count"] == 2  # fixed
+        cycles = [row for row in history if "cycle" in row]
+        assert [row["cycle"] for row in cycles] == [0, 1]
+        assert [row["interp/u"] for row in cycles] == pytest.approx(trial["interp/u"].tolist())
+    summary = list((quickstart_sweep / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(summary) == 1
+    _, history, best = run_contents(summary[0])
+    assert any(row.get("results/_type") == "table-file" for row in history)
+    assert best["best/trial_id"] in set(results["trial_id"])
+
+
+def test_quickstart_sweep_writes_its_report(quickstart_sweep):
+    from tests.test_report import check_page
+
+    index = quickstart_sweep / "report" / "index.html"
+    links = check_page(str(index), lambda p: Path(p).read_bytes())
+    assert {"cycles.png", "front.png", "control.png"} <= set(links)
 
 
 def test_quickstart_finetunes_on_ray_train_at_equal_compute(quickstart_sweep):

@@ -1,0 +1,94 @@
+"""W&B: one run per trial, grouped by sweep, and one summary run per sweep.
+
+Each trial's run carries the whole config flattened to dotted keys (`sae.k`,
+`cycles.aux_weight`, `model.name`, ...), searched or fixed, so W&B's parallel coordinates,
+parameter importance and run comparer see every setting under the name the YAML uses. The
+summary run holds the results table, the report's figures and the best trial(s).
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from ray.air.integrations.wandb import WandbLoggerCallback
+
+from sae_ray import storage
+from sae_ray.config import Config
+
+log = logging.getLogger(__name__)
+
+
+def flat_config(cfg: Config) -> dict[str, Any]:
+    """Every setting under its dotted name; the search section is the sweep's, not a trial's."""
+    out: dict[str, Any] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for key, sub in value.items():
+                walk(f"{prefix}.{key}" if prefix else key, sub)
+        else:
+            out[prefix] = value
+
+    walk("", cfg.model_dump(mode="json", exclude={"search", "wandb"}))
+    return out
+
+
+class SweepWandb(WandbLoggerCallback):
+    """Ray's W&B callback, with the fixed settings beside the trial's searched ones."""
+
+    def __init__(self, fixed: dict[str, Any], **kwargs: Any):
+        super().__init__(**kwargs)
+        self.fixed = fixed
+
+    def _start_logging_actor(self, trial, exclude_results, **wandb_init_kwargs):
+        config = wandb_init_kwargs.get("config") or {}
+        wandb_init_kwargs["config"] = {**self.fixed, **config}  # the trial's values win
+        return super()._start_logging_actor(trial, exclude_results, **wandb_init_kwargs)
+
+
+def log_summary(cfg: Config, rows: list[dict[str, Any]], report_dir: Path | None) -> str:
+    """One run for the sweep: results table, report figures, best trial(s) in its summary.
+
+    Offline, the run's files go under the sweep (`<sweep>/wandb/offline-run-*`); `wandb
+    sync` uploads them with the trials'. Returns where the run's directory is."""
+    import wandb
+
+    from sae_ray.results import best_summary
+
+    remote = storage.is_remote(cfg.sweep_uri)
+    base = Path(tempfile.mkdtemp(prefix="sae-ray-wandb-")) if remote else cfg.sweep_dir
+    run = wandb.init(
+        project=cfg.wandb.project,
+        group=cfg.experiment.name,
+        name=f"{cfg.experiment.name}-summary",
+        job_type="sweep-summary",
+        mode=cfg.wandb.mode,
+        dir=str(base),
+        config=flat_config(cfg),
+        settings=wandb.Settings(silent=True, console="off"),
+        reinit="create_new",
+    )
+    frame = pd.DataFrame(rows)
+    payload: dict[str, Any] = {"results": wandb.Table(dataframe=frame.astype(str))}
+    if report_dir is not None:
+        for png in sorted(report_dir.glob("*.png")):
+            payload[f"report/{png.stem}"] = wandb.Image(str(png))
+    run.log(payload)
+    summary = best_summary(rows, cfg)
+    if summary.get("best"):
+        run.summary["best/trial_id"] = summary["best"]["trial_id"]
+        for key, value in summary["best"]["objectives"].items():
+            run.summary[f"best/{key}"] = value
+    if "pareto_front" in summary:
+        run.summary["pareto_front"] = [e["trial_id"] for e in summary["pareto_front"]]
+    run_dir = Path(run.dir).parent  # <base>/wandb/<offline-run-...>/files -> the run
+    run.finish()
+    if remote:
+        target = storage.join(cfg.sweep_uri, "wandb", run_dir.name)
+        storage.upload(run_dir, target)
+        return target
+    return str(run_dir)

@@ -1,0 +1,129 @@
+"""The sweep report, live progress and the W&B summary run, on a sweep's real output files
+(written by the sweep's own writers from made-up numbers: tests/report_fixture.py)."""
+
+from __future__ import annotations
+
+import io
+import re
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from sae_ray import cli, storage
+from sae_ray.report import build_report, load_sweep, strategy_table
+from tests.report_fixture import fake_sweep
+from tests.wandb_records import run_contents
+
+
+def check_page(index: str, read) -> list[str]:
+    """Every file index.html links exists; every PNG is a real, non-blank figure."""
+    page = read(index).decode()
+    links = re.findall(r'(?:src|href)="([^"#]+)"', page)
+    assert links and not [u for u in links if "://" in u or u.startswith("/")]  # offline
+    base = index.rsplit("/", 1)[0]
+    for link in links:
+        data = read(f"{base}/{link}")
+        if link.endswith(".png"):
+            image = Image.open(io.BytesIO(data))
+            image.verify()
+            image = Image.open(io.BytesIO(data)).convert("L")
+            assert image.width >= 500 and image.height >= 300, link
+            pixels = np.asarray(image, dtype=float)
+            assert pixels.std() > 10 and (pixels < 128).mean() > 0.005, f"{link} looks blank"
+    return links
+
+
+def test_report_links_only_real_non_blank_figures(tmp_path):
+    cfg = fake_sweep(str(tmp_path))
+    index, pages = build_report(cfg.sweep_uri)
+    assert Path(index) == cfg.sweep_dir / "report" / "index.html" and pages == Path(index).parent
+    links = check_page(index, lambda p: Path(p).read_bytes())
+    assert {"cycles.png", "front.png", "control.png", "importance_0.png"} <= set(links)
+    assert set(links) == {p.name for p in pages.glob("*.png")}  # nothing drawn and not shown
+    page = Path(index).read_text()
+    assert "deadbeef" in page and "model.layer: 5 is out of range" in page  # the error
+
+
+def test_trials_are_sorted_by_the_objective_and_strategies_compared_with_the_control(tmp_path):
+    cfg = fake_sweep(str(tmp_path))
+    index, _ = build_report(cfg.sweep_uri)
+    trials_section = Path(index).read_text().split("<h2>Trials</h2>")[1]
+    shown = re.findall(r"<td>([0-9a-f]{8})</td>", trials_section)
+    results = pd.read_csv(cfg.sweep_dir / "results.csv")
+    by_score = results[results["cycle"] == 2].sort_values("interp/u", ascending=False)
+    assert shown == [*by_score["trial_id"], "deadbeef"]  # the failed trial last
+
+    final = results[results["cycle"] == 2]
+    control = final[final["sharpening.strategy"] == "none"]["interp/u"].mean()
+    per_class = final[final["sharpening.strategy"] == "per_class"]["interp/u"].mean()
+    table = strategy_table(load_sweep(cfg.sweep_uri, tmp_path)).set_index("strategy")
+    assert table.loc["per_class", "Δ interp/u vs control"] == pytest.approx(per_class - control)
+    assert table.loc["per_class", "trials"] == 2 and np.isnan(
+        table.loc["none"].get("Δ interp/u vs control", np.nan)
+    )
+
+
+def test_report_command_reads_and_writes_a_bucket(s3_server, tmp_path, capsys):
+    cfg = fake_sweep("s3://sae-ray-test/reports")
+    assert cli.main(["report", cfg.sweep_uri]) == 0
+    index = f"{cfg.sweep_uri}/report/index.html"
+    assert f"report: {index}" in capsys.readouterr().out
+    check_page(index, storage.read_bytes)
+
+
+def test_report_of_a_directory_that_is_no_sweep_exits_2(tmp_path, capsys):
+    assert cli.main(["report", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "results.csv: not found" in err[0]
+
+
+def test_live_progress_shows_counts_parameters_cycles_and_the_best_so_far():
+    from sae_ray.config import Objective
+    from sae_ray.progress import SweepProgress
+
+    out = io.StringIO()
+    goals = [Objective(metric="interp/u", mode="max")]
+    progress = SweepProgress("qs", ["sae.k"], goals, cycles=2, every=0.0, out=out)
+
+    def trial(i, k):
+        return SimpleNamespace(trial_id=f"t{i}", config={"sae.k": k}, path=f"/runs/qs/trial_t{i}")
+
+    a, b, c = trial(1, 4), trial(2, 8), trial(3, 16)
+    for t in (a, b, c):
+        progress.on_trial_start(0, [], t)
+    progress.on_trial_result(0, [], a, {"cycle": 0, "interp/u": 0.30, "val/accuracy": 0.9})
+    progress.on_trial_result(0, [], b, {"cycle": 1, "interp/u": 0.41, "val/accuracy": 0.8})
+    progress.on_trial_result(0, [], c, {"cycle": 0, "interp/u": 0.99, "feasible": False})
+    progress.on_trial_complete(0, [], b)
+    progress.on_trial_error(0, [], c)
+    last = progress.render()
+    assert "1 running, 1 done, 1 errored" in last
+    assert "best interp/u = 0.41 (trial_t2)" in last  # the infeasible 0.99 is never best
+    line = next(ln for ln in last.splitlines() if ln.startswith("trial_t1"))
+    assert "running" in line and "1/2" in line and " 4 " in f" {line} "
+    assert "trial_t3 failed; the sweep goes on" in out.getvalue()
+
+
+def test_wandb_summary_run_holds_the_table_figures_and_best(tmp_path, monkeypatch):
+    from sae_ray.wandb_log import flat_config, log_summary
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    cfg = fake_sweep(str(tmp_path))
+    _, pages = build_report(cfg.sweep_uri)
+    rows = pd.read_csv(cfg.sweep_dir / "results.csv").to_dict("records")
+    run_dir = Path(log_summary(cfg, rows, pages))
+    assert run_dir.parent == cfg.sweep_dir / "wandb" and run_dir.name.startswith("offline-run-")
+    config, history, summary = run_contents(next(run_dir.glob("run-*.wandb")))
+    assert config["sae.k"] == cfg.sae.k and config["cycles.count"] == 3
+    assert set(flat_config(cfg)) <= set(config)
+    logged = {k: v for row in history for k, v in row.items()}
+    assert logged["results/_type"] == "table-file" and logged["results/nrows"] == len(rows)
+    for png in pages.glob("*.png"):
+        assert logged[f"report/{png.stem}/_type"] == "image-file", png.name
+    results = pd.read_csv(cfg.sweep_dir / "results.csv")
+    final = results[results["cycle"] == 2]
+    assert summary["best/trial_id"] == final.loc[final["interp/u"].idxmax(), "trial_id"]
