@@ -259,16 +259,16 @@ def _callbacks(cfg: Config) -> list:
         return callbacks
     import wandb
 
-    from sae_ray.wandb_log import SweepWandb, flat_config
+    from sae_ray.wandb_log import SweepWandb, flat_config, runs_root
 
     # The callback's own mode= is not enough offline: wandb reads the environment.
     os.environ["WANDB_MODE"] = cfg.wandb.mode
     os.environ.setdefault("WANDB_SILENT", "true")  # one summary per trial floods the console
-    # Each trial's run is written in its trial folder, which Tune keeps in the sweep's storage.
     return [
         *callbacks,
         SweepWandb(
             flat_config(cfg),
+            runs_root(cfg),
             project=cfg.wandb.project,
             group=cfg.experiment.name,
             mode=cfg.wandb.mode,
@@ -315,6 +315,10 @@ def run_sweep(cfg: Config, resume: bool = False) -> list[dict[str, Any]]:
     and the Optuna study; return the result rows."""
     write_config(cfg)
     grid = _tuner(cfg, resume).fit()
+    if cfg.wandb.mode != "disabled":
+        from sae_ray.wandb_log import publish_runs
+
+        publish_runs(cfg)
     rows = collect_results(grid, list(cfg.search.space))
     write_outputs(rows, cfg)
     return rows

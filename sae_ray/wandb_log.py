@@ -37,17 +37,39 @@ def flat_config(cfg: Config) -> dict[str, Any]:
     return out
 
 
-class SweepWandb(WandbLoggerCallback):
-    """Ray's W&B callback, with the fixed settings beside the trial's searched ones."""
+def runs_root(cfg: Config) -> Path:
+    """Where W&B writes the trials' runs: the sweep itself when local; for a bucket sweep a
+    local folder that `publish_runs` uploads when the sweep ends."""
+    if storage.is_remote(cfg.sweep_uri):
+        return storage.cache_root() / "wandb" / cfg.experiment.name
+    return cfg.sweep_dir
 
-    def __init__(self, fixed: dict[str, Any], **kwargs: Any):
+
+class SweepWandb(WandbLoggerCallback):
+    """Ray's W&B callback, with the fixed settings beside the trial's searched ones, and
+    each run written straight into its trial's folder under the sweep. (By default it writes
+    in the trial's driver-side scratch folder, which Tune copies to storage at the end of the
+    sweep, before the last trial's logger has flushed: that run lost its history.)"""
+
+    def __init__(self, fixed: dict[str, Any], root: Path, **kwargs: Any):
         super().__init__(**kwargs)
-        self.fixed = fixed
+        self.fixed, self.root = fixed, root
 
     def _start_logging_actor(self, trial, exclude_results, **wandb_init_kwargs):
         config = wandb_init_kwargs.get("config") or {}
         wandb_init_kwargs["config"] = {**self.fixed, **config}  # the trial's values win
+        run_dir = self.root / f"trial_{trial.trial_id}"
+        run_dir.mkdir(parents=True, exist_ok=True)
+        wandb_init_kwargs["dir"] = str(run_dir)
         return super()._start_logging_actor(trial, exclude_results, **wandb_init_kwargs)
+
+
+def publish_runs(cfg: Config) -> None:
+    """A bucket sweep's offline trial runs, from the driver's disk to their trial folders."""
+    if not storage.is_remote(cfg.sweep_uri):
+        return
+    for wandb_dir in sorted(runs_root(cfg).glob("trial_*/wandb")):
+        storage.upload(wandb_dir, storage.join(cfg.sweep_uri, wandb_dir.parent.name, "wandb"))
 
 
 def log_summary(cfg: Config, rows: list[dict[str, Any]], report_dir: Path | None) -> str:
