@@ -164,6 +164,13 @@ def extract(
             clf.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         mask = batch["attention_mask"]
         hidden = {names[ly]: store[ly].float() for ly in names}
+        for name, h in hidden.items():
+            bad = ~torch.isfinite(h[mask.bool()]).all(dim=-1)
+            if bad.any():
+                raise FloatingPointError(
+                    f"{name}: activations are NaN or Inf for {int(bad.sum())} tokens of "
+                    f"examples {sorted(set(batch['ids'].tolist()))[:3]}...: the model is broken"
+                )
         if not writers:
             d = next(iter(hidden.values())).shape[-1]
             kinds = ("tokens", "sequences") if tokens else ("sequences",)

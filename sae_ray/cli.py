@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from sae_ray import config as config_mod
-from sae_ray import storage
+from sae_ray import preflight, storage
 from sae_ray.config import Config, ConfigError
 
 EXIT_BAD_INPUT = 2
@@ -127,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         from sae_ray import saetrain
 
         try:
+            saetrain.check_flags(args)
             _connect(args.address)
             saetrain.run(args)
         except ConfigError as err:
@@ -147,12 +148,19 @@ def main(argv: list[str] | None = None) -> int:
 
             search_space(cfg)  # refuse an empty space before starting Ray
             cfg = with_control(cfg)
+            preflight.check(cfg)
+            if args.resume:
+                from ray import tune
+
+                if not tune.Tuner.can_restore(cfg.sweep_uri):
+                    raise ConfigError(f"--resume: no sweep to resume at {cfg.sweep_uri}")
             _connect(args.address)
             import ray
 
             max_concurrent_trials(cfg, ray.cluster_resources())
             rows = run_sweep(cfg, resume=args.resume)
         else:
+            preflight.check(cfg)
             _connect(args.address)
             rows = _run_one(cfg)
     except ConfigError as err:

@@ -115,6 +115,9 @@ class Sae(Section):
     grad_acc_steps: int = Field(1, ge=1)
     max_tokens: int | None = Field(None, ge=1, description="global token budget; else epochs")
     activation_dtype: Literal["float32", "float16"] = "float32"
+    save_every: int = Field(
+        1000, ge=1, description="SAE steps between checkpoints (a worker fault resumes there)"
+    )
 
 
 class Sharpening(Section):
@@ -148,6 +151,14 @@ class SpaceEntry(Section):
         elif self.type == "intlog" and self.step not in (None, 1):
             raise ValueError("intlog takes no 'step'")
         return self
+
+    def contains(self, value: Any) -> bool:
+        """Whether `value` is one this entry can sample (for hand-given points)."""
+        if self.type == "choice":
+            return value in self.values
+        if self.type in ("int", "intlog") and (isinstance(value, bool) or value != int(value)):
+            return False
+        return isinstance(value, (int, float)) and self.low <= value <= self.high
 
     def allows(self, params: dict[str, Any]) -> bool:
         """Whether this entry is active given the parameters sampled so far."""
@@ -210,12 +221,18 @@ class Search(Section):
         "point's other settings, beside the num_samples searched ones",
     )
 
+    @field_validator("objectives")
+    @classmethod
+    def _distinct(cls, value: list[Objective]) -> list[Objective]:
+        names = [o.metric for o in value]
+        twice = next((n for n in names if names.count(n) > 1), None)
+        if twice:
+            raise ValueError(f"{twice!r} is listed twice")
+        return value
+
     @model_validator(mode="after")
     def _check(self) -> Search:
         targets = self.goals()
-        names = [o.metric for o in targets]
-        if len(set(names)) != len(names):
-            raise ValueError(f"objective {names[0]!r} is listed twice")
         if self.scheduler == "asha" and len(targets) > 1:
             raise ValueError("asha stops trials on one objective; drop it or use one objective")
         if self.algorithm == "grid":
@@ -331,6 +348,11 @@ def _check_space(config: Config) -> None:
             raise ConfigError(
                 f"search.points_to_evaluate.{i}: {sorted(unknown)[0]} is not searched"
             )
+        for dotted, value in point.items():
+            if not config.search.space[dotted].contains(value):
+                raise ConfigError(
+                    f"search.points_to_evaluate.{i}: {dotted}={value!r} is outside its space"
+                )
 
 
 def _assign_existing(tree: dict[str, Any], dotted: str, value: Any) -> None:

@@ -76,6 +76,7 @@ def sae_train_config(cfg: Config, hp: str, d_in: int, cycle: int) -> SaeTrainCon
         auxk_alpha=sae.auxk_alpha,
         dead_window_tokens=sae.dead_tokens,
         dead_percentage_threshold=sae.dead_percentage_threshold,
+        save_every=sae.save_every,
         init_seed=cfg.experiment.seed + cycle,
         progress=False,
         run_name=f"sae-c{cycle}",
@@ -130,7 +131,7 @@ def run_trial(cfg: Config, report: Report) -> None:
 
         sae_spec = {
             "parent": acts.key,
-            "sae": cfg.sae.model_dump(),
+            "sae": cfg.sae.model_dump(exclude={"save_every"}),  # how often is not what
             "seed": seed + cycle,
             "workers": cfg.resources.num_workers,
         }

@@ -73,6 +73,8 @@ def synthetic_topics(num_examples: int, seed: int = 1234) -> tuple[list[str], li
 def _read_local(path: Path):
     import datasets
 
+    datasets.disable_progress_bars()  # one bar per split per trial drowns the sweep's output
+
     kinds = {".parquet": "parquet", ".csv": "csv", ".jsonl": "json", ".json": "json"}
     if path.is_dir():
         files = {}
@@ -115,11 +117,18 @@ def _load_raw(cfg: Dataset, need_labels: bool = True) -> dict[str, tuple[list[st
     path = Path(cfg.name).expanduser()
     if path.exists():
         dd = _read_local(path)
+    elif cfg.name.startswith((".", "/", "~")) or path.suffix in (".csv", ".jsonl", ".parquet"):
+        raise ConfigError(f"dataset.name: {cfg.name}: no such file or directory")
     else:
         import datasets
 
         hub_id, subset = hub_dataset(cfg.name)
-        dd = datasets.load_dataset(hub_id, subset)
+        datasets.disable_progress_bars()
+        try:
+            dd = datasets.load_dataset(hub_id, subset)
+        except Exception as err:  # network, missing repo or subset: say which, in one line
+            reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise ConfigError(f"dataset.name: cannot load {cfg.name!r} ({reason})") from err
     out = {}
     for split in dd:
         columns = dd[split].column_names
@@ -158,7 +167,7 @@ def load_text_data(cfg: Dataset, seed: int = 0, need_labels: bool = True) -> Tex
     else:
         names = [str(v) for v in label_values]
         to_int = {v: i for i, v in enumerate(label_values)}
-    if len(names) < 2 and need_labels:
+    if len(label_values) < 2 and need_labels:  # one label seen, whatever its number
         raise ConfigError(f"dataset.label_column: {cfg.name} has fewer than two classes")
 
     rng = np.random.default_rng(seed)

@@ -41,6 +41,7 @@ FIRST_TOKEN_TYPES = {
     "deberta-v2",
 }
 TINY_PRESETS = ("tiny-gpt2", "tiny-bert")
+TINY_WIDTH = 64  # both tiny presets' hidden size
 # The seed experiments' models by short name -> hub id. gpt-neox-20b needs ~41 GB in bf16
 # for the weights alone: see the README's "Large models" before using it.
 MODEL_PRESETS = {
@@ -113,7 +114,7 @@ def _tiny_config(kind: str, tok, num_labels: int, max_length: int):
     if kind == "gpt2":
         return GPT2Config(
             n_layer=2,
-            n_embd=64,
+            n_embd=TINY_WIDTH,
             n_head=4,
             n_positions=max_length + 2,
             bos_token_id=None,
@@ -122,7 +123,7 @@ def _tiny_config(kind: str, tok, num_labels: int, max_length: int):
         )
     return BertConfig(
         num_hidden_layers=2,
-        hidden_size=64,
+        hidden_size=TINY_WIDTH,
         num_attention_heads=4,
         intermediate_size=128,
         max_position_embeddings=max_length + 2,

@@ -14,6 +14,7 @@ import io
 import json
 import logging
 import math
+import shutil
 import tempfile
 import warnings
 from dataclasses import dataclass, field
@@ -382,8 +383,9 @@ def build_report(location: str, out: str | None = None) -> tuple[str, Path]:
     location = storage.resolve(location)
     target = storage.resolve(out) if out else storage.join(location, REPORT)
     remote = storage.is_remote(target)
-    pages = Path(tempfile.mkdtemp(prefix="sae-ray-report-")) if remote else Path(target)
-    pages.mkdir(parents=True, exist_ok=True)
+    # Drawn in scratch, then each file put in place whole (renamed locally, one PUT in a
+    # bucket): a crash mid-report never leaves a half-written figure under its name.
+    pages = Path(tempfile.mkdtemp(prefix="sae-ray-report-"))
     with tempfile.TemporaryDirectory(prefix="sae-ray-report-") as tmp:
         sweep = load_sweep(location, Path(tmp))
         sections = [
@@ -420,10 +422,13 @@ def build_report(location: str, out: str | None = None) -> tuple[str, Path]:
             f"<title>{html.escape(sweep.name)} report</title><style>{STYLE}</style></head>"
             f"<body>{''.join(sections)}<script>{SORT_JS}</script></body></html>"
         )
-        storage.write_bytes(str(pages / "index.html"), page.encode())
+        (pages / "index.html").write_text(page)
+    for path in sorted(pages.iterdir(), key=lambda p: p.name == "index.html"):  # page last
+        storage.upload(path, storage.join(target, path.name))
     if remote:
-        storage.upload(pages, target)
-    return storage.join(target, "index.html"), pages
+        return storage.join(target, "index.html"), pages
+    shutil.rmtree(pages)
+    return storage.join(target, "index.html"), Path(target)
 
 
 def _img(name: str) -> str:

@@ -437,7 +437,8 @@ def train_loop(config: dict[str, Any]) -> None:
     models: dict[str, torch.nn.Module] = {}
     stats: dict[str, dict[str, float]] = {}
     started, started_tokens = time.perf_counter(), progress.tokens
-    since = (started, started_tokens)  # this run's clock and token count, for its tokens/s
+    # this run's clock, token count (for its tokens/s) and the step it restarted from
+    since = (started, started_tokens, progress.step)
     micro = 0
     done = progress.tokens >= budget or (cfg.max_steps and progress.step >= cfg.max_steps)
     while not done:
@@ -460,6 +461,12 @@ def train_loop(config: dict[str, Any]) -> None:
                     torch.autocast(device.type, torch.bfloat16, enabled=use_autocast)
                 )
                 loss, stats = feed.losses(models, saes, batch, trackers)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(
+                        f"SAE loss is {loss.item()} at step {progress.step} "
+                        f"({', '.join(cfg.hookpoints)}): the fit diverged or its activations "
+                        "are not finite"
+                    )
                 (loss / cfg.grad_acc_steps).backward()
             n_global = stats[cfg.hookpoints[0]]["tokens"]
             progress.tokens += n_global
@@ -512,9 +519,10 @@ def train_loop(config: dict[str, Any]) -> None:
 def _report(cfg, saes, opts, trackers, progress, stats, rank, save_dir, since) -> None:
     """Checkpoint to Ray Train (worker-fault restarts read it back) and, on rank 0, publish
     it to `<save_dir>/<run_name>` in sparsify's layout. Every rank calls report."""
-    started, started_tokens = since
+    started, started_tokens, resumed_from = since
     metrics = {
         "step": progress.step,
+        "resumed_from_step": resumed_from,
         "tokens": progress.tokens,
         "run_tokens": progress.tokens - started_tokens,
         "elapsed_s": time.perf_counter() - started,

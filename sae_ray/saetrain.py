@@ -92,6 +92,13 @@ def _head_kind(model: str) -> str:
         raise ConfigError(str(err)) from None
 
 
+def check_flags(args: argparse.Namespace) -> None:
+    """What needs no model or Ray: checked before either starts."""
+    for flag in ("max_tokens", "batch_size", "ctx_len", "num_workers", "save_every", "k"):
+        if getattr(args, flag) < 1:
+            raise ConfigError(f"--{flag}: must be at least 1")
+
+
 def run(args: argparse.Namespace) -> dict:
     """Extract (cached) or tokenise, then train; returns the final metrics."""
     import ray
@@ -105,9 +112,7 @@ def run(args: argparse.Namespace) -> dict:
 
     # HF tokenizers parallelise batch encoding over this many threads.
     os.environ["RAYON_NUM_THREADS"] = str(args.data_preprocessing_num_proc)
-    for flag in ("max_tokens", "batch_size", "ctx_len", "num_workers", "save_every"):
-        if getattr(args, flag) < 1:
-            raise ConfigError(f"--{flag}: must be at least 1")
+    check_flags(args)
     save_dir = Path(args.save_dir).expanduser().resolve()
     try:
         save_dir.mkdir(parents=True, exist_ok=True)

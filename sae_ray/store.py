@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import shutil
 import uuid
 from collections.abc import Callable
@@ -26,6 +27,28 @@ from filelock import FileLock
 from sae_ray import storage
 
 DONE = ".complete"
+CHECKSUMS = "checksums.json"
+# Bigger files (a 20B model's weight shards) are checked by size only: hashing 40 GB per
+# trial would cost minutes, and safetensors refuses a truncated file by itself.
+HASH_LIMIT = 1 << 30
+_VERIFIED: set[str] = set()
+log = logging.getLogger(__name__)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _checksums(root: Path) -> dict[str, tuple[int, str]]:
+    return {
+        p.relative_to(root).as_posix(): (p.stat().st_size, _sha256(p))
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def key_of(spec: dict[str, Any]) -> str:
@@ -75,21 +98,45 @@ class ArtifactStore:
         """The artifact; `compute(scratch_dir)` fills it first if it is missing."""
         key = self.key(kind, spec)
         art = self.artifact(kind, key)
-        if self.exists(kind, key):
+        if self.exists(kind, key) and not self._damage(art):
             return art
         with self._lock(f"{kind}-{key}"):
             if self.exists(kind, key):  # another trial made it while we waited
-                return art
+                damage = self._damage(art)
+                if not damage:
+                    return art
+                log.warning("%s is damaged (%s): computing it again", art.location, damage)
+                storage.remove(art.location)
+                shutil.rmtree(storage.cache_dir(art.location), ignore_errors=True)
             scratch = self._scratch(f"{kind}-{key}")
             try:
                 compute(scratch)
                 (scratch / "spec.json").write_text(
                     json.dumps(spec, indent=1, sort_keys=True, default=str)
                 )
+                (scratch / CHECKSUMS).write_text(json.dumps(_checksums(scratch), indent=1))
                 self._publish(scratch, art)
             finally:
                 shutil.rmtree(scratch, ignore_errors=True)
         return art
+
+    def _damage(self, art: Artifact) -> str:
+        """What differs from the files the artifact was published with ("" if nothing): each
+        file's size, and locally its hash for files up to HASH_LIMIT. Checked once per
+        process: a published artifact never changes."""
+        listing = storage.join(art.location, CHECKSUMS)
+        if art.location in _VERIFIED or not storage.is_file(listing):
+            return ""  # (artifacts published before checksums were kept are trusted)
+        expected = json.loads(storage.read_bytes(listing))
+        for name, (size, digest) in expected.items():
+            where = storage.join(art.location, *name.split("/"))
+            found = storage.size(where) if storage.is_file(where) else None
+            if found != size:
+                return f"{name}: {found} bytes, published with {size}"
+            if not self.remote and size <= HASH_LIMIT and _sha256(Path(where)) != digest:
+                return f"{name}: checksum differs"
+        _VERIFIED.add(art.location)
+        return ""
 
     def count(self, kind: str) -> int:
         names = storage.listdir(self.root)
@@ -107,7 +154,11 @@ class ArtifactStore:
         return FileLock(str(Path(self.root) / f".{name}.lock"))
 
     def _scratch(self, name: str) -> Path:
+        """A fresh build directory; with the lock held, any earlier one for the same artifact
+        is a computation that died (a killed trial or driver), never to be published."""
         base = storage.cache_root() / "build" if self.remote else Path(self.root)
+        for stale in base.glob(f".tmp-{name}-*"):
+            shutil.rmtree(stale, ignore_errors=True)
         scratch = base / f".tmp-{name}-{uuid.uuid4().hex[:8]}"
         scratch.mkdir(parents=True)
         return scratch

@@ -18,6 +18,7 @@ os.environ["RAY_AUTH_MODE"] = "token"
 os.environ.setdefault("WANDB_SILENT", "true")
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "sweeps" / "quickstart.yaml"
+PLANTED_KEY = "local-0123456789abcdef0123456789abcdef01234567"  # W&B key format, fake
 
 
 def _free_port() -> int:
@@ -130,13 +131,21 @@ def ray_cluster():
 def quickstart_sweep(ray_cluster, tmp_path_factory):
     """The README's quickstart sweep, submitted as users submit it: `ray job submit
     --working-dir .` to the head, with the cluster's runtime_env file. The job must SUCCEED."""
+    import yaml
+
     storage = tmp_path_factory.mktemp("runs")
+    # A W&B key planted in the job's environment, as a user's would be: tests/test_security.py
+    # greps everything the sweep wrote, and its log, for it.
+    runtime_env = yaml.safe_load((ROOT / "cluster" / "runtime_env.yaml").read_text())
+    runtime_env["env_vars"]["WANDB_API_KEY"] = PLANTED_KEY
+    env_file = storage / "runtime_env.yaml"
+    env_file.write_text(yaml.safe_dump(runtime_env))
     submitted = ray_cli(
         "job",
         "submit",
         f"--address={ray_cluster.dashboard_address}",
         f"--working-dir={ROOT}",
-        f"--runtime-env={ROOT / 'cluster' / 'runtime_env.yaml'}",
+        f"--runtime-env={env_file}",
         "--",
         "sae-ray",
         "sweep",
@@ -145,5 +154,6 @@ def quickstart_sweep(ray_cluster, tmp_path_factory):
         timeout=1800,
     )
     log = submitted.stdout + submitted.stderr
+    (storage / "job.log").write_text(log)
     assert submitted.returncode == 0 and re.search(r"Job '\w+' succeeded", log), log[-4000:]
     return storage / "quickstart"

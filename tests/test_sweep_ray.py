@@ -97,12 +97,15 @@ def resumed_sweep(ray_cluster, tmp_path_factory):
     )
     sweep_dir = storage / "pareto"
     deadline = time.time() + 480
-    while not _terminated(sweep_dir):
-        assert driver.poll() is None, "the sweep driver ended before any trial completed"
+    # Killed while a trial is building an artifact, after another has finished: the resume
+    # must neither lose the finished trial nor use the half-built artifact.
+    while not (_terminated(sweep_dir) and _scratch(sweep_dir)):
+        assert driver.poll() is None, "the sweep ended before a trial completed and another built"
         assert time.time() < deadline, "no trial completed in 8 minutes"
-        time.sleep(2)
+        time.sleep(0.5)
     driver.send_signal(signal.SIGKILL)
     driver.wait()
+    killed_while_building = _scratch(sweep_dir)
     done = _terminated(sweep_dir)
     before = {t: (sweep_dir / f"trial_{t}" / "result.json").read_text() for t in done}
     assert not (sweep_dir / "results.csv").exists()  # it really died mid-sweep
@@ -110,11 +113,16 @@ def resumed_sweep(ray_cluster, tmp_path_factory):
     time.sleep(12)  # one more export interval for the last values
     scraper.stop.set()
     scraper.join()
-    return sweep_dir, before, scraper.seen
+    return sweep_dir, before, scraper.seen, killed_while_building
+
+
+def _scratch(sweep_dir) -> list[str]:
+    """Artifacts being built (the store's scratch directories)."""
+    return [p.name for p in (sweep_dir / "artifacts").glob(".tmp-*")]
 
 
 def test_resume_finishes_every_trial_once_without_rerunning_completed(resumed_sweep):
-    sweep_dir, before, _ = resumed_sweep
+    sweep_dir, before, _, _ = resumed_sweep
     results = pd.read_csv(sweep_dir / "results.csv")
     assert results["trial_id"].nunique() == TRIALS
     assert len(results) == TRIALS  # one row each (one cycle, or the error), none twice
@@ -127,7 +135,7 @@ def test_resume_finishes_every_trial_once_without_rerunning_completed(resumed_sw
 
 
 def test_two_objective_sweep_writes_an_undominated_pareto_front(resumed_sweep):
-    sweep_dir, _, _ = resumed_sweep
+    sweep_dir, _, _, _ = resumed_sweep
     results = pd.read_csv(sweep_dir / "results.csv")
     results = results[results["status"] == "COMPLETE"]
     front = json.loads((sweep_dir / "best.json").read_text())["pareto_front"]
@@ -155,7 +163,7 @@ def test_two_objective_sweep_writes_an_undominated_pareto_front(resumed_sweep):
 
 
 def test_custom_metrics_reach_the_metrics_endpoint_while_the_sweep_runs(resumed_sweep):
-    *_, seen = resumed_sweep
+    _, _, seen, _ = resumed_sweep
     assert {
         "sae_ray_trials_finished_total",
         "sae_ray_trials_errored_total",
@@ -163,3 +171,23 @@ def test_custom_metrics_reach_the_metrics_endpoint_while_the_sweep_runs(resumed_
         "sae_ray_sae_tokens_per_s",
         "sae_ray_extraction_rows_per_s",
     } <= seen, seen
+
+
+def test_an_artifact_half_built_when_the_driver_died_is_never_used(resumed_sweep):
+    """The kill left a scratch directory; the resume rebuilt that artifact (removing the
+    scratch) and every published artifact matches the files it was published with."""
+    from sae_ray import store as store_mod
+    from sae_ray.store import DONE, ArtifactStore
+
+    sweep_dir, _, _, killed_while_building = resumed_sweep
+    assert killed_while_building  # the kill really fell inside a computation
+    assert not _scratch(sweep_dir)
+    artifacts = [p for p in (sweep_dir / "artifacts").iterdir() if not p.name.startswith(".")]
+    store = ArtifactStore(sweep_dir / "artifacts")
+    store_mod._VERIFIED.clear()
+    for path in artifacts:
+        kind, key = path.name.split("-", 1)
+        assert (path / DONE).is_file(), path.name
+        assert store._damage(store.artifact(kind, key)) == "", path.name
+    built = {name.split("-")[1] + "-" + name.split("-")[2] for name in killed_while_building}
+    assert built <= {p.name for p in artifacts}  # what was being built exists, whole

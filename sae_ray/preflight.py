@@ -1,0 +1,73 @@
+"""What can be checked before a sweep starts Ray, so that a typo costs a second, not a
+cluster start-up and a failed trial: the storage is writable, the dataset loads with its
+columns and labels, and the SAE's k fits its latents. Each failure is a `ConfigError`
+naming the field (exit 2). Failures that depend on a trial's sampled values stay trial
+failures: the sweep records them and goes on."""
+
+from __future__ import annotations
+
+from sae_ray import storage
+from sae_ray.config import Config, ConfigError
+
+
+def check(cfg: Config) -> None:
+    check_storage(cfg)
+    check_dataset(cfg)
+    check_sae_size(cfg)
+
+
+def check_storage(cfg: Config) -> None:
+    probe = storage.join(cfg.sweep_uri, ".write-probe")
+    try:
+        storage.write_bytes(probe, b"")
+        storage.remove(probe)
+    except Exception as err:  # OSError locally, ArrowException / OSError from a bucket
+        reason = getattr(err, "strerror", None) or str(err).splitlines()[0]
+        raise ConfigError(
+            f"experiment.storage_path: {cfg.sweep_uri} is not writable ({reason})"
+        ) from None
+
+
+def check_dataset(cfg: Config) -> None:
+    from sae_ray.data import load_text_data
+
+    load_text_data(cfg.dataset, seed=cfg.experiment.seed)
+
+
+def hidden_size(model: str) -> int | None:
+    """The hooked width, from the model's config alone; None if it cannot be read offline."""
+    from sae_ray.models import TINY_PRESETS, TINY_WIDTH, resolve_model
+
+    if model in TINY_PRESETS:
+        return TINY_WIDTH
+    try:
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(resolve_model(model)).hidden_size
+    except Exception:  # no network, gated repo...: the trial will say
+        return None
+
+
+def check_sae_size(cfg: Config) -> None:
+    """k must not exceed the latents (expansion_factor x width) for any sampled pair."""
+    d = hidden_size(cfg.model.name)
+    if d is None:
+        return
+    ks = _values(cfg, "sae.k", cfg.sae.k)
+    factors = _values(cfg, "sae.expansion_factor", cfg.sae.expansion_factor)
+    k, factor = max(ks), min(factors)
+    if k > factor * d:
+        field = "search.space.sae.k" if "sae.k" in cfg.search.space else "sae.k"
+        raise ConfigError(
+            f"{field}: k up to {k} is larger than the {factor * d} latents of "
+            f"expansion_factor {factor} x width {d} ({cfg.model.name})"
+        )
+
+
+def _values(cfg: Config, name: str, fixed: int) -> list[int]:
+    entry = cfg.search.space.get(name)
+    if entry is None:
+        return [fixed]
+    if entry.type == "choice":
+        return [int(v) for v in entry.values]
+    return [int(entry.low), int(entry.high)]

@@ -1,0 +1,157 @@
+"""Numeric and storage faults end in a clear error, never in silently wrong numbers."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from sae_ray.activations import extract, read_manifest
+from sae_ray.config import Resources
+from sae_ray.models import build_classifier
+from tests.conftest import QUICKSTART, ROOT
+from tests.test_ray_e2e import _write_tokens
+
+
+def test_non_finite_activations_stop_the_extraction(tmp_path, topics):
+    clf = build_classifier("tiny-gpt2", 4, topics.splits["train"].texts, seed=0, max_length=32)
+    with torch.no_grad():
+        clf.model.transformer.h[0].mlp.c_fc.weight[0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match=r"h\.1: activations are NaN or Inf"):
+        extract(clf, topics.splits["train"], -1, tmp_path / "acts", 32)
+
+
+@pytest.mark.ray
+def test_an_sae_fed_nan_fails_with_the_reason(ray_cluster, tmp_path):
+    from sae_ray.sae_train import SaeTrainConfig, activation_dataset, train_saes
+
+    x = np.random.default_rng(0).standard_normal((2000, 16)).astype(np.float32)
+    x[1500] = np.nan  # a poisoned row late in the epoch: caught when it arrives
+    _write_tokens(tmp_path / "tokens", x, shard_rows=1000)
+    cfg = SaeTrainConfig(
+        hookpoints=["x"], d_in=16, k=4, expansion_factor=2, batch_tokens=250, progress=False
+    )
+    data = activation_dataset(tmp_path / "tokens", ["x"])
+    with pytest.raises(Exception, match="SAE loss is nan at step") as err:
+        train_saes(*data, cfg, Resources(num_workers=1, max_failures=0), tmp_path / "train")
+    from sae_ray.results import _error_line
+
+    assert "SAE loss is nan" in _error_line(err.value)  # what results.csv would say
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip"])
+def test_a_damaged_artifact_is_computed_again(tmp_path, damage, monkeypatch):
+    from sae_ray import store as store_mod
+    from sae_ray.store import ArtifactStore
+
+    calls = []
+
+    def compute(out):
+        calls.append(1)
+        (out / "sae.safetensors").write_bytes(bytes(range(256)) * 64)
+
+    art = ArtifactStore(tmp_path).get_or_compute("sae", {"k": 4}, compute)
+    weights = art.local() / "sae.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[:-10] if damage == "truncate" else data[:100] + b"\xff" + data[101:])
+    monkeypatch.setattr(store_mod, "_VERIFIED", set())  # as a new trial process would start
+    again = ArtifactStore(tmp_path).get_or_compute("sae", {"k": 4}, compute)
+    assert len(calls) == 2 and (again.local() / "sae.safetensors").read_bytes() == data
+    ArtifactStore(tmp_path).get_or_compute("sae", {"k": 4}, compute)
+    assert len(calls) == 2  # whole again: reused
+
+
+def test_a_damaged_shard_is_refused_by_the_manifest(tmp_path):
+    x = np.random.default_rng(0).standard_normal((300, 8)).astype(np.float32)
+    _write_tokens(tmp_path / "tokens", x, shard_rows=100)
+    shard = sorted((tmp_path / "tokens").glob("*.parquet"))[1]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=f"{shard.name}: checksum does not match"):
+        read_manifest(tmp_path / "tokens", verify=True)
+
+
+FAULT_OVERRIDES = [
+    "experiment.name=faults",
+    "dataset.num_examples=400",
+    "cycles.count=1",
+    "cycles.epochs=1",
+    "sae.epochs=100",  # ~3500 small steps: long enough to be killed in
+    "sae.batch_size=128",
+    "sae.save_every=100",
+    "search.num_samples=1",
+    "search.control=false",
+    "search.space={sae.k: {type: choice, values: [8]}}",
+    "search.points_to_evaluate=[]",
+    "wandb.mode=disabled",
+]
+
+
+def _train_worker_pids() -> list[int]:
+    """Live Ray Train workers, from Ray's state API (what the dashboard's Actors page shows)."""
+    from ray.util.state import list_actors
+
+    actors = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+    return [a.pid for a in actors if a.pid]
+
+
+def _committed_step(sweep) -> int:
+    """The SAE step of the latest checkpoint Ray Train has registered (a checkpoint a worker
+    wrote but the controller had not yet taken in is not one a restart can use)."""
+    for snapshot in sweep.glob("train_runs/sae-*/checkpoint_manager_snapshot.json"):
+        try:
+            latest = json.loads(snapshot.read_text())["latest_checkpoint_result"]
+        except (ValueError, KeyError):
+            continue  # being written
+        if latest:
+            return int(latest["metrics"]["step"])
+    return 0
+
+
+@pytest.mark.ray
+def test_a_train_worker_killed_mid_sae_fit_resumes_from_its_checkpoint(ray_cluster, tmp_path):
+    """SIGKILL one Ray Train worker once the SAE fit has a registered checkpoint: the worker
+    group is restarted, the fit continues from that checkpoint (not from step 0), trains
+    each epoch once, and the sweep ends complete."""
+    address = ray_cluster.get_runtime_context().gcs_address
+    args = [str(QUICKSTART), *FAULT_OVERRIDES, f"experiment.storage_path={tmp_path}"]
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "sae_ray", "sweep", *args, "--address", address],
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    sweep = tmp_path / "faults"
+    deadline, killed = time.time() + 600, None
+    while killed is None:
+        assert driver.poll() is None, "the sweep ended before its SAE fit checkpointed"
+        assert time.time() < deadline, "no SAE checkpoint in 10 minutes"
+        if _committed_step(sweep) > 0:
+            pids = _train_worker_pids()
+            if pids:
+                killed = pids[-1]
+                os.kill(killed, signal.SIGKILL)
+        time.sleep(0.5)
+    out, _ = driver.communicate(timeout=900)
+    assert driver.returncode == 0, out[-3000:]
+    assert killed not in _train_worker_pids()
+    results = pd.read_csv(sweep / "results.csv")
+    assert len(results) == 1 and (results["status"] == "COMPLETE").all()  # as without a fault
+    assert results["interp/u"].notna().all()
+    (sae_dir,) = list((sweep / "artifacts").glob("sae-*"))
+    metrics = json.loads((sae_dir / "train_metrics.json").read_text())
+    assert metrics["resumed_from_step"] > 0, metrics  # not from scratch
+    (acts,) = list((sweep / "artifacts").glob("activations-*"))
+    rows = read_manifest(acts / "train" / "tokens").rows
+    # every epoch trained once (equal splits drop under one row per worker per epoch)
+    assert 100 * (rows - 1) <= metrics["tokens"] <= 100 * rows

@@ -1,0 +1,52 @@
+"""Nothing a sweep reads from storage is unpickled by our code, checkpoints are safetensors,
+and a W&B key in the environment never lands in anything the sweep writes or prints."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import PLANTED_KEY, ROOT
+
+
+def test_no_pickle_or_unsafe_torch_load_in_the_package():
+    offenders = []
+    for path in (ROOT / "sae_ray").glob("*.py"):
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            code = line.split("#")[0]
+            if re.search(r"\bimport pickle\b|\bpickle\.|\bjoblib\b|\bdill\b|cloudpickle", code):
+                offenders.append(f"{path.name}:{number}: {line.strip()}")
+            if (
+                re.search(r"(?<!safetensors\.)torch\.load\(", code)
+                and "weights_only=True" not in code
+            ):
+                offenders.append(f"{path.name}:{number}: {line.strip()}")
+    assert not offenders, offenders
+
+
+@pytest.mark.ray
+def test_checkpoints_are_safetensors_only(quickstart_sweep):
+    """Models, SAEs and the SAE trainer's checkpoints (optimizer state included). Ray's own
+    bookkeeping (tuner.pkl, params.pkl) is Tune's, read only by `--resume` of one's own sweep."""
+    weights = [
+        p
+        for p in quickstart_sweep.rglob("*")
+        if p.is_file() and p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".safetensors")
+    ]
+    assert any("train_runs" in p.parts for p in weights)  # the trainer's checkpoints are seen
+    assert all(p.suffix == ".safetensors" for p in weights), sorted({p.suffix for p in weights})
+
+
+@pytest.mark.ray
+def test_a_planted_wandb_key_is_written_nowhere(quickstart_sweep):
+    key = PLANTED_KEY.encode()
+    leaked = [
+        str(p.relative_to(quickstart_sweep.parent))
+        for p in quickstart_sweep.parent.rglob("*")
+        if p.is_file() and p.name != "runtime_env.yaml" and key in p.read_bytes()
+    ]
+    assert not leaked, leaked
+    assert PLANTED_KEY not in (quickstart_sweep.parent / "job.log").read_text()
+    assert Path(quickstart_sweep / "results.csv").is_file()  # there was something to search
