@@ -8,7 +8,6 @@ reader can refuse a truncated or foreign shard.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -51,14 +50,6 @@ def arrow_to_vectors(column: pa.ChunkedArray | pa.Array, d: int) -> np.ndarray:
     return column.values.to_numpy(zero_copy_only=False).reshape(-1, d)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 class ShardWriter:
     """Streams record batches into fixed-size Parquet shards; nothing is held whole."""
 
@@ -93,7 +84,7 @@ class ShardWriter:
         if self._writer is not None:
             self._writer.close()
             entry = self.manifest.files[-1]
-            entry["sha256"] = _sha256(self.root / entry["path"])
+            entry["sha256"] = storage.sha256(self.root / entry["path"])
             entry["bytes"] = (self.root / entry["path"]).stat().st_size
             self._writer, self._rows_in_shard = None, 0
 
@@ -118,7 +109,7 @@ def read_manifest(root: Path | str, verify: bool = False) -> Manifest:
             if storage.is_remote(shard):
                 ok = entry.get("bytes") in (None, storage.size(shard))
             else:
-                ok = _sha256(Path(shard)) == entry["sha256"]
+                ok = storage.sha256(Path(shard)) == entry["sha256"]
             if not ok:
                 raise ValueError(f"{shard}: checksum does not match the manifest")
     return manifest

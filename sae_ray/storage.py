@@ -124,6 +124,15 @@ def remove(location: str) -> None:
         fs.delete_file(path)
 
 
+def sha256(path: Path) -> str:
+    """A local file's digest, read in 1 MiB pieces (shards and weights can be large)."""
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def cache_root() -> Path:
     return Path(os.environ.get("SAE_RAY_CACHE", "~/.cache/sae-ray")).expanduser()
 

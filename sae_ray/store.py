@@ -35,17 +35,9 @@ _VERIFIED: set[str] = set()
 log = logging.getLogger(__name__)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _checksums(root: Path) -> dict[str, tuple[int, str]]:
     return {
-        p.relative_to(root).as_posix(): (p.stat().st_size, _sha256(p))
+        p.relative_to(root).as_posix(): (p.stat().st_size, storage.sha256(p))
         for p in sorted(root.rglob("*"))
         if p.is_file()
     }
@@ -133,7 +125,7 @@ class ArtifactStore:
             found = storage.size(where) if storage.is_file(where) else None
             if found != size:
                 return f"{name}: {found} bytes, published with {size}"
-            if not self.remote and size <= HASH_LIMIT and _sha256(Path(where)) != digest:
+            if not self.remote and size <= HASH_LIMIT and storage.sha256(Path(where)) != digest:
                 return f"{name}: checksum differs"
         _VERIFIED.add(art.location)
         return ""

@@ -127,33 +127,40 @@ def ray_cluster():
     ray_cli("stop", "--force", timeout=120)
 
 
-@pytest.fixture(scope="session")
-def quickstart_sweep(ray_cluster, tmp_path_factory):
-    """The README's quickstart sweep, submitted as users submit it: `ray job submit
-    --working-dir .` to the head, with the cluster's runtime_env file. The job must SUCCEED."""
+def submit_quickstart(ray, workdir: Path, env_vars: dict[str, str], storage_path: str) -> str:
+    """`ray job submit --working-dir .` of the quickstart, with the cluster's runtime_env
+    file plus `env_vars`, as users submit it; asserts the job SUCCEEDED and returns its log."""
     import yaml
 
-    storage = tmp_path_factory.mktemp("runs")
-    # A W&B key planted in the job's environment, as a user's would be: tests/test_security.py
-    # greps everything the sweep wrote, and its log, for it.
     runtime_env = yaml.safe_load((ROOT / "cluster" / "runtime_env.yaml").read_text())
-    runtime_env["env_vars"]["WANDB_API_KEY"] = PLANTED_KEY
-    env_file = storage / "runtime_env.yaml"
+    runtime_env["env_vars"].update(env_vars)
+    env_file = workdir / "runtime_env.yaml"
     env_file.write_text(yaml.safe_dump(runtime_env))
     submitted = ray_cli(
         "job",
         "submit",
-        f"--address={ray_cluster.dashboard_address}",
+        f"--address={ray.dashboard_address}",
         f"--working-dir={ROOT}",
         f"--runtime-env={env_file}",
         "--",
         "sae-ray",
         "sweep",
         "sweeps/quickstart.yaml",  # relative: read from the uploaded working dir
-        f"experiment.storage_path={storage}",
+        f"experiment.storage_path={storage_path}",
         timeout=1800,
     )
     log = submitted.stdout + submitted.stderr
-    (storage / "job.log").write_text(log)
     assert submitted.returncode == 0 and re.search(r"Job '\w+' succeeded", log), log[-4000:]
+    return log
+
+
+@pytest.fixture(scope="session")
+def quickstart_sweep(ray_cluster, tmp_path_factory):
+    """The README's quickstart sweep, submitted as users submit it: `ray job submit
+    --working-dir .` to the head, with the cluster's runtime_env file. The job must SUCCEED."""
+    storage = tmp_path_factory.mktemp("runs")
+    # A W&B key planted in the job's environment, as a user's would be: tests/test_security.py
+    # greps everything the sweep wrote, and its log, for it.
+    log = submit_quickstart(ray_cluster, storage, {"WANDB_API_KEY": PLANTED_KEY}, str(storage))
+    (storage / "job.log").write_text(log)
     return storage / "quickstart"

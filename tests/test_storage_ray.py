@@ -5,16 +5,14 @@ in the bucket."""
 from __future__ import annotations
 
 import json
-import re
 
 import pandas as pd
 import pyarrow as pa
 import pytest
-import yaml
 
 from sae_ray import storage
 from sae_ray.store import DONE
-from tests.conftest import ROOT, ray_cli
+from tests.conftest import submit_quickstart
 
 pytestmark = pytest.mark.ray
 BUCKET_PATH = "s3://sae-ray-test/team/sweeps"
@@ -23,27 +21,10 @@ BUCKET_PATH = "s3://sae-ray-test/team/sweeps"
 @pytest.fixture(scope="module")
 def s3_sweep(ray_cluster, s3_server, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("s3-sweep")
-    runtime_env = yaml.safe_load((ROOT / "cluster" / "runtime_env.yaml").read_text())
     # Credentials and the endpoint reach the job, its trials and their workers as a cluster
     # user's would: through the job's runtime_env (or the nodes' own IAM roles).
-    runtime_env["env_vars"].update({**s3_server, "SAE_RAY_CACHE": str(tmp / "cache")})
-    env_file = tmp / "runtime_env.yaml"
-    env_file.write_text(yaml.safe_dump(runtime_env))
-    submitted = ray_cli(
-        "job",
-        "submit",
-        f"--address={ray_cluster.dashboard_address}",
-        f"--working-dir={ROOT}",
-        f"--runtime-env={env_file}",
-        "--",
-        "sae-ray",
-        "sweep",
-        "sweeps/quickstart.yaml",
-        f"experiment.storage_path={BUCKET_PATH}",
-        timeout=1800,
-    )
-    log = submitted.stdout + submitted.stderr
-    assert submitted.returncode == 0 and re.search(r"Job '\w+' succeeded", log), log[-4000:]
+    env_vars = {**s3_server, "SAE_RAY_CACHE": str(tmp / "cache")}
+    log = submit_quickstart(ray_cluster, tmp, env_vars, BUCKET_PATH)
     assert f"results: {BUCKET_PATH}/quickstart/results.csv" in log
     return f"{BUCKET_PATH}/quickstart", tmp / "cache"
 
