@@ -52,10 +52,25 @@ def _error_line(error: BaseException | None) -> str:
     return (text[-1] if text else type(error).__name__)[:500]
 
 
+def _trial_params(result) -> dict[str, Any]:
+    """The trial's sampled parameters: Tune's result config or, when that is empty (a trial
+    that errored before the sweep was resumed comes back without one), its params.json."""
+    if result.config:
+        return result.config
+    import pyarrow.fs as pafs
+
+    fs = getattr(result, "filesystem", None) or pafs.LocalFileSystem()
+    try:
+        with fs.open_input_stream(f"{result.path}/params.json") as fh:
+            return json.loads(fh.read())
+    except (OSError, ValueError):
+        return {}
+
+
 def collect_results(grid, params: list[str]) -> list[dict[str, Any]]:
     rows = []
     for result in grid:
-        config = result.config or {}
+        config = _trial_params(result)
         frame = result.metrics_dataframe
         trial_id = (result.metrics or {}).get("trial_id") or Path(result.path).name
         status = "ERROR" if result.error else "COMPLETE"

@@ -65,3 +65,17 @@ def test_best_ignores_errored_trials():
     assert best_row(rows, "interp/u", "min")["trial_id"] == "a"
     table = summary_table(rows, ["sae.k"], "interp/u")
     assert "ERROR" in table and "COMPLETE" in table
+
+
+def test_a_trial_restored_without_its_config_keeps_its_parameters(tmp_path):
+    """After `--resume`, Tune hands back a trial that had errored before with config None:
+    its parameters come from the params.json Tune wrote in its folder."""
+    import json
+
+    trial_dir = tmp_path / "trial_dead"
+    trial_dir.mkdir()
+    (trial_dir / "params.json").write_text(json.dumps({"model.layer": 5, "sae.k": 8}))
+    errored = _Result(None, None, {}, ValueError("model.layer: 5 is out of range"), str(trial_dir))
+    (row,) = collect_results([errored], ["model.layer", "sae.k"])
+    assert row["model.layer"] == 5 and row["sae.k"] == 8 and row["status"] == "ERROR"
+    assert row["error"] == "model.layer: 5 is out of range"
