@@ -12,12 +12,10 @@ hits both alike. Prints one JSON line; `ratio` = ours / theirs, target >= 1.3.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import statistics
-import time
 
 import torch
+
+from benchmarks.common import device_name, emit, interleaved
 
 
 def _dead_mask(num_latents: int, dead_frac: float, device: str) -> torch.Tensor:
@@ -64,17 +62,7 @@ def _theirs(d_in: int, num_latents: int, k: int, device: str, dead_frac: float):
     return step
 
 
-def _time(step, x, device: str) -> float:
-    if device == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    step(x)
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
-
-
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--d_in", type=int, default=768)
     parser.add_argument("--expansion_factor", type=int, default=32)
@@ -82,45 +70,35 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4096)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--dead_frac", type=float, default=0.0, help="latents dead (AuxK on)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     num_latents = args.d_in * args.expansion_factor
     torch.manual_seed(0)
     x = torch.randn(args.batch, args.d_in, device=device)
-    sides = {
-        "ours": _ours(args.d_in, num_latents, args.k, device, args.dead_frac),
-        "sparsify": _theirs(args.d_in, num_latents, args.k, device, args.dead_frac),
-    }
-    for step in sides.values():  # warm-up: allocations, kernels
-        step(x)
-    times: dict[str, list[float]] = {name: [] for name in sides}
-    for _ in range(args.steps):
-        for name, step in sides.items():
-            times[name].append(_time(step, x, device))
-    rate = {name: args.batch / statistics.median(t) for name, t in times.items()}
-    print(
-        json.dumps(
-            {
-                "name": "sae_step_tokens_per_s",
-                "ours": round(rate["ours"], 1),
-                "theirs": round(rate["sparsify"], 1),
-                "ratio": round(rate["ours"] / rate["sparsify"], 3),
-                "target": 1.3,
-                "better": "higher",
-                "config": {
-                    "d_in": args.d_in,
-                    "num_latents": num_latents,
-                    "k": args.k,
-                    "batch": args.batch,
-                    "steps": args.steps,
-                    "dead_frac": args.dead_frac,
-                    "threads": torch.get_num_threads(),
-                },
-                "device": torch.cuda.get_device_name()
-                if device == "cuda"
-                else f"cpu x{os.cpu_count()}",
-            }
-        )
+    ours = _ours(args.d_in, num_latents, args.k, device, args.dead_frac)
+    theirs = _theirs(args.d_in, num_latents, args.k, device, args.dead_frac)
+    sync = torch.cuda.synchronize if device == "cuda" else None
+    secs = interleaved(
+        {"ours": lambda: ours(x), "sparsify": lambda: theirs(x)}, args.steps, sync=sync
+    )
+    return emit(
+        "sae_step_tokens_per_s",
+        args.batch / secs["ours"],
+        args.batch / secs["sparsify"],
+        target=1.3,
+        better="higher",
+        unit="tokens/s",
+        sides=("sae-ray", "eai-sparsify SparseCoder"),
+        config={
+            "d_in": args.d_in,
+            "num_latents": num_latents,
+            "k": args.k,
+            "batch": args.batch,
+            "steps": args.steps,
+            "dead_frac": args.dead_frac,
+            "threads": torch.get_num_threads(),
+        },
+        device=device_name(device),
     )
 
 

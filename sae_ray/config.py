@@ -38,6 +38,11 @@ class Experiment(Section):
         "./runs", description="local directory, or s3://bucket/prefix, gs://bucket/prefix"
     )
     seed: int = 0
+    share_artifacts: bool = Field(
+        True,
+        description="false: each trial computes every stage itself (for measuring what "
+        "sharing saves; benchmarks/sweep_sharing.py)",
+    )
 
     @field_validator("storage_path")
     @classmethod

@@ -84,11 +84,22 @@ def sae_train_config(cfg: Config, hp: str, d_in: int, cycle: int) -> SaeTrainCon
     )
 
 
-def run_trial(cfg: Config, report: Report) -> None:
+def trial_storage(cfg: Config, trial_id: str) -> tuple[str, str]:
+    """The trial's artifact store and where its SAE Train runs go: the sweep's, or with
+    `share_artifacts: false` its own (nothing found, everything computed; the SAE runs too,
+    since they are named by artifact key and a reused run name restores that run)."""
+    dirs = [storage.join(cfg.sweep_uri, d) for d in ("artifacts", "train_runs")]
+    if not cfg.experiment.share_artifacts:
+        dirs = [storage.join(d, "unshared", trial_id) for d in dirs]
+    return dirs[0], dirs[1]
+
+
+def run_trial(cfg: Config, report: Report, trial_id: str = "run") -> None:
     threads = int(os.environ.get("SAE_RAY_TORCH_THREADS", "0"))
     if threads:
         torch.set_num_threads(threads)
-    store = ArtifactStore(storage.join(cfg.sweep_uri, "artifacts"))
+    root, sae_runs = trial_storage(cfg, trial_id)
+    store = ArtifactStore(root)
     data = load_text_data(cfg.dataset, seed=cfg.experiment.seed)
     seed = cfg.experiment.seed
     strategy = _effective_strategy(cfg)
@@ -145,7 +156,7 @@ def run_trial(cfg: Config, report: Report) -> None:
                 *activation_dataset(tokens, [hp]),
                 sae_train_config(cfg, hp, read_manifest(tokens).d, cycle),
                 cfg.resources,
-                storage_path=storage.join(cfg.sweep_uri, "train_runs"),
+                storage_path=sae_runs,
                 train_run_name=run_name,
             )
             result.saes[hp].save(out)

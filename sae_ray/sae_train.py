@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import resource
 import shutil
 import tempfile
 import time
@@ -21,6 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import ray
 import ray.train
 import torch
@@ -36,6 +38,7 @@ from sae_ray.config import Resources
 from sae_ray.sae import SaeConfig, SparseAutoencoder, auxk_loss, decoder_absorption, default_lr
 
 MATERIALIZE_BYTES = 256 << 20  # activation sets up to this size are read once, then reused
+BLOCK_BYTES = 16 << 20  # Ray Data blocks of the activation feed
 STATE = "state.json"
 
 
@@ -383,7 +386,8 @@ def train_loop(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    shard = ray.train.get_dataset_shard("train")
+    make_feed = config.get("feed")  # (cfg, world, device) -> a feed; default: the dataset's
+    shard = ray.train.get_dataset_shard("train") if config.get("dataset", True) else None
     torch.manual_seed(cfg.init_seed)
     saes = {
         hp: SparseAutoencoder(SaeConfig(cfg.d_in, cfg.latents, cfg.k)).to(device)
@@ -428,7 +432,9 @@ def train_loop(config: dict[str, Any]) -> None:
             settings=wandb.Settings(quiet=True),
         )
 
-    if cfg.loss_fn in ("ce", "kl"):
+    if make_feed is not None:
+        feed = make_feed(cfg, world, device)
+    elif cfg.loss_fn in ("ce", "kl"):
         from sae_ray.e2e import ModelFeed
 
         feed = ModelFeed(cfg, config["e2e"], world, device)
@@ -526,6 +532,8 @@ def _report(cfg, saes, opts, trackers, progress, stats, rank, save_dir, since) -
         "tokens": progress.tokens,
         "run_tokens": progress.tokens - started_tokens,
         "elapsed_s": time.perf_counter() - started,
+        # this worker's high-water mark: streaming keeps it flat as the data grows
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         **{f"{k}/{h}": v for h, s in stats.items() for k, v in s.items() if k != "tokens"},
     }
     if rank != 0:
@@ -560,20 +568,35 @@ def activation_dataset(
 ) -> tuple[ray.data.Dataset, int]:
     """The token shards under `tokens_dir` (a path, or a bucket URI that every node can read)
     as a Ray Dataset of the hookpoints' columns, and the number of token rows (checked against
-    the manifest first)."""
+    the manifest first).
+
+    Read with Ray Data's file-based Parquet datasource (V1), in blocks of about
+    `BLOCK_BYTES`: Ray 2.60's default (V2) lists the files in a remote task first, which put
+    2-4 s before every epoch's first batch here, and a block per shard (100 MB) left the reads
+    nothing to overlap with (`benchmarks/ray_data_feed.py` measures both)."""
     manifest = read_manifest(tokens_dir, verify=True)
     for hp in hookpoints:
         column_of(manifest, tokens_dir, hp)
     _quiet_ordered_data()
-    dataset = ray.data.read_parquet(manifest.paths(tokens_dir), columns=hookpoints)
-    if manifest.rows * manifest.d * 4 * len(hookpoints) <= MATERIALIZE_BYTES:
+    nbytes = manifest.rows * manifest.d * np.dtype(manifest.dtype).itemsize * len(hookpoints)
+    context = ray.data.DataContext.get_current()
+    v2, context.use_datasource_v2 = context.use_datasource_v2, False
+    try:
+        dataset = ray.data.read_parquet(
+            manifest.paths(tokens_dir),
+            columns=hookpoints,
+            override_num_blocks=max(len(manifest.files), -(-nbytes // BLOCK_BYTES)),
+        )
+    finally:
+        context.use_datasource_v2 = v2
+    if nbytes <= MATERIALIZE_BYTES:
         # Each lazy pass re-plans and re-reads (seconds even on MBs): read small sets once.
         dataset = dataset.materialize()
     return dataset, manifest.rows
 
 
 def train_saes(
-    dataset: ray.data.Dataset,
+    dataset: ray.data.Dataset | None,
     tokens_per_epoch: int,
     cfg: SaeTrainConfig,
     resources: Resources,
@@ -583,12 +606,15 @@ def train_saes(
     train_run_name: str | None = None,
     wandb_dir: Path | None = None,
     e2e: dict[str, Any] | None = None,
+    feed: Any = None,
 ) -> SaeTrainResult:
     """Fit one SAE per hookpoint: on stored activations (`activation_dataset`), or end to
     end on token rows with `e2e` = {model, kind, layers, ctx_len} (see `e2e.py`).
 
     `save_dir` (the run's directory, `<save_dir>/<run_name>`) receives every checkpoint in
-    sparsify's layout; with `resume` the run continues from the one there.
+    sparsify's layout; with `resume` the run continues from the one there. `feed`, a factory
+    `(cfg, world, device) -> feed` called on each worker, replaces how batches are made (the
+    benchmarks' in-memory baseline, with `dataset` None, and their timed Ray Data feed).
     """
     _quiet_ordered_data()
     resume_from = None
@@ -609,6 +635,8 @@ def train_saes(
         "save_dir": str(save_dir) if save_dir else None,
         "resume_from": resume_from,
         "wandb_dir": str(wandb_dir) if wandb_dir else None,
+        "feed": feed,
+        "dataset": dataset is not None,
     }
     trainer = TorchTrainer(
         train_loop,
@@ -623,7 +651,7 @@ def train_saes(
             storage_path=str(storage_path),
             failure_config=ray.train.FailureConfig(max_failures=resources.max_failures),
         ),
-        datasets={"train": dataset},
+        datasets={"train": dataset} if dataset is not None else None,
     )
     result = trainer.fit()
     with result.checkpoint.as_directory() as directory:

@@ -214,7 +214,8 @@ def objective_reporter(search: Search, report):
 
 def _trainable(params: dict[str, Any], base: dict[str, Any]) -> None:
     cfg = apply_params(Config.model_validate(base), params)
-    run_trial(cfg, report=objective_reporter(cfg.search, tune.report))
+    trial_id = tune.get_context().get_trial_id()
+    run_trial(cfg, report=objective_reporter(cfg.search, tune.report), trial_id=trial_id)
 
 
 class SweepMetrics(tune.Callback):

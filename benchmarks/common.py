@@ -1,0 +1,110 @@
+"""What every figure shares: the JSON line, the device's name, interleaved timing, peak RSS.
+
+A figure is a ratio of two sides measured in the same run, alternated (A B A B ...) so the
+machine's noise falls on both; the median of each side's repeats is its value.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any, Literal
+
+import torch
+
+
+def device_name(device: str | torch.device = "cpu") -> str:
+    if torch.device(device).type == "cuda":
+        return torch.cuda.get_device_name()
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            model = next(ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"cpu x{os.cpu_count()} ({model})"
+
+
+def emit(
+    name: str,
+    ours: float,
+    theirs: float,
+    target: float,
+    better: Literal["higher", "lower"],
+    config: dict[str, Any],
+    device: str,
+    unit: str = "",
+    sides: tuple[str, str] = ("ours", "theirs"),
+) -> dict[str, Any]:
+    """Print the figure's one JSON line (ratio = ours / theirs) and return it."""
+    ratio = ours / theirs if theirs else float("nan")
+    met = ratio >= target if better == "higher" else ratio <= target
+    line = {
+        "name": name,
+        "ours": float(f"{ours:.5g}"),
+        "theirs": float(f"{theirs:.5g}"),
+        "ratio": round(ratio, 3),
+        "target": target,
+        "better": better,
+        "met": bool(met),
+        "unit": unit,
+        "sides": list(sides),
+        "config": config,
+        "device": device,
+    }
+    print(json.dumps(line), flush=True)
+    return line
+
+
+def interleaved(
+    sides: dict[str, Callable[[], Any]],
+    repeats: int,
+    warmup: int = 1,
+    sync: Callable[[], None] | None = None,
+) -> dict[str, float]:
+    """Median seconds per call of each side, the sides alternated call by call."""
+    for _ in range(warmup):
+        for fn in sides.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in sides}
+    for _ in range(repeats):
+        for name, fn in sides.items():
+            if sync:
+                sync()
+            start = time.perf_counter()
+            fn()
+            if sync:
+                sync()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def write_token_shards(out, rows: int, d: int, column: str = "h", seed: int = 0):
+    """`rows` random activation rows as token shards with a manifest, written in chunks (the
+    benchmarks' input: the SAE's speed does not depend on what the numbers are)."""
+    from pathlib import Path
+
+    import numpy as np
+    import pyarrow as pa
+
+    from sae_ray.activations import ShardWriter, vectors_to_arrow
+
+    out = Path(out)
+    writer = ShardWriter(out, "tokens", d, "float32", rows_per_shard=100_000, columns=[column])
+    rng = np.random.default_rng(seed)
+    for start in range(0, rows, 20_000):
+        n = min(20_000, rows - start)
+        x = rng.standard_normal((n, d), dtype=np.float32)
+        ids = np.arange(start, start + n) // 32  # 32 tokens per example
+        writer.write(pa.record_batch({"example_id": ids, column: vectors_to_arrow(x)}))
+    return writer.close()

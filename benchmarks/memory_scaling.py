@@ -1,0 +1,137 @@
+"""Memory scaling: peak RSS of extraction and of SAE training at 4x the data vs 1x.
+Target <= 1.2 for each (streaming: nothing is held whole).
+
+Extraction runs in a fresh process per size (its peak is that process's high-water mark:
+model, batches, writers). SAE training is `train_saes` on token shards (large enough that
+Ray Data streams them); its figure is the Train worker's own peak, which it reports. Each
+line's config gives the data sizes, so a reader can see how much a held-whole copy would
+have added.
+
+    python -m benchmarks.memory_scaling
+    python -m benchmarks.memory_scaling --only extraction --examples 1000
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from pathlib import Path
+
+import ray
+
+from benchmarks.common import device_name, emit, peak_rss_mb, write_token_shards
+
+HOOKPOINT = "h"
+
+
+def _extract_peak(model: str, examples: int, layer: int, max_length: int) -> tuple[float, int]:
+    """In a fresh process: extract one split; (peak RSS MB, bytes written)."""
+    from benchmarks.extraction import setup
+    from sae_ray.activations import extract
+
+    clf, split = setup(model, examples, max_length)
+    with tempfile.TemporaryDirectory() as tmp:
+        extract(clf, split, layer, Path(tmp), max_length)
+        written = sum(p.stat().st_size for p in Path(tmp).rglob("*.parquet"))
+    return peak_rss_mb(), written
+
+
+def extraction(args) -> dict:
+    peaks, sizes = {}, {}
+    for scale in (1, 4):
+        with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
+            job = pool.submit(
+                _extract_peak, args.model, args.examples * scale, args.layer, args.max_length
+            )
+            peaks[scale], sizes[scale] = job.result()
+    return emit(
+        "extraction_peak_rss_4x_vs_1x",
+        peaks[4],
+        peaks[1],
+        target=1.2,
+        better="lower",
+        unit="MB",
+        sides=("4x the examples", "1x"),
+        config={
+            "model": args.model,
+            "layer": args.layer,
+            "examples_1x": args.examples,
+            "max_length": args.max_length,
+            "written_mb": {f"{s}x": round(b / 2**20) for s, b in sizes.items()},
+        },
+        device=device_name("cpu"),
+    )
+
+
+def sae_training(args) -> dict:
+    from sae_ray.config import Resources
+    from sae_ray.sae_train import MATERIALIZE_BYTES, SaeTrainConfig, activation_dataset, train_saes
+
+    ray.init(num_cpus=2, logging_level=logging.WARNING, log_to_driver=False)
+    cfg = SaeTrainConfig(
+        hookpoints=[HOOKPOINT],
+        d_in=args.d_in,
+        k=32,
+        expansion_factor=8,
+        batch_tokens=4096,
+        epochs=1,
+        log_every=10**6,
+        save_every=10**6,
+        progress=False,
+    )
+    peaks = {}
+    rows = {s: args.rows * s for s in (1, 4)}
+    with tempfile.TemporaryDirectory() as tmp:
+        for scale in (1, 4):
+            tokens = Path(tmp) / f"tokens-{scale}"
+            write_token_shards(tokens, rows[scale], args.d_in, HOOKPOINT)
+            dataset, n = activation_dataset(tokens, [HOOKPOINT])
+            result = train_saes(
+                dataset,
+                n,
+                cfg,
+                Resources(num_workers=1, cpus_per_worker=1),
+                Path(tmp) / "runs",
+                train_run_name=f"sae-{scale}x",
+            )
+            peaks[scale] = result.metrics["peak_rss_mb"]
+    ray.shutdown()
+    mb = {f"{s}x": round(r * args.d_in * 4 / 2**20) for s, r in rows.items()}
+    return emit(
+        "sae_training_peak_rss_4x_vs_1x",
+        peaks[4],
+        peaks[1],
+        target=1.2,
+        better="lower",
+        unit="MB",
+        sides=("4x the tokens", "1x"),
+        config={
+            "d_in": args.d_in,
+            "rows_1x": args.rows,
+            "activations_mb": mb,
+            "streamed": rows[1] * args.d_in * 4 > MATERIALIZE_BYTES,
+            "measured": "the Train worker's ru_maxrss",
+        },
+        device=device_name("cpu"),
+    )
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", choices=["extraction", "sae_training"])
+    parser.add_argument("--model", default="minilm")
+    parser.add_argument("--layer", type=int, default=3)
+    parser.add_argument("--examples", type=int, default=4000, help="1x synthetic:topics size")
+    parser.add_argument("--max_length", type=int, default=64)
+    parser.add_argument("--rows", type=int, default=300_000, help="1x token rows")
+    parser.add_argument("--d_in", type=int, default=256)
+    args = parser.parse_args(argv)
+    figures = {"extraction": extraction, "sae_training": sae_training}
+    return [fn(args) for name, fn in figures.items() if args.only in (None, name)]
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,190 @@
+"""Ray Data feed: SAE tokens/s fed from Parquet shards through Ray Data into a Ray Train
+worker vs the same loop over in-memory tensors in the same worker setup. Target >= 0.95.
+
+Both sides are `train_saes` (one TorchTrainer run each, same worker, same SAE, same batches
+in the same order); only the feed differs: Ray Data's streaming `read_parquet` ->
+`iter_torch_batches` (the sweep's path: the set is larger than what `activation_dataset`
+materialises, so it streams), or the shard's rows loaded into a tensor before the clock
+starts. Runs alternate A B A B; each side's value is its median tokens/s as the worker
+measures it (from its first batch request to its last step, start-up excluded).
+
+    python -m benchmarks.ray_data_feed                # 320k tokens x d 256 (328 MB), x8
+    python -m benchmarks.ray_data_feed --rows 40000   # quicker (then it is materialised)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import tempfile
+from pathlib import Path
+
+import ray
+import torch
+
+from benchmarks.common import device_name, emit, write_token_shards
+from sae_ray.activations import load_tokens
+from sae_ray.config import Resources
+from sae_ray.sae_train import (
+    MATERIALIZE_BYTES,
+    ActivationFeed,
+    SaeTrainConfig,
+    activation_dataset,
+    train_saes,
+)
+
+HOOKPOINT = "h"
+
+
+class TensorFeed(ActivationFeed):
+    """The baseline: this worker's rows (every world-th, as Ray Data's split would give it
+    an equal share) held as one tensor, sliced into the same micro-batches."""
+
+    def __init__(self, cfg: SaeTrainConfig, world: int, device: torch.device, tokens_dir: str):
+        super().__init__(cfg, world, device)
+        rank = ray.train.get_context().get_world_rank()
+        self.x = {
+            hp: torch.from_numpy(load_tokens(Path(tokens_dir), hp))[rank::world].contiguous()
+            for hp in cfg.hookpoints
+        }
+
+    def batches(self, shard, epoch: int):
+        size = max(1, self.cfg.batch_tokens // self.world)
+        rows = len(next(iter(self.x.values())))
+        for start in range(0, rows, size):
+            yield {hp: x[start : start + size].to(self.device) for hp, x in self.x.items()}
+
+
+class TimedFeed(ActivationFeed):
+    """Ray Data's feed as the trainer uses it, noting how long the worker waited for its
+    first batch and for all the others (JSON in `log`): where the ratio's gap is."""
+
+    def __init__(self, cfg, world, device, log: str):
+        super().__init__(cfg, world, device)
+        self.log = log
+
+    def batches(self, shard, epoch: int):
+        import json
+        import time
+
+        waits, it = [], iter(super().batches(shard, epoch))
+        while True:
+            started = time.perf_counter()
+            try:
+                batch = next(it)
+            except StopIteration:
+                return
+            waits.append(time.perf_counter() - started)
+            # the trainer stops mid-iteration at its budget: write as we go
+            Path(self.log).write_text(json.dumps({"first": waits[0], "rest": sum(waits[1:])}))
+            yield batch
+
+
+def timed(log: str):
+    def make(cfg, world, device):
+        return TimedFeed(cfg, world, device, log)
+
+    return make
+
+
+def in_memory(tokens_dir: str):
+    def make(cfg, world, device):
+        return TensorFeed(cfg, world, device, tokens_dir)
+
+    return make
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=320_000)
+    parser.add_argument("--d_in", type=int, default=256)
+    parser.add_argument("--expansion_factor", type=int, default=8)
+    parser.add_argument("--k", type=int, default=32)
+    parser.add_argument("--batch", type=int, default=4096)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--num_cpus", type=int, default=2, help="the local Ray cluster's")
+    args = parser.parse_args(argv)
+    # the benchmark module travels to the workers by value (they need not import it)
+    import sys
+
+    import cloudpickle
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    ray.init(num_cpus=args.num_cpus, logging_level=logging.WARNING, log_to_driver=False)
+    cfg = SaeTrainConfig(
+        hookpoints=[HOOKPOINT],
+        d_in=args.d_in,
+        k=args.k,
+        expansion_factor=args.expansion_factor,
+        batch_tokens=args.batch,
+        epochs=1,
+        log_every=10**6,
+        save_every=10**6,
+        progress=False,
+        dead_window_tokens=args.rows // 2,
+    )
+    resources = Resources(num_workers=1, cpus_per_worker=1)
+    rates: dict[str, list[float]] = {"ray_data": [], "in_memory": []}
+    waits: list[dict[str, float]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tokens = Path(tmp) / "tokens"
+        write_token_shards(tokens, args.rows, args.d_in, HOOKPOINT)
+        for rep in range(args.repeats):
+            for side in rates:
+                if side == "ray_data":
+                    dataset, rows = activation_dataset(tokens, [HOOKPOINT])
+                    result = train_saes(
+                        dataset,
+                        rows,
+                        cfg,
+                        resources,
+                        Path(tmp) / "runs",
+                        train_run_name=f"data-{rep}",
+                        feed=timed(str(Path(tmp) / "waits.json")),
+                    )
+                else:
+                    result = train_saes(
+                        None,
+                        args.rows,
+                        cfg,
+                        resources,
+                        Path(tmp) / "runs",
+                        train_run_name=f"memory-{rep}",
+                        feed=in_memory(str(tokens)),
+                    )
+                rates[side].append(result.metrics["tokens_per_s"])
+                if side == "ray_data":
+                    waits.append(json.loads((Path(tmp) / "waits.json").read_text()))
+    ray.shutdown()
+    data, memory = (statistics.median(rates[s]) for s in ("ray_data", "in_memory"))
+    return emit(
+        "ray_data_feed_tokens_per_s",
+        data,
+        memory,
+        target=0.95,
+        better="higher",
+        unit="tokens/s",
+        sides=("Ray Data read_parquet -> iter_torch_batches", "in-memory tensor"),
+        config={
+            "rows": args.rows,
+            "d_in": args.d_in,
+            "num_latents": args.d_in * args.expansion_factor,
+            "k": args.k,
+            "batch": args.batch,
+            "repeats": args.repeats,
+            "streamed": args.rows * args.d_in * 4 > MATERIALIZE_BYTES,
+            "workers": 1,
+            "cpus": args.num_cpus,
+            "all_rates": {s: [round(r) for r in v] for s, v in rates.items()},
+            # seconds the worker waited on Ray Data: before its first batch / after it
+            "ray_data_wait_first_s": [round(w["first"], 2) for w in waits],
+            "ray_data_wait_rest_s": [round(w["rest"], 2) for w in waits],
+        },
+        device=device_name("cpu"),
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,79 @@
+"""Sweep sharing: wall time of an 8-trial x 2-cycle sweep with shared artifacts vs the same
+sweep with `experiment.share_artifacts: false` (every trial computes every stage). Target
+<= 0.5 (shared / unshared seconds).
+
+Each side is `sae-ray sweep benchmarks/sweep_sharing.yaml` in its own process (its own local
+Ray cluster) and its own storage directory; `config` also counts the artifacts each side
+computed, read from its artifact store. Two sweeps of ~8 trials: tens of minutes on 2 CPUs.
+
+    python -m benchmarks.sweep_sharing
+    python -m benchmarks.sweep_sharing --sweep sweeps/quickstart.yaml   # another sweep
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks.common import device_name, emit
+
+HERE = Path(__file__).parent
+KINDS = ("model", "activations", "sae", "targets")
+
+
+def computed(store: Path) -> dict[str, int]:
+    """Artifacts in a store (each unshared trial's store counted in)."""
+    return {kind: len(list(store.glob(f"**/{kind}-*/.complete"))) for kind in KINDS}
+
+
+def run_side(sweep: Path, storage: Path, shared: bool) -> tuple[float, dict[str, int]]:
+    cmd = [
+        sys.executable,
+        "-m",
+        "sae_ray",
+        "sweep",
+        str(sweep),
+        f"experiment.storage_path={storage}",
+        f"experiment.share_artifacts={str(shared).lower()}",
+    ]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a local cluster
+    started = time.perf_counter()
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    seconds = time.perf_counter() - started
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
+    (name,) = [p for p in storage.iterdir() if p.is_dir()]
+    return seconds, computed(name / "artifacts")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sweep", type=Path, default=HERE / "sweep_sharing.yaml")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        shared_s, shared_n = run_side(args.sweep, Path(tmp) / "shared", shared=True)
+        alone_s, alone_n = run_side(args.sweep, Path(tmp) / "unshared", shared=False)
+    return emit(
+        "sweep_sharing_wall_s",
+        shared_s,
+        alone_s,
+        target=0.5,
+        better="lower",
+        unit="s",
+        sides=("artifacts shared", "every trial computes its own"),
+        config={
+            "sweep": str(args.sweep),
+            "computed_shared": shared_n,
+            "computed_unshared": alone_n,
+        },
+        device=device_name("cpu"),
+    )
+
+
+if __name__ == "__main__":
+    main()
