@@ -71,7 +71,10 @@ class ShardWriter:
     def write(self, batch: pa.RecordBatch) -> None:
         if self._writer is None:
             name = f"{self.manifest.kind}-{len(self.manifest.files):05d}.parquet"
-            self._writer = pq.ParquetWriter(self.root / name, batch.schema)
+            # Dictionary-encode the id columns only: tried on float vectors, the encoding
+            # was 80% of the write time and its fallback made the file 40% larger.
+            ids = [f.name for f in batch.schema if f.name not in self.manifest.columns]
+            self._writer = pq.ParquetWriter(self.root / name, batch.schema, use_dictionary=ids)
             self.manifest.files.append({"path": name, "rows": 0})
         self._writer.write_batch(batch)
         self._rows_in_shard += batch.num_rows
@@ -154,10 +157,12 @@ def extract(
         with hooked_many(clf.model, layers) as store:
             clf.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         mask = batch["attention_mask"]
+        keep = mask.bool()
         hidden = {names[ly]: store[ly].float() for ly in names}
-        for name, h in hidden.items():
-            bad = ~torch.isfinite(h[mask.bool()]).all(dim=-1)
-            if bad.any():
+        rows = {name: h[keep] for name, h in hidden.items()}  # every non-pad token
+        for name, r in rows.items():
+            if not torch.isfinite(r).all():
+                bad = ~torch.isfinite(r).all(dim=-1)
                 raise FloatingPointError(
                     f"{name}: activations are NaN or Inf for {int(bad.sum())} tokens of "
                     f"examples {sorted(set(batch['ids'].tolist()))[:3]}...: the model is broken"
@@ -168,7 +173,9 @@ def extract(
             cols = list(hidden)
             writers = {k: ShardWriter(out_dir / k, k, d, dtype, columns=cols) for k in kinds}
         seq = {
-            name: vectors_to_arrow(pooled(h, mask, clf.pooling).numpy().astype(np_dtype))
+            name: vectors_to_arrow(
+                pooled(h, mask, clf.pooling).numpy().astype(np_dtype, copy=False)
+            )
             for name, h in hidden.items()
         }
         writers["sequences"].write(
@@ -181,13 +188,12 @@ def extract(
             )
         )
         if tokens:
-            keep = mask.bool()
             example = batch["ids"].unsqueeze(1).expand_as(mask)[keep].numpy()
             take = len(example) if max_tokens is None else min(len(example), max_tokens - written)
             # every non-pad token, no Python loop
             tok = {
-                n: vectors_to_arrow(h[keep][:take].numpy().astype(np_dtype))
-                for n, h in hidden.items()
+                n: vectors_to_arrow(r[:take].numpy().astype(np_dtype, copy=False))
+                for n, r in rows.items()
             }
             writers["tokens"].write(
                 pa.record_batch({"example_id": pa.array(example[:take]), **tok})

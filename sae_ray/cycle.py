@@ -7,6 +7,7 @@ metrics dict per cycle: Tune's `tune.report` in a sweep, a list's append in `sae
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -104,13 +105,19 @@ def run_trial(cfg: Config, report: Report, trial_id: str = "run") -> None:
     seed = cfg.experiment.seed
     strategy = _effective_strategy(cfg)
 
-    model = store.get_or_compute(
-        "model", _model_spec(cfg), lambda out: _make_cycle0(cfg, data, out)
-    )
+    # what each stage of a cycle took (computing, waiting on another trial, or loading) and
+    # how many artifacts this trial computed: where a sweep's time goes, and what sharing saved
+    times: dict[str, float] = {}
+    computed = store.computed
+    with _timed(times, "model"):
+        model = store.get_or_compute(
+            "model", _model_spec(cfg), lambda out: _make_cycle0(cfg, data, out)
+        )
     targets: Artifact | None = None
     for cycle in range(cfg.cycles.count):
         if cycle > 0:
-            model = _retrain(store, cfg, data, model, targets, strategy, cycle)
+            with _timed(times, "model"):
+                model = _retrain(store, cfg, data, model, targets, strategy, cycle)
         clf = load_classifier(model.local())
         layer = resolve_layer(clf.model, cfg.model.layer)
         hp = hookpoint(clf.model, layer)
@@ -138,7 +145,8 @@ def run_trial(cfg: Config, report: Report, trial_id: str = "run") -> None:
             "dtype": cfg.sae.activation_dtype,
             "format": 2,  # one column per hookpoint
         }
-        acts = store.get_or_compute("activations", acts_spec, make_acts)
+        with _timed(times, "activations"):
+            acts = store.get_or_compute("activations", acts_spec, make_acts)
 
         sae_spec = {
             "parent": acts.key,
@@ -164,11 +172,13 @@ def run_trial(cfg: Config, report: Report, trial_id: str = "run") -> None:
             # The workers report it live, but a short fit ends before their last export.
             telemetry.sae_tokens_per_s(cfg.experiment.name, hp, result.metrics["tokens_per_s"])
 
-        sae_art = store.get_or_compute("sae", sae_spec, make_sae)
-        sae = SparseAutoencoder.load(sae_art.local())
-        train_stats = json.loads((sae_art.local() / "train_metrics.json").read_text())
+        with _timed(times, "sae"):
+            sae_art = store.get_or_compute("sae", sae_spec, make_sae)
+            sae = SparseAutoencoder.load(sae_art.local())
+            train_stats = json.loads((sae_art.local() / "train_metrics.json").read_text())
 
-        metrics = _evaluate(cfg, data, clf, sae, acts, hp)
+        with _timed(times, "evaluate"):
+            metrics = _evaluate(cfg, data, clf, sae, acts, hp)
         metrics.update(
             {"cycle": cycle, "strategy_effective": strategy, "is_control": strategy == "none"}
         )
@@ -176,8 +186,20 @@ def run_trial(cfg: Config, report: Report, trial_id: str = "run") -> None:
             metrics["sae/train_tokens_per_s"] = train_stats["tokens_per_s"]
         metrics.update(_finetune_stats(model.local()))
         if cycle + 1 < cfg.cycles.count and strategy != "none":
-            targets = _targets(store, cfg, data, strategy, sae_art, acts, hp, cycle)
+            with _timed(times, "targets"):
+                targets = _targets(store, cfg, data, strategy, sae_art, acts, hp, cycle)
+        metrics.update(times, **{"artifacts/computed": store.computed - computed})
+        times, computed = {}, store.computed
         report(metrics)
+
+
+@contextlib.contextmanager
+def _timed(times: dict[str, float], stage: str):
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        times[f"time/{stage}_s"] = time.perf_counter() - started
 
 
 def _make_cycle0(cfg: Config, data: TextData, out: Path) -> None:

@@ -71,6 +71,7 @@ class ArtifactStore:
     def __init__(self, root: str | Path):
         self.root = storage.resolve(str(root))
         self.remote = storage.is_remote(self.root)
+        self.computed = 0  # artifacts this process computed (the rest were found)
         if not self.remote:
             Path(self.root).mkdir(parents=True, exist_ok=True)
 
@@ -108,6 +109,7 @@ class ArtifactStore:
                 )
                 (scratch / CHECKSUMS).write_text(json.dumps(_checksums(scratch), indent=1))
                 self._publish(scratch, art)
+                self.computed += 1
             finally:
                 shutil.rmtree(scratch, ignore_errors=True)
         return art

@@ -240,6 +240,12 @@ def test_quickstart_shares_the_cycle0_model(quickstart_sweep):
     activations = specs("activations").values()
     assert sum(spec["parent"] == cycle0[0] for spec in activations) == 1
     assert len(activations) == 1 + 4
+    # each artifact was computed by exactly one trial, and the trials say so in results.csv
+    results = pd.read_csv(quickstart_sweep / "results.csv")
+    stored = sum(1 for p in artifacts.iterdir() if (p / DONE).exists())
+    assert results["artifacts/computed"].sum() == stored
+    for stage in ("model", "activations", "sae", "evaluate"):
+        assert (results[f"time/{stage}_s"] > 0).all(), stage
 
 
 def test_quickstart_wandb_runs_carry_the_flat_config_and_every_cycle(quickstart_sweep):
