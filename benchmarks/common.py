@@ -84,6 +84,15 @@ def interleaved(
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+def sae_step_args(parser) -> None:
+    """The SAE step's shape, shared by the figures that time one (sparsify's defaults)."""
+    parser.add_argument("--d_in", type=int, default=768)
+    parser.add_argument("--expansion_factor", type=int, default=32)
+    parser.add_argument("--k", type=int, default=32)
+    parser.add_argument("--batch", type=int, default=4096, help="tokens per step")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per side")
+
+
 def peak_rss_mb() -> float:
     """This process's peak resident set (Linux reports ru_maxrss in KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -16,17 +16,13 @@ import argparse
 
 import torch
 
-from benchmarks.common import device_name, emit, interleaved
+from benchmarks.common import device_name, emit, interleaved, sae_step_args
 from benchmarks.sae_step import _ours
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--d_in", type=int, default=768)
-    parser.add_argument("--expansion_factor", type=int, default=32)
-    parser.add_argument("--k", type=int, default=32)
-    parser.add_argument("--batch", type=int, default=4096)
-    parser.add_argument("--steps", type=int, default=5)
+    sae_step_args(parser)
     args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32

@@ -15,7 +15,7 @@ import argparse
 
 import torch
 
-from benchmarks.common import device_name, emit, interleaved
+from benchmarks.common import device_name, emit, interleaved, sae_step_args
 
 
 def _dead_mask(num_latents: int, dead_frac: float, device: str) -> torch.Tensor:
@@ -64,11 +64,7 @@ def _theirs(d_in: int, num_latents: int, k: int, device: str, dead_frac: float):
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--d_in", type=int, default=768)
-    parser.add_argument("--expansion_factor", type=int, default=32)
-    parser.add_argument("--k", type=int, default=32)
-    parser.add_argument("--batch", type=int, default=4096)
-    parser.add_argument("--steps", type=int, default=5)
+    sae_step_args(parser)
     parser.add_argument("--dead_frac", type=float, default=0.0, help="latents dead (AuxK on)")
     args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
