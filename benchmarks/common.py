@@ -48,7 +48,7 @@ def emit(
         "name": name,
         "ours": float(f"{ours:.5g}"),
         "theirs": float(f"{theirs:.5g}"),
-        "ratio": round(ratio, 3),
+        "ratio": float(f"{ratio:.4g}"),
         "target": target,
         "better": better,
         "met": bool(met),
