@@ -13,8 +13,11 @@ import resource
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
+import pyarrow as pa
 import torch
 
 
@@ -98,17 +101,25 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def write_token_shards(out, rows: int, d: int, column: str = "h", seed: int = 0):
+def start_ray(num_cpus: int, *modules: str) -> None:
+    """A local Ray cluster for a figure. `modules` (the figure's own, defining the feeds the
+    workers build) travel to the workers by value, so the workers need not import them."""
+    import logging
+    import sys
+
+    import cloudpickle
+    import ray
+
+    for name in modules:
+        cloudpickle.register_pickle_by_value(sys.modules[name])
+    ray.init(num_cpus=num_cpus, logging_level=logging.WARNING, log_to_driver=False)
+
+
+def write_token_shards(out: Path, rows: int, d: int, column: str = "h", seed: int = 0):
     """`rows` random activation rows as token shards with a manifest, written in chunks (the
     benchmarks' input: the SAE's speed does not depend on what the numbers are)."""
-    from pathlib import Path
-
-    import numpy as np
-    import pyarrow as pa
-
     from sae_ray.activations import ShardWriter, vectors_to_arrow
 
-    out = Path(out)
     writer = ShardWriter(out, "tokens", d, "float32", rows_per_shard=100_000, columns=[column])
     rng = np.random.default_rng(seed)
     for start in range(0, rows, 20_000):

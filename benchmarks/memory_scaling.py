@@ -15,18 +15,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
-import sys
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
 
-import cloudpickle
 import ray
 
-from benchmarks.common import device_name, emit, peak_rss_mb, write_token_shards
-from sae_ray.sae_train import ActivationFeed
+from benchmarks.common import device_name, emit, peak_rss_mb, start_ray, write_token_shards
+from benchmarks.ray_data_feed import WatchedFeed
 
 HOOKPOINT = "h"
 STATUS_KEYS = ("VmRSS", "RssAnon", "RssFile", "RssShmem")
@@ -44,28 +41,12 @@ def _status_mb() -> dict[str, float]:
     return out
 
 
-class SampledFeed(ActivationFeed):
-    """Ray Data's feed as the trainer uses it, sampling the worker's memory at every batch
-    and writing the peaks (JSON) to `log`."""
+class SampledFeed(WatchedFeed):
+    """The worker's memory by kind, sampled as each batch arrives: the peaks."""
 
-    def __init__(self, cfg, world, device, log: str):
-        super().__init__(cfg, world, device)
-        self.log = log
-        self.peaks: dict[str, float] = {}
-
-    def batches(self, shard, epoch: int):
-        for batch in super().batches(shard, epoch):
-            for key, mb in _status_mb().items():
-                self.peaks[key] = max(self.peaks.get(key, 0.0), mb)
-            Path(self.log).write_text(json.dumps(self.peaks))
-            yield batch
-
-
-def sampled(log: str):
-    def make(cfg, world, device):
-        return SampledFeed(cfg, world, device, log)
-
-    return make
+    def watch(self, waited: float) -> None:
+        for key, mb in _status_mb().items():
+            self.state[key] = max(self.state.get(key, 0.0), mb)
 
 
 def _extract_peak(model: str, examples: int, layer: int, max_length: int) -> tuple[float, int]:
@@ -111,8 +92,7 @@ def sae_training(args) -> dict:
     from sae_ray.config import Resources
     from sae_ray.sae_train import MATERIALIZE_BYTES, SaeTrainConfig, activation_dataset, train_saes
 
-    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers need not import it
-    ray.init(num_cpus=2, logging_level=logging.WARNING, log_to_driver=False)
+    start_ray(2, __name__, "benchmarks.ray_data_feed")
     cfg = SaeTrainConfig(
         hookpoints=[HOOKPOINT],
         d_in=args.d_in,
@@ -138,7 +118,7 @@ def sae_training(args) -> dict:
                 Resources(num_workers=1, cpus_per_worker=1),
                 Path(tmp) / "runs",
                 train_run_name=f"sae-{scale}x",
-                feed=sampled(str(Path(tmp) / f"memory-{scale}.json")),
+                feed=SampledFeed.factory(str(Path(tmp) / f"memory-{scale}.json")),
             )
             kinds[scale] = json.loads((Path(tmp) / f"memory-{scale}.json").read_text())
             peaks[scale] = kinds[scale]["RssAnon"]

@@ -16,15 +16,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import statistics
 import tempfile
+import time
 from pathlib import Path
 
 import ray
 import torch
 
-from benchmarks.common import device_name, emit, write_token_shards
+from benchmarks.common import device_name, emit, start_ray, write_token_shards
 from sae_ray.activations import load_tokens
 from sae_ray.config import Resources
 from sae_ray.sae_train import (
@@ -57,36 +57,49 @@ class TensorFeed(ActivationFeed):
             yield {hp: x[start : start + size].to(self.device) for hp, x in self.x.items()}
 
 
-class TimedFeed(ActivationFeed):
-    """Ray Data's feed as the trainer uses it, noting how long the worker waited for its
-    first batch and for all the others (JSON in `log`): where the ratio's gap is."""
+class WatchedFeed(ActivationFeed):
+    """Ray Data's feed as the trainer uses it, calling `watch(seconds waited)` as each batch
+    arrives and writing `state` to `log` as JSON (as it goes: the trainer stops mid-iteration
+    at its budget)."""
 
     def __init__(self, cfg, world, device, log: str):
         super().__init__(cfg, world, device)
-        self.log = log
+        self.log, self.state = log, {}
+
+    def watch(self, waited: float) -> None:
+        raise NotImplementedError
 
     def batches(self, shard, epoch: int):
-        import json
-        import time
-
-        waits, it = [], iter(super().batches(shard, epoch))
+        it = iter(super().batches(shard, epoch))
         while True:
             started = time.perf_counter()
             try:
                 batch = next(it)
             except StopIteration:
                 return
-            waits.append(time.perf_counter() - started)
-            # the trainer stops mid-iteration at its budget: write as we go
-            Path(self.log).write_text(json.dumps({"first": waits[0], "rest": sum(waits[1:])}))
+            self.watch(time.perf_counter() - started)
+            Path(self.log).write_text(json.dumps(self.state))
             yield batch
 
+    @classmethod
+    def factory(cls, log: str):
+        """What `train_saes(feed=...)` takes: built on each worker."""
 
-def timed(log: str):
-    def make(cfg, world, device):
-        return TimedFeed(cfg, world, device, log)
+        def make(cfg, world, device):
+            return cls(cfg, world, device, log)
 
-    return make
+        return make
+
+
+class TimedFeed(WatchedFeed):
+    """How long the worker waited for its first batch and for all the others: where the
+    ratio's gap is."""
+
+    def watch(self, waited: float) -> None:
+        if "first" not in self.state:
+            self.state = {"first": waited, "rest": 0.0}
+        else:
+            self.state["rest"] += waited
 
 
 def in_memory(tokens_dir: str):
@@ -106,13 +119,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--num_cpus", type=int, default=2, help="the local Ray cluster's")
     args = parser.parse_args(argv)
-    # the benchmark module travels to the workers by value (they need not import it)
-    import sys
-
-    import cloudpickle
-
-    cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    ray.init(num_cpus=args.num_cpus, logging_level=logging.WARNING, log_to_driver=False)
+    start_ray(args.num_cpus, __name__)
     cfg = SaeTrainConfig(
         hookpoints=[HOOKPOINT],
         d_in=args.d_in,
@@ -142,7 +149,7 @@ def main(argv: list[str] | None = None) -> dict:
                         resources,
                         Path(tmp) / "runs",
                         train_run_name=f"data-{rep}",
-                        feed=timed(str(Path(tmp) / "waits.json")),
+                        feed=TimedFeed.factory(str(Path(tmp) / "waits.json")),
                     )
                 else:
                     result = train_saes(

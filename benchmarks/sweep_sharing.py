@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from benchmarks.common import device_name, emit
+from sae_ray.store import DONE
 
 HERE = Path(__file__).parent
 KINDS = ("model", "activations", "sae", "targets")
@@ -28,7 +29,7 @@ KINDS = ("model", "activations", "sae", "targets")
 
 def computed(store: Path) -> dict[str, int]:
     """Artifacts in a store (each unshared trial's store counted in)."""
-    return {kind: len(list(store.glob(f"**/{kind}-*/.complete"))) for kind in KINDS}
+    return {kind: len(list(store.glob(f"**/{kind}-*/{DONE}"))) for kind in KINDS}
 
 
 def run_side(sweep: Path, storage: Path, shared: bool) -> tuple[float, dict[str, int]]:

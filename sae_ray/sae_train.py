@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import resource
 import shutil
 import tempfile
 import time
@@ -532,8 +531,6 @@ def _report(cfg, saes, opts, trackers, progress, stats, rank, save_dir, since) -
         "tokens": progress.tokens,
         "run_tokens": progress.tokens - started_tokens,
         "elapsed_s": time.perf_counter() - started,
-        # this worker's high-water mark: streaming keeps it flat as the data grows
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         **{f"{k}/{h}": v for h, s in stats.items() for k, v in s.items() if k != "tokens"},
     }
     if rank != 0:
