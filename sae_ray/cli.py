@@ -73,6 +73,20 @@ def _connect(address: str | None) -> None:
         )
 
 
+def _warn_if_inside_job(cfg: Config) -> None:
+    """A relative storage path in a submitted job resolves inside the job's uploaded working
+    dir, a copy in Ray's temp folder that Ray cleans up: say so before the sweep runs."""
+    job_dir = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") and Path.cwd().resolve()
+    uri = cfg.sweep_uri
+    if job_dir and not storage.is_remote(uri) and Path(uri).is_relative_to(job_dir):
+        print(
+            f"warning: experiment.storage_path: results go to {uri}, inside this Ray job's "
+            "uploaded working dir, which Ray deletes; pass an absolute path or a bucket "
+            "(experiment.storage_path=/shared/runs or s3://bucket/runs)",
+            file=sys.stderr,
+        )
+
+
 def _print_outcome(cfg: Config, rows: list[dict[str, Any]]) -> None:
     from sae_ray.results import best_summary, summary_table
 
@@ -143,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         cfg = config_mod.load(args.sweep_file, args.overrides)
+        _warn_if_inside_job(cfg)
         if args.command == "sweep":
             from sae_ray.sweep import max_concurrent_trials, run_sweep, search_space, with_control
 

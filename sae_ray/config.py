@@ -35,7 +35,10 @@ class Section(BaseModel):
 class Experiment(Section):
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")
     storage_path: str = Field(
-        "./runs", description="local directory, or s3://bucket/prefix, gs://bucket/prefix"
+        "./runs",
+        min_length=1,
+        description="local directory (relative: to where the sweep is launched), or "
+        "s3://bucket/prefix, gs://bucket/prefix",
     )
     seed: int = 0
     share_artifacts: bool = Field(
@@ -372,7 +375,34 @@ def _assign_existing(tree: dict[str, Any], dotted: str, value: Any) -> None:
     node[leaf] = value
 
 
+def local_path_or_name(name: str, base: Path) -> str:
+    """`name` made absolute against `base` when it names an existing file or folder there;
+    else unchanged: a hub id, a preset, or a missing path that preflight reports as typed."""
+    path = base / Path(name).expanduser()
+    return str(path.resolve()) if path.exists() else name
+
+
+def anchor_paths(config: Config, base: Path | None = None) -> Config:
+    """The config with its local paths made absolute against the launching directory.
+
+    Done once, in the driver, before any trial, Train worker or job sees the config: Tune
+    runs every trial in a working directory of its own, where './runs' would mean a
+    different folder per trial (nothing shared, results left in Ray's temp folder)."""
+    base = (base or Path.cwd()).resolve()
+    tree = config.model_dump()
+    if not storage.is_remote(config.experiment.storage_path):
+        path = Path(config.experiment.storage_path).expanduser()
+        tree["experiment"]["storage_path"] = str((base / path).resolve())
+    if config.cycles.start_from not in ("finetune", "pretrained"):
+        tree["cycles"]["start_from"] = local_path_or_name(config.cycles.start_from, base)
+    for section in ("model", "dataset"):
+        tree[section]["name"] = local_path_or_name(tree[section]["name"], base)
+    return Config.model_validate(tree)
+
+
 def load(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """The sweep file with its overrides, validated, local paths anchored to the current
+    directory (see `anchor_paths`)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: no such sweep file")
@@ -384,7 +414,7 @@ def load(path: str | Path, overrides: list[str] | None = None) -> Config:
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
     for text in overrides or []:
         set_dotted(raw, *parse_override(text))
-    return validate(raw)
+    return anchor_paths(validate(raw))
 
 
 def get_dotted(config: Config, dotted: str) -> Any:

@@ -104,7 +104,7 @@ def run(args: argparse.Namespace) -> dict:
     import ray
 
     from sae_ray.activations import extract, read_manifest
-    from sae_ray.config import Dataset
+    from sae_ray.config import Dataset, local_path_or_name
     from sae_ray.data import load_text_data
     from sae_ray.models import build_classifier, build_tiny_lm, hookpoint, resolve_layer
     from sae_ray.sae_train import SaeTrainConfig, activation_dataset, train_saes
@@ -113,6 +113,9 @@ def run(args: argparse.Namespace) -> dict:
     # HF tokenizers parallelise batch encoding over this many threads.
     os.environ["RAYON_NUM_THREADS"] = str(args.data_preprocessing_num_proc)
     check_flags(args)
+    # Workers run elsewhere (another cwd, another node): local paths go to them absolute.
+    args.model = local_path_or_name(args.model, Path.cwd())
+    args.dataset = local_path_or_name(args.dataset, Path.cwd())
     save_dir = Path(args.save_dir).expanduser().resolve()
     try:
         save_dir.mkdir(parents=True, exist_ok=True)

@@ -122,6 +122,7 @@ def ray_cluster():
         ray_cli("stop", "--force", timeout=120)  # never leave a head behind
         raise
     ray.dashboard_address = f"http://127.0.0.1:{dashboard}"
+    ray.gcs_address = f"127.0.0.1:{port}"
     yield ray
     ray.shutdown()
     ray_cli("stop", "--force", timeout=120)
@@ -154,13 +155,38 @@ def submit_quickstart(ray, workdir: Path, env_vars: dict[str, str], storage_path
     return log
 
 
+def ray_session_dir() -> Path:
+    """The test cluster's session folder in Ray's temp folder (where Tune puts trials'
+    working directories)."""
+    import ray
+
+    return Path(ray._private.worker._global_node.get_session_dir_path())
+
+
 @pytest.fixture(scope="session")
 def quickstart_sweep(ray_cluster, tmp_path_factory):
-    """The README's quickstart sweep, submitted as users submit it: `ray job submit
-    --working-dir .` to the head, with the cluster's runtime_env file. The job must SUCCEED."""
-    storage = tmp_path_factory.mktemp("runs")
-    # A W&B key planted in the job's environment, as a user's would be: tests/test_security.py
-    # greps everything the sweep wrote, and its log, for it.
-    log = submit_quickstart(ray_cluster, storage, {"WANDB_API_KEY": PLANTED_KEY}, str(storage))
-    (storage / "job.log").write_text(log)
-    return storage / "quickstart"
+    """The README's quickstart, typed as a user types it: `sae-ray sweep
+    sweeps/quickstart.yaml` in a fresh working directory, with the YAML's relative
+    `storage_path: ./runs`, joining the test cluster through RAY_ADDRESS. Must exit 0.
+
+    Returns `<workdir>/runs/quickstart`; the console output is `<workdir>/console.log`."""
+    import shutil
+
+    workdir = tmp_path_factory.mktemp("user")
+    (workdir / "sweeps").mkdir()
+    shutil.copy(QUICKSTART, workdir / "sweeps" / "quickstart.yaml")
+    # A W&B key in the user's environment: tests/test_security.py greps everything the sweep
+    # wrote, and its console, for it.
+    env = {**ray_env(), "RAY_ADDRESS": ray_cluster.gcs_address, "WANDB_API_KEY": PLANTED_KEY}
+    done = subprocess.run(
+        [str(Path(sys.executable).parent / "sae-ray"), "sweep", "sweeps/quickstart.yaml"],
+        cwd=workdir,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
+    console = done.stdout + done.stderr
+    (workdir / "console.log").write_text(console)
+    assert done.returncode == 0, console[-4000:]
+    return workdir / "runs" / "quickstart"

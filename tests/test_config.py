@@ -1,5 +1,6 @@
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -17,8 +18,54 @@ def _write(tmp_path, text):
 def test_quickstart_validates_with_overrides():
     cfg = C.load(QUICKSTART, ["sae.k=16", "cycles.aux_weight=0.25", "wandb.mode=disabled"])
     assert cfg.sae.k == 16 and cfg.cycles.aux_weight == 0.25 and cfg.wandb.mode == "disabled"
-    assert cfg.experiment.storage_path == "./runs"
+    assert cfg.experiment.storage_path == str(Path.cwd().resolve() / "runs")  # YAML: ./runs
     assert set(search_space(cfg)) == {"sae.k", "sae.expansion_factor", "sharpening.strategy"}
+
+
+def test_local_paths_are_anchored_where_the_sweep_is_launched(tmp_path, monkeypatch):
+    """Tune runs trials in working dirs of their own: a relative path must reach them as the
+    launching directory's, while hub ids, presets and buckets stay as written."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "reviews.csv").write_text("text,label\na,0\nb,1\n")
+    (tmp_path / "gpt2").mkdir()  # a local folder shadows the hub id, as in transformers
+    cfg = C.load(
+        _write(tmp_path, "experiment: {name: x, storage_path: out/../runs}\n"),
+        ["dataset.name=data/reviews.csv", "model.name=gpt2"],
+    )
+    assert cfg.experiment.storage_path == str(tmp_path.resolve() / "runs")
+    assert cfg.sweep_uri == str(tmp_path.resolve() / "runs" / "x")
+    assert cfg.dataset.name == str(tmp_path.resolve() / "data" / "reviews.csv")
+    assert cfg.model.name == str(tmp_path.resolve() / "gpt2")
+    kept = C.load(
+        _write(tmp_path, "experiment: {name: x, storage_path: 's3://b/p'}\n"),
+        ["dataset.name=nyu-mll/glue:sst2", "model.name=pythia-70m"],
+    )
+    assert kept.experiment.storage_path == "s3://b/p"
+    assert (kept.dataset.name, kept.model.name) == ("nyu-mll/glue:sst2", "pythia-70m")
+    monkeypatch.chdir(tmp_path / "data")  # what a trial's own working dir would do
+    assert cfg.sweep_uri == str(tmp_path.resolve() / "runs" / "x")
+
+
+def test_empty_storage_path_is_refused(tmp_path):
+    with pytest.raises(C.ConfigError, match="experiment.storage_path"):
+        C.load(_write(tmp_path, "experiment: {name: x, storage_path: ''}\n"))
+
+
+def test_a_relative_storage_path_in_a_ray_job_warns(tmp_path, monkeypatch, capsys):
+    """In a submitted job the working dir is Ray's uploaded copy: results would vanish."""
+    from sae_ray import cli
+
+    monkeypatch.chdir(tmp_path)
+    cfg = C.load(QUICKSTART)
+    cli._warn_if_inside_job(cfg)
+    assert capsys.readouterr().err == ""  # not in a job
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")
+    cli._warn_if_inside_job(cfg)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("warning: experiment.storage_path:"), err
+    cli._warn_if_inside_job(C.load(QUICKSTART, [f"experiment.storage_path={tmp_path.parent}"]))
+    assert capsys.readouterr().err == ""  # an absolute path outside the job's folder
 
 
 @pytest.mark.parametrize(

@@ -221,10 +221,12 @@ def test_quickstart_sweep_end_to_end(quickstart_sweep):
 
 def test_quickstart_shares_the_cycle0_model(quickstart_sweep):
     """4 trials with fixed cycle-0 settings: one cycle-0 fine-tune and one extraction of its
-    activations, counted from the artifact store (not from logs)."""
+    activations, counted from the artifact store (not from logs). The store is where the
+    YAML's relative `./runs` says, in the folder the user launched from."""
     from sae_ray.store import DONE
 
     artifacts = quickstart_sweep / "artifacts"
+    assert artifacts.is_dir() and (quickstart_sweep / "train_runs").is_dir()
 
     def specs(kind):
         return {
@@ -246,6 +248,23 @@ def test_quickstart_shares_the_cycle0_model(quickstart_sweep):
     assert results["artifacts/computed"].sum() == stored
     for stage in ("model", "activations", "sae", "evaluate"):
         assert (results[f"time/{stage}_s"] > 0).all(), stage
+
+
+def test_quickstart_leaves_nothing_in_tunes_trial_working_dirs(quickstart_sweep):
+    """Tune runs each trial in a working dir of its own under Ray's temp folder; a relative
+    path read there would put the sweep's files out of the user's reach."""
+    from tests.conftest import ray_session_dir
+
+    results = pd.read_csv(quickstart_sweep / "results.csv")
+    trials = set(results["trial_id"])
+    dirs = [
+        d
+        for d in ray_session_dir().glob("artifacts/*/quickstart/working_dirs/*")
+        if d.name.removeprefix("trial_") in trials
+    ]
+    assert len(dirs) == len(trials)  # Tune made them: the check looks in the right place
+    left = [str(p) for d in dirs for p in d.rglob("*") if p.is_file()]
+    assert not left, left[:10]
 
 
 def test_quickstart_wandb_runs_carry_the_flat_config_and_every_cycle(quickstart_sweep):
