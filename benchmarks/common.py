@@ -118,7 +118,7 @@ def start_ray(num_cpus: int, *modules: str) -> None:
 def write_token_shards(out: Path, rows: int, d: int, column: str = "h", seed: int = 0):
     """`rows` random activation rows as token shards with a manifest, written in chunks (the
     benchmarks' input: the SAE's speed does not depend on what the numbers are)."""
-    from sae_ray.activations import ShardWriter, vectors_to_arrow
+    from sae_ray.lm.extraction import ShardWriter, vectors_to_arrow
 
     writer = ShardWriter(out, "tokens", d, "float32", rows_per_shard=100_000, columns=[column])
     rng = np.random.default_rng(seed)

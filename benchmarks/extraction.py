@@ -19,11 +19,11 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import device_name, emit, interleaved
-from sae_ray.activations import extract
 from sae_ray.config import Dataset
-from sae_ray.data import load_text_data
-from sae_ray.finetune import batches
-from sae_ray.models import build_classifier
+from sae_ray.lm.batching import batches
+from sae_ray.lm.extraction import extract
+from sae_ray.lm.models import build_classifier
+from sae_ray.lm.text_data import load_text_data
 
 
 def setup(model: str, examples: int, max_length: int):

@@ -52,7 +52,7 @@ class SampledFeed(WatchedFeed):
 def _extract_peak(model: str, examples: int, layer: int, max_length: int) -> tuple[float, int]:
     """In a fresh process: extract one split; (peak RSS MB, bytes written)."""
     from benchmarks.extraction import setup
-    from sae_ray.activations import extract
+    from sae_ray.lm.extraction import extract
 
     clf, split = setup(model, examples, max_length)
     with tempfile.TemporaryDirectory() as tmp:
@@ -90,7 +90,9 @@ def extraction(args) -> dict:
 
 def sae_training(args) -> dict:
     from sae_ray.config import Resources
-    from sae_ray.sae_train import MATERIALIZE_BYTES, SaeTrainConfig, activation_dataset, train_saes
+    from sae_ray.sae.feeds import MATERIALIZE_BYTES, activation_dataset
+    from sae_ray.sae.fit_config import SaeTrainConfig
+    from sae_ray.sae.trainer import train_saes
 
     start_ray(2, __name__, "benchmarks.ray_data_feed")
     cfg = SaeTrainConfig(
@@ -98,7 +100,7 @@ def sae_training(args) -> dict:
         d_in=args.d_in,
         k=32,
         expansion_factor=8,
-        batch_tokens=4096,
+        batch_size=4096,
         epochs=1,
         log_every=10**6,
         save_every=10**6,

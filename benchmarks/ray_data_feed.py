@@ -25,15 +25,11 @@ import ray
 import torch
 
 from benchmarks.common import device_name, emit, start_ray, write_token_shards
-from sae_ray.activations import load_tokens
 from sae_ray.config import Resources
-from sae_ray.sae_train import (
-    MATERIALIZE_BYTES,
-    ActivationFeed,
-    SaeTrainConfig,
-    activation_dataset,
-    train_saes,
-)
+from sae_ray.lm.extraction import load_tokens
+from sae_ray.sae.feeds import MATERIALIZE_BYTES, ActivationFeed, activation_dataset
+from sae_ray.sae.fit_config import SaeTrainConfig
+from sae_ray.sae.trainer import train_saes
 
 HOOKPOINT = "h"
 
@@ -51,7 +47,7 @@ class TensorFeed(ActivationFeed):
         }
 
     def batches(self, shard, epoch: int):
-        size = max(1, self.cfg.batch_tokens // self.world)
+        size = max(1, self.cfg.batch_size // self.world)
         rows = len(next(iter(self.x.values())))
         for start in range(0, rows, size):
             yield {hp: x[start : start + size].to(self.device) for hp, x in self.x.items()}
@@ -125,12 +121,12 @@ def main(argv: list[str] | None = None) -> dict:
         d_in=args.d_in,
         k=args.k,
         expansion_factor=args.expansion_factor,
-        batch_tokens=args.batch,
+        batch_size=args.batch,
         epochs=1,
         log_every=10**6,
         save_every=10**6,
         progress=False,
-        dead_window_tokens=args.rows // 2,
+        dead_tokens=args.rows // 2,
     )
     resources = Resources(num_workers=1, cpus_per_worker=1)
     rates: dict[str, list[float]] = {"ray_data": [], "in_memory": []}

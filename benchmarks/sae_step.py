@@ -25,8 +25,8 @@ def _dead_mask(num_latents: int, dead_frac: float, device: str) -> torch.Tensor:
 
 
 def _ours(d_in: int, num_latents: int, k: int, device: str, dead_frac: float):
-    from sae_ray.sae import SaeConfig, SparseAutoencoder
-    from sae_ray.sae_train import DeadTracker, make_optimizer, train_step
+    from sae_ray.sae.model import SaeConfig, SparseAutoencoder
+    from sae_ray.sae.training import DeadTracker, make_optimizer, train_step
 
     sae = SparseAutoencoder(SaeConfig(d_in, num_latents, k)).to(device)
     opt = make_optimizer("adam", sae.parameters(), lr=1e-4)

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from benchmarks.common import device_name, emit
-from sae_ray.store import DONE
+from sae_ray.storage.artifacts import DONE
 
 HERE = Path(__file__).parent
 KINDS = ("model", "activations", "sae", "targets")

@@ -1,3 +1,3 @@
-from sae_ray.cli import entrypoint
+from sae_ray.cli.main import entrypoint
 
 entrypoint()

@@ -67,7 +67,7 @@ def s3_server():
 @pytest.fixture(scope="session")
 def topics():
     from sae_ray.config import Dataset
-    from sae_ray.data import load_text_data
+    from sae_ray.lm.text_data import load_text_data
 
     return load_text_data(Dataset(num_examples=200), seed=0)
 

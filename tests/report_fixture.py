@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 
 from sae_ray.config import Config
-from sae_ray.results import write_config, write_outputs
+from sae_ray.sweep.results import write_config, write_outputs
 
 STRATEGIES = ["per_class", "none", "per_example", "random", "per_class", "per_example"]
 

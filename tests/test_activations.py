@@ -2,7 +2,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from sae_ray.activations import (
+from sae_ray.lm.extraction import (
     ShardWriter,
     extract,
     load_sequences,
@@ -10,7 +10,7 @@ from sae_ray.activations import (
     read_manifest,
     vectors_to_arrow,
 )
-from sae_ray.models import build_classifier
+from sae_ray.lm.models import build_classifier
 
 
 def test_shards_round_trip_exactly(tmp_path):

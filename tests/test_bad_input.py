@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from sae_ray import cli
+from sae_ray.cli import main as cli
 from tests.conftest import QUICKSTART
 
 BASE = "experiment: {name: bad}\n"

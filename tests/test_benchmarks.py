@@ -13,7 +13,6 @@ import pytest
 
 from benchmarks.__main__ import run_figure
 from sae_ray import config as C
-from sae_ray.cycle import trial_storage
 from tests.conftest import QUICKSTART
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,7 +52,7 @@ def test_a_failing_figure_is_a_line_with_its_error():
 
 def test_unshared_trials_get_their_own_store_and_sae_runs(tmp_path):
     cfg = C.load(QUICKSTART, [f"experiment.storage_path={tmp_path}"])
-    shared = [trial_storage(cfg, t) for t in ("t1", "t2")]
+    shared = [cfg.trial_dirs(t) for t in ("t1", "t2")]
     assert (
         shared[0]
         == shared[1]
@@ -63,5 +62,5 @@ def test_unshared_trials_get_their_own_store_and_sae_runs(tmp_path):
         )
     )
     alone = C.apply_params(cfg, {"experiment.share_artifacts": False})
-    a, b = (trial_storage(alone, t) for t in ("t1", "t2"))
+    a, b = (alone.trial_dirs(t) for t in ("t1", "t2"))
     assert a != b and all(path.endswith("t1") for path in a)

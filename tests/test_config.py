@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from sae_ray import config as C
-from sae_ray.sweep import max_concurrent_trials, search_space
+from sae_ray.sweep.tuner import max_concurrent_trials, search_space
 from tests.conftest import QUICKSTART
 
 
@@ -54,7 +54,7 @@ def test_empty_storage_path_is_refused(tmp_path):
 
 def test_a_relative_storage_path_in_a_ray_job_warns(tmp_path, monkeypatch, capsys):
     """In a submitted job the working dir is Ray's uploaded copy: results would vanish."""
-    from sae_ray import cli
+    from sae_ray.cli import main as cli
 
     monkeypatch.chdir(tmp_path)
     cfg = C.load(QUICKSTART)
@@ -123,7 +123,7 @@ def test_cli_bad_yaml_exits_2_with_one_line(tmp_path, text, field):
 
 
 def test_cli_bad_override_and_missing_file(tmp_path):
-    from sae_ray import cli
+    from sae_ray.cli import main as cli
 
     assert cli.main(["run", str(QUICKSTART), "sae.k=-1"]) == 2
     assert cli.main(["sweep", str(tmp_path / "missing.yaml")]) == 2
@@ -154,7 +154,7 @@ def test_apply_params_sets_dotted_values():
 
 
 def test_control_trial_is_added_first_at_the_first_points_settings():
-    from sae_ray.sweep import with_control
+    from sae_ray.sweep.tuner import with_control
 
     cfg = C.load(
         QUICKSTART,

@@ -3,7 +3,7 @@ import pandas as pd
 import pytest
 
 from sae_ray.config import ConfigError, Dataset
-from sae_ray.data import load_text_data, synthetic_topics
+from sae_ray.lm.text_data import load_text_data, synthetic_topics
 
 
 def test_synthetic_is_deterministic_and_balanced():
@@ -42,7 +42,7 @@ def test_local_missing_column_names_it(tmp_path):
 
 
 def test_hub_names_resolve_to_real_ids():
-    from sae_ray.data import hub_dataset
+    from sae_ray.lm.text_data import hub_dataset
 
     assert hub_dataset("glue/sst2") == ("nyu-mll/glue", "sst2")
     assert hub_dataset("ag_news") == ("fancyzhx/ag_news", None)

@@ -9,8 +9,8 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 from torch.nn.parallel import DistributedDataParallel
 
-from sae_ray.sae import SaeConfig, SparseAutoencoder
-from sae_ray.sae_train import DeadTracker, make_optimizer, train_step
+from sae_ray.sae.model import SaeConfig, SparseAutoencoder
+from sae_ray.sae.training import DeadTracker, make_optimizer, train_step
 
 CFG = SaeConfig(d_in=16, num_latents=64, k=4)
 STEPS = 2

@@ -2,10 +2,11 @@
 
 import torch
 
-from sae_ray.e2e import ModelFeed, head_kind, save_for_workers, token_table
-from sae_ray.models import build_tiny_lm, hookpoint
-from sae_ray.sae import SaeConfig, SparseAutoencoder
-from sae_ray.sae_train import DeadTracker, SaeTrainConfig, make_optimizer, optimizer_step
+from sae_ray.lm.models import build_tiny_lm, hookpoint
+from sae_ray.sae.fit_config import SaeTrainConfig
+from sae_ray.sae.model import SaeConfig, SparseAutoencoder
+from sae_ray.sae.spliced import ModelFeed, head_kind, save_for_workers, token_table
+from sae_ray.sae.training import DeadTracker, make_optimizer, optimizer_step
 
 
 def _pretrain(lm, texts, steps=150):

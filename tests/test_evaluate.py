@@ -1,7 +1,7 @@
 import numpy as np
 from sklearn.metrics import mutual_info_score
 
-from sae_ray.evaluate import interp_u, uncertainty_coefficients
+from sae_ray.method.evaluate import interp_u, uncertainty_coefficients
 
 
 def test_u_is_one_for_the_label_and_zero_for_independent_noise():
@@ -35,7 +35,7 @@ def test_interp_u_averages_alive_latents_only():
 def test_f1_macro_matches_sklearn():
     from sklearn.metrics import f1_score
 
-    from sae_ray.evaluate import f1_macro
+    from sae_ray.method.evaluate import f1_macro
 
     rng = np.random.default_rng(2)
     y, p = rng.integers(0, 3, 300), rng.integers(0, 3, 300)
@@ -43,7 +43,7 @@ def test_f1_macro_matches_sklearn():
 
 
 def test_class_selectivity_hand_computed():
-    from sae_ray.evaluate import class_selectivity
+    from sae_ray.method.evaluate import class_selectivity
 
     labels = np.array([0, 0, 1, 1, 2, 2])
     only_class0 = np.array([2.0, 2.0, 0, 0, 0, 0])  # μ_max 2, μ_rest 0 -> 1
@@ -58,7 +58,7 @@ def test_class_selectivity_hand_computed():
 def test_cluster_metrics_match_sklearn_and_find_separated_classes():
     from sklearn.metrics import calinski_harabasz_score, davies_bouldin_score, silhouette_score
 
-    from sae_ray.evaluate import cluster_metrics
+    from sae_ray.method.evaluate import cluster_metrics
 
     rng = np.random.default_rng(3)
     labels = np.repeat(np.arange(3), 50)
@@ -73,7 +73,7 @@ def test_cluster_metrics_match_sklearn_and_find_separated_classes():
 
 
 def test_sparse_probe_picks_the_informative_latent():
-    from sae_ray.evaluate import interp_metrics
+    from sae_ray.method.evaluate import interp_metrics
 
     rng = np.random.default_rng(4)
 
@@ -97,12 +97,12 @@ def test_a_cycles_evaluation_reports_every_metric(tmp_path, topics):
 
     import torch
 
-    from sae_ray.activations import extract
     from sae_ray.config import Config
-    from sae_ray.cycle import _evaluate
-    from sae_ray.models import build_classifier, hookpoint
-    from sae_ray.sae import SaeConfig, SparseAutoencoder
-    from sae_ray.store import Artifact
+    from sae_ray.lm.extraction import extract
+    from sae_ray.lm.models import build_classifier, hookpoint
+    from sae_ray.method.cycle import _evaluate
+    from sae_ray.sae.model import SaeConfig, SparseAutoencoder
+    from sae_ray.storage.artifacts import Artifact
 
     clf = build_classifier("tiny-gpt2", 4, topics.splits["train"].texts, seed=0, max_length=32)
     for split in ("train", "validation", "test"):

@@ -14,9 +14,9 @@ import pandas as pd
 import pytest
 import torch
 
-from sae_ray.activations import extract, read_manifest
 from sae_ray.config import Resources
-from sae_ray.models import build_classifier
+from sae_ray.lm.extraction import extract, read_manifest
+from sae_ray.lm.models import build_classifier
 from tests.conftest import QUICKSTART, ROOT
 from tests.test_ray_e2e import _write_tokens
 
@@ -31,26 +31,28 @@ def test_non_finite_activations_stop_the_extraction(tmp_path, topics):
 
 @pytest.mark.ray
 def test_an_sae_fed_nan_fails_with_the_reason(ray_cluster, tmp_path):
-    from sae_ray.sae_train import SaeTrainConfig, activation_dataset, train_saes
+    from sae_ray.sae.feeds import activation_dataset
+    from sae_ray.sae.fit_config import SaeTrainConfig
+    from sae_ray.sae.trainer import train_saes
 
     x = np.random.default_rng(0).standard_normal((2000, 16)).astype(np.float32)
     x[1500] = np.nan  # a poisoned row late in the epoch: caught when it arrives
     _write_tokens(tmp_path / "tokens", x, shard_rows=1000)
     cfg = SaeTrainConfig(
-        hookpoints=["x"], d_in=16, k=4, expansion_factor=2, batch_tokens=250, progress=False
+        hookpoints=["x"], d_in=16, k=4, expansion_factor=2, batch_size=250, progress=False
     )
     data = activation_dataset(tmp_path / "tokens", ["x"])
     with pytest.raises(Exception, match="SAE loss is nan at step") as err:
         train_saes(*data, cfg, Resources(num_workers=1, max_failures=0), tmp_path / "train")
-    from sae_ray.results import _error_line
+    from sae_ray.sweep.results import _error_line
 
     assert "SAE loss is nan" in _error_line(err.value)  # what results.csv would say
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip"])
 def test_a_damaged_artifact_is_computed_again(tmp_path, damage, monkeypatch):
-    from sae_ray import store as store_mod
-    from sae_ray.store import ArtifactStore
+    from sae_ray.storage import artifacts as store_mod
+    from sae_ray.storage.artifacts import ArtifactStore
 
     calls = []
 

@@ -13,9 +13,10 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
 from sae_ray.config import Config, ConfigError, Cycles, Dataset, Experiment
-from sae_ray.data import load_text_data
-from sae_ray.finetune import TargetTable, epoch_rows, finetune, steps_per_epoch
-from sae_ray.models import build_classifier
+from sae_ray.lm.models import build_classifier
+from sae_ray.lm.text_data import load_text_data
+from sae_ray.method.finetune import epoch_rows, finetune, steps_per_epoch
+from sae_ray.method.targets import TargetTable
 
 # 50 examples in batches of 16: the last global batch (2 rows) splits 1 + 1 over 2 ranks,
 # so the test also covers the uneven-share weighting.
@@ -109,12 +110,12 @@ def _config(tmp_path, **cycles):
 
 
 def test_start_from_pretrained_keeps_the_untrained_model(tmp_path, topics):
-    from sae_ray.cycle import _make_cycle0
-    from sae_ray.models import load_classifier
+    from sae_ray.lm.models import load_classifier
+    from sae_ray.method.cycle import _make_cycle0
 
     cfg = _config(tmp_path, start_from="pretrained")
     data = load_text_data(cfg.dataset, seed=0)
-    _make_cycle0(cfg, data, tmp_path / "m")
+    _make_cycle0(cfg, data, tmp_path / "m", str(tmp_path / "runs"))
     fresh = build_classifier("tiny-gpt2", 4, data.splits["train"].texts, 0, cfg.model.max_length)
     saved = load_classifier(tmp_path / "m")
     for key, value in fresh.model.state_dict().items():
@@ -122,8 +123,8 @@ def test_start_from_pretrained_keeps_the_untrained_model(tmp_path, topics):
 
 
 def test_start_from_a_model_directory_checks_it(tmp_path, topics):
-    from sae_ray.cycle import _make_cycle0
-    from sae_ray.models import save_classifier
+    from sae_ray.lm.models import save_classifier
+    from sae_ray.method.cycle import _make_cycle0
 
     with pytest.raises(ValueError, match="start_from"):
         Cycles(start_from=str(tmp_path / "nowhere"))
@@ -131,11 +132,11 @@ def test_start_from_a_model_directory_checks_it(tmp_path, topics):
     save_classifier(two, tmp_path / "two")
     cfg = _config(tmp_path, start_from=str(tmp_path / "two"))
     with pytest.raises(ConfigError, match="cycles.start_from: .* 2 labels"):
-        _make_cycle0(cfg, load_text_data(cfg.dataset, seed=0), tmp_path / "m")
+        _make_cycle0(cfg, load_text_data(cfg.dataset, seed=0), tmp_path / "m", str(tmp_path))
 
 
 def test_model_presets_name_the_seed_models():
-    from sae_ray.models import resolve_model
+    from sae_ray.lm.models import resolve_model
 
     assert resolve_model("gpt2") == "openai-community/gpt2"
     assert resolve_model("pythia-70m") == "EleutherAI/pythia-70m"

@@ -3,7 +3,7 @@
 import sparsify  # eai-sparsify, a dev dependency: a missing install fails, never skips
 import torch
 
-from sae_ray.sae import SaeConfig, SparseAutoencoder
+from sae_ray.sae.model import SaeConfig, SparseAutoencoder
 
 
 def test_sparsify_loads_our_checkpoint_and_gives_the_same_codes(tmp_path):
@@ -31,7 +31,7 @@ def test_sparsify_loads_our_checkpoint_and_gives_the_same_codes(tmp_path):
 
 
 def test_auxk_loss_matches_sparsify_with_few_dead_latents(tmp_path):
-    from sae_ray.sae import auxk_loss
+    from sae_ray.sae.model import auxk_loss
 
     torch.manual_seed(1)
     ours = SparseAutoencoder(SaeConfig(d_in=32, num_latents=128, k=8))

@@ -6,8 +6,10 @@ import pytest
 import torch
 
 from sae_ray.config import Cycles
-from sae_ray.finetune import TargetTable, batches, finetune, loss_on_batch
-from sae_ray.models import blocks, build_classifier, hooked, pooled
+from sae_ray.lm.batching import batches
+from sae_ray.lm.models import blocks, build_classifier, hooked, pooled
+from sae_ray.method.finetune import finetune, loss_on_batch
+from sae_ray.method.targets import TargetTable
 
 
 @pytest.fixture(params=["tiny-gpt2", "tiny-bert", "minilm"])
@@ -88,8 +90,8 @@ def test_lambda_zero_trains_like_no_targets(topics):
 def test_finetune_ends_at_its_best_validation_epoch(topics):
     """A validation split whose labels are the true ones shifted by one: the better the model
     learns the task, the worse it scores there, so its best epoch is the first, not the last."""
-    from sae_ray.data import Split
-    from sae_ray.finetune import predict
+    from sae_ray.lm.text_data import Split
+    from sae_ray.method.finetune import predict
 
     clf = build_classifier("tiny-gpt2", 4, topics.splits["train"].texts, seed=0, max_length=32)
     train = topics.splits["train"]

@@ -9,8 +9,8 @@ import pyarrow as pa
 import pytest
 import torch
 
-from sae_ray.activations import ShardWriter, vectors_to_arrow
 from sae_ray.config import Resources
+from sae_ray.lm.extraction import ShardWriter, vectors_to_arrow
 
 pytestmark = pytest.mark.ray
 
@@ -47,7 +47,7 @@ def test_ray_data_delivers_every_row_once_across_two_workers(ray_cluster, tmp_pa
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from sae_ray.activations import read_manifest
+    from sae_ray.lm.extraction import read_manifest
 
     rows = 2000
     _write_tokens(
@@ -73,8 +73,10 @@ def test_ray_data_delivers_every_row_once_across_two_workers(ray_cluster, tmp_pa
 
 
 def test_sae_through_ray_train_learns_a_sparse_dictionary(ray_cluster, tmp_path):
-    from sae_ray.evaluate import sae_quality
-    from sae_ray.sae_train import SaeTrainConfig, activation_dataset, train_saes
+    from sae_ray.method.evaluate import sae_quality
+    from sae_ray.sae.feeds import activation_dataset
+    from sae_ray.sae.fit_config import SaeTrainConfig
+    from sae_ray.sae.trainer import train_saes
 
     rng = np.random.default_rng(0)
     d, atoms, k, n = 32, 64, 4, 12000
@@ -91,9 +93,9 @@ def test_sae_through_ray_train_learns_a_sparse_dictionary(ray_cluster, tmp_path)
         k=k,
         expansion_factor=4,
         epochs=8,
-        batch_tokens=256,
+        batch_size=256,
         lr=5e-3,
-        dead_window_tokens=5000,
+        dead_tokens=5000,
         progress=False,
         run_name="sae-known-dictionary",
     )
@@ -145,7 +147,7 @@ def test_train_sae_cli_resume_equals_an_uninterrupted_run(ray_cluster, tmp_path)
     import sparsify
     from safetensors.torch import load_file
 
-    from sae_ray import cli
+    from sae_ray.cli import main as cli
 
     whole, split = tmp_path / "whole", tmp_path / "split"
     assert cli.main([*TRAIN_SAE, "--save_dir", str(whole)]) == 0
@@ -174,7 +176,7 @@ def test_train_sae_cli_end_to_end_kl(ray_cluster, tmp_path):
     """--loss_fn kl: token rows through Ray Data, the SAE spliced into the LM on the worker."""
     import sparsify
 
-    from sae_ray import cli
+    from sae_ray.cli import main as cli
 
     args = [*TRAIN_SAE[:3], "--layers", "1", "--loss_fn", "kl", "--max_tokens", "6000"]
     args += ["--batch_size", "16", "--ctx_len", "32", "--k", "8", "--expansion_factor", "4"]
@@ -186,7 +188,7 @@ def test_train_sae_cli_end_to_end_kl(ray_cluster, tmp_path):
 
 
 def test_train_sae_cli_refuses_k_above_latents(ray_cluster, tmp_path, capsys):
-    from sae_ray import cli
+    from sae_ray.cli import main as cli
 
     args = [*TRAIN_SAE[:3], "--num_latents", "4", "--k", "8", "--save_dir", str(tmp_path)]
     assert cli.main(args) == 2
@@ -223,7 +225,7 @@ def test_quickstart_shares_the_cycle0_model(quickstart_sweep):
     """4 trials with fixed cycle-0 settings: one cycle-0 fine-tune and one extraction of its
     activations, counted from the artifact store (not from logs). The store is where the
     YAML's relative `./runs` says, in the folder the user launched from."""
-    from sae_ray.store import DONE
+    from sae_ray.storage.artifacts import DONE
 
     artifacts = quickstart_sweep / "artifacts"
     assert artifacts.is_dir() and (quickstart_sweep / "train_runs").is_dir()
@@ -303,7 +305,7 @@ def test_quickstart_finetunes_on_ray_train_at_equal_compute(quickstart_sweep):
     """Every model was trained by a 2-worker TorchTrainer run (its history holds the per-epoch
     validation accuracy it was chosen on), and the λ = 0 control took as many steps as the
     sharpened trials."""
-    from sae_ray.finetune import HISTORY
+    from sae_ray.method.finetune import HISTORY
 
     results = pd.read_csv(quickstart_sweep / "results.csv")
     models = [p for p in (quickstart_sweep / "artifacts").glob("model-*") if p.is_dir()]

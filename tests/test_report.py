@@ -13,8 +13,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from sae_ray import cli, storage
-from sae_ray.report import build_report, load_sweep, strategy_table
+from sae_ray import storage
+from sae_ray.cli import main as cli
+from sae_ray.sweep.report import build_report, load_sweep, strategy_table
 from tests.report_fixture import fake_sweep
 from tests.wandb_records import run_contents
 
@@ -83,7 +84,7 @@ def test_report_of_a_directory_that_is_no_sweep_exits_2(tmp_path, capsys):
 
 def test_live_progress_shows_counts_parameters_cycles_and_the_best_so_far():
     from sae_ray.config import Objective
-    from sae_ray.progress import SweepProgress
+    from sae_ray.sweep.progress import SweepProgress
 
     out = io.StringIO()
     goals = [Objective(metric="interp/u", mode="max")]
@@ -109,7 +110,7 @@ def test_live_progress_shows_counts_parameters_cycles_and_the_best_so_far():
 
 
 def test_wandb_summary_run_holds_the_table_figures_and_best(tmp_path, monkeypatch):
-    from sae_ray.wandb_log import flat_config, log_summary
+    from sae_ray.sweep.wandb_log import flat_config, log_summary
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     cfg = fake_sweep(str(tmp_path))

@@ -4,7 +4,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from sae_ray.results import best_row, collect_results, summary_table, write_results
+from sae_ray.sweep.results import best_row, collect_results, summary_table, write_results
 
 
 @dataclass

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from sae_ray.sae import SaeConfig, SparseAutoencoder, auxk_loss, fvu
+from sae_ray.sae.model import SaeConfig, SparseAutoencoder, auxk_loss, fvu
 
 
 def _sae(d=16, n=64, k=4):

@@ -4,16 +4,9 @@ import json
 
 import torch
 
-from sae_ray.sae import SaeConfig, SparseAutoencoder, decoder_absorption
-from sae_ray.sae_train import (
-    DeadTracker,
-    Progress,
-    load_checkpoint,
-    make_optimizer,
-    publish,
-    save_checkpoint,
-    train_step,
-)
+from sae_ray.sae.checkpoints import Progress, load_checkpoint, publish, save_checkpoint
+from sae_ray.sae.model import SaeConfig, SparseAutoencoder, decoder_absorption
+from sae_ray.sae.training import DeadTracker, make_optimizer, train_step
 
 
 def _fire(tracker, latents, n_tokens):

@@ -1,8 +1,8 @@
 import numpy as np
 import torch
 
-from sae_ray.sae import SaeConfig, SparseAutoencoder
-from sae_ray.sharpen import class_masks, num_kept, random_targets, sharpen
+from sae_ray.method.targets import class_masks, num_kept, random_targets, sharpen
+from sae_ray.sae.model import SaeConfig, SparseAutoencoder
 
 
 def _sae():
@@ -66,7 +66,7 @@ def test_per_example_warns_when_it_keeps_k_or_more_latents(caplog):
     sae = _sae()  # 40 latents, k = 8
     x = np.random.default_rng(2).standard_normal((10, 16)).astype(np.float32)
     args = (np.arange(10), np.zeros(10, int), x, 2)
-    with caplog.at_level("WARNING", logger="sae_ray.sharpen"):
+    with caplog.at_level("WARNING", logger="sae_ray.method.targets"):
         sharpen("per_example", sae, *args, top_k_pct=10, seed=0)  # keeps 4 < 8: sharpens
         assert not caplog.records
         table = sharpen("per_example", sae, *args, top_k_pct=20, seed=0)  # keeps 8 = k

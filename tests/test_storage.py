@@ -15,9 +15,9 @@ import pyarrow as pa
 import pytest
 
 from sae_ray import storage
-from sae_ray.activations import ShardWriter, read_manifest, vectors_to_arrow
 from sae_ray.config import Config
-from sae_ray.results import write_outputs
+from sae_ray.lm.extraction import ShardWriter, read_manifest, vectors_to_arrow
+from sae_ray.sweep.results import write_outputs
 
 
 @pytest.fixture
@@ -137,7 +137,7 @@ def test_a_truncated_shard_in_the_bucket_is_refused(s3_server, tmp_path):
 def test_bucket_artifacts_are_computed_once_and_read_anywhere(
     ray_cluster, s3_server, cache, monkeypatch
 ):
-    from sae_ray.store import DONE, ArtifactStore
+    from sae_ray.storage.artifacts import DONE, ArtifactStore
 
     root = f"s3://sae-ray-test/{uuid.uuid4().hex[:8]}/artifacts"
     calls = []
@@ -172,7 +172,7 @@ def test_bucket_artifacts_are_computed_once_and_read_anywhere(
 
 @pytest.mark.ray
 def test_a_failed_computation_leaves_nothing_marked_complete(ray_cluster, s3_server, cache):
-    from sae_ray.store import ArtifactStore
+    from sae_ray.storage.artifacts import ArtifactStore
 
     store = ArtifactStore(f"s3://sae-ray-test/{uuid.uuid4().hex[:8]}")
 
@@ -191,7 +191,7 @@ def test_a_failed_computation_leaves_nothing_marked_complete(ray_cluster, s3_ser
 def test_a_lease_is_renewed_while_held_and_expires_when_its_holder_is_gone(ray_cluster):
     import ray
 
-    from sae_ray.leases import lease, lease_table
+    from sae_ray.storage.leases import lease, lease_table
 
     root = f"s3://leases/{uuid.uuid4().hex}"
     got_in = []
@@ -224,7 +224,7 @@ def test_the_lease_table_outlives_the_placement_group_of_the_trial_that_started_
     from ray.util.placement_group import placement_group, remove_placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-    from sae_ray.leases import lease_table
+    from sae_ray.storage.leases import lease_table
 
     root = f"s3://leases/{uuid.uuid4().hex}"
 

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pytest
 
 from sae_ray import storage
-from sae_ray.store import DONE
+from sae_ray.storage.artifacts import DONE
 from tests.conftest import submit_quickstart
 
 pytestmark = pytest.mark.ray

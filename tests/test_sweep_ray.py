@@ -80,7 +80,7 @@ class Scraper(threading.Thread):
 
 @pytest.fixture(scope="session")
 def resumed_sweep(ray_cluster, tmp_path_factory):
-    from sae_ray import cli
+    from sae_ray.cli import main as cli
 
     scraper = Scraper("pareto")
     scraper.start()
@@ -176,8 +176,8 @@ def test_custom_metrics_reach_the_metrics_endpoint_while_the_sweep_runs(resumed_
 def test_an_artifact_half_built_when_the_driver_died_is_never_used(resumed_sweep):
     """The kill left a scratch directory; the resume rebuilt that artifact (removing the
     scratch) and every published artifact matches the files it was published with."""
-    from sae_ray import store as store_mod
-    from sae_ray.store import DONE, ArtifactStore
+    from sae_ray.storage import artifacts as store_mod
+    from sae_ray.storage.artifacts import DONE, ArtifactStore
 
     sweep_dir, _, _, killed_while_building = resumed_sweep
     assert killed_while_building  # the kill really fell inside a computation

@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import pandas as pd
 import yaml
 from tabulate import tabulate
@@ -182,16 +183,25 @@ def scored_rows(rows: list[dict[str, Any]], goals: list[Objective]) -> list[dict
     ]
 
 
-def dominates(a: dict, b: dict, goals: list[Objective]) -> bool:
-    """a is at least as good as b on every objective and better on one."""
-    signs = [1 if g.mode == "max" else -1 for g in goals]
-    diffs = [s * (a[g.key] - b[g.key]) for s, g in zip(signs, goals, strict=True)]
-    return all(d >= 0 for d in diffs) and any(d > 0 for d in diffs)
+def undominated(points: np.ndarray) -> np.ndarray:
+    """Indices of the rows of `points` that no other row beats: at least as good in every
+    column and better in one, every column maximised. The one Pareto rule (best.json's front
+    and the report's)."""
+    keep = []
+    for i, p in enumerate(points):
+        beaten = np.any(np.all(points >= p, axis=1) & np.any(points > p, axis=1))
+        if not beaten:
+            keep.append(i)
+    return np.array(keep, dtype=int)
 
 
 def pareto_front(rows: list[dict[str, Any]], goals: list[Objective]) -> list[dict[str, Any]]:
     candidates = scored_rows(rows, goals)
-    return [r for r in candidates if not any(dominates(o, r, goals) for o in candidates)]
+    signs = [1.0 if g.mode == "max" else -1.0 for g in goals]
+    points = np.array(
+        [[s * r[g.key] for s, g in zip(signs, goals, strict=True)] for r in candidates]
+    ).reshape(len(candidates), len(goals))
+    return [candidates[i] for i in undominated(points)]
 
 
 def _entry(row: dict[str, Any], params: list[str], goals: list[Objective]) -> dict[str, Any]:

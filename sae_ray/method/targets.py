@@ -1,4 +1,5 @@
-"""SAE codes of the training examples -> one dense target per example id.
+"""Sharpened targets: SAE codes of the training examples -> one dense target per example
+id, kept in a `TargetTable` that the fine-tune looks rows up in by id.
 
 per_class keeps, in each example's code, only the top p% latents of its class's mean code
 (per_class_complement drops exactly those and keeps the rest, the variant the original
@@ -11,14 +12,49 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
+import safetensors.torch
 import torch
+from safetensors.torch import save_file
 
-from sae_ray.finetune import TargetTable
-from sae_ray.sae import SparseAutoencoder
+from sae_ray import storage
+from sae_ray.sae.model import SparseAutoencoder
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class TargetTable:
+    """Sharpened targets keyed by example id (sorted ids + one row each)."""
+
+    ids: np.ndarray
+    vectors: torch.Tensor
+
+    def __post_init__(self) -> None:
+        order = np.argsort(self.ids)
+        self.ids = self.ids[order]
+        self.vectors = self.vectors[torch.as_tensor(order)]
+
+    def lookup(self, ids: np.ndarray | torch.Tensor) -> torch.Tensor:
+        ids = np.asarray(ids)
+        rows = np.searchsorted(self.ids, ids)
+        rows = np.minimum(rows, len(self.ids) - 1)
+        if not np.array_equal(self.ids[rows], ids):
+            missing = ids[self.ids[rows] != ids][0]
+            raise KeyError(f"no sharpened target for example id {missing}")
+        return self.vectors[torch.as_tensor(rows)]
+
+    def save(self, path: Path) -> None:
+        save_file({"ids": torch.from_numpy(self.ids), "vectors": self.vectors.contiguous()}, path)
+
+    @classmethod
+    def load(cls, location: str | Path) -> TargetTable:
+        """From a local path or a bucket URI (one small file: read, never cached)."""
+        tensors = safetensors.torch.load(storage.read_bytes(str(location)))
+        return cls(tensors["ids"].numpy(), tensors["vectors"])
 
 
 def num_kept(num_latents: int, top_k_pct: float) -> int:

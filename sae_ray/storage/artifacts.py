@@ -142,7 +142,7 @@ class ArtifactStore:
 
     def _lock(self, name: str):
         if self.remote:
-            from sae_ray.leases import lease
+            from sae_ray.storage.leases import lease
 
             return lease(self.root, name)
         return FileLock(str(Path(self.root) / f".{name}.lock"))

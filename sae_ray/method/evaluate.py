@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from sae_ray.sae import SparseAutoencoder, fvu
+from sae_ray.sae.model import SparseAutoencoder, fvu
 
 
 def _entropy(p: np.ndarray, axis: int = -1) -> np.ndarray:

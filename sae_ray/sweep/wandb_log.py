@@ -79,7 +79,7 @@ def log_summary(cfg: Config, rows: list[dict[str, Any]], report_dir: Path | None
     sync` uploads them with the trials'. Returns where the run's directory is."""
     import wandb
 
-    from sae_ray.results import best_summary
+    from sae_ray.sweep.results import best_summary
 
     remote = storage.is_remote(cfg.sweep_uri)
     base = Path(tempfile.mkdtemp(prefix="sae-ray-wandb-")) if remote else cfg.sweep_dir

@@ -29,14 +29,14 @@ def check_storage(cfg: Config) -> None:
 
 
 def check_dataset(cfg: Config) -> None:
-    from sae_ray.data import load_text_data
+    from sae_ray.lm.text_data import load_text_data
 
     load_text_data(cfg.dataset, seed=cfg.experiment.seed)
 
 
 def hidden_size(model: str) -> int | None:
     """The hooked width, from the model's config alone; None if it cannot be read offline."""
-    from sae_ray.models import TINY_PRESETS, TINY_WIDTH, resolve_model
+    from sae_ray.lm.models import TINY_PRESETS, TINY_WIDTH, resolve_model
 
     if model in TINY_PRESETS:
         return TINY_WIDTH
@@ -56,10 +56,11 @@ def check_sae_size(cfg: Config) -> None:
     ks = _values(cfg, "sae.k", cfg.sae.k)
     factors = _values(cfg, "sae.expansion_factor", cfg.sae.expansion_factor)
     k, factor = max(ks), min(factors)
-    if k > factor * d:
+    latents = cfg.sae.model_copy(update={"expansion_factor": factor}).latents_for(d)
+    if k > latents:
         field = "search.space.sae.k" if "sae.k" in cfg.search.space else "sae.k"
         raise ConfigError(
-            f"{field}: k up to {k} is larger than the {factor * d} latents of "
+            f"{field}: k up to {k} is larger than the {latents} latents of "
             f"expansion_factor {factor} x width {d} ({cfg.model.name})"
         )
 

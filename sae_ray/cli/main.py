@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from sae_ray import config as config_mod
-from sae_ray import preflight, storage
+from sae_ray import storage
+from sae_ray.cli import preflight
 from sae_ray.config import Config, ConfigError
 
 EXIT_BAD_INPUT = 2
@@ -23,14 +24,15 @@ EXIT_BAD_INPUT = 2
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sae-ray", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    from sae_ray import saetrain
+    from sae_ray.cli import train_sae
 
     p = sub.add_parser(
         "train-sae",
         help="train SAEs on a model's layers (the saetrain tool's flags)",
-        description=saetrain.__doc__.splitlines()[0],
+        description=train_sae.__doc__.splitlines()[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    saetrain.add_arguments(p)
+    train_sae.add_arguments(p)
     p.add_argument("--address", default=os.environ.get("RAY_ADDRESS"), help="Ray cluster")
     p = sub.add_parser(
         "report",
@@ -88,7 +90,7 @@ def _warn_if_inside_job(cfg: Config) -> None:
 
 
 def _print_outcome(cfg: Config, rows: list[dict[str, Any]]) -> None:
-    from sae_ray.results import best_summary, summary_table
+    from sae_ray.sweep.results import best_summary, summary_table
 
     params = list(cfg.search.space)
     goals = cfg.search.goals()
@@ -112,9 +114,9 @@ def _print_outcome(cfg: Config, rows: list[dict[str, Any]]) -> None:
 
 
 def _run_one(cfg: Config) -> list[dict[str, Any]]:
-    from sae_ray.cycle import run_trial
-    from sae_ray.results import write_config, write_outputs
-    from sae_ray.sweep import objective_reporter
+    from sae_ray.method.cycle import run_trial
+    from sae_ray.sweep.results import write_config, write_outputs
+    from sae_ray.sweep.tuner import objective_reporter
 
     rows: list[dict[str, Any]] = []
 
@@ -138,12 +140,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("sae_ray").setLevel(logging.INFO)
     if args.command == "train-sae":
-        from sae_ray import saetrain
+        from sae_ray.cli import train_sae
 
         try:
-            saetrain.check_flags(args)
+            train_sae.check_flags(args)
             _connect(args.address)
-            saetrain.run(args)
+            train_sae.run(args)
         except ConfigError as err:
             print(f"error: {err}", file=sys.stderr)
             return EXIT_BAD_INPUT
@@ -159,16 +161,19 @@ def main(argv: list[str] | None = None) -> int:
         cfg = config_mod.load(args.sweep_file, args.overrides)
         _warn_if_inside_job(cfg)
         if args.command == "sweep":
-            from sae_ray.sweep import max_concurrent_trials, run_sweep, search_space, with_control
+            from sae_ray.sweep.tuner import (
+                check_resumable,
+                max_concurrent_trials,
+                run_sweep,
+                search_space,
+                with_control,
+            )
 
             search_space(cfg)  # refuse an empty space before starting Ray
             cfg = with_control(cfg)
             preflight.check(cfg)
             if args.resume:
-                from ray import tune
-
-                if not tune.Tuner.can_restore(cfg.sweep_uri):
-                    raise ConfigError(f"--resume: no sweep to resume at {cfg.sweep_uri}")
+                check_resumable(cfg)
             _connect(args.address)
             import ray
 
@@ -201,7 +206,7 @@ def _after_sweep(cfg: Config, rows: list[dict[str, Any]]) -> None:
 def _wandb_summary(cfg: Config, rows: list[dict[str, Any]], pages: Path | None) -> None:
     if cfg.wandb.mode == "disabled":
         return
-    from sae_ray.wandb_log import log_summary
+    from sae_ray.sweep.wandb_log import log_summary
 
     try:
         print(f"W&B summary run: {log_summary(cfg, rows, pages)}")
@@ -210,7 +215,7 @@ def _wandb_summary(cfg: Config, rows: list[dict[str, Any]], pages: Path | None) 
 
 
 def _report(sweep: str, out: str | None) -> Path:
-    from sae_ray.report import build_report
+    from sae_ray.sweep.report import build_report
 
     index, pages = build_report(sweep, out)
     print(f"report: {index}")

@@ -15,23 +15,20 @@ import logging
 import shutil
 import tempfile
 import uuid
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import safetensors.torch
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from safetensors.torch import save_file
 from transformers import get_linear_schedule_with_warmup
 
 from sae_ray import storage
 from sae_ray.config import Cycles, Resources
-from sae_ray.data import Split, TextData
-from sae_ray.models import (
+from sae_ray.lm.batching import batches, encode
+from sae_ray.lm.models import (
     Classifier,
     blocks,
     build_classifier,
@@ -41,65 +38,12 @@ from sae_ray.models import (
     resolve_layer,
     save_classifier,
 )
+from sae_ray.lm.text_data import Split, TextData
+from sae_ray.method.targets import TargetTable
+from sae_ray.raytrain import torch_trainer
 
 log = logging.getLogger(__name__)
 HISTORY = "history.json"
-
-
-@dataclass
-class TargetTable:
-    """Sharpened targets keyed by example id (sorted ids + one row each)."""
-
-    ids: np.ndarray
-    vectors: torch.Tensor
-
-    def __post_init__(self) -> None:
-        order = np.argsort(self.ids)
-        self.ids = self.ids[order]
-        self.vectors = self.vectors[torch.as_tensor(order)]
-
-    def lookup(self, ids: np.ndarray | torch.Tensor) -> torch.Tensor:
-        ids = np.asarray(ids)
-        rows = np.searchsorted(self.ids, ids)
-        rows = np.minimum(rows, len(self.ids) - 1)
-        if not np.array_equal(self.ids[rows], ids):
-            missing = ids[self.ids[rows] != ids][0]
-            raise KeyError(f"no sharpened target for example id {missing}")
-        return self.vectors[torch.as_tensor(rows)]
-
-    def save(self, path: Path) -> None:
-        save_file({"ids": torch.from_numpy(self.ids), "vectors": self.vectors.contiguous()}, path)
-
-    @classmethod
-    def load(cls, location: str | Path) -> TargetTable:
-        """From a local path or a bucket URI (one small file: read, never cached)."""
-        tensors = safetensors.torch.load(storage.read_bytes(str(location)))
-        return cls(tensors["ids"].numpy(), tensors["vectors"])
-
-
-def batches(
-    clf: Classifier, split: Split, batch_size: int, max_length: int, order: np.ndarray | None = None
-) -> Iterator[dict[str, torch.Tensor]]:
-    """Tokenised batches, padded per batch, carrying each row's example id."""
-    order = np.arange(len(split)) if order is None else order
-    for start in range(0, len(order), batch_size):
-        yield encode(clf, split, order[start : start + batch_size], max_length)
-
-
-def encode(clf: Classifier, split: Split, idx: np.ndarray, max_length: int) -> dict:
-    enc = clf.tokenizer(
-        [split.texts[i] for i in idx],
-        padding=True,
-        truncation=True,
-        max_length=max_length,
-        return_tensors="pt",
-    )
-    return {
-        "input_ids": enc["input_ids"],
-        "attention_mask": enc["attention_mask"],
-        "labels": torch.as_tensor(split.labels[idx]),
-        "ids": torch.as_tensor(split.ids[idx]),
-    }
 
 
 def aux_loss(h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -371,14 +315,10 @@ def finetune_on_ray(
 
     A worker fault restarts the worker group (`resources.max_failures`) and the fine-tune
     from its start: it is deterministic, and its checkpoints are whole models."""
-    import ray.train
-    from ray.train import ScalingConfig
-    from ray.train.torch import TorchTrainer
-
     run_name = f"finetune-{uuid.uuid4().hex[:12]}"
-    trainer = TorchTrainer(
+    trainer = torch_trainer(
         finetune_loop,
-        train_loop_config={
+        {
             "init": init,
             "data": data,
             "cycles": cycles.model_dump(),
@@ -389,16 +329,9 @@ def finetune_on_ray(
             "aux_weight": aux_weight,
             "train_layers": train_layers,
         },
-        scaling_config=ScalingConfig(
-            num_workers=resources.num_workers,
-            use_gpu=resources.use_gpu,
-            resources_per_worker={"CPU": resources.cpus_per_worker},
-        ),
-        run_config=ray.train.RunConfig(
-            name=run_name,
-            storage_path=str(storage_path),
-            failure_config=ray.train.FailureConfig(max_failures=resources.max_failures),
-        ),
+        resources,
+        run_name,
+        storage_path,
     )
     result = trainer.fit()
     with result.checkpoint.as_directory() as directory:

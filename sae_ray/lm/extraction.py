@@ -18,9 +18,9 @@ import pyarrow.parquet as pq
 import torch
 
 from sae_ray import storage
-from sae_ray.data import Split
-from sae_ray.finetune import batches
-from sae_ray.models import Classifier, hooked_many, hookpoint, pooled, resolve_layer
+from sae_ray.lm.batching import batches
+from sae_ray.lm.models import Classifier, hooked_many, hookpoint, pooled, resolve_layer
+from sae_ray.lm.text_data import Split
 
 MANIFEST = "manifest.json"
 

@@ -19,10 +19,11 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from sae_ray.data import Split
-from sae_ray.models import block_output, blocks, hooked_many
-from sae_ray.sae import SparseAutoencoder, auxk_loss
-from sae_ray.sae_train import DeadTracker, SaeTrainConfig, _all_reduce, global_total_variance
+from sae_ray.lm.models import block_output, blocks, hooked_many
+from sae_ray.lm.text_data import Split
+from sae_ray.sae.fit_config import SaeTrainConfig
+from sae_ray.sae.model import SparseAutoencoder, auxk_loss
+from sae_ray.sae.training import DeadTracker, all_reduce, global_total_variance
 
 Kind = Literal["lm", "classifier"]
 
@@ -77,7 +78,7 @@ class ModelFeed:
 
     def batches(self, shard, epoch: int):
         cfg = self.cfg
-        per_worker = max(1, cfg.batch_tokens // self.ctx_len // self.world)
+        per_worker = max(1, cfg.batch_size // self.ctx_len // self.world)
         return shard.iter_torch_batches(
             batch_size=per_worker,
             dtypes=torch.long,
@@ -145,7 +146,7 @@ class ModelFeed:
             for h in handles:
                 h.remove()
         task = self._task_loss(logits, clean, batch)
-        task_value = _all_reduce(task.detach().clone()).item() / self.world
+        task_value = all_reduce(task.detach().clone()).item() / self.world
 
         for hp, (x, x_hat, codes, num_dead) in pieces.items():
             total_var, n_global = global_total_variance(x)
@@ -153,7 +154,7 @@ class ModelFeed:
             aux_total = aux_total + aux
             with torch.no_grad():
                 trackers[hp].update(codes.indices, codes.values, n_global)
-                fvu = _all_reduce(((x - x_hat).pow(2).sum() / total_var).detach()).item()
+                fvu = all_reduce(((x - x_hat).pow(2).sum() / total_var).detach()).item()
             stats[hp] = {
                 "loss": task_value,
                 "fvu": fvu,

@@ -13,23 +13,32 @@ import logging
 import os
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from sae_ray import storage, telemetry
-from sae_ray.activations import extract, load_sequences, load_tokens, read_manifest
-from sae_ray.config import Config, ConfigError
-from sae_ray.data import TextData, load_text_data
-from sae_ray.evaluate import accuracy, f1_macro, interp_metrics, sae_quality
-from sae_ray.finetune import HISTORY, best_epoch, finetune_on_ray, initial_classifier, predict
-from sae_ray.models import hookpoint, load_classifier, resolve_layer, save_classifier
-from sae_ray.sae import SparseAutoencoder, decoder_absorption
-from sae_ray.sae_train import SaeTrainConfig, activation_dataset, train_saes
-from sae_ray.sharpen import sharpen
-from sae_ray.store import Artifact, ArtifactStore
+from sae_ray import telemetry
+from sae_ray.config import CONTROL, Config, ConfigError
+from sae_ray.lm.extraction import extract, load_sequences, load_tokens, read_manifest
+from sae_ray.lm.models import hookpoint, load_classifier, resolve_layer, save_classifier
+from sae_ray.lm.text_data import TextData, load_text_data
+from sae_ray.method.evaluate import accuracy, f1_macro, interp_metrics, sae_quality
+from sae_ray.method.finetune import (
+    HISTORY,
+    best_epoch,
+    finetune_on_ray,
+    initial_classifier,
+    predict,
+)
+from sae_ray.method.targets import sharpen
+from sae_ray.sae.feeds import activation_dataset
+from sae_ray.sae.fit_config import SaeTrainConfig
+from sae_ray.sae.model import SparseAutoencoder, decoder_absorption
+from sae_ray.sae.trainer import train_saes
+from sae_ray.storage.artifacts import Artifact, ArtifactStore
 
 log = logging.getLogger(__name__)
 TARGETS = "targets.safetensors"
@@ -54,143 +63,153 @@ def _model_spec(cfg: Config) -> dict[str, Any]:
     return spec
 
 
-def _effective_strategy(cfg: Config) -> str:
-    """λ = 0 makes every strategy the 'none' control: they then share one artifact."""
-    return "none" if cfg.cycles.aux_weight == 0 else cfg.sharpening.strategy
-
-
 def sae_train_config(cfg: Config, hp: str, d_in: int, cycle: int) -> SaeTrainConfig:
-    """The sweep's `sae` section as the shared trainer's config (quiet: Tune reports)."""
-    sae = cfg.sae
+    """The sweep's `sae` section is the trainer's config; the fit adds where it runs."""
     return SaeTrainConfig(
+        **cfg.sae.model_dump(),
         hookpoints=[hp],
         d_in=d_in,
-        k=sae.k,
-        expansion_factor=sae.expansion_factor,
-        batch_tokens=sae.batch_size,
-        grad_acc_steps=sae.grad_acc_steps,
-        max_tokens=sae.max_tokens,
-        epochs=sae.epochs,
-        optimizer=sae.optimizer,
-        lr=sae.lr,
-        weight_decay=sae.weight_decay,
-        auxk_alpha=sae.auxk_alpha,
-        dead_window_tokens=sae.dead_tokens,
-        dead_percentage_threshold=sae.dead_percentage_threshold,
-        save_every=sae.save_every,
         init_seed=cfg.experiment.seed + cycle,
-        progress=False,
+        progress=False,  # Tune reports
         run_name=f"sae-c{cycle}",
         sweep=cfg.experiment.name,
     )
 
 
-def trial_storage(cfg: Config, trial_id: str) -> tuple[str, str]:
-    """The trial's artifact store and where its SAE Train runs go: the sweep's, or with
-    `share_artifacts: false` its own (nothing found, everything computed; the SAE runs too,
-    since they are named by artifact key and a reused run name restores that run)."""
-    dirs = [storage.join(cfg.sweep_uri, d) for d in ("artifacts", "train_runs")]
-    if not cfg.experiment.share_artifacts:
-        dirs = [storage.join(d, "unshared", trial_id) for d in dirs]
-    return dirs[0], dirs[1]
+@dataclass
+class Trial:
+    """What every stage of a trial's cycles reads: its config, data and artifact store, the
+    effective strategy, and where its SAE Train runs go."""
+
+    cfg: Config
+    data: TextData
+    store: ArtifactStore
+    train_runs: str  # where its fine-tunes' and SAE fits' Ray Train runs go
+    strategy: str
+
+    @property
+    def seed(self) -> int:
+        return self.cfg.experiment.seed
 
 
 def run_trial(cfg: Config, report: Report, trial_id: str = "run") -> None:
     threads = int(os.environ.get("SAE_RAY_TORCH_THREADS", "0"))
     if threads:
         torch.set_num_threads(threads)
-    root, sae_runs = trial_storage(cfg, trial_id)
-    store = ArtifactStore(root)
+    root, train_runs = cfg.trial_dirs(trial_id)
     data = load_text_data(cfg.dataset, seed=cfg.experiment.seed)
-    seed = cfg.experiment.seed
-    strategy = _effective_strategy(cfg)
-
+    trial = Trial(cfg, data, ArtifactStore(root), train_runs, cfg.strategy)
     # what each stage of a cycle took (computing, waiting on another trial, or loading) and
     # how many artifacts this trial computed: where a sweep's time goes, and what sharing saved
     times: dict[str, float] = {}
-    computed = store.computed
+    computed = trial.store.computed
     with _timed(times, "model"):
-        model = store.get_or_compute(
-            "model", _model_spec(cfg), lambda out: _make_cycle0(cfg, data, out)
+        model = trial.store.get_or_compute(
+            "model", _model_spec(cfg), lambda out: _make_cycle0(cfg, data, out, train_runs)
         )
     targets: Artifact | None = None
     for cycle in range(cfg.cycles.count):
         if cycle > 0:
             with _timed(times, "model"):
-                model = _retrain(store, cfg, data, model, targets, strategy, cycle)
-        clf = load_classifier(model.local())
-        layer = resolve_layer(clf.model, cfg.model.layer)
-        hp = hookpoint(clf.model, layer)
-
-        def make_acts(out: Path, clf=clf, layer=layer) -> None:
-            started = time.perf_counter()
-            for split in ("train", "validation", "test"):
-                extract(
-                    clf,
-                    data.splits[split],
-                    layer,
-                    out / split,
-                    cfg.model.max_length,
-                    dtype=cfg.sae.activation_dtype,
-                    tokens=split != "test",
-                )
-            rows = read_manifest(out / "train" / "tokens").rows
-            telemetry.extraction_rows_per_s(
-                cfg.experiment.name, rows / (time.perf_counter() - started)
-            )
-
-        acts_spec = {
-            "parent": model.key,
-            "layer": layer,
-            "dtype": cfg.sae.activation_dtype,
-            "format": 2,  # one column per hookpoint
-        }
-        with _timed(times, "activations"):
-            acts = store.get_or_compute("activations", acts_spec, make_acts)
-
-        sae_spec = {
-            "parent": acts.key,
-            "sae": cfg.sae.model_dump(exclude={"save_every"}),  # how often is not what
-            "seed": seed + cycle,
-            "workers": cfg.resources.num_workers,
-        }
-
-        def make_sae(out: Path, acts=acts, cycle=cycle, spec=sae_spec, hp=hp) -> None:
-            # The Train run is named after the artifact: deterministic, and distinct per SAE,
-            # so a sweep restarted after a crash picks the run up from its last checkpoint.
-            run_name = f"sae-{store.key('sae', spec)}"
-            tokens = acts.uri("train", "tokens")
-            result = train_saes(
-                *activation_dataset(tokens, [hp]),
-                sae_train_config(cfg, hp, read_manifest(tokens).d, cycle),
-                cfg.resources,
-                storage_path=sae_runs,
-                train_run_name=run_name,
-            )
-            result.saes[hp].save(out)
-            (out / "train_metrics.json").write_text(json.dumps(result.metrics))
-            # The workers report it live, but a short fit ends before their last export.
-            telemetry.sae_tokens_per_s(cfg.experiment.name, hp, result.metrics["tokens_per_s"])
-
-        with _timed(times, "sae"):
-            sae_art = store.get_or_compute("sae", sae_spec, make_sae)
-            sae = SparseAutoencoder.load(sae_art.local())
-            train_stats = json.loads((sae_art.local() / "train_metrics.json").read_text())
-
-        with _timed(times, "evaluate"):
-            metrics = _evaluate(cfg, data, clf, sae, acts, hp)
-        metrics.update(
-            {"cycle": cycle, "strategy_effective": strategy, "is_control": strategy == "none"}
-        )
-        if "tokens_per_s" in train_stats:
-            metrics["sae/train_tokens_per_s"] = train_stats["tokens_per_s"]
-        metrics.update(_finetune_stats(model.local()))
-        if cycle + 1 < cfg.cycles.count and strategy != "none":
-            with _timed(times, "targets"):
-                targets = _targets(store, cfg, data, strategy, sae_art, acts, hp, cycle)
-        metrics.update(times, **{"artifacts/computed": store.computed - computed})
-        times, computed = {}, store.computed
+                model = _retrain(trial, model, targets, cycle)
+        metrics, targets = _cycle(trial, model, cycle, times)
+        metrics.update(times, **{"artifacts/computed": trial.store.computed - computed})
+        times, computed = {}, trial.store.computed
         report(metrics)
+
+
+def _cycle(
+    trial: Trial, model: Artifact, cycle: int, times: dict[str, float]
+) -> tuple[dict[str, Any], Artifact | None]:
+    """Cycle `cycle` from its model on: activations, SAE, evaluation, and the targets that
+    train the next cycle's model (none after the last cycle, or for the control)."""
+    cfg = trial.cfg
+    clf = load_classifier(model.local())
+    layer = resolve_layer(clf.model, cfg.model.layer)
+    hp = hookpoint(clf.model, layer)
+    with _timed(times, "activations"):
+        acts = _activations(trial, clf, model, layer)
+    with _timed(times, "sae"):
+        sae_art = _sae(trial, acts, hp, cycle)
+        sae = SparseAutoencoder.load(sae_art.local())
+        train_stats = json.loads((sae_art.local() / "train_metrics.json").read_text())
+    with _timed(times, "evaluate"):
+        metrics = _evaluate(cfg, trial.data, clf, sae, acts, hp)
+    metrics.update(
+        {
+            "cycle": cycle,
+            "strategy_effective": trial.strategy,
+            "is_control": trial.strategy == CONTROL,
+        }
+    )
+    if "tokens_per_s" in train_stats:
+        metrics["sae/train_tokens_per_s"] = train_stats["tokens_per_s"]
+    metrics.update(_finetune_stats(model.local()))
+    targets = None
+    if cycle + 1 < cfg.cycles.count and trial.strategy != CONTROL:
+        with _timed(times, "targets"):
+            targets = _targets(trial, sae_art, acts, hp, cycle)
+    return metrics, targets
+
+
+def _activations(trial: Trial, clf, model: Artifact, layer: int) -> Artifact:
+    """The hooked layer's activations of every split (token rows for train and validation,
+    sequence rows at the pooled position for all three)."""
+    cfg = trial.cfg
+
+    def make(out: Path) -> None:
+        started = time.perf_counter()
+        for split in ("train", "validation", "test"):
+            extract(
+                clf,
+                trial.data.splits[split],
+                layer,
+                out / split,
+                cfg.model.max_length,
+                dtype=cfg.sae.activation_dtype,
+                tokens=split != "test",
+            )
+        rows = read_manifest(out / "train" / "tokens").rows
+        telemetry.extraction_rows_per_s(cfg.experiment.name, rows / (time.perf_counter() - started))
+
+    spec = {
+        "parent": model.key,
+        "layer": layer,
+        "dtype": cfg.sae.activation_dtype,
+        "format": 2,  # one column per hookpoint
+    }
+    return trial.store.get_or_compute("activations", spec, make)
+
+
+def _sae(trial: Trial, acts: Artifact, hp: str, cycle: int) -> Artifact:
+    """The cycle's SAE, fitted on the train token rows by a Ray Train run."""
+    cfg, store = trial.cfg, trial.store
+    spec = {
+        "parent": acts.key,
+        "sae": cfg.sae.model_dump(exclude={"save_every", "num_latents"}),
+        "seed": trial.seed + cycle,
+        "workers": cfg.resources.num_workers,
+    }
+    if cfg.sae.num_latents is not None:  # keys of sweeps without it stay as they were
+        spec["sae"]["num_latents"] = cfg.sae.num_latents
+
+    def make(out: Path) -> None:
+        # The Train run is named after the artifact: deterministic, and distinct per SAE,
+        # so a sweep restarted after a crash picks the run up from its last checkpoint.
+        tokens = acts.uri("train", "tokens")
+        result = train_saes(
+            *activation_dataset(tokens, [hp]),
+            sae_train_config(cfg, hp, read_manifest(tokens).d, cycle),
+            cfg.resources,
+            storage_path=trial.train_runs,
+            train_run_name=f"sae-{store.key('sae', spec)}",
+        )
+        result.saes[hp].save(out)
+        (out / "train_metrics.json").write_text(json.dumps(result.metrics))
+        # The workers report it live, but a short fit ends before their last export.
+        telemetry.sae_tokens_per_s(cfg.experiment.name, hp, result.metrics["tokens_per_s"])
+
+    return store.get_or_compute("sae", spec, make)
 
 
 @contextlib.contextmanager
@@ -202,7 +221,7 @@ def _timed(times: dict[str, float], stage: str):
         times[f"time/{stage}_s"] = time.perf_counter() - started
 
 
-def _make_cycle0(cfg: Config, data: TextData, out: Path) -> None:
+def _make_cycle0(cfg: Config, data: TextData, out: Path, train_runs: str) -> None:
     """Fine-tune the pretrained model on Ray Train (the default), or take the pretrained model
     with its untrained head as is, or copy an already fine-tuned classifier."""
     start = cfg.cycles.start_from
@@ -225,7 +244,7 @@ def _make_cycle0(cfg: Config, data: TextData, out: Path) -> None:
             seed,
             out,
             cfg.resources,
-            storage.join(cfg.sweep_uri, "train_runs"),
+            train_runs,
         )
         return
     if start == "pretrained":
@@ -241,20 +260,12 @@ def _make_cycle0(cfg: Config, data: TextData, out: Path) -> None:
     (out / HISTORY).write_text("[]")
 
 
-def _targets(
-    store: ArtifactStore,
-    cfg: Config,
-    data: TextData,
-    strategy: str,
-    sae: Artifact,
-    acts: Artifact,
-    hp: str,
-    cycle: int,
-) -> Artifact:
+def _targets(trial: Trial, sae: Artifact, acts: Artifact, hp: str, cycle: int) -> Artifact:
     """Cycle `cycle`'s sharpened targets, one per training example id, as an artifact.
 
     `random` never reads the SAE, so its targets hang off the activations alone."""
-    seed = cfg.experiment.seed + cycle
+    cfg, strategy = trial.cfg, trial.strategy
+    seed = trial.seed + cycle
     if strategy == "random":
         spec = {"parent": acts.key, "strategy": strategy, "seed": seed, "hookpoint": hp}
     else:
@@ -273,27 +284,20 @@ def _targets(
             ids,
             labels,
             x,
-            data.num_classes,
+            trial.data.num_classes,
             cfg.sharpening.top_k_pct,
             seed=seed,
         )
         table.save(out / TARGETS)
 
-    return store.get_or_compute("targets", spec, compute)
+    return trial.store.get_or_compute("targets", spec, compute)
 
 
-def _retrain(
-    store: ArtifactStore,
-    cfg: Config,
-    data: TextData,
-    parent: Artifact,
-    targets: Artifact | None,
-    strategy: str,
-    cycle: int,
-) -> Artifact:
+def _retrain(trial: Trial, parent: Artifact, targets: Artifact | None, cycle: int) -> Artifact:
     """model_c from model_{c-1} on Ray Train: CE + λ(1 − cos(h, t)), or CE alone for the
     control, with the same epochs and steps either way (equal compute)."""
-    aux_weight = 0.0 if strategy == "none" else cfg.cycles.aux_weight
+    cfg, strategy = trial.cfg, trial.strategy
+    aux_weight = 0.0 if strategy == CONTROL else cfg.cycles.aux_weight
     train = cfg.cycles.model_dump(exclude={"count", "start_from"})
     train["aux_weight"] = aux_weight
     spec = {
@@ -309,20 +313,20 @@ def _retrain(
     def compute(out: Path) -> None:
         finetune_on_ray(
             {"load": parent.location},
-            data,
+            trial.data,
             cfg.cycles,
             cfg.model.layer,
             cfg.model.max_length,
-            cfg.experiment.seed + cycle,
+            trial.seed + cycle,
             out,
             cfg.resources,
-            storage.join(cfg.sweep_uri, "train_runs"),
+            trial.train_runs,
             targets=targets.uri(TARGETS) if targets else None,
             aux_weight=aux_weight,
             train_layers=cfg.cycles.train_layers,
         )
 
-    return store.get_or_compute("model", spec, compute)
+    return trial.store.get_or_compute("model", spec, compute)
 
 
 def _finetune_stats(model_dir: Path) -> dict[str, float]:

@@ -23,10 +23,19 @@ from ray import tune
 from ray.tune.search.optuna import OptunaSearch
 
 from sae_ray import storage, telemetry
-from sae_ray.config import Config, ConfigError, Constraint, Search, SpaceEntry, apply_params
-from sae_ray.cycle import run_trial
-from sae_ray.progress import SweepProgress
-from sae_ray.results import collect_results, write_config, write_outputs
+from sae_ray.config import (
+    CONTROL,
+    Config,
+    ConfigError,
+    Constraint,
+    Search,
+    SpaceEntry,
+    apply_params,
+    effective_strategy,
+)
+from sae_ray.method.cycle import run_trial
+from sae_ray.sweep.progress import SweepProgress
+from sae_ray.sweep.results import collect_results, write_config, write_outputs
 
 log = logging.getLogger(__name__)
 DRIVER_RESOURCES = {"cpu": 0, "memory": 1 << 20}  # an empty request is refused
@@ -42,8 +51,11 @@ def with_control(cfg: Config) -> Config:
     choices so the searcher knows the value (a grid then simply includes it)."""
     search = cfg.search
     points = list(search.points_to_evaluate)
-    already = any(p.get(STRATEGY) == "none" or p.get("cycles.aux_weight") == 0 for p in points)
-    always = cfg.sharpening.strategy == "none" or cfg.cycles.aux_weight == 0
+    # a point is the control only by what it sets itself (the rest is sampled)
+    already = any(
+        effective_strategy(p.get(STRATEGY), p.get("cycles.aux_weight")) == CONTROL for p in points
+    )
+    always = cfg.strategy == CONTROL
     if not search.control or already or (always and STRATEGY not in search.space):
         return cfg
     space = dict(search.space)
@@ -201,8 +213,7 @@ def objective_reporter(search: Search, report):
         for goal in search.goals():
             if goal.at == "best":
                 value = float(metrics[goal.metric])
-                pick = max if goal.mode == "max" else min
-                best[goal.key] = pick(best.get(goal.key, value), value)
+                best[goal.key] = goal.best(best.get(goal.key, value), value)
                 metrics[goal.key] = best[goal.key]
         if search.constraints:
             metrics[VIOLATION] = violation(search.constraints, metrics, first)
@@ -234,8 +245,7 @@ class SweepMetrics(tune.Callback):
             value = result.get(goal.key)
             if not isinstance(value, (int, float)) or not math.isfinite(value):
                 continue
-            pick = max if goal.mode == "max" else min
-            self.best[goal.key] = pick(self.best.get(goal.key, value), value)
+            self.best[goal.key] = goal.best(self.best.get(goal.key, value), value)
             telemetry.best_objective(self.sweep, goal.key, self.best[goal.key])
 
     def on_trial_complete(self, iteration, trials, trial, **info):
@@ -260,7 +270,7 @@ def _callbacks(cfg: Config) -> list:
         return callbacks
     import wandb
 
-    from sae_ray.wandb_log import SweepWandb, flat_config, runs_root
+    from sae_ray.sweep.wandb_log import SweepWandb, flat_config, runs_root
 
     # The callback's own mode= is not enough offline: wandb reads the environment.
     os.environ["WANDB_MODE"] = cfg.wandb.mode
@@ -280,14 +290,20 @@ def _callbacks(cfg: Config) -> list:
     ]
 
 
+def check_resumable(cfg: Config) -> None:
+    """`--resume` needs the Tune state of an earlier run of this sweep (checked before Ray
+    starts: it reads only the storage)."""
+    if not tune.Tuner.can_restore(cfg.sweep_uri):
+        raise ConfigError(f"--resume: no sweep to resume at {cfg.sweep_uri}")
+
+
 def _tuner(cfg: Config, resume: bool) -> tune.Tuner:
     trainable = tune.with_resources(
         tune.with_parameters(_trainable, base=cfg.model_dump()), DRIVER_RESOURCES
     )
     callbacks = _callbacks(cfg)
     if resume:
-        if not tune.Tuner.can_restore(cfg.sweep_uri):
-            raise ConfigError(f"--resume: no sweep to resume at {cfg.sweep_uri}")
+        check_resumable(cfg)
         # Unfinished trials run on (their finished cycles' artifacts are reused); completed
         # and errored ones are kept as they are.
         return tune.Tuner.restore(cfg.sweep_uri, trainable, resume_unfinished=True)
@@ -317,7 +333,7 @@ def run_sweep(cfg: Config, resume: bool = False) -> list[dict[str, Any]]:
     write_config(cfg)
     grid = _tuner(cfg, resume).fit()
     if cfg.wandb.mode != "disabled":
-        from sae_ray.wandb_log import publish_runs
+        from sae_ray.sweep.wandb_log import publish_runs
 
         publish_runs(cfg)
     rows = collect_results(grid, list(cfg.search.space))

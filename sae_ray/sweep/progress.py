@@ -58,12 +58,9 @@ class SweepProgress(tune.Callback):
         line.metrics = {k: result.get(k) for k in self._columns()}
         goal = self.goals[0]
         value = result.get(goal.key)
-        if result.get("feasible", True) is not False and _finite(value):
-            better = self.best is None or (
-                value > self.best[1] if goal.mode == "max" else value < self.best[1]
-            )
-            if better:
-                self.best = (trial.trial_id, float(value))
+        feasible = result.get("feasible", True) is not False and _finite(value)
+        if feasible and (self.best is None or goal.best(value, self.best[1]) != self.best[1]):
+            self.best = (trial.trial_id, float(value))
         self._maybe_print()
 
     def on_trial_complete(self, iteration, trials, trial, **info):

@@ -1,0 +1,134 @@
+"""`sae-ray train-sae MODEL DATASET`: the saetrain tool's command line, on Ray.
+
+The flags keep saetrain's names and meanings so its users' scripts carry over. One pass of
+the model writes every requested layer's activations (Parquet, cached under
+`<save_dir>/.activations`, keyed by what determines them); then one Ray Train run trains
+an SAE per layer on them and checkpoints to `<save_dir>/<run_name>/<hookpoint>/`, the
+layout sparsify and its readers load.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Literal, get_args, get_origin
+
+from pydantic import ValidationError
+
+from sae_ray.config import ConfigError, Sae, one_line
+
+
+def _bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "y", "on"):
+        return True
+    if value in ("0", "false", "no", "n", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+# The SAE's own flags come from its one config (`config.Sae`): same names and meanings as
+# the sweep's `sae` section, except these spellings and the saetrain tool's defaults.
+FLAG_NAMES = {"dead_tokens": "dead_window_tokens"}
+SAETRAIN_DEFAULTS = {
+    "k": 192,
+    "expansion_factor": 32,
+    "max_tokens": 1_000_000,
+    "dead_percentage_threshold": 0.0005,
+    "dead_tokens": 10_000_000,
+}
+NOT_FLAGS = {"epochs", "batch_size"}  # train-sae's budget is --max_tokens; its batch, sequences
+
+
+def _sae_flags(group: argparse._ArgumentGroup) -> None:
+    for name, field in Sae.model_fields.items():
+        if name in NOT_FLAGS:
+            continue
+        kind = field.annotation
+        options = get_args(kind)
+        kwargs: dict = {"help": (field.description or name).replace("%", "%%")}
+        if get_origin(kind) is Literal:
+            kwargs["choices"] = list(options)
+        else:
+            kwargs["type"] = next((t for t in options if t is not type(None)), kind)
+        default = SAETRAIN_DEFAULTS.get(name, field.default)
+        flag = FLAG_NAMES.get(name, name)
+        if "type" in kwargs:
+            kwargs["metavar"] = flag.upper()
+        group.add_argument(f"--{flag}", dest=name, default=default, **kwargs)
+
+
+def _sae_from_flags(args: argparse.Namespace) -> Sae:
+    """The SAE config the flags describe, validated before the model or Ray is touched."""
+    values = {name: getattr(args, name) for name in Sae.model_fields if name not in NOT_FLAGS}
+    try:
+        return Sae(**values, batch_size=max(1, args.batch_size * args.ctx_len))
+    except ValidationError as err:
+        raise ConfigError(one_line(err, flag_of)) from None
+
+
+def flag_of(field: str) -> str:
+    return f"--{FLAG_NAMES.get(field, field)}"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="hub id, local path, or a tiny preset (tiny-gpt2, tiny-bert)")
+    p.add_argument("dataset", help="hub id[:subset], local file/dir, or synthetic:topics")
+    _sae_flags(p.add_argument_group("the SAE (the sweep YAML's `sae` section)"))
+    g = p.add_argument_group("data and layers")
+    g.add_argument("--layers", type=int, nargs="+", help="layer(s) to train on (default: all)")
+    g.add_argument("--layer_stride", type=int, default=1, help="stride when --layers is unset")
+    g.add_argument("--batch_size", type=int, default=4, help="sequences per step (x ctx_len)")
+    g.add_argument("--ctx_len", type=int, default=512, help="tokens per sequence")
+    g.add_argument(
+        "--loss_fn",
+        choices=["fvu", "mse", "ce", "kl"],
+        default="fvu",
+        help="fvu / mse: reconstruction; ce / kl: end to end, the SAE spliced into the model",
+    )
+    g.add_argument("--text_column", default="text", help="the dataset's text column")
+    g.add_argument("--shuffle_seed", type=int, default=42, help="seed of the token shuffle")
+    g.add_argument("--shuffle_buffer", type=int, default=16384, help="tokens; 0: no shuffle")
+    g.add_argument("--init_seeds", type=int, default=42, help="seed of the SAE's init")
+    g.add_argument("--data_preprocessing_num_proc", type=int, default=1, help="tokeniser threads")
+    g = p.add_argument_group("saving and logging")
+    g.add_argument("--save_dir", default="./output", help="where runs and the cache go")
+    g.add_argument("--run_name", default=None, help="default: <model>-<layers>")
+    g.add_argument("--log_to_wandb", type=_bool, nargs="?", const=True, default=False)
+    g.add_argument("--wandb_project", default="sae-ray", help="W&B project")
+    g.add_argument("--wandb_log_frequency", type=int, default=100, help="steps between logs")
+    g.add_argument("--resume", action="store_true", help="continue <save_dir>/<run_name>")
+    g.add_argument("--max_steps", type=int, help="stop after this many steps (resumable)")
+    g = p.add_argument_group("resources")
+    g.add_argument("--num_workers", type=int, default=1, help="Ray Train workers (DDP)")
+    g.add_argument("--use_gpu", type=_bool, nargs="?", const=True, default=False)
+    g.add_argument("--cpus_per_worker", type=float, default=1.0, help="CPUs per worker")
+
+
+def head_kind_of(model: str) -> str:
+    from sae_ray.sae.spliced import head_kind
+
+    if model == "tiny-gpt2":
+        return "lm"
+    if model == "tiny-bert":
+        return "classifier"
+    try:
+        return head_kind(model)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
+def check_flags(args: argparse.Namespace) -> Sae:
+    """What needs no model or Ray, checked before either starts; returns the SAE config."""
+    for flag in ("batch_size", "ctx_len", "num_workers"):
+        if getattr(args, flag) < 1:
+            raise ConfigError(f"--{flag}: must be at least 1")
+    return _sae_from_flags(args)
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Extract (cached) or tokenise, then train; returns the final metrics. The work (and
+    its heavy imports: torch, Ray, transformers) lives in `train_sae_run`, so that `--help`
+    and a refused flag answer at once."""
+    from sae_ray.cli import train_sae_run
+
+    return train_sae_run.run(args)

@@ -1,0 +1,177 @@
+"""The work of `sae-ray train-sae`: load the model and the dataset, extract every requested
+layer's activations in one pass (or, for `--loss_fn ce|kl`, tokenise for the end-to-end
+feed), and train one SAE per layer in one Ray Train run."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+import ray
+from pydantic import ValidationError
+
+from sae_ray.cli.train_sae import check_flags, flag_of, head_kind_of
+from sae_ray.config import ConfigError, Dataset, Resources, Sae, local_path_or_name, one_line
+from sae_ray.lm.extraction import extract, read_manifest
+from sae_ray.lm.models import (
+    Classifier,
+    build_classifier,
+    build_tiny_lm,
+    hookpoint,
+    resolve_layer,
+)
+from sae_ray.lm.text_data import Split, load_text_data
+from sae_ray.sae.feeds import activation_dataset
+from sae_ray.sae.fit_config import SaeTrainConfig
+from sae_ray.sae.spliced import load_model, save_for_workers, token_table
+from sae_ray.sae.trainer import train_saes
+from sae_ray.storage.artifacts import ArtifactStore
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Extract (cached) or tokenise, then train; returns the final metrics."""
+    # HF tokenizers parallelise batch encoding over this many threads.
+    os.environ["RAYON_NUM_THREADS"] = str(args.data_preprocessing_num_proc)
+    sae = check_flags(args)
+    # Workers run elsewhere (another cwd, another node): local paths go to them absolute.
+    args.model = local_path_or_name(args.model, Path.cwd())
+    args.dataset = local_path_or_name(args.dataset, Path.cwd())
+    save_dir = Path(args.save_dir).expanduser().resolve()
+    try:
+        save_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"--save_dir: {save_dir} is not writable ({err.strerror})") from None
+    kind = head_kind_of(args.model) if args.loss_fn in ("ce", "kl") else None
+    clf, split = _model_and_data(args, kind)
+    layers = _layers(args, clf.model)
+    hookpoints = [hookpoint(clf.model, ly) for ly in layers]
+    run_name = args.run_name or f"{Path(args.model).name}-" + "-".join(map(str, layers))
+    store = ArtifactStore(save_dir / ".activations")
+    spec = {
+        "model": args.model,
+        "dataset": args.dataset,
+        "text_column": args.text_column,
+        "layers": layers,
+        "ctx_len": args.ctx_len,
+        "max_tokens": args.max_tokens,
+        "dtype": args.activation_dtype,
+        "seed": args.shuffle_seed,
+        "init": args.init_seeds,
+    }
+    if kind is None:
+        tokens_dir = store.get_or_compute(
+            "activations", spec, lambda out: _extract(args, clf, split, layers, out)
+        ).uri("tokens")
+        d_in, e2e = read_manifest(tokens_dir).d, None
+        dataset, tokens_per_epoch = activation_dataset(tokens_dir, hookpoints)
+    else:
+        e2e = _end_to_end(args, kind, clf, store, spec, dict(zip(hookpoints, layers, strict=True)))
+        d_in = clf.model.config.hidden_size
+        table, tokens_per_epoch = token_table(clf.tokenizer, split, args.ctx_len)
+        dataset = ray.data.from_arrow(table).materialize()
+    result = train_saes(
+        dataset,
+        tokens_per_epoch,
+        _fit_config(args, sae, hookpoints, d_in, run_name),
+        Resources(
+            num_workers=args.num_workers,
+            use_gpu=args.use_gpu,
+            cpus_per_worker=args.cpus_per_worker,
+        ),
+        storage_path=save_dir / ".ray_train",
+        save_dir=save_dir / run_name,
+        resume=args.resume,
+        wandb_dir=save_dir,
+        e2e=e2e,
+    )
+    _print_result(save_dir / run_name, hookpoints, result.metrics)
+    return result.metrics
+
+
+def _model_and_data(args: argparse.Namespace, kind: str | None) -> tuple[Classifier, Split]:
+    """The model to read (an LM or a classifier, by its head) and the training split."""
+    need_labels = kind == "classifier" and args.loss_fn == "ce"
+    data = load_text_data(
+        Dataset(name=args.dataset, text_column=args.text_column), args.shuffle_seed, need_labels
+    )
+    split = data.splits["train"]
+    if kind == "lm" and args.model == "tiny-gpt2":
+        clf = build_tiny_lm(args.model, split.texts, args.init_seeds, args.ctx_len)
+    elif kind is not None and args.model != "tiny-bert":
+        clf = Classifier(load_model(args.model, kind), _tokenizer(args.model))
+    else:
+        num_labels = max(2, data.num_classes)
+        clf = build_classifier(args.model, num_labels, split.texts, args.init_seeds, args.ctx_len)
+    return clf, split
+
+
+def _layers(args: argparse.Namespace, model) -> list[int]:
+    n_layers = model.config.num_hidden_layers
+    layers = args.layers if args.layers else list(range(0, n_layers, args.layer_stride))
+    try:
+        return sorted({resolve_layer(model, ly) for ly in layers})
+    except ValueError as err:
+        raise ConfigError(f"--layers: {str(err).split(': ', 1)[-1]}") from None
+
+
+def _extract(args: argparse.Namespace, clf, split: Split, layers: list[int], out: Path) -> None:
+    extract(
+        clf,
+        split,
+        layers,
+        out,
+        args.ctx_len,
+        dtype=args.activation_dtype,
+        max_tokens=args.max_tokens,
+    )
+
+
+def _end_to_end(args, kind: str, clf, store, spec: dict, layers: dict[str, int]) -> dict:
+    """What each worker needs to run the frozen model with the SAEs spliced in."""
+    model_path = args.model
+    if args.model.startswith("tiny-"):  # random weights: workers load this very copy
+        model_path = store.get_or_compute(
+            "model",
+            {**spec, "kind": kind},
+            lambda out: save_for_workers(clf.model, clf.tokenizer, out),
+        ).location
+    return {"model": model_path, "kind": kind, "layers": layers, "ctx_len": args.ctx_len}
+
+
+def _fit_config(
+    args: argparse.Namespace, sae: Sae, hookpoints: list[str], d_in: int, run_name: str
+) -> SaeTrainConfig:
+    try:
+        return SaeTrainConfig(
+            **sae.model_dump(),
+            hookpoints=hookpoints,
+            d_in=d_in,
+            loss_fn=args.loss_fn,
+            log_every=args.wandb_log_frequency,
+            max_steps=args.max_steps,
+            init_seed=args.init_seeds,
+            shuffle_seed=args.shuffle_seed,
+            shuffle_buffer_tokens=args.shuffle_buffer,
+            log_to_wandb=args.log_to_wandb,
+            wandb_project=args.wandb_project,
+            run_name=run_name,
+        )
+    except ValidationError as err:
+        raise ConfigError(one_line(err, flag_of)) from None
+
+
+def _print_result(run_dir: Path, hookpoints: list[str], metrics: dict) -> None:
+    print(f"\nSAEs: {run_dir}  ({metrics.get('tokens', 0):,} tokens)")
+    for hp in hookpoints:
+        fvu, l0, dead = (metrics.get(f"{m}/{hp}", float("nan")) for m in ("fvu", "l0", "dead_pct"))
+        print(f"  {hp}: fvu {fvu:.4f}  l0 {l0:.1f}  dead {dead:.1f}%")
+
+
+def _tokenizer(name: str):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(name)
+    if tok.pad_token is None:  # GPT-2 style tokenizers ship without one
+        tok.pad_token = tok.eos_token
+    return tok

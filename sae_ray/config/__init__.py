@@ -1,0 +1,63 @@
+"""The sweep YAML's schema, one validated, typed config: a researcher editing YAML needs
+`sae.k: ...` and not a pydantic traceback. Every layer above reads it; it reads only
+`storage` (to check a location).
+
+`schema` holds the sections (the `sae` section is the one SAE config, also train-sae's
+flags and the trainer's), `search` the search section, `loading` the YAML, the dotted
+overrides and the one-line errors."""
+
+from sae_ray.config.base import ConfigError, Section
+from sae_ray.config.loading import (
+    anchor_paths,
+    apply_params,
+    get_dotted,
+    load,
+    local_path_or_name,
+    one_line,
+    parse_override,
+    set_dotted,
+    validate,
+)
+from sae_ray.config.schema import (
+    CONTROL,
+    Config,
+    Cycles,
+    Dataset,
+    Experiment,
+    Model,
+    Resources,
+    Sae,
+    Sharpening,
+    Wandb,
+    effective_strategy,
+)
+from sae_ray.config.search import Constraint, Objective, Search, SpaceEntry
+
+__all__ = [
+    "CONTROL",
+    "Config",
+    "ConfigError",
+    "Constraint",
+    "Cycles",
+    "Dataset",
+    "Experiment",
+    "Model",
+    "Objective",
+    "Resources",
+    "Sae",
+    "Search",
+    "Section",
+    "Sharpening",
+    "SpaceEntry",
+    "Wandb",
+    "anchor_paths",
+    "apply_params",
+    "effective_strategy",
+    "get_dotted",
+    "load",
+    "local_path_or_name",
+    "one_line",
+    "parse_override",
+    "set_dotted",
+    "validate",
+]

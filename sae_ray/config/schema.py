@@ -1,0 +1,198 @@
+"""The sweep YAML's sections, validated: every section forbids unknown keys so a typo fails
+loudly instead of silently running the default."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+
+from sae_ray import storage
+from sae_ray.config.base import Section
+from sae_ray.config.search import Search
+
+
+class Experiment(Section):
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")
+    storage_path: str = Field(
+        "./runs",
+        min_length=1,
+        description="local directory (relative: to where the sweep is launched), or "
+        "s3://bucket/prefix, gs://bucket/prefix",
+    )
+    seed: int = 0
+    share_artifacts: bool = Field(
+        True,
+        description="false: each trial computes every stage itself (for measuring what "
+        "sharing saves; benchmarks/sweep_sharing.py)",
+    )
+
+    @field_validator("storage_path")
+    @classmethod
+    def _storage(cls, value: str) -> str:
+        return storage.check(value)
+
+
+class Model(Section):
+    name: str = Field(
+        "tiny-gpt2", description="hub id, local path, or a preset (see models.MODEL_PRESETS)"
+    )
+    layer: int = Field(-1, description="hooked block index; negative counts from the end")
+    max_length: int = Field(64, ge=4)
+    dtype: Literal["float32", "bfloat16"] = Field(
+        "float32", description="weights as loaded (bfloat16 halves a large model's memory)"
+    )
+
+
+class Dataset(Section):
+    name: str = "synthetic:topics"
+    text_column: str = "text"
+    label_column: str = "label"
+    num_examples: int = Field(2000, ge=40, description="size of the synthetic task")
+    max_examples: int | None = Field(None, ge=10, description="cap on the loaded train split")
+    val_fraction: float = Field(0.1, gt=0, lt=0.5)
+    test_fraction: float = Field(0.1, gt=0, lt=0.5)
+
+
+class Cycles(Section):
+    """The classifier's training: the seed's recipe (AdamW 1e-4, weight decay 0.01, 100
+    warm-up steps then linear decay, gradient clip 1.0) as defaults."""
+
+    count: int = Field(2, ge=1)
+    epochs: int = Field(1, ge=1, description="epochs of every fine-tune (equal compute)")
+    aux_weight: float = Field(0.1, ge=0, description="λ in CE + λ(1 − cos(h, t))")
+    lr: float = Field(1e-4, gt=0)
+    batch_size: int = Field(32, ge=1, description="examples per step, over all workers")
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_steps: int = Field(100, ge=0, description="linear warm-up, then linear decay to 0")
+    grad_clip: float = Field(1.0, gt=0, description="max global gradient norm")
+    start_from: str = Field(
+        "finetune",
+        min_length=1,
+        description="cycle 0: 'finetune' the pretrained model, 'pretrained' (untrained "
+        "head, no training), or the path of an already fine-tuned classifier",
+    )
+    train_layers: Literal["all", "from_hooked"] = Field(
+        "all",
+        description="what retraining (cycle > 0) updates: everything, or the hooked "
+        "block, the blocks above it and the head",
+    )
+    autocast: bool = Field(True, description="bf16 autocast when the workers have a GPU")
+
+    @field_validator("start_from")
+    @classmethod
+    def _known_start(cls, value: str) -> str:
+        if value not in ("finetune", "pretrained") and not Path(value).expanduser().is_dir():
+            raise ValueError(f"{value!r} is neither 'finetune', 'pretrained' nor a model directory")
+        return value
+
+
+class Sae(Section):
+    """The one SAE config: the sweep's `sae` section, `sae-ray train-sae`'s flags (the same
+    names; `--dead_window_tokens` spells `dead_tokens`, and its defaults follow the saetrain
+    tool: see cli/train_sae.py) and the trainer's (`sae.fit_config.SaeTrainConfig` adds only
+    where and how a fit runs)."""
+
+    k: int = Field(32, ge=1, description="active latents per token")
+    expansion_factor: int = Field(8, ge=1, description="latents = d_in x this")
+    num_latents: int | None = Field(None, ge=1, description="latents (overrides expansion_factor)")
+    epochs: int = Field(1, ge=1, description="passes over the activations (without max_tokens)")
+    batch_size: int = Field(1024, ge=1, description="tokens per SAE step, all workers")
+    lr: float | None = Field(
+        None, gt=0, description="learning rate (default: 2e-4 / sqrt(latents / 2^14))"
+    )
+    auxk_alpha: float = Field(1 / 32, ge=0, description="weight of the AuxK loss on dead latents")
+    dead_tokens: int = Field(
+        100_000, ge=1, description="window of tokens over which firing is counted"
+    )
+    dead_percentage_threshold: float = Field(
+        0.0, ge=0, le=1, description="dead: fires on fewer than this fraction of the window"
+    )
+    optimizer: Literal["adam", "adamw", "sgd"] = Field("adam", description="SAE optimizer")
+    weight_decay: float = Field(0.0, ge=0, description="optimizer weight decay")
+    grad_acc_steps: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    max_tokens: int | None = Field(None, ge=1, description="global token budget; else epochs")
+    activation_dtype: Literal["float32", "float16"] = Field(
+        "float32", description="how stored activations are kept"
+    )
+    save_every: int = Field(
+        1000, ge=1, description="SAE steps between checkpoints (a worker fault resumes there)"
+    )
+
+    def latents_for(self, d_in: int) -> int:
+        return self.num_latents or d_in * self.expansion_factor
+
+    def check_fits(self, d_in: int) -> None:
+        """The one place k is checked against the dictionary (ValueError naming `k`)."""
+        if self.k > self.latents_for(d_in):
+            raise ValueError(f"k: {self.k} is larger than the {self.latents_for(d_in)} latents")
+
+
+CONTROL = "none"  # the λ = 0, equal-compute control strategy
+
+
+def effective_strategy(strategy: str, aux_weight: float) -> str:
+    """The one λ = 0 rule: with no aux term any strategy is the control (and shares its
+    artifacts), so `none` and λ = 0 mean the same trial."""
+    return CONTROL if aux_weight == 0 else strategy
+
+
+class Sharpening(Section):
+    strategy: Literal["per_class", "per_class_complement", "per_example", "random", "none"] = (
+        "per_class"
+    )
+    top_k_pct: float = Field(10.0, gt=0, le=100)
+
+
+class Resources(Section):
+    num_workers: int = Field(2, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(0.5, gt=0)
+    max_failures: int = Field(2, ge=0, description="worker-group restarts of a Train run")
+    trial_retries: int = Field(1, ge=0, description="re-runs of a failed trial (artifacts kept)")
+
+
+class Wandb(Section):
+    mode: Literal["offline", "online", "disabled"] = "disabled"
+    project: str = "sae-ray"
+
+
+class Config(Section):
+    experiment: Experiment
+    model: Model = Field(default_factory=Model)
+    dataset: Dataset = Field(default_factory=Dataset)
+    cycles: Cycles = Field(default_factory=Cycles)
+    sae: Sae = Field(default_factory=Sae)
+    sharpening: Sharpening = Field(default_factory=Sharpening)
+    search: Search = Field(default_factory=Search)
+    resources: Resources = Field(default_factory=Resources)
+    wandb: Wandb = Field(default_factory=Wandb)
+
+    @property
+    def strategy(self) -> str:
+        """The strategy this config runs, λ = 0 making it the control (`effective_strategy`)."""
+        return effective_strategy(self.sharpening.strategy, self.cycles.aux_weight)
+
+    @property
+    def sweep_uri(self) -> str:
+        """Where the sweep keeps everything: an absolute local path or a bucket URI."""
+        return storage.join(storage.resolve(self.experiment.storage_path), self.experiment.name)
+
+    def trial_dirs(self, trial_id: str) -> tuple[str, str]:
+        """The one place of the sweep's folder layout below `sweep_uri` for a trial: its
+        artifact store and its Ray Train runs, the sweep's shared ones, or with
+        `share_artifacts: false` its own (nothing found, everything computed; its Train runs
+        too, since they are named by artifact key and a reused run name restores that run).
+        """
+        dirs = [storage.join(self.sweep_uri, d) for d in ("artifacts", "train_runs")]
+        if not self.experiment.share_artifacts:
+            dirs = [storage.join(d, "unshared", trial_id) for d in dirs]
+        return dirs[0], dirs[1]
+
+    @property
+    def sweep_dir(self) -> Path:
+        """The sweep's directory when it is local (object-store sweeps have none)."""
+        if storage.is_remote(self.sweep_uri):
+            raise ValueError(f"{self.sweep_uri} is not a local directory")
+        return Path(self.sweep_uri)

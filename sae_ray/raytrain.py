@@ -1,0 +1,41 @@
+"""The one way sae-ray starts a Ray Train run (fine-tunes and SAE fits alike): a
+`TorchTrainer` of `resources.num_workers` workers, each asking for its CPUs (and a GPU with
+`use_gpu`) when the run starts, restarted up to `resources.max_failures` times, its run
+folder named `name` under `storage_path` (a reused name restores that run)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import ray.train
+from ray.train import ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from sae_ray.config import Resources
+
+
+def torch_trainer(
+    loop: Callable[[dict[str, Any]], None],
+    loop_config: dict[str, Any],
+    resources: Resources,
+    name: str,
+    storage_path: str | Path,
+    datasets: dict[str, Any] | None = None,
+) -> TorchTrainer:
+    return TorchTrainer(
+        loop,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(
+            num_workers=resources.num_workers,
+            use_gpu=resources.use_gpu,
+            resources_per_worker={"CPU": resources.cpus_per_worker},
+        ),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=str(storage_path),
+            failure_config=ray.train.FailureConfig(max_failures=resources.max_failures),
+        ),
+        datasets=datasets,
+    )

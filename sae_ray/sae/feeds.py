@@ -1,0 +1,94 @@
+"""Stored activations -> SAE batches: the token shards as a Ray Dataset (`activation_dataset`)
+and the feed a Train worker draws its batches and losses from (`ActivationFeed`). The
+end-to-end feed, through a frozen model, is `spliced.ModelFeed`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import ray
+import torch
+
+from sae_ray.lm.extraction import column_of, read_manifest
+from sae_ray.sae.fit_config import SaeTrainConfig
+from sae_ray.sae.model import SparseAutoencoder
+from sae_ray.sae.training import sae_loss
+
+MATERIALIZE_BYTES = 256 << 20  # activation sets up to this size are read once, then reused
+BLOCK_BYTES = 16 << 20  # Ray Data blocks of the activation feed
+
+
+class ActivationFeed:
+    """Stored activations -> each hookpoint's SAE on its own column (the local losses)."""
+
+    def __init__(self, cfg: SaeTrainConfig, world: int, device: torch.device):
+        self.cfg, self.world, self.device = cfg, world, device
+
+    def batches(self, shard, epoch: int):
+        cfg = self.cfg
+        return shard.iter_torch_batches(
+            batch_size=max(1, cfg.batch_size // self.world),
+            dtypes=torch.float32,
+            device=self.device,
+            local_shuffle_buffer_size=cfg.shuffle_buffer_tokens or None,
+            local_shuffle_seed=cfg.shuffle_seed + epoch if cfg.shuffle_buffer_tokens else None,
+        )
+
+    def init_b_dec(self, saes: dict[str, SparseAutoencoder], batch) -> None:
+        for hp, sae in saes.items():
+            sae.init_b_dec(batch[hp])
+
+    def losses(self, models, saes, batch, trackers) -> tuple[torch.Tensor, dict[str, dict]]:
+        total, stats = 0.0, {}
+        for hp, sae in saes.items():  # disjoint parameters: one backward of the sum suffices
+            loss, stats[hp] = sae_loss(
+                models[hp],
+                sae,
+                batch[hp],
+                trackers[hp],
+                self.cfg.auxk_alpha,
+                self.world,
+                self.cfg.loss_fn,
+            )
+            total = total + loss
+        return total, stats
+
+
+def quiet_ordered_data() -> None:
+    context = ray.data.DataContext.get_current()
+    # Per-operator progress bars from every worker drown the sweep's own output.
+    context.enable_progress_bars = False
+    context.execution_options.preserve_order = True  # same blocks in the same order each run
+
+
+def activation_dataset(
+    tokens_dir: Path | str, hookpoints: list[str]
+) -> tuple[ray.data.Dataset, int]:
+    """The token shards under `tokens_dir` (a path, or a bucket URI that every node can read)
+    as a Ray Dataset of the hookpoints' columns, and the number of token rows (checked against
+    the manifest first).
+
+    Read with Ray Data's file-based Parquet datasource (V1), in blocks of about
+    `BLOCK_BYTES`: Ray 2.60's default (V2) lists the files in a remote task first, which put
+    2-4 s before every epoch's first batch here, and a block per shard (100 MB) left the reads
+    nothing to overlap with (`benchmarks/ray_data_feed.py` measures both)."""
+    manifest = read_manifest(tokens_dir, verify=True)
+    for hp in hookpoints:
+        column_of(manifest, tokens_dir, hp)
+    quiet_ordered_data()
+    nbytes = manifest.rows * manifest.d * np.dtype(manifest.dtype).itemsize * len(hookpoints)
+    context = ray.data.DataContext.get_current()
+    v2, context.use_datasource_v2 = context.use_datasource_v2, False
+    try:
+        dataset = ray.data.read_parquet(
+            manifest.paths(tokens_dir),
+            columns=hookpoints,
+            override_num_blocks=max(len(manifest.files), -(-nbytes // BLOCK_BYTES)),
+        )
+    finally:
+        context.use_datasource_v2 = v2
+    if nbytes <= MATERIALIZE_BYTES:
+        # Each lazy pass re-plans and re-reads (seconds even on MBs): read small sets once.
+        dataset = dataset.materialize()
+    return dataset, manifest.rows

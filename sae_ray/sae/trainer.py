@@ -1,0 +1,346 @@
+"""Train TopK SAEs with Ray Train workers fed by Ray Data from the activation shards.
+
+One trainer for everything: `sae-ray train-sae` (several hookpoints at once, the saetrain
+flags) and every cycle of a sweep. Driver: `train_saes` reads the token shards with
+`ray.data.read_parquet` and runs a `TorchTrainer`. Worker: `train_loop` streams its shard,
+trains one SAE per hookpoint under DDP, logs, and checkpoints in sparsify's layout.
+
+A step is DDP-exact: every worker's loss is normalised by the union batch's variance and
+scaled by the world size, so N workers on b1..bN take the step one worker takes on their
+union. Dead latents and the token budget are counted over all workers, in tokens.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import ray
+import ray.train
+import torch
+from ray.train import Checkpoint
+
+from sae_ray import telemetry
+from sae_ray.config import Resources
+from sae_ray.raytrain import torch_trainer
+from sae_ray.sae.checkpoints import (
+    STATE,
+    Progress,
+    load_checkpoint,
+    publish,
+    save_checkpoint,
+    truncate_log,
+)
+from sae_ray.sae.feeds import ActivationFeed, quiet_ordered_data
+from sae_ray.sae.fit_config import SaeTrainConfig
+from sae_ray.sae.model import SaeConfig, SparseAutoencoder, decoder_absorption
+from sae_ray.sae.spliced import ModelFeed
+from sae_ray.sae.training import DeadTracker, make_optimizer, optimizer_step
+
+
+@dataclass
+class SaeTrainResult:
+    saes: dict[str, SparseAutoencoder]
+    metrics: dict[str, Any]
+
+
+# ---------------------------------------------------------------- worker
+
+
+@dataclass
+class Fit:
+    """One worker's fit: the SAEs (one per hookpoint) with their optimizers and dead-latent
+    windows, where the run is, and this run's clock (for its tokens/s)."""
+
+    cfg: SaeTrainConfig
+    saes: dict[str, SparseAutoencoder]
+    opts: dict[str, torch.optim.Optimizer]
+    trackers: dict[str, DeadTracker]
+    progress: Progress
+    rank: int
+    budget: int
+    save_dir: Path | None
+    started: float = field(default_factory=time.perf_counter)
+    started_tokens: int = 0
+    resumed_from: int = 0
+    restored: bool = False  # from a checkpoint: b_dec comes with it
+    models: dict[str, torch.nn.Module] = field(default_factory=dict)  # DDP-wrapped
+    stats: dict[str, dict[str, float]] = field(default_factory=dict)
+    micro: int = 0
+
+    def done(self) -> bool:
+        p, cfg = self.progress, self.cfg
+        return p.tokens >= self.budget or bool(cfg.max_steps and p.step >= cfg.max_steps)
+
+    def rate(self) -> float:
+        return (self.progress.tokens - self.started_tokens) / (time.perf_counter() - self.started)
+
+
+def _start_fit(config: dict[str, Any], device: torch.device, rank: int) -> Fit:
+    """Fresh SAEs, or the ones of the checkpoint a restarted group or `--resume` hands over."""
+    cfg = SaeTrainConfig(**config["cfg"])
+    torch.manual_seed(cfg.init_seed)
+    saes = {
+        hp: SparseAutoencoder(SaeConfig(cfg.d_in, cfg.latents, cfg.k)).to(device)
+        for hp in cfg.hookpoints
+    }
+    opts = {
+        hp: make_optimizer(cfg.optimizer, sae.parameters(), cfg.learning_rate, cfg.weight_decay)
+        for hp, sae in saes.items()
+    }
+    trackers = {
+        hp: DeadTracker(
+            torch.zeros(cfg.latents, dtype=torch.long, device=device),
+            cfg.dead_tokens,
+            cfg.dead_percentage_threshold,
+        )
+        for hp in cfg.hookpoints
+    }
+    progress = Progress()
+    checkpoint = ray.train.get_checkpoint() or config.get("resume_from")
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            progress = load_checkpoint(Path(directory), saes, opts, trackers)
+    save_dir = Path(config["save_dir"]) if config.get("save_dir") else None
+    budget = cfg.max_tokens or cfg.epochs * config["rows"]
+    fit = Fit(cfg, saes, opts, trackers, progress, rank, budget, save_dir)
+    fit.started_tokens, fit.resumed_from = progress.tokens, progress.step
+    fit.restored = checkpoint is not None
+    return fit
+
+
+class RunLog:
+    """Rank 0's view of the run: a progress bar, W&B, and `<save_dir>/metrics.jsonl`."""
+
+    def __init__(self, fit: Fit, wandb_dir: str | None):
+        cfg, self.bar, self.wandb_run = fit.cfg, None, None
+        if fit.rank == 0 and cfg.progress:
+            from ray.experimental.tqdm_ray import tqdm
+
+            self.bar = tqdm(total=fit.budget, desc=cfg.run_name, unit="tok")
+            self.bar.update(fit.progress.tokens)
+        if fit.rank == 0 and cfg.log_to_wandb:
+            import wandb
+
+            self.wandb_run = wandb.init(
+                project=cfg.wandb_project,
+                name=cfg.run_name,
+                config=cfg.model_dump(),
+                dir=wandb_dir,
+                resume="allow",
+                settings=wandb.Settings(quiet=True),
+            )
+
+    def tokens(self, n: int) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def row(self, fit: Fit, epoch: int) -> None:
+        """sparsify-style keys (`fvu/<hookpoint>`), all on the TopK codes."""
+        cfg, rate = fit.cfg, fit.rate()
+        row = {"step": fit.progress.step, "tokens": fit.progress.tokens, "epoch": epoch}
+        for hp, s in fit.stats.items():
+            row.update({f"{name}/{hp}": s[name] for name in LOGGED})
+            row[f"absorption/{hp}"] = decoder_absorption(fit.saes[hp].W_dec.detach())
+        row["tokens_per_s"] = rate
+        for hp in cfg.hookpoints:
+            telemetry.sae_tokens_per_s(cfg.sweep or cfg.run_name, hp, rate)
+        if self.bar is not None:
+            fvu, dead = (row[f"{m}/{cfg.hookpoints[0]}"] for m in ("fvu", "dead_pct"))
+            self.bar.set_description(f"{cfg.run_name} fvu {fvu:.3f} dead {dead:.0f}%")
+        if self.wandb_run is not None:
+            self.wandb_run.log(row, step=fit.progress.step)
+        if fit.save_dir is not None:
+            fit.save_dir.mkdir(parents=True, exist_ok=True)
+            with (fit.save_dir / "metrics.jsonl").open("a") as fh:
+                fh.write(json.dumps(row) + "\n")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
+
+
+LOGGED = ("loss", "fvu", "auxk", "l0", "dead_pct")
+
+
+def _make_feed(config: dict[str, Any], cfg: SaeTrainConfig, world: int, device: torch.device):
+    """Where batches come from: a given factory (benchmarks), the model end to end (`ce`,
+    `kl`), or the stored activations."""
+    if config.get("feed") is not None:
+        return config["feed"](cfg, world, device)
+    if cfg.loss_fn in ("ce", "kl"):
+        return ModelFeed(cfg, config["e2e"], world, device)
+    return ActivationFeed(cfg, world, device)
+
+
+def _backward(fit: Fit, feed, batch, world: int, device: torch.device) -> bool:
+    """One micro-batch's loss and backward; True when it completes an optimizer step (under
+    DDP, gradients are synchronised only on that one)."""
+    cfg = fit.cfg
+    last_micro = (fit.micro + 1) % cfg.grad_acc_steps == 0
+    use_autocast = cfg.autocast and device.type == "cuda" and torch.cuda.is_bf16_supported()
+    with contextlib.ExitStack() as stack:
+        if world > 1 and not last_micro:
+            for model in fit.models.values():
+                stack.enter_context(model.no_sync())
+        stack.enter_context(torch.autocast(device.type, torch.bfloat16, enabled=use_autocast))
+        loss, fit.stats = feed.losses(fit.models, fit.saes, batch, fit.trackers)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"SAE loss is {loss.item()} at step {fit.progress.step} "
+                f"({', '.join(cfg.hookpoints)}): the fit diverged or its activations "
+                "are not finite"
+            )
+        (loss / cfg.grad_acc_steps).backward()
+    fit.micro += 1
+    return last_micro
+
+
+def _epoch(fit: Fit, feed, shard, log: RunLog, world: int, device: torch.device) -> bool:
+    """Train on one pass of this worker's shard (from where a resume left it); True when
+    the budget ran out inside it."""
+    progress, cfg = fit.progress, fit.cfg
+    epoch, skip = progress.epoch, progress.batches_in_epoch
+    seen_any = False
+    for i, batch in enumerate(feed.batches(shard, epoch)):
+        seen_any = True
+        if i < skip:  # consumed before the checkpoint this run resumed from
+            continue
+        if not fit.models:
+            if not fit.restored:
+                feed.init_b_dec(fit.saes, batch)  # rank 0's first batch; DDP broadcasts it
+            fit.models = {hp: ray.train.torch.prepare_model(s) for hp, s in fit.saes.items()}
+        step_due = _backward(fit, feed, batch, world, device)
+        n_global = fit.stats[cfg.hookpoints[0]]["tokens"]
+        progress.tokens += n_global
+        progress.batches_in_epoch = i + 1
+        log.tokens(n_global)
+        if not step_due:
+            continue
+        for hp, sae in fit.saes.items():
+            optimizer_step(sae, fit.opts[hp])
+        progress.step += 1
+        done = fit.done()
+        if fit.rank == 0 and (progress.step % cfg.log_every == 0 or done):
+            log.row(fit, epoch)
+        if progress.step % cfg.save_every == 0 or done:
+            _report(fit)
+        if done:
+            return True
+    if not seen_any:  # cycling an empty shard for a token budget would never end
+        raise RuntimeError(f"worker {fit.rank} received no activation rows")
+    progress.epoch += 1
+    progress.batches_in_epoch = 0
+    return False
+
+
+def train_loop(config: dict[str, Any]) -> None:
+    """One Ray Train worker. Workers get equal shards, so they take the same steps."""
+    device = ray.train.torch.get_device()
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    shard = ray.train.get_dataset_shard("train") if config.get("dataset", True) else None
+    fit = _start_fit(config, device, rank)
+    log = RunLog(fit, config.get("wandb_dir"))
+    feed = _make_feed(config, fit.cfg, world, device)
+    fit.started = time.perf_counter()  # this run's clock starts with its first batch
+    done = fit.done()
+    while not done:
+        done = _epoch(fit, feed, shard, log, world, device)
+        if not done and fit.cfg.max_tokens is None and fit.progress.epoch >= fit.cfg.epochs:
+            done = True
+            if fit.progress.step % fit.cfg.save_every:  # the last step's checkpoint
+                _report(fit)
+    log.close()
+
+
+def _report(fit: Fit) -> None:
+    """Checkpoint to Ray Train (worker-fault restarts read it back) and, on rank 0, publish
+    it to `<save_dir>/<run_name>` in sparsify's layout. Every rank calls report."""
+    progress = fit.progress
+    metrics = {
+        "step": progress.step,
+        "resumed_from_step": fit.resumed_from,
+        "tokens": progress.tokens,
+        "run_tokens": progress.tokens - fit.started_tokens,
+        "elapsed_s": time.perf_counter() - fit.started,
+        **{f"{k}/{h}": v for h, s in fit.stats.items() for k, v in s.items() if k != "tokens"},
+    }
+    if fit.rank != 0:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        save_checkpoint(Path(tmp), fit.saes, fit.opts, fit.trackers, progress)
+        if fit.save_dir is not None:
+            publish(Path(tmp), fit.save_dir)
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
+
+
+# ---------------------------------------------------------------- driver
+
+
+def train_saes(
+    dataset: ray.data.Dataset | None,
+    tokens_per_epoch: int,
+    cfg: SaeTrainConfig,
+    resources: Resources,
+    storage_path: Path | str,
+    save_dir: Path | None = None,
+    resume: bool = False,
+    train_run_name: str | None = None,
+    wandb_dir: Path | None = None,
+    e2e: dict[str, Any] | None = None,
+    feed: Any = None,
+) -> SaeTrainResult:
+    """Fit one SAE per hookpoint: on stored activations (`activation_dataset`), or end to
+    end on token rows with `e2e` = {model, kind, layers, ctx_len} (see `spliced.py`).
+
+    `save_dir` (the run's directory, `<save_dir>/<run_name>`) receives every checkpoint in
+    sparsify's layout; with `resume` the run continues from the one there. `feed`, a factory
+    `(cfg, world, device) -> feed` called on each worker, replaces how batches are made (the
+    benchmarks' in-memory baseline, with `dataset` None, and their timed Ray Data feed).
+    """
+    quiet_ordered_data()
+    resume_from = None
+    if save_dir is not None:
+        if resume and (save_dir / STATE).is_file():
+            state = Progress(**json.loads((save_dir / STATE).read_text()))
+            if state.tokens >= (cfg.max_tokens or cfg.epochs * tokens_per_epoch):
+                saes = {hp: SparseAutoencoder.load(save_dir / hp) for hp in cfg.hookpoints}
+                return SaeTrainResult(saes, {"step": state.step, "tokens": state.tokens})
+            resume_from = Checkpoint.from_directory(str(save_dir))
+            truncate_log(save_dir / "metrics.jsonl", state.step)
+        elif not resume and save_dir.exists():
+            shutil.rmtree(save_dir)  # a fresh run does not inherit an old run's log
+    loop_config = {
+        "cfg": cfg.model_dump(),
+        "rows": tokens_per_epoch,
+        "e2e": e2e,
+        "save_dir": str(save_dir) if save_dir else None,
+        "resume_from": resume_from,
+        "wandb_dir": str(wandb_dir) if wandb_dir else None,
+        "feed": feed,
+        "dataset": dataset is not None,
+    }
+    trainer = torch_trainer(
+        train_loop,
+        loop_config,
+        resources,
+        train_run_name or cfg.run_name,
+        storage_path,
+        datasets={"train": dataset} if dataset is not None else None,
+    )
+    result = trainer.fit()
+    with result.checkpoint.as_directory() as directory:
+        saes = {hp: SparseAutoencoder.load(Path(directory) / hp) for hp in cfg.hookpoints}
+    metrics = dict(result.metrics)
+    metrics["tokens_per_s"] = metrics.pop("run_tokens") / max(metrics.pop("elapsed_s"), 1e-9)
+    return SaeTrainResult(saes=saes, metrics=metrics)

@@ -1,0 +1,196 @@
+"""`sae-ray report SWEEP`: a sweep's answer as pictures, in one offline HTML page.
+
+Reads what the sweep wrote (`results.csv`, `config.yaml`, `best.json`, `optuna.db`) from a
+local directory or a bucket and writes `report/index.html` beside them, with the PNGs it
+shows: each objective and accuracy per cycle for every trial (the λ = 0 control drawn
+apart), the interpretability / accuracy front with the best trial(s) marked, Optuna's
+parameter importances per objective, each strategy against the control, and the trials.
+"""
+
+from __future__ import annotations
+
+import html
+import io
+import json
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display on clusters or in CI
+import pandas as pd  # noqa: E402
+import yaml  # noqa: E402
+
+from sae_ray import storage  # noqa: E402
+from sae_ray.config import Config  # noqa: E402
+from sae_ray.sweep.figures import (  # noqa: E402
+    ACCURACY,
+    Sweep,
+    importances,
+    plot_control,
+    plot_cycles,
+    plot_front,
+    plot_importance,
+    strategy_of,
+    strategy_table,
+)
+from sae_ray.sweep.results import BEST, CONFIG, RESULTS, STUDY, final_rows  # noqa: E402
+
+log = logging.getLogger(__name__)
+REPORT = "report"
+
+
+def load_sweep(location: str, scratch: Path) -> Sweep:
+    """What the report needs from a finished (or partly finished) sweep, local or remote."""
+    location = storage.resolve(location)
+    for name in (RESULTS, CONFIG):
+        if not storage.is_file(storage.join(location, name)):
+            raise FileNotFoundError(f"{storage.join(location, name)}: not found (is it a sweep?)")
+    cfg = Config.model_validate(yaml.safe_load(storage.read_bytes(storage.join(location, CONFIG))))
+    rows = pd.read_csv(io.BytesIO(storage.read_bytes(storage.join(location, RESULTS))))
+    best_path = storage.join(location, BEST)
+    best = json.loads(storage.read_bytes(best_path)) if storage.is_file(best_path) else {}
+    study = None
+    if storage.is_file(storage.join(location, STUDY)):
+        study = scratch / STUDY
+        study.write_bytes(storage.read_bytes(storage.join(location, STUDY)))
+    rows["strategy_effective"] = rows.apply(strategy_of, axis=1)
+    if "is_control" not in rows:
+        rows["is_control"] = rows["strategy_effective"] == "none"
+    rows["is_control"] = rows["is_control"].fillna(False).astype(bool)
+    return Sweep(
+        cfg.experiment.name,
+        cfg,
+        rows,
+        best,
+        study,
+        cfg.search.goals(),
+        list(cfg.search.space),
+    )
+
+
+# ------------------------------------------------------------------------------ figures
+
+
+def trials_table(sweep: Sweep) -> pd.DataFrame:
+    final = pd.DataFrame(final_rows(sweep.rows.to_dict("records")))
+    primary = sweep.goals[0]
+    metrics = list(dict.fromkeys([g.key for g in sweep.goals] + ACCURACY + ["sae/fvu", "sae/l0"]))
+    cols = ["trial_id", *sweep.params, "strategy_effective", "cycle"]
+    cols += [m for m in metrics if m in final] + ["status", "error"]
+    table = final[[c for c in cols if c in final]].copy()
+    if primary.key in table:
+        table = table.sort_values(primary.key, ascending=primary.mode == "min", na_position="last")
+    return table
+
+
+SORT_JS = """
+document.querySelectorAll('table.sortable th').forEach((th, col) =>
+ th.addEventListener('click', () => {
+  const body = th.closest('table').tBodies[0];
+  const asc = th.dataset.asc !== 'true'; th.dataset.asc = asc;
+  const key = r => { const t = r.cells[col].innerText; const n = parseFloat(t);
+                     return isNaN(n) ? t : n; };
+  [...body.rows].sort((a, b) => (key(a) > key(b) ? 1 : key(a) < key(b) ? -1 : 0) * (asc ? 1 : -1))
+    .forEach(r => body.appendChild(r));
+}));
+"""
+STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; color: #222; }
+img { max-width: 100%; border: 1px solid #ddd; margin: .5em 0; }
+table { border-collapse: collapse; font-size: 13px; margin: .5em 0 1.5em; }
+th, td { border: 1px solid #ccc; padding: 3px 7px; text-align: right; }
+th { background: #f3f3f3; cursor: pointer; } td:first-child, th:first-child { text-align: left; }
+.note { color: #666; font-size: 14px; }
+"""
+
+
+def _html_table(frame: pd.DataFrame) -> str:
+    return frame.to_html(
+        index=False,
+        classes="sortable",
+        na_rep="",
+        float_format=lambda v: f"{v:.4g}",
+        escape=True,
+        border=0,
+    )
+
+
+def build_report(location: str, out: str | None = None) -> tuple[str, Path]:
+    """Write the report for the sweep at `location` (to `out`, default `<sweep>/report`).
+
+    Returns where index.html is and a local directory holding the page and its figures
+    (the report itself when local; a copy when it went to a bucket)."""
+    location = storage.resolve(location)
+    target = storage.resolve(out) if out else storage.join(location, REPORT)
+    remote = storage.is_remote(target)
+    # Drawn in scratch, then each file put in place whole (renamed locally, one PUT in a
+    # bucket): a crash mid-report never leaves a half-written figure under its name.
+    pages = Path(tempfile.mkdtemp(prefix="sae-ray-report-"))
+    with tempfile.TemporaryDirectory(prefix="sae-ray-report-") as tmp:
+        sweep = load_sweep(location, Path(tmp))
+        sections = [
+            f"<h1>Sweep <code>{html.escape(sweep.name)}</code></h1>",
+            f"<p class=note>{_summary_line(sweep)}</p>",
+        ]
+        sections += ["<h2>Per cycle</h2>", _img(plot_cycles(sweep, pages))]
+        front = plot_front(sweep, pages)
+        if front:
+            sections += ["<h2>Interpretability against accuracy</h2>", _img(front)]
+        table = strategy_table(sweep)
+        sections += ["<h2>Strategies against the λ = 0 control</h2>"]
+        control = plot_control(sweep, table, pages)
+        if control:
+            sections.append(_img(control))
+        else:
+            sections.append("<p class=note>No control trial finished: nothing to compare.</p>")
+        sections.append(_html_table(table))
+        sections.append("<h2>Parameter importance</h2>")
+        for i, (metric, values) in enumerate(importances(sweep).items()):
+            if isinstance(values, dict) and values:
+                sections.append(_img(plot_importance(metric, values, pages, i)))
+            else:
+                sections.append(
+                    f"<p class=note>{html.escape(metric)}: no importances "
+                    f"({html.escape(str(values) or 'no varied parameter')}).</p>"
+                )
+        sections += [
+            "<h2>Trials</h2><p class=note>Final cycle of each trial; click a column to sort.</p>",
+            _html_table(trials_table(sweep)),
+        ]
+        page = (
+            "<!doctype html><html><head><meta charset=utf-8>"
+            f"<title>{html.escape(sweep.name)} report</title><style>{STYLE}</style></head>"
+            f"<body>{''.join(sections)}<script>{SORT_JS}</script></body></html>"
+        )
+        (pages / "index.html").write_text(page)
+    for path in sorted(pages.iterdir(), key=lambda p: p.name == "index.html"):  # page last
+        storage.upload(path, storage.join(target, path.name))
+    if remote:
+        return storage.join(target, "index.html"), pages
+    shutil.rmtree(pages)
+    return storage.join(target, "index.html"), Path(target)
+
+
+def _img(name: str) -> str:
+    return f'<img src="{html.escape(name)}" alt="{html.escape(name)}">'
+
+
+def _summary_line(sweep: Sweep) -> str:
+    final = pd.DataFrame(final_rows(sweep.rows.to_dict("records")))
+    counts = final["status"].value_counts().to_dict()
+    goals = ", ".join(f"{g.key} ({g.mode})" for g in sweep.goals)
+    parts = [
+        f"{len(final)} trials ({', '.join(f'{n} {s.lower()}' for s, n in counts.items())})",
+        f"{sweep.cfg.cycles.count} cycles",
+        f"objective{'s' if len(sweep.goals) > 1 else ''}: {goals}",
+    ]
+    best = sweep.best.get("best")
+    if best:
+        scores = ", ".join(f"{k} = {v:.4g}" for k, v in best["objectives"].items())
+        parts.append(f"best: {best['trial_id']} ({scores})")
+    elif sweep.best.get("pareto_front"):
+        parts.append(f"Pareto front: {len(sweep.best['pareto_front'])} trials")
+    return html.escape("; ".join(parts))
