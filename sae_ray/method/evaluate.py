@@ -171,9 +171,3 @@ def sae_quality(
         "l0": l0 / len(x),
         "dead_pct": 100.0 * (1 - fired.float().mean().item()),
     }
-
-
-@torch.no_grad()
-def encode_dense(sae: SparseAutoencoder, x: np.ndarray) -> np.ndarray:
-    sae.eval()
-    return sae.dense_codes(torch.from_numpy(x)).numpy()

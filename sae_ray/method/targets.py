@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import save_file
 
 from sae_ray import storage
+from sae_ray.config import CONTROL
 from sae_ray.sae.model import SparseAutoencoder
 
 log = logging.getLogger(__name__)
@@ -99,7 +100,7 @@ def sharpen(
     seed: int,
 ) -> TargetTable | None:
     """Targets in the model's activation space for each training example, or None for 'none'."""
-    if strategy == "none":
+    if strategy == CONTROL:
         return None
     if strategy == "random":
         return TargetTable(ids.copy(), torch.from_numpy(random_targets(ids, x.shape[1], seed)))

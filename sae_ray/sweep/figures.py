@@ -19,7 +19,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from sae_ray.config import Config  # noqa: E402
+from sae_ray.config import CONTROL, Config  # noqa: E402
 from sae_ray.sweep.results import final_rows, undominated  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -104,10 +104,10 @@ def _strategy_legend(fig, rows: pd.DataFrame) -> None:
             [0],
             [0],
             color=COLORS.get(s, "#7f7f7f"),
-            linestyle="--" if s == "none" else "-",
-            linewidth=2.8 if s == "none" else 1.5,
-            marker="s" if s == "none" else "o",
-            label="none (λ = 0 control)" if s == "none" else s,
+            linestyle="--" if s == CONTROL else "-",
+            linewidth=2.8 if s == CONTROL else 1.5,
+            marker="s" if s == CONTROL else "o",
+            label="none (λ = 0 control)" if s == CONTROL else s,
         )
         for s in present
     ]
@@ -151,9 +151,9 @@ def plot_front(sweep: Sweep, out: Path) -> str | None:
             group[y_metric],
             s=60,
             color=COLORS.get(strategy, "#7f7f7f"),
-            marker="s" if strategy == "none" else "o",
+            marker="s" if strategy == CONTROL else "o",
             zorder=3,
-            label="none (λ = 0 control)" if strategy == "none" else strategy,
+            label="none (λ = 0 control)" if strategy == CONTROL else strategy,
         )
     best_ids = [e["trial_id"] for e in sweep.best.get("pareto_front", [])]
     if sweep.best.get("best"):
@@ -241,7 +241,7 @@ def strategy_table(sweep: Sweep) -> pd.DataFrame:
         line: dict[str, Any] = {"strategy": strategy, "trials": len(group)}
         for m in metrics:
             line[m] = group[m].mean()
-            if not control.empty and strategy != "none":
+            if not control.empty and strategy != CONTROL:
                 line[f"Δ {m} vs control"] = group[m].mean() - control[m].mean()
         lines.append(line)
     table = pd.DataFrame(lines)
@@ -251,7 +251,7 @@ def strategy_table(sweep: Sweep) -> pd.DataFrame:
 
 def plot_control(sweep: Sweep, table: pd.DataFrame, out: Path) -> str | None:
     deltas = [c for c in table.columns if c.startswith("Δ ")]
-    rows = table[table["strategy"] != "none"]
+    rows = table[table["strategy"] != CONTROL]
     if not deltas or rows.empty:
         return None
     fig, axes = plt.subplots(1, len(deltas), figsize=(4.2 * len(deltas), 3.8), squeeze=False)

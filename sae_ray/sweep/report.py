@@ -24,7 +24,7 @@ import pandas as pd  # noqa: E402
 import yaml  # noqa: E402
 
 from sae_ray import storage  # noqa: E402
-from sae_ray.config import Config  # noqa: E402
+from sae_ray.config import CONTROL, Config  # noqa: E402
 from sae_ray.sweep.figures import (  # noqa: E402
     ACCURACY,
     Sweep,
@@ -58,7 +58,7 @@ def load_sweep(location: str, scratch: Path) -> Sweep:
         study.write_bytes(storage.read_bytes(storage.join(location, STUDY)))
     rows["strategy_effective"] = rows.apply(strategy_of, axis=1)
     if "is_control" not in rows:
-        rows["is_control"] = rows["strategy_effective"] == "none"
+        rows["is_control"] = rows["strategy_effective"] == CONTROL
     rows["is_control"] = rows["is_control"].fillna(False).astype(bool)
     return Sweep(
         cfg.experiment.name,
