@@ -126,6 +126,41 @@ CASES = [
     ("override without =", None, ["sae.k"], "sae.k"),
     ("override unknown key", None, ["nope.x=1"], "nope"),
     ("unknown synthetic task", None, ["dataset.name=synthetic:weather"], "dataset.name"),
+    ("name of dots", "experiment: {name: '..'}\n", [], "experiment.name"),
+    ("name of one dot", "experiment: {name: '.'}\n", [], "experiment.name"),
+    ("infinite lr", BASE + "cycles: {lr: .inf}\n", [], "cycles.lr"),
+    ("nan aux weight", BASE + "cycles: {aux_weight: .nan}\n", [], "cycles.aux_weight"),
+    ("duplicate key", BASE + "sae:\n  k: 4\n  k: 8\n", [], "duplicate key 'k'"),
+    ("duplicate section", BASE + "sae: {k: 4}\nsae: {k: 8}\n", [], "duplicate key 'sae'"),
+    (
+        "constraint min above max",
+        None,
+        ["search.constraints=[{metric: val/accuracy, min: 0.9, max: 0.5}]"],
+        "search.constraints.0: min 0.9 is above max 0.5",
+    ),
+    (
+        "searching the sweep's name",
+        None,
+        ["search.space={experiment.name: {type: choice, values: [a, b]}}"],
+        "search.space.experiment.name: cannot be searched",
+    ),
+    (
+        "searching the resources",
+        None,
+        ["search.space={resources.num_workers: {type: choice, values: [1, 2]}}"],
+        "search.space.resources.num_workers: cannot be searched",
+    ),
+    (
+        "when never sampled",
+        None,
+        [
+            "search.space={sharpening.strategy: {type: choice, values: [per_class, none]}, "
+            "sharpening.top_k_pct: {type: choice, values: [5, 10], "
+            "when: {sharpening.strategy: per_exampel}}}",
+            "search.points_to_evaluate=[]",
+        ],
+        "search.space.sharpening.top_k_pct.when: sharpening.strategy='per_exampel' is never",
+    ),
     (
         "missing dataset file",
         None,
@@ -159,6 +194,50 @@ def test_missing_sweep_file(tmp_path, capsys):
 def test_yaml_that_does_not_parse(tmp_path, capsys):
     assert cli.main(["run", _yaml(tmp_path, "experiment: {name: [unclosed\n")]) == 2
     _one_line(capsys, "not valid YAML")
+
+
+@pytest.mark.parametrize(
+    "content, expected",
+    [
+        (b"\xff\xfe\x00\x01 not text", "not UTF-8 text"),
+        (b"experiment: {name: x}\n\x00\x00", "binary data"),
+        (b"a: " + b"[" * 5000 + b"]" * 5000 + b"\n", "nested too deeply"),
+    ],
+    ids=["not utf-8", "binary", "deep nesting"],
+)
+def test_a_sweep_file_that_is_not_yaml(tmp_path, capsys, content, expected):
+    path = tmp_path / "sweep.yaml"
+    path.write_bytes(content)
+    assert cli.main(["sweep", str(path)]) == 2
+    _one_line(capsys, f"{path}: {expected}")
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["train-sae", "m", "d", "--loss_fn", "bogus"], "--loss_fn: invalid choice: 'bogus'"),
+        (["train-sae", "m", "d", "--k", "many"], "--k: invalid int value: 'many'"),
+        (["sweep"], "sweep_file: required"),
+        (["bogus"], "invalid choice: 'bogus'"),
+        (["run", "x.yaml", "--nope"], "unrecognized arguments: --nope"),
+    ],
+)
+def test_command_line_mistakes_are_one_line(capsys, args, expected):
+    assert cli.main(args) == 2
+    _one_line(capsys, expected)
+
+
+def test_version_and_help_list_every_command(capsys):
+    with pytest.raises(SystemExit) as done:
+        cli.main(["--version"])
+    assert done.value.code == 0
+    assert capsys.readouterr().out.strip().startswith("sae-ray 0.")
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    out = capsys.readouterr().out
+    commands = out.split("positional arguments:")[1]
+    for command in ("sweep", "run", "report", "train-sae"):
+        assert f"\n    {command} " in commands, command
 
 
 def test_yaml_that_is_a_list(tmp_path, capsys):

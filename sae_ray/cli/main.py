@@ -1,4 +1,4 @@
-"""`sae-ray`: sweep, run, train-sae.
+"""`sae-ray`: sweep, run, report, train-sae.
 
 Bad input ends in one line on stderr naming the field or file and exit code 2; a
 traceback is for bugs, not for typos in a YAML file.
@@ -29,9 +29,22 @@ def _address(p: argparse.ArgumentParser) -> None:
     )
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors as the one line every other bad input gets (argparse would
+    print its whole usage block first)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        missing = message.removeprefix("the following arguments are required: ")
+        if missing != message:
+            name = missing.split(", ")[0]
+            message = f"{name}: required (see `{self.prog} --help`)"
+        raise ConfigError(message.removeprefix("argument "))
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sae-ray", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="sae-ray", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     from sae_ray.cli import train_sae
 
     p = sub.add_parser(
@@ -138,8 +151,21 @@ def _run_one(cfg: Config) -> list[dict[str, Any]]:
     return rows
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("sae-ray")
+    except PackageNotFoundError:  # a checkout on sys.path, not installed
+        return "unknown"
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    try:
+        args = _parser().parse_args(argv)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     # Our INFO lines, and only warnings from the libraries (tensorboardX, optuna, ...).
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("sae_ray").setLevel(logging.INFO)

@@ -61,18 +61,39 @@ def validate(raw: dict[str, Any]) -> Config:
     return config
 
 
+# The sweep's own settings: where it writes, how it searches, what it runs on.
+UNSEARCHABLE = ("experiment.name", "experiment.storage_path", "experiment.share_artifacts")
+UNSEARCHABLE_SECTIONS = ("search", "resources", "wandb")
+
+
+def _check_searchable(config: Config) -> None:
+    """A searched key must be one a trial can vary, and a `when` must be reachable."""
+    space = config.search.space
+    for dotted, entry in space.items():
+        if dotted in UNSEARCHABLE or dotted.split(".")[0] in UNSEARCHABLE_SECTIONS:
+            raise ConfigError(
+                f"search.space.{dotted}: cannot be searched (a setting of the whole sweep)"
+            )
+        for parent, wanted in (entry.when or {}).items():
+            if parent not in space or parent == dotted:
+                raise ConfigError(
+                    f"search.space.{dotted}.when: {parent} is not another searched parameter"
+                )
+            for value in wanted if isinstance(wanted, list) else [wanted]:
+                if not space[parent].contains(value):
+                    raise ConfigError(
+                        f"search.space.{dotted}.when: {parent}={value!r} is never sampled"
+                    )
+
+
 def _check_space(config: Config) -> None:
     """Every searched path must exist and every value it can take must validate."""
+    _check_searchable(config)
     base = config.model_dump()
     for dotted, entry in config.search.space.items():
         candidates = entry.values if entry.type == "choice" else [entry.low, entry.high]
         if entry.type in ("int", "intlog"):
             candidates = [int(c) for c in candidates]
-        for parent in entry.when or {}:
-            if parent not in config.search.space or parent == dotted:
-                raise ConfigError(
-                    f"search.space.{dotted}.when: {parent} is not another searched parameter"
-                )
         for value in candidates:
             trial = copy.deepcopy(base)
             try:
@@ -138,15 +159,52 @@ def load(path: str | Path, overrides: list[str] | None = None) -> Config:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: no such sweep file")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    raw = read_yaml(path)
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
     for text in overrides or []:
         set_dotted(raw, *parse_override(text))
     return anchor_paths(validate(raw))
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice in one mapping (PyYAML keeps the
+    last silently: a sweep would run a value its author overrode by accident)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: set = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_constructor(
+    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _StrictLoader.construct_mapping
+)
+
+
+def read_yaml(path: Path) -> Any:
+    """A YAML file's contents, or one line naming the file and what is wrong with it."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text (is it a YAML file?)") from None
+    if "\x00" in text:
+        raise ConfigError(f"{path}: binary data, not a YAML file")
+    try:
+        return yaml.load(text, Loader=_StrictLoader) or {}  # noqa: S506 - a SafeLoader
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{path}: not valid YAML{where} ({problem})") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: nested too deeply to be a sweep file") from None
 
 
 def get_dotted(config: Config, dotted: str) -> Any:

@@ -33,6 +33,15 @@ class Experiment(Section):
     def _storage(cls, value: str) -> str:
         return storage.check(value)
 
+    @field_validator("name")
+    @classmethod
+    def _a_folder_name(cls, value: str) -> str:
+        if set(value) == {"."}:
+            raise ValueError(
+                f"{value!r} is not a folder of its own (results go to <storage>/<name>)"
+            )
+        return value
+
 
 class Model(Section):
     name: str = Field(

@@ -83,6 +83,8 @@ class Constraint(Section):
     def _one_bound(self) -> Constraint:
         if self.min is None and self.max is None and self.max_drop is None:
             raise ValueError("a constraint needs 'min', 'max' or 'max_drop'")
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError(f"min {self.min} is above max {self.max}: nothing is feasible")
         return self
 
 
