@@ -171,11 +171,15 @@ CASES = [
 
 
 @pytest.mark.parametrize("name, text, overrides, expected", CASES, ids=[c[0] for c in CASES])
-def test_bad_sweep_exits_2_with_one_line(tmp_path, capsys, name, text, overrides, expected):
+def test_bad_sweep_exits_2_with_one_line(
+    tmp_path, capsys, monkeypatch, name, text, overrides, expected
+):
+    monkeypatch.chdir(tmp_path)  # a YAML's default ./runs lands here
     path = _yaml(tmp_path, text) if text else str(QUICKSTART)
     storage = [f"experiment.storage_path={tmp_path / 'runs'}"] if text is None else []
     assert cli.main(["sweep", path, *storage, *overrides]) == 2
     _one_line(capsys, expected)
+    assert not (tmp_path / "runs").exists()  # a refused sweep leaves nothing behind
 
 
 def _one_line(capsys, expected: str) -> None:
@@ -284,9 +288,11 @@ def test_storage_path_that_is_a_file(tmp_path, capsys):
 
 
 def test_resume_with_nothing_to_resume(tmp_path, capsys):
-    args = ["sweep", str(QUICKSTART), f"experiment.storage_path={tmp_path}", "--resume"]
+    runs = tmp_path / "runs"
+    args = ["sweep", str(QUICKSTART), f"experiment.storage_path={runs}", "--resume"]
     assert cli.main(args) == 2
     _one_line(capsys, "--resume: no sweep to resume at")
+    assert not runs.exists()  # preflight's write probe made it, and took it away again
 
 
 def test_report_of_no_sweep(tmp_path, capsys):

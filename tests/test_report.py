@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import re
+import tempfile
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -80,6 +81,45 @@ def test_report_of_a_directory_that_is_no_sweep_exits_2(tmp_path, capsys):
     assert cli.main(["report", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "results.csv: not found" in err[0]
+
+
+DAMAGE = {
+    "results.csv ragged": ("results.csv", b'trial_id,cycle\n"a,0\n\x00\xff'),
+    "results.csv empty": ("results.csv", b""),
+    "results.csv other table": ("results.csv", b"a,b\n1,2\n"),
+    "results.csv not text": ("results.csv", b"\xff\xfe\x00\x00garbage"),
+    "config.yaml not yaml": ("config.yaml", b"experiment: {name: [\n"),
+    "config.yaml not a config": ("config.yaml", b"experiment: {nom: x}\n"),
+    "best.json truncated": ("best.json", b'{"best": {"trial_id": '),
+    "best.json a list": ("best.json", b"[1, 2]"),
+}
+
+
+@pytest.mark.parametrize("name", DAMAGE)
+def test_report_of_a_damaged_sweep_is_one_line_and_leaves_no_scratch(
+    tmp_path, capsys, monkeypatch, name
+):
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setenv("TMPDIR", str(scratch))  # where the report draws before publishing
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    cfg = fake_sweep(str(tmp_path / "runs"))
+    file, content = DAMAGE[name]
+    (cfg.sweep_dir / file).write_bytes(content)
+    assert cli.main(["report", str(cfg.sweep_dir)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {cfg.sweep_dir / file}: "), err
+    assert not list(scratch.iterdir())  # no sae-ray-report-* folder left behind
+    assert not (cfg.sweep_dir / "report").exists()
+
+
+def test_report_out_under_a_file_is_one_line(tmp_path, capsys):
+    cfg = fake_sweep(str(tmp_path / "runs"))
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    assert cli.main(["report", str(cfg.sweep_dir), "--out", str(blocker / "report")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "a-file" in err[0], err
 
 
 def test_live_progress_shows_counts_parameters_cycles_and_the_best_so_far():

@@ -183,8 +183,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "report":
         try:
             _report(args.sweep_dir, args.out)
-        except FileNotFoundError as err:
+        except (FileNotFoundError, ConfigError) as err:
             print(f"error: {err}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        except OSError as err:  # an unreachable bucket, an --out that cannot be written
+            reason = (getattr(err, "strerror", None) or str(err)).strip().splitlines()[0]
+            where = args.out if args.out and err.filename is None else err.filename
+            print(f"error: {where or args.sweep_dir}: {reason}", file=sys.stderr)
             return EXIT_BAD_INPUT
         return 0
     try:

@@ -6,18 +6,31 @@ failures: the sweep records them and goes on."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from sae_ray import storage
 from sae_ray.config import Config, ConfigError
 
 
 def check(cfg: Config) -> None:
-    check_storage(cfg)
     check_dataset(cfg)
     check_sae_size(cfg)
+    check_storage(cfg)
+
+
+def _first_missing(location: str) -> str | None:
+    """The outermost folder of a local location that does not exist yet (None: all do)."""
+    path, missing = Path(location), None
+    while not path.exists() and path != path.parent:
+        missing, path = path, path.parent
+    return str(missing) if missing else None
 
 
 def check_storage(cfg: Config) -> None:
+    """The sweep's folder can be written. A refused command leaves nothing behind, so the
+    folders the probe made are removed again (the sweep makes them when it writes)."""
     probe = storage.join(cfg.sweep_uri, ".write-probe")
+    made = None if storage.is_remote(probe) else _first_missing(cfg.sweep_uri)
     try:
         storage.write_bytes(probe, b"")
         storage.remove(probe)
@@ -26,6 +39,9 @@ def check_storage(cfg: Config) -> None:
         raise ConfigError(
             f"experiment.storage_path: {cfg.sweep_uri} is not writable ({reason})"
         ) from None
+    finally:
+        if made is not None:
+            storage.remove(made)
 
 
 def check_dataset(cfg: Config) -> None:

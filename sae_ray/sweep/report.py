@@ -22,9 +22,10 @@ import matplotlib
 matplotlib.use("Agg")  # files only: no display on clusters or in CI
 import pandas as pd  # noqa: E402
 import yaml  # noqa: E402
+from pydantic import ValidationError  # noqa: E402
 
 from sae_ray import storage  # noqa: E402
-from sae_ray.config import CONTROL, Config  # noqa: E402
+from sae_ray.config import CONTROL, Config, ConfigError, one_line  # noqa: E402
 from sae_ray.sweep.figures import (  # noqa: E402
     ACCURACY,
     Sweep,
@@ -42,16 +43,43 @@ log = logging.getLogger(__name__)
 REPORT = "report"
 
 
+def _read(location: str, name: str, parse):
+    """One of the sweep's files, parsed; anything unreadable is one line naming the file."""
+    path = storage.join(location, name)
+    try:
+        return parse(storage.read_bytes(path))
+    except (ValueError, TypeError, KeyError, UnicodeDecodeError, yaml.YAMLError) as err:
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ConfigError(f"{path}: damaged or not a sweep's {name} ({reason})") from None
+
+
+def _config(data: bytes) -> Config:
+    try:
+        return Config.model_validate(yaml.safe_load(data))
+    except ValidationError as err:
+        raise ValueError(one_line(err)) from None
+
+
+def _results(data: bytes) -> pd.DataFrame:
+    rows = pd.read_csv(io.BytesIO(data))
+    missing = {"trial_id", "cycle", "status"} - set(rows.columns)
+    if missing:
+        raise ValueError(f"no {sorted(missing)[0]} column")
+    return rows
+
+
 def load_sweep(location: str, scratch: Path) -> Sweep:
     """What the report needs from a finished (or partly finished) sweep, local or remote."""
     location = storage.resolve(location)
     for name in (RESULTS, CONFIG):
         if not storage.is_file(storage.join(location, name)):
             raise FileNotFoundError(f"{storage.join(location, name)}: not found (is it a sweep?)")
-    cfg = Config.model_validate(yaml.safe_load(storage.read_bytes(storage.join(location, CONFIG))))
-    rows = pd.read_csv(io.BytesIO(storage.read_bytes(storage.join(location, RESULTS))))
+    cfg = _read(location, CONFIG, _config)
+    rows = _read(location, RESULTS, _results)
     best_path = storage.join(location, BEST)
-    best = json.loads(storage.read_bytes(best_path)) if storage.is_file(best_path) else {}
+    best = _read(location, BEST, json.loads) if storage.is_file(best_path) else {}
+    if not isinstance(best, dict):
+        raise ConfigError(f"{best_path}: damaged or not a sweep's {BEST} (not an object)")
     study = None
     if storage.is_file(storage.join(location, STUDY)):
         study = scratch / STUDY
@@ -129,6 +157,21 @@ def build_report(location: str, out: str | None = None) -> tuple[str, Path]:
     # Drawn in scratch, then each file put in place whole (renamed locally, one PUT in a
     # bucket): a crash mid-report never leaves a half-written figure under its name.
     pages = Path(tempfile.mkdtemp(prefix="sae-ray-report-"))
+    try:
+        index = _write_pages(location, pages)
+        for path in sorted(pages.iterdir(), key=lambda p: p.name == index):  # page last
+            storage.upload(path, storage.join(target, path.name))
+    except BaseException:
+        shutil.rmtree(pages, ignore_errors=True)  # a failed report leaves no scratch behind
+        raise
+    if remote:
+        return storage.join(target, index), pages
+    shutil.rmtree(pages)
+    return storage.join(target, index), Path(target)
+
+
+def _write_pages(location: str, pages: Path) -> str:
+    """The page and its figures, drawn into `pages`; returns the page's file name."""
     with tempfile.TemporaryDirectory(prefix="sae-ray-report-") as tmp:
         sweep = load_sweep(location, Path(tmp))
         sections = [
@@ -166,12 +209,7 @@ def build_report(location: str, out: str | None = None) -> tuple[str, Path]:
             f"<body>{''.join(sections)}<script>{SORT_JS}</script></body></html>"
         )
         (pages / "index.html").write_text(page)
-    for path in sorted(pages.iterdir(), key=lambda p: p.name == "index.html"):  # page last
-        storage.upload(path, storage.join(target, path.name))
-    if remote:
-        return storage.join(target, "index.html"), pages
-    shutil.rmtree(pages)
-    return storage.join(target, "index.html"), Path(target)
+    return "index.html"
 
 
 def _img(name: str) -> str:
