@@ -280,6 +280,38 @@ def test_a_single_class_dataset(tmp_path, capsys):
     _one_line(capsys, "fewer than two classes")
 
 
+def _rows(n: int = 60, label=lambda i: i % 3, text=lambda i: f"words about topic {i % 3} {i}"):
+    return [f'"{text(i)}",{label(i)}' for i in range(n)]
+
+
+DATASETS = {
+    "empty text": (_rows(text=lambda i: "" if i == 7 else f"topic {i % 3} {i}"), "1 empty text"),
+    "blank label": (_rows(label=lambda i: "" if i == 5 else i % 3), "without a label"),
+    "fractional label": (_rows(label=lambda i: 0.5 if i == 3 else i % 2), "label 0.5 is not"),
+    "sparse label ids": (_rows(label=lambda i: 999999 if i % 2 else 0), "ids run to 999999"),
+    "too few rows": (_rows(n=4), "too few to carve"),
+}
+
+
+@pytest.mark.parametrize("name", DATASETS)
+def test_degenerate_datasets_are_refused(tmp_path, capsys, name):
+    rows, expected = DATASETS[name]
+    data = _csv(tmp_path, "text,label", rows)
+    args = ["sweep", str(QUICKSTART), f"dataset.name={data}", f"experiment.storage_path={tmp_path}"]
+    assert cli.main(args) == 2
+    _one_line(capsys, expected)
+
+
+def test_integral_float_labels_are_classes(tmp_path):
+    """pandas reads an integer column with a gap as floats: 1.0 is class 1, not a new class."""
+    from sae_ray.config import Dataset
+    from sae_ray.lm.text_data import load_text_data
+
+    data = _csv(tmp_path, "text,label", _rows(label=lambda i: float(i % 3)))
+    loaded = load_text_data(Dataset(name=data), seed=0)
+    assert loaded.num_classes == 3 and loaded.label_names == ["0", "1", "2"]
+
+
 def test_storage_path_that_is_a_file(tmp_path, capsys):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")

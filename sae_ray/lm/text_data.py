@@ -6,6 +6,7 @@ travel with every row (tokens, activations, targets) from then on.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -151,6 +152,51 @@ def _guess_text(columns: list[str]) -> str | None:
     return next((c for c in ("text", "sentence", "content") if c in columns), None)
 
 
+def _is_nan(value: object) -> bool:
+    return isinstance(value, float) and math.isnan(value)
+
+
+MAX_LABEL_GAP = 10  # class ids may skip a few numbers, not run to 999999 for two classes
+
+
+def _checked(raw: dict[str, tuple[list, list]], cfg: Dataset, need_labels: bool) -> dict:
+    """Refuse, in one line naming the column, data that would load but train nonsense:
+    empty texts, missing or fractional labels, sparse label ids, a split with one class, or
+    too few rows for the splits asked for. Integral float labels (1.0) become ints."""
+    for split, (texts, labels) in raw.items():
+        empty = [i for i, t in enumerate(texts) if t is None or not str(t).strip()]
+        if empty:
+            raise ConfigError(
+                f"dataset.text_column: {len(empty)} empty text(s) in {cfg.name} {split} "
+                f"(first at row {empty[0]}); drop or fill them"
+            )
+        missing = [i for i, y in enumerate(labels) if y is None or _is_nan(y)]
+        if missing and need_labels:
+            raise ConfigError(
+                f"dataset.label_column: {len(missing)} row(s) without a label in {cfg.name} "
+                f"{split} (first at row {missing[0]})"
+            )
+        fractional = next((y for y in labels if isinstance(y, float) and y != int(y)), None)
+        if fractional is not None:
+            raise ConfigError(
+                f"dataset.label_column: label {fractional} is not a class (use integer ids "
+                "or names)"
+            )
+        raw[split] = (texts, [int(y) if isinstance(y, float) else y for y in labels])
+    ints = {y for _, ys in raw.values() for y in ys if isinstance(y, (int, np.integer))}
+    if ints and max(ints) + 1 > len(ints) + MAX_LABEL_GAP:
+        raise ConfigError(
+            f"dataset.label_column: label ids run to {max(ints)} for {len(ints)} classes "
+            "(ids must be 0..C-1)"
+        )
+    for split, (_, labels) in raw.items():
+        if need_labels and len(set(labels)) < 2:
+            raise ConfigError(
+                f"dataset.label_column: the {split} split of {cfg.name} has fewer than two classes"
+            )
+    return raw
+
+
 def load_text_data(cfg: Dataset, seed: int = 0, need_labels: bool = True) -> TextData:
     """Train / validation / test. A labelled test split from the source is the held-out test;
     otherwise the source's validation split is, and validation is carved from train.
@@ -158,6 +204,7 @@ def load_text_data(cfg: Dataset, seed: int = 0, need_labels: bool = True) -> Tex
     `need_labels=False` (SAE training) accepts unlabelled text: every label is then 0."""
     raw = _load_raw(cfg, need_labels)
     raw = {s: (t, y) for s, (t, y) in raw.items() if not all(v == -1 for v in y)}  # unlabelled
+    raw = _checked(raw, cfg, need_labels)
     label_values = sorted({v for _, ys in raw.values() for v in ys}, key=str)
     if all(isinstance(v, (int, np.integer)) for v in label_values):
         if label_values[0] < 0:
@@ -176,6 +223,11 @@ def load_text_data(cfg: Dataset, seed: int = 0, need_labels: bool = True) -> Tex
     test = raw.get("test") or raw.get("validation")
     n_val = max(2, int(round(cfg.val_fraction * len(train_t))))
     n_test = 0 if test else max(2, int(round(cfg.test_fraction * len(train_t))))
+    if len(train_t) < n_val + n_test + 2:
+        raise ConfigError(
+            f"dataset.name: {cfg.name} has {len(train_t)} training rows, too few to carve "
+            f"{n_val} validation and {n_test} test rows and keep some to train on"
+        )
     val_idx, test_idx, tr_idx = np.split(order, [n_val, n_val + n_test])
     if cfg.max_examples:
         tr_idx = tr_idx[: cfg.max_examples]
