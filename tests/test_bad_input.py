@@ -338,9 +338,33 @@ def test_report_of_no_sweep(tmp_path, capsys):
         (["--k", "0"], "--k: must be at least 1"),
         (["--max_tokens", "0"], "--max_tokens"),
         (["--batch_size", "-1"], "--batch_size"),
+        (["--layer_stride", "0"], "--layer_stride: must be at least 1"),
+        (["--expansion_factor", "0"], "--expansion_factor: must be at least 1"),
+        (["--dead_window_tokens", "0"], "--dead_window_tokens: must be at least 1"),
+        (["--layers", "7"], "--layers"),
+        (["--num_latents", "4", "--k", "8"], "--k: 8 is larger than the 4 latents"),
     ],
 )
 def test_train_sae_flags(tmp_path, capsys, flags, expected):
     args = ["train-sae", "tiny-gpt2", "synthetic:topics", "--save_dir", str(tmp_path), *flags]
     assert cli.main(args) == 2
     _one_line(capsys, expected)
+
+
+def test_train_sae_refuses_before_ray_a_model_it_cannot_load(tmp_path, capsys):
+    not_a_model = tmp_path / "folder"
+    not_a_model.mkdir()
+    args = ["train-sae", str(not_a_model), "synthetic:topics", "--save_dir", str(tmp_path)]
+    assert cli.main(args) == 2
+    _one_line(capsys, "model: cannot load")
+
+
+def test_train_sae_refuses_before_ray_a_missing_dataset_or_unwritable_save_dir(tmp_path, capsys):
+    args = ["train-sae", "tiny-gpt2", "./no/such.csv", "--save_dir", str(tmp_path)]
+    assert cli.main(args) == 2
+    _one_line(capsys, "dataset.name: ./no/such.csv: no such file")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    args = ["train-sae", "tiny-gpt2", "synthetic:topics", "--save_dir", str(blocker)]
+    assert cli.main(args) == 2
+    _one_line(capsys, "--save_dir:")

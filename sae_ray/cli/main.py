@@ -174,8 +174,7 @@ def main(argv: list[str] | None = None) -> int:
 
         try:
             train_sae.check_flags(args)
-            _connect(args.address)
-            train_sae.run(args)
+            train_sae.run(args, connect=lambda: _connect(args.address))
         except ConfigError as err:
             print(f"error: {err}", file=sys.stderr)
             return EXIT_BAD_INPUT

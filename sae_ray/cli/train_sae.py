@@ -10,6 +10,7 @@ layout sparsify and its readers load.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from typing import Literal, get_args, get_origin
 
 from pydantic import ValidationError
@@ -86,6 +87,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="fvu / mse: reconstruction; ce / kl: end to end, the SAE spliced into the model",
     )
     g.add_argument("--text_column", default="text", help="the dataset's text column")
+    g.add_argument(
+        "--label_column", default="label", help="the dataset's label column (--loss_fn ce)"
+    )
     g.add_argument("--shuffle_seed", type=int, default=42, help="seed of the token shuffle")
     g.add_argument("--shuffle_buffer", type=int, default=16384, help="tokens; 0: no shuffle")
     g.add_argument("--init_seeds", type=int, default=42, help="seed of the SAE's init")
@@ -119,16 +123,16 @@ def head_kind_of(model: str) -> str:
 
 def check_flags(args: argparse.Namespace) -> Sae:
     """What needs no model or Ray, checked before either starts; returns the SAE config."""
-    for flag in ("batch_size", "ctx_len", "num_workers"):
+    for flag in ("batch_size", "ctx_len", "num_workers", "layer_stride"):
         if getattr(args, flag) < 1:
             raise ConfigError(f"--{flag}: must be at least 1")
     return _sae_from_flags(args)
 
 
-def run(args: argparse.Namespace) -> dict:
+def run(args: argparse.Namespace, connect: Callable[[], None] = lambda: None) -> dict:
     """Extract (cached) or tokenise, then train; returns the final metrics. The work (and
     its heavy imports: torch, Ray, transformers) lives in `train_sae_run`, so that `--help`
     and a refused flag answer at once."""
     from sae_ray.cli import train_sae_run
 
-    return train_sae_run.run(args)
+    return train_sae_run.run(args, connect)

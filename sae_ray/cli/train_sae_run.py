@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import ray
@@ -29,8 +30,10 @@ from sae_ray.sae.trainer import train_saes
 from sae_ray.storage.artifacts import ArtifactStore
 
 
-def run(args: argparse.Namespace) -> dict:
-    """Extract (cached) or tokenise, then train; returns the final metrics."""
+def run(args: argparse.Namespace, connect: Callable[[], None] = lambda: None) -> dict:
+    """Check what can be checked (flags, save_dir, dataset, model, layers, k against the
+    width) before `connect` starts or joins Ray; then extract (cached) or tokenise, and
+    train. Returns the final metrics."""
     # HF tokenizers parallelise batch encoding over this many threads.
     os.environ["RAYON_NUM_THREADS"] = str(args.data_preprocessing_num_proc)
     sae = check_flags(args)
@@ -45,6 +48,11 @@ def run(args: argparse.Namespace) -> dict:
     kind = head_kind_of(args.model) if args.loss_fn in ("ce", "kl") else None
     clf, split = _model_and_data(args, kind)
     layers = _layers(args, clf.model)
+    try:
+        sae.check_fits(clf.model.config.hidden_size)
+    except ValueError as err:
+        raise ConfigError(f"--{err}") from None
+    connect()
     hookpoints = [hookpoint(clf.model, ly) for ly in layers]
     run_name = args.run_name or f"{Path(args.model).name}-" + "-".join(map(str, layers))
     store = ArtifactStore(save_dir / ".activations")
@@ -92,17 +100,22 @@ def run(args: argparse.Namespace) -> dict:
 def _model_and_data(args: argparse.Namespace, kind: str | None) -> tuple[Classifier, Split]:
     """The model to read (an LM or a classifier, by its head) and the training split."""
     need_labels = kind == "classifier" and args.loss_fn == "ce"
-    data = load_text_data(
-        Dataset(name=args.dataset, text_column=args.text_column), args.shuffle_seed, need_labels
+    dataset = Dataset(
+        name=args.dataset, text_column=args.text_column, label_column=args.label_column
     )
+    data = load_text_data(dataset, args.shuffle_seed, need_labels)
     split = data.splits["train"]
-    if kind == "lm" and args.model == "tiny-gpt2":
-        clf = build_tiny_lm(args.model, split.texts, args.init_seeds, args.ctx_len)
-    elif kind is not None and args.model != "tiny-bert":
-        clf = Classifier(load_model(args.model, kind), _tokenizer(args.model))
-    else:
-        num_labels = max(2, data.num_classes)
-        clf = build_classifier(args.model, num_labels, split.texts, args.init_seeds, args.ctx_len)
+    try:
+        if kind == "lm" and args.model == "tiny-gpt2":
+            clf = build_tiny_lm(args.model, split.texts, args.init_seeds, args.ctx_len)
+        elif kind is not None and args.model != "tiny-bert":
+            clf = Classifier(load_model(args.model, kind), _tokenizer(args.model))
+        else:
+            labels = max(2, data.num_classes)
+            clf = build_classifier(args.model, labels, split.texts, args.init_seeds, args.ctx_len)
+    except (OSError, ValueError) as err:  # not on the hub / no network / not a model folder
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ConfigError(f"model: cannot load {args.model!r} ({reason})") from None
     return clf, split
 
 
