@@ -16,7 +16,7 @@ BASE = "experiment: {name: bad}\n"
 def no_ray(monkeypatch):
     """Everything here must be refused before Ray starts: reaching it is a failure."""
 
-    def refuse(address):
+    def refuse(*args):
         raise AssertionError("bad input reached Ray")
 
     monkeypatch.setattr(cli, "_connect", refuse)

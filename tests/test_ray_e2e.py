@@ -269,6 +269,35 @@ def test_quickstart_leaves_nothing_in_tunes_trial_working_dirs(quickstart_sweep)
     assert not left, left[:10]
 
 
+# What only Ray and the libraries print: their own logs belong in Ray's log files.
+RAY_INTERNAL = (
+    "(raylet)",
+    "pid=",
+    "Requesting resources",
+    "worker group",
+    "TrainingReport",
+    "Starting execution of Dataset",
+    "execution finished",
+    "Configuration for experiment",
+    "View detailed results",
+    "tensorboard",
+    "Warning:",
+    "WARNING",
+)
+
+
+def test_quickstart_console_is_for_people(quickstart_sweep):
+    """The README's command prints the sweep's progress, its table, the best trial and where
+    the outputs are: at most 80 lines, none of them Ray's own."""
+    console = (quickstart_sweep.parents[1] / "console.log").read_text().splitlines()
+    noisy = [line for line in console if any(m in line for m in RAY_INTERNAL)]
+    assert not noisy, noisy[:10]
+    assert len(console) <= 80, "\n".join(console)
+    text = "\n".join(console)
+    for needed in ("started (sae.k=", "cycle 2/2:", "best trial:", "results: ", "report: "):
+        assert needed in text, needed
+
+
 def test_quickstart_wandb_runs_carry_the_flat_config_and_every_cycle(quickstart_sweep):
     """One offline run per trial in its trial folder (grouped by sweep, the whole config
     under dotted keys, a history row per cycle) and the sweep's summary run."""

@@ -10,6 +10,7 @@ import argparse
 import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,11 @@ def _address(p: argparse.ArgumentParser) -> None:
         "--address",
         default=os.environ.get("RAY_ADDRESS"),
         help="Ray cluster to join (default: RAY_ADDRESS, else a local one)",
+    )
+    p.add_argument(
+        "--verbose",
+        action="store_true",
+        help="also show Ray's and the workers' own logs on the console",
     )
 
 
@@ -78,18 +84,51 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _connect(address: str | None) -> None:
+def _connect(address: str | None, verbose: bool = False) -> None:
+    """Start or join Ray. The console is for people: unless `verbose`, the workers' and
+    Ray's own output (worker-group start-ups, every Train report, Ray Data plans, raylet
+    warnings, Tune's banner) stays in Ray's log files (`/tmp/ray/session_latest/logs`, the
+    dashboard's Logs page)."""
     import ray
 
+    if not verbose:
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the engine that honours verbose=0
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+    if not verbose:
+        _raylet_notes_to_log()
     if not ray.is_initialized():
-        # Workers' Ray Train / Data INFO lines (one per report) would bury the sweep's own
-        # progress table; warnings and errors still reach the console.
         ray.init(
             address=address,
-            log_to_driver=True,
+            log_to_driver=verbose,
             configure_logging=False,
-            logging_config=ray.LoggingConfig(log_level="WARNING"),
+            logging_config=ray.LoggingConfig(log_level="INFO" if verbose else "WARNING"),
         )
+    if not verbose:
+        import ray.data  # configures its loggers: keep their files, quiet their console
+
+        for handler in logging.getLogger("ray.data").handlers:  # its notes go to ray-data.log
+            if "File" not in type(handler).__name__:
+                handler.setLevel(logging.ERROR)
+
+
+def _raylet_notes_to_log() -> None:
+    """Ray pushes raylet notes ("N PYTHON worker processes have been started ...") to every
+    driver's console whatever `log_to_driver` says; send them to the log instead. Ray's
+    private printer is wrapped only if it is there with the expected shape."""
+    from ray._private import worker
+
+    printer = getattr(worker, "print_to_stdstream", None)
+    if printer is None or getattr(printer, "_sae_ray", False):
+        return
+
+    def quiet(data: dict, ignore_prefix: bool) -> None:
+        if data.get("pid") == "raylet":
+            logging.getLogger("ray").debug("raylet: %s", " ".join(data.get("lines", [])))
+            return
+        printer(data, ignore_prefix)
+
+    quiet._sae_ray = True  # type: ignore[attr-defined]
+    worker.print_to_stdstream = quiet
 
 
 def _warn_if_inside_job(cfg: Config) -> None:
@@ -174,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
 
         try:
             train_sae.check_flags(args)
-            train_sae.run(args, connect=lambda: _connect(args.address))
+            train_sae.run(args, connect=lambda: _connect(args.address, args.verbose))
         except ConfigError as err:
             print(f"error: {err}", file=sys.stderr)
             return EXIT_BAD_INPUT
@@ -208,14 +247,14 @@ def main(argv: list[str] | None = None) -> int:
             preflight.check(cfg)
             if args.resume:
                 check_resumable(cfg)
-            _connect(args.address)
+            _connect(args.address, args.verbose)
             import ray
 
             max_concurrent_trials(cfg, ray.cluster_resources())
             rows = run_sweep(cfg, resume=args.resume)
         else:
             preflight.check(cfg)
-            _connect(args.address)
+            _connect(args.address, args.verbose)
             rows = _run_one(cfg)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)

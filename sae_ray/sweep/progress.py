@@ -1,10 +1,11 @@
 """Live progress of a sweep on the driver's console (and so in `ray job logs`).
 
 Tune's own table infers parameter columns from a static `param_space`; a define-by-run
-Optuna space has none, so it shows no parameters. This callback prints its own: how many
-trials run, finished and failed, each running trial's parameters, current cycle and
-latest objective, and the best feasible trial so far. At most one table every `every`
-seconds, and always when a trial ends.
+Optuna space has none, so it shows no parameters. This callback prints its own, quietly:
+one line when a trial starts (its parameters) and when it finishes a cycle (its
+objectives), the table of running and best finished trials (with the counts and the best
+feasible trial so far) when a trial ends, and a one-line heartbeat after `every` quiet
+seconds.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ class SweepProgress(tune.Callback):
         params: list[str],
         goals: list,
         cycles: int,
-        every: float = 30.0,
+        every: float = 120.0,
         out: TextIO | None = None,
     ):
         self.sweep, self.params, self.goals, self.cycles = sweep, params, goals, cycles
@@ -48,8 +49,10 @@ class SweepProgress(tune.Callback):
     # -------------------------------------------------------------- Tune's events
 
     def on_trial_start(self, iteration, trials, trial, **info):
-        self._line(trial).status = "RUNNING"
-        self._maybe_print()
+        line = self._line(trial)
+        line.status = "RUNNING"
+        chosen = ", ".join(f"{p}={v}" for p, v in line.params.items())
+        self._say(f"trial_{trial.trial_id} started ({chosen or 'fixed config'})")
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         line = self._line(trial)
@@ -61,11 +64,13 @@ class SweepProgress(tune.Callback):
         feasible = result.get("feasible", True) is not False and _finite(value)
         if feasible and (self.best is None or goal.best(value, self.best[1]) != self.best[1]):
             self.best = (trial.trial_id, float(value))
-        self._maybe_print()
+        scores = ", ".join(f"{k} {v:.4g}" for k, v in line.metrics.items() if _finite(v))
+        cycle = "-" if line.cycle is None else f"{int(line.cycle) + 1}/{self.cycles}"
+        self._say(f"trial_{trial.trial_id} cycle {cycle}: {scores}")
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self._line(trial).status = "DONE"
-        self._maybe_print(force=True)
+        self._print_table()
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self._line(trial).status = "ERROR"
@@ -74,7 +79,12 @@ class SweepProgress(tune.Callback):
             f"(its error: results.csv, or {trial.path}/error.txt)",
             file=self.out,
         )
-        self._maybe_print(force=True)
+        self._print_table()
+
+    def on_step_end(self, iteration, trials, **info):
+        """A heartbeat while nothing else happens: one line, at most every `every` s."""
+        if time.monotonic() - self._last >= self.every and self.trials:
+            self._say(self.render().splitlines()[0].split("] ", 1)[1])
 
     # ------------------------------------------------------------------ display
 
@@ -87,11 +97,14 @@ class SweepProgress(tune.Callback):
     def _columns(self) -> list[str]:
         return list(dict.fromkeys([g.key for g in self.goals] + ["val/accuracy"]))
 
-    def _maybe_print(self, force: bool = False) -> None:
-        now = time.monotonic()
-        if force or now - self._last >= self.every:
-            self._last = now
-            print(self.render(), file=self.out, flush=True)
+    def _say(self, text: str) -> None:
+        """One line per event; the whole table only when a trial ends (a quiet console)."""
+        self._last = time.monotonic()
+        print(f"[{time.strftime('%H:%M:%S')}] {text}", file=self.out, flush=True)
+
+    def _print_table(self) -> None:
+        self._last = time.monotonic()
+        print(self.render(), file=self.out, flush=True)
 
     def render(self) -> str:
         counts = {s: 0 for s in ("RUNNING", "DONE", "ERROR", "PENDING")}

@@ -257,6 +257,7 @@ def export_study(rows: list[dict[str, Any]], cfg: Config, path: Path) -> None:
     tmp = path.with_suffix(".db.tmp")
     tmp.unlink(missing_ok=True)
     url = f"sqlite:///{tmp}"
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # not "a new study created"
     study = optuna.create_study(
         study_name=cfg.experiment.name,
         storage=url,
