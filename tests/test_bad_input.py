@@ -123,6 +123,8 @@ CASES = [
         ],
         "search.space.sae.k: k up to 300",
     ),
+    ("fixed layer beyond the blocks", None, ["model.layer=5"], "model.layer: 5 is out of range"),
+    ("fixed layer before the first", None, ["model.layer=-3"], "model.layer: -3 is out of range"),
     ("override without =", None, ["sae.k"], "sae.k"),
     ("override unknown key", None, ["nope.x=1"], "nope"),
     ("unknown synthetic task", None, ["dataset.name=synthetic:weather"], "dataset.name"),

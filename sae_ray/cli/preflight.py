@@ -14,6 +14,7 @@ from sae_ray.config import Config, ConfigError
 
 def check(cfg: Config) -> None:
     check_dataset(cfg)
+    check_layer(cfg)
     check_sae_size(cfg)
     check_storage(cfg)
 
@@ -50,18 +51,39 @@ def check_dataset(cfg: Config) -> None:
     load_text_data(cfg.dataset, seed=cfg.experiment.seed)
 
 
-def hidden_size(model: str) -> int | None:
-    """The hooked width, from the model's config alone; None if it cannot be read offline."""
-    from sae_ray.lm.models import TINY_PRESETS, TINY_WIDTH, resolve_model
+def model_shape(model: str) -> tuple[int, int] | None:
+    """The hooked width and the number of blocks, from the model's config alone; None if it
+    cannot be read offline (no network, a gated repo...: the trial will say)."""
+    from sae_ray.lm.models import TINY_BLOCKS, TINY_PRESETS, TINY_WIDTH, resolve_model
 
     if model in TINY_PRESETS:
-        return TINY_WIDTH
+        return TINY_WIDTH, TINY_BLOCKS
     try:
         from transformers import AutoConfig
 
-        return AutoConfig.from_pretrained(resolve_model(model)).hidden_size
-    except Exception:  # no network, gated repo...: the trial will say
+        config = AutoConfig.from_pretrained(resolve_model(model))
+        return config.hidden_size, config.num_hidden_layers
+    except Exception:
         return None
+
+
+def hidden_size(model: str) -> int | None:
+    shape = model_shape(model)
+    return None if shape is None else shape[0]
+
+
+def check_layer(cfg: Config) -> None:
+    """A fixed `model.layer` the model lacks would fail every trial; a searched one fails
+    only the trials that sample it, which the sweep records and goes on from."""
+    shape = model_shape(cfg.model.name)
+    if shape is None or "model.layer" in cfg.search.space:
+        return
+    blocks, layer = shape[1], cfg.model.layer
+    if not -blocks <= layer < blocks:
+        raise ConfigError(
+            f"model.layer: {layer} is out of range for {cfg.model.name}'s {blocks} blocks "
+            f"(0..{blocks - 1}, or -1..-{blocks} from the end)"
+        )
 
 
 def check_sae_size(cfg: Config) -> None:

@@ -42,6 +42,7 @@ FIRST_TOKEN_TYPES = {
 }
 TINY_PRESETS = ("tiny-gpt2", "tiny-bert")
 TINY_WIDTH = 64  # both tiny presets' hidden size
+TINY_BLOCKS = 2  # and their blocks
 # The seed experiments' models by short name -> hub id. gpt-neox-20b needs ~41 GB in bf16
 # for the weights alone: see the README's "Large models" before using it.
 MODEL_PRESETS = {
@@ -112,7 +113,7 @@ def _tiny_config(kind: str, tok, num_labels: int, max_length: int):
     common = dict(vocab_size=len(tok), num_labels=num_labels, pad_token_id=tok.pad_token_id)
     if kind == "gpt2":
         return GPT2Config(
-            n_layer=2,
+            n_layer=TINY_BLOCKS,
             n_embd=TINY_WIDTH,
             n_head=4,
             n_positions=max_length + 2,
@@ -121,7 +122,7 @@ def _tiny_config(kind: str, tok, num_labels: int, max_length: int):
             **common,
         )
     return BertConfig(
-        num_hidden_layers=2,
+        num_hidden_layers=TINY_BLOCKS,
         hidden_size=TINY_WIDTH,
         num_attention_heads=4,
         intermediate_size=128,
