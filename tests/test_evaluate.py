@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 from sklearn.metrics import mutual_info_score
 
 from sae_ray.method.evaluate import interp_u, uncertainty_coefficients
@@ -121,3 +122,22 @@ def test_a_cycles_evaluation_reports_every_metric(tmp_path, topics):
     want += [f"sae/{n}" for n in ("fvu", "explained_variance", "l0", "dead_pct", "absorption")]
     for name in want:
         assert name in out and math.isfinite(out[name]), name
+    # and the values are what they claim, computed here another way
+    from sklearn.metrics import accuracy_score, f1_score
+
+    from sae_ray.lm.extraction import load_tokens
+    from sae_ray.method.finetune import predict
+
+    for split, prefix in (("validation", "val"), ("test", "test")):
+        y = topics.splits[split].labels
+        pred = predict(clf, topics.splits[split], 32)
+        assert out[f"{prefix}/accuracy"] == accuracy_score(y, pred)
+        f1 = f1_score(y, pred, average="macro", labels=range(4), zero_division=0)
+        assert out[f"{prefix}/f1_macro"] == pytest.approx(f1)
+    x = torch.from_numpy(load_tokens(tmp_path / "validation" / "tokens", hookpoint(clf.model, -1)))
+    with torch.no_grad():
+        x_hat, codes = sae(x)
+    residual = ((x - x_hat) ** 2).sum() / ((x - x.mean(0)) ** 2).sum()
+    assert out["sae/fvu"] == pytest.approx(residual.item(), rel=1e-4)
+    assert out["sae/l0"] == pytest.approx((codes.values > 0).sum(-1).float().mean().item())
+    assert 0 < out["sae/l0"] <= 8  # TopK keeps at most k

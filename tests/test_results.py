@@ -67,6 +67,17 @@ def test_best_ignores_errored_trials():
     assert "ERROR" in table and "COMPLETE" in table
 
 
+def test_best_picks_by_the_objectives_direction():
+    """With several completed trials, max and min pick different ones (one trial could not
+    tell them apart)."""
+    rows = [
+        {"trial_id": t, "cycle": 0, "interp/u": u, "status": "COMPLETE", "error": ""}
+        for t, u in (("low", 0.1), ("mid", 0.2), ("high", 0.3))
+    ]
+    assert best_row(rows, "interp/u", "max")["trial_id"] == "high"
+    assert best_row(rows, "interp/u", "min")["trial_id"] == "low"
+
+
 def test_a_trial_restored_without_its_config_keeps_its_parameters(tmp_path):
     """After `--resume`, Tune hands back a trial that had errored before with config None:
     its parameters come from the params.json Tune wrote in its folder."""

@@ -43,6 +43,14 @@ def test_parallel_gradient_removed_and_rows_renormalised():
     sae.remove_gradient_parallel_to_decoder_directions()
     along = (sae.W_dec.grad * sae.W_dec).sum(-1)
     assert along.abs().max() < 1e-6
+    # a large SGD step takes the rows off the unit sphere; renormalising puts them back
+    with torch.no_grad():
+        sae.W_dec -= 10.0 * sae.W_dec.grad + 0.5 * sae.W_dec
+    assert (sae.W_dec.norm(dim=-1) - 1).abs().max() > 0.1
+    direction = sae.W_dec.detach() / sae.W_dec.detach().norm(dim=-1, keepdim=True)
+    sae.set_decoder_norm_to_unit_norm()
+    torch.testing.assert_close(sae.W_dec.norm(dim=-1), torch.ones(len(sae.W_dec)))
+    torch.testing.assert_close(sae.W_dec.detach(), direction)  # same directions, unit length
 
 
 def test_auxk_uses_only_dead_latents():
