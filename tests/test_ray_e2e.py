@@ -221,6 +221,17 @@ def test_quickstart_sweep_end_to_end(quickstart_sweep):
     assert (results["sae/fvu"] < 1).all()
 
 
+def test_results_columns_are_the_metrics_objectives_may_name(quickstart_sweep):
+    """config/metrics.py lists what an objective or a constraint may name: exactly the
+    metric columns a real sweep writes (a new metric must be added there)."""
+    from sae_ray.config.metrics import known_metrics
+
+    columns = list(pd.read_csv(quickstart_sweep / "results.csv").columns)
+    searched = ["sae.k", "sae.expansion_factor", "sharpening.strategy"]
+    rest = ["trial_id", "cycle", *searched, "strategy_effective", "is_control", "status", "error"]
+    assert sorted(c for c in columns if c not in rest) == sorted(known_metrics())
+
+
 def test_quickstart_shares_the_cycle0_model(quickstart_sweep):
     """4 trials with fixed cycle-0 settings: one cycle-0 fine-tune and one extraction of its
     activations, counted from the artifact store (not from logs). The store is where the

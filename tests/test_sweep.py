@@ -89,10 +89,11 @@ def test_bad_search_sections_name_the_field(override, field):
     with pytest.raises(C.ConfigError, match=field):
         extra = [] if "search.space" in override else [space]
         _cfg(*extra, override)
-    multi = _cfg("search.objectives=[{metric: a}, {metric: b}]", "search.scheduler=none")
+    two = "search.objectives=[{metric: interp/u}, {metric: val/accuracy}]"
+    multi = _cfg(two, "search.scheduler=none")
     assert len(multi.search.goals()) == 2
     with pytest.raises(C.ConfigError, match="asha"):
-        _cfg("search.objectives=[{metric: a}, {metric: b}]", "search.scheduler=asha")
+        _cfg(two, "search.scheduler=asha")
 
 
 def test_violation_against_bounds_and_the_cycle0_drop():
@@ -108,8 +109,11 @@ def test_violation_against_bounds_and_the_cycle0_drop():
     assert violation(constraints, {"val/accuracy": 0.9, "sae/fvu": 0.5}, first) == (
         pytest.approx(0.3)
     )
-    with pytest.raises(C.ConfigError, match="search.constraints: nope"):
-        violation([C.Constraint(metric="nope", min=0)], {}, {})
+    with pytest.raises(ValueError, match="'nope' is not a metric a trial reports"):
+        C.Constraint(metric="nope", min=0)  # refused when the sweep is read
+    unreported = C.Constraint.model_construct(metric="interp/u", min=0.0, max=None, max_drop=None)
+    with pytest.raises(C.ConfigError, match="search.constraints: interp/u"):
+        violation([unreported], {}, {})  # and a trial that did not report it says so
 
 
 def test_reporter_adds_best_cycle_objective_and_feasibility():

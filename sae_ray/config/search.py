@@ -8,6 +8,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from sae_ray.config.base import Section
+from sae_ray.config.metrics import check_metric
 
 
 class SpaceEntry(Section):
@@ -54,6 +55,12 @@ class SpaceEntry(Section):
 
 class Objective(Section):
     metric: str = Field(min_length=1)
+
+    @field_validator("metric")
+    @classmethod
+    def _reported(cls, value: str) -> str:
+        return check_metric(value)
+
     mode: Literal["max", "min"] = "max"
     at: Literal["last", "best"] = Field(
         "last", description="the last cycle's value, or the best cycle's"
@@ -76,6 +83,12 @@ class Constraint(Section):
 
     metric: str = Field(min_length=1)
     min: float | None = None
+
+    @field_validator("metric")
+    @classmethod
+    def _reported(cls, value: str) -> str:
+        return check_metric(value)
+
     max: float | None = None
     max_drop: float | None = Field(None, ge=0)
 
@@ -93,6 +106,12 @@ class Search(Section):
     num_samples: int = Field(4, ge=1, description="trials (grid: ignored, one per point)")
     metric: str = "interp/u"
     mode: Literal["max", "min"] = "max"
+
+    @field_validator("metric")
+    @classmethod
+    def _reported(cls, value: str) -> str:
+        return check_metric(value)
+
     objectives: list[Objective] = Field(
         default_factory=list, description="several objectives: a Pareto front (overrides metric)"
     )

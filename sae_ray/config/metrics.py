@@ -1,0 +1,49 @@
+"""The metrics a trial reports each cycle (results.csv's metric columns), by name: what an
+objective or a constraint may name. A typo there would otherwise run a whole sweep that
+optimises nothing. `tests/test_ray_e2e.py` checks this list against a real sweep's columns."""
+
+from __future__ import annotations
+
+import difflib
+import re
+
+TASK = [f"{split}/{m}" for split in ("val", "test") for m in ("accuracy", "f1_macro")]
+INTERP = [
+    "u",
+    "alive_frac",
+    "csi",
+    "ari",
+    "silhouette",
+    "davies_bouldin",
+    "calinski_harabasz",
+    "probe_accuracy",
+]
+SPARSE_PROBES = (1, 5, 25)
+SAE = ["fvu", "explained_variance", "l0", "dead_pct", "absorption", "train_tokens_per_s"]
+FINETUNE = ["steps", "best_epoch", "ce", "aux"]
+STAGES = ["model", "activations", "sae", "evaluate", "targets"]
+
+
+def known_metrics() -> list[str]:
+    """Every metric name a cycle reports (the sparse probes at their default k)."""
+    names = list(TASK)
+    for head in ("", "test/"):
+        for kind in ("interp", "base"):
+            names += [f"{head}{kind}/{m}" for m in INTERP]
+        names += [f"{head}interp/sparse_probe_accuracy@{k}" for k in SPARSE_PROBES]
+    names += [f"sae/{m}" for m in SAE]
+    names += [f"finetune/{m}" for m in FINETUNE]
+    names += [f"time/{s}_s" for s in STAGES] + ["artifacts/computed"]
+    return names
+
+
+_SPARSE = re.compile(r"^(test/)?interp/sparse_probe_accuracy@\d+$")
+
+
+def check_metric(name: str) -> str:
+    """`name` if a trial reports it; else a ValueError that suggests the nearest names."""
+    if name in known_metrics() or _SPARSE.match(name):
+        return name
+    near = difflib.get_close_matches(name, known_metrics(), n=3)
+    hint = f"; did you mean {' or '.join(near)}?" if near else " (see the README's Outputs)"
+    raise ValueError(f"{name!r} is not a metric a trial reports{hint}")
