@@ -383,3 +383,16 @@ def test_train_sae_refuses_before_ray_a_missing_dataset_or_unwritable_save_dir(t
     args = ["train-sae", "tiny-gpt2", "synthetic:topics", "--save_dir", str(blocker)]
     assert cli.main(args) == 2
     _one_line(capsys, "--save_dir:")
+
+
+def test_a_model_folder_that_holds_no_model(tmp_path, capsys):
+    empty = tmp_path / "my-model"
+    empty.mkdir()
+    runs = f"experiment.storage_path={tmp_path / 'runs'}"
+    for override, expected in (
+        (f"model.name={empty}", f"model.name: {empty} holds no model"),
+        ("model.name=./no/such/model", "model.name: ./no/such/model: no such model folder"),
+        (f"cycles.start_from={empty}", f"cycles.start_from: {empty} holds no saved classifier"),
+    ):
+        assert cli.main(["sweep", str(QUICKSTART), runs, override]) == 2
+        _one_line(capsys, expected)

@@ -14,6 +14,7 @@ from sae_ray.config import Config, ConfigError
 
 def check(cfg: Config) -> None:
     check_dataset(cfg)
+    check_model(cfg)
     check_layer(cfg)
     check_sae_size(cfg)
     check_storage(cfg)
@@ -70,6 +71,20 @@ def model_shape(model: str) -> tuple[int, int] | None:
 def hidden_size(model: str) -> int | None:
     shape = model_shape(model)
     return None if shape is None else shape[0]
+
+
+def check_model(cfg: Config) -> None:
+    """A model given as a local folder must hold one (a hub id is only known to the hub: a
+    trial that cannot load it says so). The same for `cycles.start_from`'s classifier."""
+    name = cfg.model.name
+    path = Path(name).expanduser()
+    if name.startswith(("./", "../", "/", "~")) and not path.exists():
+        raise ConfigError(f"model.name: {name}: no such model folder")
+    if path.is_dir() and model_shape(name) is None:
+        raise ConfigError(f"model.name: {name} holds no model (no readable config.json)")
+    start = cfg.cycles.start_from
+    if start not in ("finetune", "pretrained") and not (Path(start) / "config.json").is_file():
+        raise ConfigError(f"cycles.start_from: {start} holds no saved classifier (no config.json)")
 
 
 def check_layer(cfg: Config) -> None:
