@@ -3,10 +3,13 @@ quickstart sweep for the end-to-end tests (started once per session, only if nee
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -81,18 +84,52 @@ def ray_env() -> dict[str, str]:
     return {**os.environ, "PATH": path, "RAY_AUTH_MODE": "token"}
 
 
-def ray_cli(*args: str, **kwargs) -> subprocess.CompletedProcess:
+def ray_cli(*args: str, env_extra: dict[str, str] | None = None, **kwargs):
     ray = str(Path(sys.executable).parent / "ray")
-    return subprocess.run([ray, *args], env=ray_env(), capture_output=True, text=True, **kwargs)
+    env = {**ray_env(), **(env_extra or {})}
+    return subprocess.run([ray, *args], env=env, capture_output=True, text=True, **kwargs)
+
+
+def stop_cluster(temp_dir: Path) -> None:
+    """Stop the test cluster's processes, and only them: each Ray process of it names its
+    own temp dir in its command line (`ray stop` would stop every Ray on the machine, a
+    user's own cluster included)."""
+    import psutil
+
+    mine = []
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            cmdline = proc.info["cmdline"] or []
+        except psutil.Error:
+            continue
+        if proc.pid != os.getpid() and any(str(temp_dir) in part for part in cmdline):
+            mine.append(proc)
+            # its children too: the raylet's agents and workers rename themselves (ray::...)
+            with contextlib.suppress(psutil.Error):
+                mine += proc.children(recursive=True)
+    mine = list({proc.pid: proc for proc in mine}.values())
+    for proc in mine:
+        with contextlib.suppress(psutil.Error):
+            proc.terminate()
+    _, alive = psutil.wait_procs(mine, timeout=30)
+    for proc in alive:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
 def ray_cluster():
     """One 2-CPU Ray head started the way users start one (`ray start --head`, on loopback,
-    dashboard on), which every end-to-end test joins as a driver; `ray stop` at the end."""
+    dashboard on), which every end-to-end test joins as a driver. It keeps its files (and
+    its workers' temp files: W&B's among them) in a temp dir of its own, and only its own
+    processes are stopped at the end."""
     import ray
 
     port, dashboard, agent = _free_port(), _free_port(), _free_port()
+    # Short: Ray's socket paths live under it (a Unix socket path has ~100 characters).
+    temp_dir = Path(tempfile.mkdtemp(prefix="sae-ray-t-", dir="/tmp"))
+    (temp_dir / "tmp").mkdir()
     ray_cli("get-auth-token", "--generate", timeout=60, check=True)  # ~/.ray/auth_token
     started = ray_cli(
         "start",
@@ -106,8 +143,10 @@ def ray_cluster():
         f"--dashboard-agent-listen-port={agent}",  # the job agent: not the shared default
         f"--metrics-export-port={METRICS_PORT}",
         f"--object-store-memory={1 << 30}",
+        f"--temp-dir={temp_dir}",
         "--disable-usage-stats",
         timeout=300,
+        env_extra={"TMPDIR": str(temp_dir / "tmp")},  # the workers' temp files go there
     )
     try:
         assert started.returncode == 0, started.stdout + started.stderr
@@ -119,13 +158,13 @@ def ray_cluster():
             runtime_env={"env_vars": {"PYTHONPATH": path}},
         )
     except BaseException:
-        ray_cli("stop", "--force", timeout=120)  # never leave a head behind
+        stop_cluster(temp_dir)  # never leave a head behind
         raise
     ray.dashboard_address = f"http://127.0.0.1:{dashboard}"
     ray.gcs_address = f"127.0.0.1:{port}"
     yield ray
     ray.shutdown()
-    ray_cli("stop", "--force", timeout=120)
+    stop_cluster(temp_dir)
 
 
 def submit_quickstart(ray, workdir: Path, env_vars: dict[str, str], storage_path: str) -> str:
