@@ -94,7 +94,6 @@ def _connect(address: str | None, verbose: bool = False) -> None:
     if not verbose:
         os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the engine that honours verbose=0
         warnings.filterwarnings("ignore", category=DeprecationWarning)
-    if not verbose:
         _raylet_notes_to_log()
     if not ray.is_initialized():
         ray.init(
