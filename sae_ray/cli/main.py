@@ -108,6 +108,8 @@ def _connect(address: str | None, verbose: bool = False) -> None:
         for handler in logging.getLogger("ray.data").handlers:  # its notes go to ray-data.log
             if "File" not in type(handler).__name__:
                 handler.setLevel(logging.ERROR)
+        # Tune's "the callbacks took 2 s, which may be a performance bottleneck" notes
+        logging.getLogger("ray.tune.utils.util").setLevel(logging.ERROR)
 
 
 def _raylet_notes_to_log() -> None:

@@ -131,6 +131,7 @@ def make_searcher(cfg: Config) -> OptunaSearch:
     goals = cfg.search.goals()
     keys = [g.key for g in goals]
     modes = [g.mode for g in goals]
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # not "a new study created"
     return ConstrainedOptunaSearch(
         space=functools.partial(suggest, space),
         metric=keys if len(keys) > 1 else keys[0],

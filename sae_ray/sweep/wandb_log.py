@@ -9,12 +9,15 @@ summary run holds the results table, the report's figures and the best trial(s).
 from __future__ import annotations
 
 import logging
+import os
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import ray
 from ray.air.integrations.wandb import WandbLoggerCallback
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from sae_ray import storage
 from sae_ray.config import Config
@@ -56,6 +59,17 @@ class SweepWandb(WandbLoggerCallback):
         self.fixed, self.root = fixed, root
 
     def _start_logging_actor(self, trial, exclude_results, **wandb_init_kwargs):
+        if not self._remote_logger_class:
+            # Ray's own asks for restarts that cannot work (its constructor arguments live in
+            # the object store: Ray says so on the console, ray-project/ray#53727): none.
+            env = {k: os.environ[k] for k in ("WANDB_API_KEY",) if k in os.environ}
+            here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), False)
+            self._remote_logger_class = ray.remote(
+                num_cpus=0,
+                scheduling_strategy=here,  # the driver's node: the run folder is local to it
+                runtime_env={"env_vars": env},
+                max_restarts=0,
+            )(self._logger_actor_cls)
         config = wandb_init_kwargs.get("config") or {}
         wandb_init_kwargs["config"] = {**self.fixed, **config}  # the trial's values win
         run_dir = self.root / f"trial_{trial.trial_id}"
