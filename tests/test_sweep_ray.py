@@ -22,10 +22,11 @@ from tests.conftest import METRICS_PORT, QUICKSTART, ROOT
 pytestmark = pytest.mark.ray
 
 TRIALS = 4
+CYCLES = 1
 OVERRIDES = [
     "experiment.name=pareto",
     "dataset.num_examples=400",
-    "cycles.count=1",
+    f"cycles.count={CYCLES}",
     "cycles.epochs=1",
     "sae.epochs=2",
     "search.algorithm=nsga2",
@@ -131,7 +132,10 @@ def test_resume_finishes_every_trial_once_without_rerunning_completed(resumed_sw
     assert failed["error"].str.contains("model.layer: 5 is out of range").all()
     assert (results.loc[results["model.layer"] != 5, "status"] == "COMPLETE").all()
     for trial, text in before.items():  # a re-run would have appended results again
-        assert (sweep_dir / f"trial_{trial}" / "result.json").read_text() == text
+        after = (sweep_dir / f"trial_{trial}" / "result.json").read_text()
+        # Tune may record a trial TERMINATED before its result.json is flushed: an empty file
+        # at the kill is completed by the resume, once (one line per cycle), never repeated
+        assert after == text or (not text and len(after.splitlines()) == CYCLES), (text, after)
 
 
 def test_two_objective_sweep_writes_an_undominated_pareto_front(resumed_sweep):
