@@ -38,11 +38,10 @@ METRICS_PORT = int(os.environ.setdefault("SAE_RAY_TEST_METRICS_PORT", str(_free_
 
 
 @pytest.fixture(scope="session")
-def s3_server():
-    """A local S3 (moto's server mode, loopback only) with one bucket, `sae-ray-test`.
-
-    The AWS variables are set in this process for the session (what pyarrow, boto3 and Ray
-    read) and returned, for jobs that must be handed them in their runtime_env."""
+def s3_endpoint():
+    """A local S3 (moto's server mode, loopback only) with one bucket, `sae-ray-test`, for
+    the session: the AWS variables that reach it, not set in this process (`s3_server`
+    sets them for one test; jobs are handed them in their runtime_env)."""
     import boto3
     from moto.server import ThreadedMotoServer
 
@@ -55,16 +54,24 @@ def s3_server():
         "AWS_SECRET_ACCESS_KEY": "testing",
         "AWS_DEFAULT_REGION": "us-east-1",
     }
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    boto3.client("s3").create_bucket(Bucket="sae-ray-test")
+    boto3.client(
+        "s3",
+        endpoint_url=env["AWS_ENDPOINT_URL"],
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+        region_name="us-east-1",
+    ).create_bucket(Bucket="sae-ray-test")
     yield env
     server.stop()
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+
+
+@pytest.fixture
+def s3_server(s3_endpoint, monkeypatch):
+    """The local S3's variables set in this process for one test (what pyarrow, boto3 and
+    Ray read), and restored after it."""
+    for key, value in s3_endpoint.items():
+        monkeypatch.setenv(key, value)
+    return s3_endpoint
 
 
 @pytest.fixture(scope="session")

@@ -396,3 +396,57 @@ def test_a_model_folder_that_holds_no_model(tmp_path, capsys):
     ):
         assert cli.main(["sweep", str(QUICKSTART), runs, override]) == 2
         _one_line(capsys, expected)
+
+
+TRIPWIRE_CASES = [
+    (["sweep", "{yaml}"], BASE + "sae: {kk: 3}\n", "sae.kk: unknown key"),
+    (
+        ["sweep", "{quickstart}", "model.layer=7", "experiment.storage_path={tmp}"],
+        None,
+        "model.layer",
+    ),
+    (["run", "{yaml}", "sae.k=0"], BASE, "sae.k"),
+    (["sweep", "{quickstart}", "experiment.storage_path={tmp}", "--resume"], None, "--resume"),
+    (
+        ["train-sae", "tiny-gpt2", "synthetic:topics", "--expansion_factor", "1", "--k", "999"],
+        None,
+        "--k",
+    ),
+    (["report", "{tmp}/nowhere"], None, "nowhere"),
+]
+
+
+@pytest.mark.parametrize(
+    "args, text, expected",
+    TRIPWIRE_CASES,
+    ids=[" ".join(c[0][:1] + [c[2]]) for c in TRIPWIRE_CASES],
+)
+def test_bad_input_never_reaches_a_ray_cluster(tmp_path, args, text, expected):
+    """As a user runs it, in its own process: `RAY_ADDRESS` names a cluster that is not there
+    (a tripwire: joining it would fail loudly, or hang), and each refusal is still exit 2,
+    one line, before any attempt to join."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    if text is not None:
+        (tmp_path / "sweep.yaml").write_text(text)
+    where = {"yaml": tmp_path / "sweep.yaml", "tmp": tmp_path, "quickstart": QUICKSTART}
+    argv = [a.format(**where) for a in args]
+    if argv[0] == "train-sae":
+        argv += ["--save_dir", str(tmp_path / "out")]
+    env = {**os.environ, "RAY_ADDRESS": "127.0.0.1:9", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [sys.executable, "-m", "sae_ray", *argv],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], lines
+    assert "Traceback" not in done.stderr and not done.stdout.strip()

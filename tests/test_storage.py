@@ -4,6 +4,7 @@ behave the same for everything a sweep writes and reads."""
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 import uuid
@@ -240,3 +241,9 @@ def test_the_lease_table_outlives_the_placement_group_of_the_trial_that_started_
     time.sleep(1)
     # still the same table, lease and all
     assert not ray.get(lease_table(root).acquire.remote("k", "other", 60.0), timeout=30)
+
+
+def test_the_s3_variables_stay_in_the_tests_that_ask_for_them(s3_endpoint):
+    """The local S3's credentials and endpoint are not left in the environment of the
+    session's other tests (a real bucket would be reached with fake keys, or the reverse)."""
+    assert not {k for k, v in s3_endpoint.items() if os.environ.get(k) == v}
