@@ -10,10 +10,22 @@ from pathlib import Path
 from typing import Any
 
 import ray.train
+import ray.train.torch
+import torch
 from ray.train import ScalingConfig
-from ray.train.torch import TorchTrainer
+from ray.train.torch import TorchConfig, TorchTrainer
 
 from sae_ray.config import Resources
+
+COLLECTIVE_TIMEOUT_S = 6 * 3600
+
+
+def worker_device() -> torch.device:
+    """This Train worker's device (its GPU with `use_gpu`), or the CPU outside Ray Train."""
+    try:
+        return ray.train.torch.get_device()
+    except RuntimeError:  # no Train session: one process (tests, tools)
+        return torch.device("cpu")
 
 
 def torch_trainer(
@@ -23,10 +35,14 @@ def torch_trainer(
     name: str,
     storage_path: str | Path,
     datasets: dict[str, Any] | None = None,
+    callbacks: list | None = None,
 ) -> TorchTrainer:
     return TorchTrainer(
         loop,
         train_loop_config=loop_config,
+        # a rank may wait on another trial building the artifact it needs (a fine-tune of a
+        # big model) inside a collective: far longer than torch's 30-minute default
+        torch_config=TorchConfig(timeout_s=COLLECTIVE_TIMEOUT_S),
         scaling_config=ScalingConfig(
             num_workers=resources.num_workers,
             use_gpu=resources.use_gpu,
@@ -36,6 +52,7 @@ def torch_trainer(
             name=name,
             storage_path=str(storage_path),
             failure_config=ray.train.FailureConfig(max_failures=resources.max_failures),
+            callbacks=callbacks,
         ),
         datasets=datasets,
     )

@@ -111,11 +111,11 @@ def _config(tmp_path, **cycles):
 
 def test_start_from_pretrained_keeps_the_untrained_model(tmp_path, topics):
     from sae_ray.lm.models import load_classifier
-    from sae_ray.method.cycle import _make_cycle0
+    from sae_ray.method.stages import make_cycle0
 
     cfg = _config(tmp_path, start_from="pretrained")
     data = load_text_data(cfg.dataset, seed=0)
-    _make_cycle0(cfg, data, tmp_path / "m", str(tmp_path / "runs"))
+    make_cycle0(cfg, data, tmp_path / "m")
     fresh = build_classifier("tiny-gpt2", 4, data.splits["train"].texts, 0, cfg.model.max_length)
     saved = load_classifier(tmp_path / "m")
     for key, value in fresh.model.state_dict().items():
@@ -124,7 +124,7 @@ def test_start_from_pretrained_keeps_the_untrained_model(tmp_path, topics):
 
 def test_start_from_a_model_directory_checks_it(tmp_path, topics):
     from sae_ray.lm.models import save_classifier
-    from sae_ray.method.cycle import _make_cycle0
+    from sae_ray.method.stages import make_cycle0
 
     with pytest.raises(ValueError, match="start_from"):
         Cycles(start_from=str(tmp_path / "nowhere"))
@@ -132,7 +132,7 @@ def test_start_from_a_model_directory_checks_it(tmp_path, topics):
     save_classifier(two, tmp_path / "two")
     cfg = _config(tmp_path, start_from=str(tmp_path / "two"))
     with pytest.raises(ConfigError, match="cycles.start_from: .* 2 labels"):
-        _make_cycle0(cfg, load_text_data(cfg.dataset, seed=0), tmp_path / "m", str(tmp_path))
+        make_cycle0(cfg, load_text_data(cfg.dataset, seed=0), tmp_path / "m")
 
 
 def test_model_presets_name_the_seed_models():

@@ -342,7 +342,7 @@ def test_quickstart_sweep_writes_its_report(quickstart_sweep):
 
 
 def test_quickstart_finetunes_on_ray_train_at_equal_compute(quickstart_sweep):
-    """Every model was trained by a 2-worker TorchTrainer run (its history holds the per-epoch
+    """Every model was trained by the trial's 2-worker Train run (its history holds the per-epoch
     validation accuracy it was chosen on), and the λ = 0 control took as many steps as the
     sharpened trials."""
     from sae_ray.method.finetune import HISTORY
@@ -361,4 +361,54 @@ def test_quickstart_finetunes_on_ray_train_at_equal_compute(quickstart_sweep):
     ].isna().all()
     targets = list((quickstart_sweep / "artifacts").glob("targets-*"))
     assert len(targets) == 3  # per_class, per_example, random: the control needs none
-    assert not list((quickstart_sweep / "train_runs").glob("finetune-*"))  # cleaned up
+    assert not list((quickstart_sweep / "train_runs").iterdir())  # cleaned up
+
+
+def test_sae_ray_run_evaluates_on_the_workers_as_one_process_would(ray_cluster, tmp_path):
+    """`sae-ray run` (one trial, no Tune) succeeds, and the metrics its Train worker computed
+    equal the single-process evaluation of the same artifacts, recomputed here."""
+    import math
+    import subprocess
+    import sys
+
+    from sae_ray import config as C
+    from sae_ray.lm.models import hookpoint, load_classifier, resolve_layer
+    from sae_ray.lm.text_data import load_text_data
+    from sae_ray.method.cycle import _evaluate
+    from sae_ray.sae.model import SparseAutoencoder
+    from sae_ray.storage.artifacts import Artifact
+    from tests.conftest import QUICKSTART, ROOT
+
+    overrides = [
+        f"experiment.storage_path={tmp_path}",
+        "experiment.name=one",
+        "dataset.num_examples=400",
+        "cycles.count=1",
+        "cycles.epochs=1",
+        "sae.epochs=2",
+        "wandb.mode=disabled",
+    ]
+    address = ray_cluster.get_runtime_context().gcs_address
+    done = subprocess.run(
+        [sys.executable, "-m", "sae_ray", "run", str(QUICKSTART), *overrides, "--address", address],
+        env={**__import__("os").environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "cycle 0:" in done.stdout and "best trial: run" in done.stdout
+    row = pd.read_csv(tmp_path / "one" / "results.csv").iloc[0]
+    assert row["status"] == "COMPLETE"
+    cfg = C.load(tmp_path / "one" / "config.yaml")
+    store = tmp_path / "one" / "artifacts"
+    (model,), (acts,), (sae,) = (
+        list(store.glob(f"{k}-*")) for k in ("model", "activations", "sae")
+    )
+    clf = load_classifier(model)
+    hp = hookpoint(clf.model, resolve_layer(clf.model, cfg.model.layer))
+    data = load_text_data(cfg.dataset, seed=cfg.experiment.seed)
+    here = _evaluate(cfg, data, clf, SparseAutoencoder.load(sae), Artifact(str(acts), "a"), hp)
+    assert len(here) > 40
+    for name, value in here.items():
+        assert math.isclose(row[name], value, rel_tol=1e-4, abs_tol=1e-6), (name, row[name], value)

@@ -171,7 +171,7 @@ def _print_outcome(cfg: Config, rows: list[dict[str, Any]]) -> None:
 
 
 def _run_one(cfg: Config) -> list[dict[str, Any]]:
-    from sae_ray.method.cycle import run_trial
+    from sae_ray.method.trial_run import run_trial
     from sae_ray.sweep.results import write_config, write_outputs
     from sae_ray.sweep.tuner import objective_reporter
 

@@ -61,8 +61,9 @@ class ShardWriter:
         dtype: str,
         rows_per_shard: int = 200_000,
         columns: list[str] | None = None,
+        prefix: str = "",
     ):
-        self.root, self.rows_per_shard = root, rows_per_shard
+        self.root, self.rows_per_shard, self.prefix = root, rows_per_shard, prefix
         self.manifest = Manifest(kind=kind, d=d, dtype=dtype, columns=columns or ["x"])
         self._writer: pq.ParquetWriter | None = None
         self._rows_in_shard = 0
@@ -70,7 +71,7 @@ class ShardWriter:
 
     def write(self, batch: pa.RecordBatch) -> None:
         if self._writer is None:
-            name = f"{self.manifest.kind}-{len(self.manifest.files):05d}.parquet"
+            name = f"{self.manifest.kind}-{self.prefix}{len(self.manifest.files):05d}.parquet"
             # Dictionary-encode the id columns only: tried on float vectors, the encoding
             # was 80% of the write time and its fallback made the file 40% larger.
             ids = [f.name for f in batch.schema if f.name not in self.manifest.columns]
@@ -91,10 +92,26 @@ class ShardWriter:
             entry["bytes"] = (self.root / entry["path"]).stat().st_size
             self._writer, self._rows_in_shard = None, 0
 
-    def close(self) -> Manifest:
+    def close(self, write: bool = True) -> Manifest:
         self._close_shard()
-        (self.root / MANIFEST).write_text(json.dumps(asdict(self.manifest), indent=1))
+        if write:
+            write_manifest(self.root, self.manifest)
         return self.manifest
+
+
+def write_manifest(root: Path, manifest: Manifest) -> None:
+    (root / MANIFEST).write_text(json.dumps(asdict(manifest), indent=1))
+
+
+def merge_manifests(parts: list[Manifest]) -> Manifest:
+    """One table from the parts several ranks wrote, in rank order (the rows' order when a
+    single process extracts the same examples)."""
+    first = parts[0]
+    merged = Manifest(kind=first.kind, d=first.d, dtype=first.dtype, columns=first.columns)
+    for part in parts:
+        merged.files.extend(part.files)
+        merged.rows += part.rows
+    return merged
 
 
 def read_manifest(root: Path | str, verify: bool = False) -> Manifest:
@@ -129,6 +146,16 @@ def column_of(manifest: Manifest, root: Path, column: str | None) -> str:
     return column
 
 
+def _check_finite(rows: dict[str, torch.Tensor], ids: torch.Tensor) -> None:
+    for name, r in rows.items():
+        if not torch.isfinite(r).all():
+            bad = ~torch.isfinite(r).all(dim=-1)
+            raise FloatingPointError(
+                f"{name}: activations are NaN or Inf for {int(bad.sum())} tokens of "
+                f"examples {sorted(set(ids.tolist()))[:3]}...: the model is broken"
+            )
+
+
 @torch.no_grad()
 def extract(
     clf: Classifier,
@@ -140,38 +167,43 @@ def extract(
     dtype: str = "float32",
     tokens: bool = True,
     max_tokens: int | None = None,
+    order: np.ndarray | None = None,
+    part: int | None = None,
 ) -> dict[str, Manifest]:
     """Write `out_dir/tokens` (optional) and `out_dir/sequences` for one split.
 
     Every layer in `layers` is captured from the same forward pass and stored as its own
     column, named by its hookpoint: training SAEs on many layers costs one extraction.
-    `max_tokens` stops once that many token rows are written (the SAE's budget).
+    `max_tokens` stops once that many token rows are written (the SAE's budget). `order`
+    picks the examples (one rank's slice) and `part` names that rank's shards, whose
+    manifests are returned, not written: the ranks' parts are merged by `merge_manifests`.
     """
     clf.model.eval()
+    device = next(clf.model.parameters()).device
     layers = [layers] if isinstance(layers, int) else list(layers)
     names = {resolve_layer(clf.model, ly): hookpoint(clf.model, ly) for ly in layers}
     np_dtype = np.dtype(dtype)
     writers: dict[str, ShardWriter] = {}
     written = 0
-    for batch in batches(clf, split, batch_size, max_length):
+    for batch in batches(clf, split, batch_size, max_length, order):
         with hooked_many(clf.model, layers) as store:
-            clf.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            clf.model(
+                input_ids=batch["input_ids"].to(device),
+                attention_mask=batch["attention_mask"].to(device),
+            )
         mask = batch["attention_mask"]
         keep = mask.bool()
-        hidden = {names[ly]: store[ly].float() for ly in names}
+        hidden = {names[ly]: store[ly].float().cpu() for ly in names}
         rows = {name: h[keep] for name, h in hidden.items()}  # every non-pad token
-        for name, r in rows.items():
-            if not torch.isfinite(r).all():
-                bad = ~torch.isfinite(r).all(dim=-1)
-                raise FloatingPointError(
-                    f"{name}: activations are NaN or Inf for {int(bad.sum())} tokens of "
-                    f"examples {sorted(set(batch['ids'].tolist()))[:3]}...: the model is broken"
-                )
+        _check_finite(rows, batch["ids"])
         if not writers:
             d = next(iter(hidden.values())).shape[-1]
             kinds = ("tokens", "sequences") if tokens else ("sequences",)
             cols = list(hidden)
-            writers = {k: ShardWriter(out_dir / k, k, d, dtype, columns=cols) for k in kinds}
+            prefix = "" if part is None else f"r{part:03d}-"
+            writers = {
+                k: ShardWriter(out_dir / k, k, d, dtype, columns=cols, prefix=prefix) for k in kinds
+            }
         seq = {
             name: vectors_to_arrow(
                 pooled(h, mask, clf.pooling).numpy().astype(np_dtype, copy=False)
@@ -201,7 +233,7 @@ def extract(
             written += take
             if max_tokens is not None and written >= max_tokens:
                 break
-    return {kind: w.close() for kind, w in writers.items()}
+    return {kind: w.close(write=part is None) for kind, w in writers.items()}
 
 
 def load_sequences(

@@ -131,6 +131,25 @@ def _tiny_config(kind: str, tok, num_labels: int, max_length: int):
     )
 
 
+_FORBIDDEN: list[str] = []  # who, in this process, must not hold a model right now
+
+
+@contextlib.contextmanager
+def forbidden(who: str) -> Iterator[None]:
+    """Make building or loading a model in this process an error while the block runs: a
+    trial's driver orchestrates, its Train workers hold the models."""
+    _FORBIDDEN.append(who)
+    try:
+        yield
+    finally:
+        _FORBIDDEN.remove(who)
+
+
+def _allowed() -> None:
+    if _FORBIDDEN:
+        raise RuntimeError(f"{_FORBIDDEN[-1]} must not build or load a model")
+
+
 def build_classifier(
     name: str,
     num_labels: int,
@@ -141,6 +160,7 @@ def build_classifier(
 ) -> Classifier:
     """A hub id / local path / preset with a fresh classification head, or a tiny random
     preset (the seed fixes the head's, or the tiny model's, initialisation)."""
+    _allowed()
     torch.manual_seed(seed)
     if name in TINY_PRESETS:
         kind = name.removeprefix("tiny-")
@@ -164,6 +184,7 @@ def build_tiny_lm(name: str, train_texts: list[str], seed: int, max_length: int)
     """The tiny GPT-2 preset with its language-model head (for end-to-end SAE losses)."""
     if name != "tiny-gpt2":
         raise ValueError(f"--loss_fn: {name} has no language-model head; use tiny-gpt2")
+    _allowed()
     torch.manual_seed(seed)
     tok = word_tokenizer(train_texts, "gpt2")
     model = AutoModelForCausalLM.from_config(_tiny_config("gpt2", tok, 2, max_length))
@@ -176,6 +197,7 @@ def save_classifier(clf: Classifier, path: Path) -> None:
 
 
 def load_classifier(path: Path) -> Classifier:
+    _allowed()
     model = AutoModelForSequenceClassification.from_pretrained(path)
     return Classifier(model, AutoTokenizer.from_pretrained(path))
 

@@ -1,8 +1,9 @@
-"""One trial: cycles 0..C-1 of fine-tune -> extract -> SAE -> evaluate -> sharpen.
+"""One trial's cycles 0..C-1 of fine-tune -> extract -> SAE -> evaluate -> sharpen, as
+every rank of the trial's Train run runs them (`trial_run.py` starts that run).
 
-Each stage's output is an artifact keyed by what determines it, so trials that share a
-prefix (e.g. every trial's cycle-0 model) compute it once. `report` receives one flat
-metrics dict per cycle: Tune's `tune.report` in a sweep, a list's append in `sae-ray run`.
+`report(cycle, metrics)` is called on every rank after each cycle (rank 0 holds the
+metrics; the others an empty dict): Ray Train's report, which the trial's driver forwards
+to Tune, or a list's append in a single process.
 """
 
 from __future__ import annotations
@@ -10,131 +11,87 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from sae_ray import telemetry
-from sae_ray.config import CONTROL, Config, ConfigError
-from sae_ray.lm.extraction import extract, load_sequences, load_tokens, read_manifest
-from sae_ray.lm.models import hookpoint, load_classifier, resolve_layer, save_classifier
-from sae_ray.lm.text_data import TextData, load_text_data
+from sae_ray.config import CONTROL, Config
+from sae_ray.lm.extraction import load_sequences, load_tokens
+from sae_ray.lm.models import hookpoint, load_classifier, resolve_layer
+from sae_ray.lm.text_data import TextData
+from sae_ray.method import stages
 from sae_ray.method.evaluate import accuracy, f1_macro, interp_metrics, sae_quality
-from sae_ray.method.finetune import (
-    HISTORY,
-    best_epoch,
-    finetune_on_ray,
-    initial_classifier,
-    predict,
-)
-from sae_ray.method.targets import sharpen
-from sae_ray.sae.feeds import activation_dataset
-from sae_ray.sae.fit_config import SaeTrainConfig
+from sae_ray.method.finetune import HISTORY, best_epoch, predict
+from sae_ray.method.ranks import rank_world
+from sae_ray.method.stages import Trial
+from sae_ray.raytrain import worker_device as device
 from sae_ray.sae.model import SparseAutoencoder, decoder_absorption
-from sae_ray.sae.trainer import train_saes
-from sae_ray.storage.artifacts import Artifact, ArtifactStore
+from sae_ray.storage.artifacts import Artifact
 
 log = logging.getLogger(__name__)
-TARGETS = "targets.safetensors"
-Report = Callable[[dict[str, Any]], None]
+Report = Callable[[int, dict[str, Any]], None]
 
 
-def _model_spec(cfg: Config) -> dict[str, Any]:
-    """What determines the cycle-0 model (the hooked layer does not: CE alone trains it)."""
-    spec: dict[str, Any] = {
-        "model": cfg.model.model_dump(exclude={"layer"}),
-        "dataset": cfg.dataset.model_dump(),
-        "seed": cfg.experiment.seed,
-        "start_from": cfg.cycles.start_from,
-    }
-    if cfg.cycles.start_from == "finetune":
-        spec["train"] = cfg.cycles.model_dump(
-            exclude={"count", "aux_weight", "train_layers", "start_from"}
-        )
-        spec["select"] = "best_val_accuracy"
-    elif cfg.cycles.start_from != "pretrained":
-        spec["start_from"] = str(Path(cfg.cycles.start_from).expanduser().resolve())
-    return spec
-
-
-def sae_train_config(cfg: Config, hp: str, d_in: int, cycle: int) -> SaeTrainConfig:
-    """The sweep's `sae` section is the trainer's config; the fit adds where it runs."""
-    return SaeTrainConfig(
-        **cfg.sae.model_dump(),
-        hookpoints=[hp],
-        d_in=d_in,
-        init_seed=cfg.experiment.seed + cycle,
-        progress=False,  # Tune reports
-        run_name=f"sae-c{cycle}",
-        sweep=cfg.experiment.name,
-    )
-
-
-@dataclass
-class Trial:
-    """What every stage of a trial's cycles reads: its config, data and artifact store, the
-    effective strategy, and where its SAE Train runs go."""
-
-    cfg: Config
-    data: TextData
-    store: ArtifactStore
-    train_runs: str  # where its fine-tunes' and SAE fits' Ray Train runs go
-    strategy: str
-
-    @property
-    def seed(self) -> int:
-        return self.cfg.experiment.seed
-
-
-def run_trial(cfg: Config, report: Report, trial_id: str = "run") -> None:
-    threads = int(os.environ.get("SAE_RAY_TORCH_THREADS", "0"))
-    if threads:
-        torch.set_num_threads(threads)
-    root, train_runs = cfg.trial_dirs(trial_id)
-    data = load_text_data(cfg.dataset, seed=cfg.experiment.seed)
-    trial = Trial(cfg, data, ArtifactStore(root), train_runs, cfg.strategy)
+def run_cycles(trial: Trial, report: Report, reported: int = 0) -> None:
+    """Every cycle; the first `reported` ones were reported before a worker-group restart,
+    so they are replayed from the store (their stages are found) without evaluating."""
+    cfg = trial.cfg
     # what each stage of a cycle took (computing, waiting on another trial, or loading) and
     # how many artifacts this trial computed: where a sweep's time goes, and what sharing saved
     times: dict[str, float] = {}
     computed = trial.store.computed
     with _timed(times, "model"):
-        model = trial.store.get_or_compute(
-            "model", _model_spec(cfg), lambda out: _make_cycle0(cfg, data, out, train_runs)
-        )
+        model = stages.cycle0(trial)
     targets: Artifact | None = None
     for cycle in range(cfg.cycles.count):
         if cycle > 0:
             with _timed(times, "model"):
-                model = _retrain(trial, model, targets, cycle)
-        metrics, targets = _cycle(trial, model, cycle, times)
-        metrics.update(times, **{"artifacts/computed": trial.store.computed - computed})
+                model = stages.retrain(trial, model, targets, cycle)
+        metrics, targets = _cycle(trial, model, cycle, times, evaluate=cycle >= reported)
+        if cycle < reported:
+            continue
+        if rank_world()[0] == 0:
+            metrics.update(times, **{"artifacts/computed": trial.store.computed - computed})
         times, computed = {}, trial.store.computed
-        report(metrics)
+        report(cycle, metrics)
 
 
 def _cycle(
-    trial: Trial, model: Artifact, cycle: int, times: dict[str, float]
+    trial: Trial, model: Artifact, cycle: int, times: dict[str, float], evaluate: bool = True
 ) -> tuple[dict[str, Any], Artifact | None]:
-    """Cycle `cycle` from its model on: activations, SAE, evaluation, and the targets that
-    train the next cycle's model (none after the last cycle, or for the control)."""
+    """Cycle `cycle` from its model on: activations, SAE, evaluation (rank 0), and the
+    targets that train the next cycle's model (none after the last cycle, or for the
+    control)."""
     cfg = trial.cfg
     clf = load_classifier(model.local())
+    clf.model.to(device())
     layer = resolve_layer(clf.model, cfg.model.layer)
     hp = hookpoint(clf.model, layer)
     with _timed(times, "activations"):
-        acts = _activations(trial, clf, model, layer)
+        acts = stages.activations(trial, clf, model, layer)
     with _timed(times, "sae"):
-        sae_art = _sae(trial, acts, hp, cycle)
-        sae = SparseAutoencoder.load(sae_art.local())
-        train_stats = json.loads((sae_art.local() / "train_metrics.json").read_text())
-    with _timed(times, "evaluate"):
-        metrics = _evaluate(cfg, trial.data, clf, sae, acts, hp)
+        sae_art = stages.sae(trial, acts, hp, cycle)
+    metrics: dict[str, Any] = {}
+    if evaluate and rank_world()[0] == 0:
+        with _timed(times, "evaluate"):
+            metrics = _cycle_metrics(trial, clf, model, sae_art, acts, hp, cycle)
+    del clf
+    targets = None
+    if cycle + 1 < cfg.cycles.count and trial.strategy != CONTROL:
+        with _timed(times, "targets"):
+            targets = stages.targets(trial, sae_art, acts, hp, cycle)
+    return metrics, targets
+
+
+def _cycle_metrics(
+    trial: Trial, clf, model: Artifact, sae_art: Artifact, acts: Artifact, hp: str, cycle: int
+) -> dict[str, Any]:
+    sae = SparseAutoencoder.load(sae_art.local())
+    metrics = _evaluate(trial.cfg, trial.data, clf, sae, acts, hp)
     metrics.update(
         {
             "cycle": cycle,
@@ -142,74 +99,11 @@ def _cycle(
             "is_control": trial.strategy == CONTROL,
         }
     )
+    train_stats = json.loads((sae_art.local() / "train_metrics.json").read_text())
     if "tokens_per_s" in train_stats:
         metrics["sae/train_tokens_per_s"] = train_stats["tokens_per_s"]
     metrics.update(_finetune_stats(model.local()))
-    targets = None
-    if cycle + 1 < cfg.cycles.count and trial.strategy != CONTROL:
-        with _timed(times, "targets"):
-            targets = _targets(trial, sae_art, acts, hp, cycle)
-    return metrics, targets
-
-
-def _activations(trial: Trial, clf, model: Artifact, layer: int) -> Artifact:
-    """The hooked layer's activations of every split (token rows for train and validation,
-    sequence rows at the pooled position for all three)."""
-    cfg = trial.cfg
-
-    def make(out: Path) -> None:
-        started = time.perf_counter()
-        for split in ("train", "validation", "test"):
-            extract(
-                clf,
-                trial.data.splits[split],
-                layer,
-                out / split,
-                cfg.model.max_length,
-                dtype=cfg.sae.activation_dtype,
-                tokens=split != "test",
-            )
-        rows = read_manifest(out / "train" / "tokens").rows
-        telemetry.extraction_rows_per_s(cfg.experiment.name, rows / (time.perf_counter() - started))
-
-    spec = {
-        "parent": model.key,
-        "layer": layer,
-        "dtype": cfg.sae.activation_dtype,
-        "format": 2,  # one column per hookpoint
-    }
-    return trial.store.get_or_compute("activations", spec, make)
-
-
-def _sae(trial: Trial, acts: Artifact, hp: str, cycle: int) -> Artifact:
-    """The cycle's SAE, fitted on the train token rows by a Ray Train run."""
-    cfg, store = trial.cfg, trial.store
-    spec = {
-        "parent": acts.key,
-        "sae": cfg.sae.model_dump(exclude={"save_every", "num_latents"}),
-        "seed": trial.seed + cycle,
-        "workers": cfg.resources.num_workers,
-    }
-    if cfg.sae.num_latents is not None:  # keys of sweeps without it stay as they were
-        spec["sae"]["num_latents"] = cfg.sae.num_latents
-
-    def make(out: Path) -> None:
-        # The Train run is named after the artifact: deterministic, and distinct per SAE,
-        # so a sweep restarted after a crash picks the run up from its last checkpoint.
-        tokens = acts.uri("train", "tokens")
-        result = train_saes(
-            *activation_dataset(tokens, [hp]),
-            sae_train_config(cfg, hp, read_manifest(tokens).d, cycle),
-            cfg.resources,
-            storage_path=trial.train_runs,
-            train_run_name=f"sae-{store.key('sae', spec)}",
-        )
-        result.saes[hp].save(out)
-        (out / "train_metrics.json").write_text(json.dumps(result.metrics))
-        # The workers report it live, but a short fit ends before their last export.
-        telemetry.sae_tokens_per_s(cfg.experiment.name, hp, result.metrics["tokens_per_s"])
-
-    return store.get_or_compute("sae", spec, make)
+    return metrics
 
 
 @contextlib.contextmanager
@@ -219,114 +113,6 @@ def _timed(times: dict[str, float], stage: str):
         yield
     finally:
         times[f"time/{stage}_s"] = time.perf_counter() - started
-
-
-def _make_cycle0(cfg: Config, data: TextData, out: Path, train_runs: str) -> None:
-    """Fine-tune the pretrained model on Ray Train (the default), or take the pretrained model
-    with its untrained head as is, or copy an already fine-tuned classifier."""
-    start = cfg.cycles.start_from
-    seed = cfg.experiment.seed
-    init = {
-        "build": {
-            "name": cfg.model.name,
-            "seed": seed,
-            "max_length": cfg.model.max_length,
-            "dtype": cfg.model.dtype,
-        }
-    }
-    if start == "finetune":
-        finetune_on_ray(
-            init,
-            data,
-            cfg.cycles,
-            cfg.model.layer,
-            cfg.model.max_length,
-            seed,
-            out,
-            cfg.resources,
-            train_runs,
-        )
-        return
-    if start == "pretrained":
-        clf = initial_classifier(init, data)
-    else:
-        clf = load_classifier(Path(start).expanduser())
-        if clf.model.config.num_labels != data.num_classes:
-            raise ConfigError(
-                f"cycles.start_from: {start} has {clf.model.config.num_labels} labels, "
-                f"{cfg.dataset.name} has {data.num_classes}"
-            )
-    save_classifier(clf, out)
-    (out / HISTORY).write_text("[]")
-
-
-def _targets(trial: Trial, sae: Artifact, acts: Artifact, hp: str, cycle: int) -> Artifact:
-    """Cycle `cycle`'s sharpened targets, one per training example id, as an artifact.
-
-    `random` never reads the SAE, so its targets hang off the activations alone."""
-    cfg, strategy = trial.cfg, trial.strategy
-    seed = trial.seed + cycle
-    if strategy == "random":
-        spec = {"parent": acts.key, "strategy": strategy, "seed": seed, "hookpoint": hp}
-    else:
-        spec = {
-            "parent": sae.key,
-            "strategy": strategy,
-            "top_k_pct": cfg.sharpening.top_k_pct,
-            "hookpoint": hp,
-        }
-
-    def compute(out: Path) -> None:
-        ids, labels, x = load_sequences(acts.local("train", "sequences"), hp)
-        table = sharpen(
-            strategy,
-            SparseAutoencoder.load(sae.local()),
-            ids,
-            labels,
-            x,
-            trial.data.num_classes,
-            cfg.sharpening.top_k_pct,
-            seed=seed,
-        )
-        table.save(out / TARGETS)
-
-    return trial.store.get_or_compute("targets", spec, compute)
-
-
-def _retrain(trial: Trial, parent: Artifact, targets: Artifact | None, cycle: int) -> Artifact:
-    """model_c from model_{c-1} on Ray Train: CE + λ(1 − cos(h, t)), or CE alone for the
-    control, with the same epochs and steps either way (equal compute)."""
-    cfg, strategy = trial.cfg, trial.strategy
-    aux_weight = 0.0 if strategy == CONTROL else cfg.cycles.aux_weight
-    train = cfg.cycles.model_dump(exclude={"count", "start_from"})
-    train["aux_weight"] = aux_weight
-    spec = {
-        "parent": parent.key,
-        "targets": targets.key if targets else None,
-        "strategy": strategy,
-        "cycle": cycle,
-        "train": train,
-        "layer": cfg.model.layer,
-        "select": "best_val_accuracy",
-    }
-
-    def compute(out: Path) -> None:
-        finetune_on_ray(
-            {"load": parent.location},
-            trial.data,
-            cfg.cycles,
-            cfg.model.layer,
-            cfg.model.max_length,
-            trial.seed + cycle,
-            out,
-            cfg.resources,
-            trial.train_runs,
-            targets=targets.uri(TARGETS) if targets else None,
-            aux_weight=aux_weight,
-            train_layers=cfg.cycles.train_layers,
-        )
-
-    return trial.store.get_or_compute("model", spec, compute)
 
 
 def _finetune_stats(model_dir: Path) -> dict[str, float]:

@@ -3,20 +3,14 @@
 h is the hooked block's output at the pooled position, with gradient; t is the example's
 sharpened target, looked up by example id so any batch order pairs correctly.
 
-`finetune` is one training loop that runs alone (tests, one process) or as one DDP rank;
-`finetune_on_ray` runs it on a Ray Train `TorchTrainer` over the configured workers and
-returns the best epoch on validation, which Ray checkpoints and hands back to the driver.
+`finetune` is one training loop that runs alone (tests, one process) or as one DDP rank of
+a trial's Train run (`stages.py`), ending at the best epoch on validation.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import shutil
-import tempfile
-import uuid
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -26,7 +20,7 @@ import torch.nn.functional as F
 from transformers import get_linear_schedule_with_warmup
 
 from sae_ray import storage
-from sae_ray.config import Cycles, Resources
+from sae_ray.config import Cycles
 from sae_ray.lm.batching import batches, encode
 from sae_ray.lm.models import (
     Classifier,
@@ -36,11 +30,9 @@ from sae_ray.lm.models import (
     load_classifier,
     pooled,
     resolve_layer,
-    save_classifier,
 )
 from sae_ray.lm.text_data import Split, TextData
 from sae_ray.method.targets import TargetTable
-from sae_ray.raytrain import torch_trainer
 
 log = logging.getLogger(__name__)
 HISTORY = "history.json"
@@ -240,9 +232,6 @@ def predict(clf: Classifier, split: Split, max_length: int, batch_size: int = 12
     return np.concatenate(preds)
 
 
-# ---------------------------------------------------------------- on Ray Train
-
-
 def initial_classifier(init: dict[str, Any], data: TextData) -> Classifier:
     """{'load': dir} or {'build': {name, seed, max_length, dtype}} (a fresh head)."""
     if "load" in init:
@@ -256,86 +245,3 @@ def initial_classifier(init: dict[str, Any], data: TextData) -> Classifier:
         spec["max_length"],
         spec.get("dtype", "float32"),
     )
-
-
-def finetune_loop(config: dict[str, Any]) -> None:
-    """One Ray Train worker: build or load the model, train its share, report each epoch;
-    rank 0 reports the best epoch as the run's checkpoint."""
-    import ray.train
-    import ray.train.torch
-    from ray.train import Checkpoint
-
-    rank = ray.train.get_context().get_world_rank()
-    data: TextData = config["data"]
-    clf = initial_classifier(config["init"], data)
-    clf.model.to(ray.train.torch.get_device())
-    targets = TargetTable.load(config["targets"]) if config["targets"] else None
-    cfg = Cycles.model_validate(config["cycles"])
-    history = finetune(
-        clf,
-        data.splits["train"],
-        cfg,
-        config["layer"],
-        config["max_length"],
-        config["seed"],
-        targets=targets,
-        aux_weight=config["aux_weight"],
-        val=data.splits["validation"],
-        train_layers=config["train_layers"],
-        on_epoch=lambda record: ray.train.report(dict(record)),
-    )
-    best = best_epoch(history)
-    summary = {"best_epoch": best["epoch"], "val_accuracy": best["val_accuracy"]}
-    if rank != 0:
-        ray.train.report(summary)
-        return
-    with tempfile.TemporaryDirectory() as tmp:
-        clf.model.to("cpu")
-        save_classifier(clf, Path(tmp))
-        (Path(tmp) / HISTORY).write_text(json.dumps(history, indent=1))
-        ray.train.report(summary, checkpoint=Checkpoint.from_directory(tmp))
-
-
-def finetune_on_ray(
-    init: dict[str, Any],
-    data: TextData,
-    cycles: Cycles,
-    layer: int,
-    max_length: int,
-    seed: int,
-    out: Path,
-    resources: Resources,
-    storage_path: str,
-    targets: str | None = None,
-    aux_weight: float = 0.0,
-    train_layers: str = "all",
-) -> list[dict[str, float]]:
-    """Fine-tune on a TorchTrainer (DDP over `resources`), write the best-on-validation model
-    and its per-epoch history to `out`, and return the history.
-
-    A worker fault restarts the worker group (`resources.max_failures`) and the fine-tune
-    from its start: it is deterministic, and its checkpoints are whole models."""
-    run_name = f"finetune-{uuid.uuid4().hex[:12]}"
-    trainer = torch_trainer(
-        finetune_loop,
-        {
-            "init": init,
-            "data": data,
-            "cycles": cycles.model_dump(),
-            "layer": layer,
-            "max_length": max_length,
-            "seed": seed,
-            "targets": str(targets) if targets else None,
-            "aux_weight": aux_weight,
-            "train_layers": train_layers,
-        },
-        resources,
-        run_name,
-        storage_path,
-    )
-    result = trainer.fit()
-    with result.checkpoint.as_directory() as directory:
-        shutil.copytree(directory, out, dirs_exist_ok=True)
-    # The model now lives in the artifact store; the run's copy is only disk space.
-    storage.remove(storage.join(str(storage_path), run_name))
-    return json.loads((out / HISTORY).read_text())

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from sae_ray import storage
 from sae_ray.sae.model import SparseAutoencoder
 from sae_ray.sae.training import DeadTracker
 
@@ -103,6 +104,40 @@ def publish(src: Path, dest: Path) -> None:
         dest.rename(old)
     tmp.rename(dest)
     shutil.rmtree(old, ignore_errors=True)
+
+
+LATEST = "LATEST"
+
+
+def store_checkpoint(src: Path, location: str) -> None:
+    """Keep a fit's checkpoint at `location` (a path or a bucket prefix) so a restarted
+    worker group, or a sweep restarted later, resumes it: locally by `publish`; in a bucket
+    (no rename) as a new `step-N` prefix that a `LATEST` pointer names once it is whole."""
+    if not storage.is_remote(location):
+        publish(src, Path(location))
+        return
+    step = json.loads((src / STATE).read_text())["step"]
+    name = f"step-{step:09d}"
+    storage.upload(src, storage.join(location, name))
+    old = (
+        storage.read_bytes(storage.join(location, LATEST)).decode()
+        if storage.is_file(storage.join(location, LATEST))
+        else None
+    )
+    storage.write_bytes(storage.join(location, LATEST), name.encode())
+    if old and old != name:
+        storage.remove(storage.join(location, old))
+
+
+def stored_checkpoint(location: str) -> Path | None:
+    """The checkpoint `store_checkpoint` kept at `location`, on this node's disk, or None."""
+    if not storage.is_remote(location):
+        path = Path(location)
+        return path if (path / STATE).is_file() else None
+    pointer = storage.join(location, LATEST)
+    if not storage.is_file(pointer):
+        return None
+    return storage.local_copy(storage.join(location, storage.read_bytes(pointer).decode()))
 
 
 # ---------------------------------------------------------------- worker

@@ -17,6 +17,7 @@ import json
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,7 @@ from ray.train import Checkpoint
 
 from sae_ray import telemetry
 from sae_ray.config import Resources
-from sae_ray.raytrain import torch_trainer
+from sae_ray.raytrain import torch_trainer, worker_device
 from sae_ray.sae.checkpoints import (
     STATE,
     Progress,
@@ -73,6 +74,9 @@ class Fit:
     models: dict[str, torch.nn.Module] = field(default_factory=dict)  # DDP-wrapped
     stats: dict[str, dict[str, float]] = field(default_factory=dict)
     micro: int = 0
+    # what a checkpoint is handed to: Ray Train's report (`train-sae`), or the trial's
+    # storage when the fit is one stage of a trial's Train run
+    save: Callable[[Fit], None] | None = None
 
     def done(self) -> bool:
         p, cfg = self.progress, self.cfg
@@ -82,7 +86,9 @@ class Fit:
         return (self.progress.tokens - self.started_tokens) / (time.perf_counter() - self.started)
 
 
-def _start_fit(config: dict[str, Any], device: torch.device, rank: int) -> Fit:
+def _start_fit(
+    config: dict[str, Any], device: torch.device, rank: int, checkpoint: Path | None
+) -> Fit:
     """Fresh SAEs, or the ones of the checkpoint a restarted group or `--resume` hands over."""
     cfg = SaeTrainConfig(**config["cfg"])
     torch.manual_seed(cfg.init_seed)
@@ -103,10 +109,8 @@ def _start_fit(config: dict[str, Any], device: torch.device, rank: int) -> Fit:
         for hp in cfg.hookpoints
     }
     progress = Progress()
-    checkpoint = ray.train.get_checkpoint() or config.get("resume_from")
     if checkpoint is not None:
-        with checkpoint.as_directory() as directory:
-            progress = load_checkpoint(Path(directory), saes, opts, trackers)
+        progress = load_checkpoint(checkpoint, saes, opts, trackers)
     save_dir = Path(config["save_dir"]) if config.get("save_dir") else None
     budget = cfg.max_tokens or cfg.epochs * config["rows"]
     fit = Fit(cfg, saes, opts, trackers, progress, rank, budget, save_dir)
@@ -242,13 +246,18 @@ def _epoch(fit: Fit, feed, shard, log: RunLog, world: int, device: torch.device)
     return False
 
 
-def train_loop(config: dict[str, Any]) -> None:
-    """One Ray Train worker. Workers get equal shards, so they take the same steps."""
-    device = ray.train.torch.get_device()
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    shard = ray.train.get_dataset_shard("train") if config.get("dataset", True) else None
-    fit = _start_fit(config, device, rank)
+def fit_saes(
+    config: dict[str, Any],
+    shard,
+    checkpoint: Path | None,
+    save: Callable[[Fit], None],
+) -> Fit:
+    """Train this rank's share of the fit (from `checkpoint` when given) to its budget,
+    handing every checkpoint to `save`. Every rank of the process group calls it."""
+    device = worker_device()
+    rank, world = _rank_world()
+    fit = _start_fit(config, device, rank, checkpoint)
+    fit.save = save
     log = RunLog(fit, config.get("wandb_dir"))
     feed = _make_feed(config, fit.cfg, world, device)
     fit.started = time.perf_counter()  # this run's clock starts with its first batch
@@ -260,13 +269,30 @@ def train_loop(config: dict[str, Any]) -> None:
             if fit.progress.step % fit.cfg.save_every:  # the last step's checkpoint
                 _report(fit)
     log.close()
+    return fit
 
 
-def _report(fit: Fit) -> None:
-    """Checkpoint to Ray Train (worker-fault restarts read it back) and, on rank 0, publish
-    it to `<save_dir>/<run_name>` in sparsify's layout. Every rank calls report."""
+def _rank_world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def train_loop(config: dict[str, Any]) -> None:
+    """One Ray Train worker of a `train-sae` run. Workers get equal shards, so they take
+    the same steps."""
+    shard = ray.train.get_dataset_shard("train") if config.get("dataset", True) else None
+    checkpoint = ray.train.get_checkpoint() or config.get("resume_from")
+    with checkpoint.as_directory() if checkpoint else contextlib.nullcontext() as directory:
+        fit_saes(config, shard, Path(directory) if directory else None, _report_to_train)
+
+
+def fit_metrics(fit: Fit) -> dict[str, Any]:
+    """Where the fit is: the last checkpoint's metrics, and the run's own tokens/s."""
     progress = fit.progress
-    metrics = {
+    return {
         "step": progress.step,
         "resumed_from_step": fit.resumed_from,
         "tokens": progress.tokens,
@@ -274,11 +300,22 @@ def _report(fit: Fit) -> None:
         "elapsed_s": time.perf_counter() - fit.started,
         **{f"{k}/{h}": v for h, s in fit.stats.items() for k, v in s.items() if k != "tokens"},
     }
+
+
+def _report(fit: Fit) -> None:
+    if fit.save is not None:
+        fit.save(fit)
+
+
+def _report_to_train(fit: Fit) -> None:
+    """Checkpoint to Ray Train (worker-fault restarts read it back) and, on rank 0, publish
+    it to `<save_dir>/<run_name>` in sparsify's layout. Every rank calls report."""
+    metrics = fit_metrics(fit)
     if fit.rank != 0:
         ray.train.report(metrics)
         return
     with tempfile.TemporaryDirectory() as tmp:
-        save_checkpoint(Path(tmp), fit.saes, fit.opts, fit.trackers, progress)
+        save_checkpoint(Path(tmp), fit.saes, fit.opts, fit.trackers, fit.progress)
         if fit.save_dir is not None:
             publish(Path(tmp), fit.save_dir)
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))

@@ -12,12 +12,13 @@ reader would take for whole.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import shutil
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -85,34 +86,57 @@ class ArtifactStore:
     def exists(self, kind: str, key: str) -> bool:
         return storage.is_file(self.artifact(kind, key).uri(DONE))
 
+    def find(self, kind: str, spec: dict[str, Any]) -> Artifact | None:
+        """The finished, undamaged artifact, or None (without waiting on anyone)."""
+        art = self.artifact(kind, self.key(kind, spec))
+        if self.exists(kind, art.key) and not self._damage(art):
+            return art
+        return None
+
     def get_or_compute(
         self, kind: str, spec: dict[str, Any], compute: Callable[[Path], None]
     ) -> Artifact:
         """The artifact; `compute(scratch_dir)` fills it first if it is missing."""
+        found = self.find(kind, spec)
+        if found is not None:
+            return found
+        with self.building(kind, spec) as (art, scratch):
+            if scratch is not None:
+                compute(scratch)
+        return art
+
+    @contextlib.contextmanager
+    def building(
+        self, kind: str, spec: dict[str, Any], adopt: bool = True
+    ) -> Iterator[tuple[Artifact, Path | None]]:
+        """Hold the artifact's lock; yield it with a scratch directory to build it in (None
+        when another trial finished it while we waited), and publish what the scratch holds
+        when the block ends without an error.
+
+        With `adopt` false the scratch is not made the node's cached copy of a bucket
+        artifact: other processes (Train ranks) uploaded parts of it beside the scratch's."""
         key = self.key(kind, spec)
         art = self.artifact(kind, key)
-        if self.exists(kind, key) and not self._damage(art):
-            return art
         with self._lock(f"{kind}-{key}"):
             if self.exists(kind, key):  # another trial made it while we waited
                 damage = self._damage(art)
                 if not damage:
-                    return art
+                    yield art, None
+                    return
                 log.warning("%s is damaged (%s): computing it again", art.location, damage)
-                storage.remove(art.location)
                 shutil.rmtree(storage.cache_dir(art.location), ignore_errors=True)
+            storage.remove(art.location)  # damaged, or a partial upload of a crashed build
             scratch = self._scratch(f"{kind}-{key}")
             try:
-                compute(scratch)
+                yield art, scratch
                 (scratch / "spec.json").write_text(
                     json.dumps(spec, indent=1, sort_keys=True, default=str)
                 )
                 (scratch / CHECKSUMS).write_text(json.dumps(_checksums(scratch), indent=1))
-                self._publish(scratch, art)
+                self._publish(scratch, art, adopt)
                 self.computed += 1
             finally:
                 shutil.rmtree(scratch, ignore_errors=True)
-        return art
 
     def _damage(self, art: Artifact) -> str:
         """What differs from the files the artifact was published with ("" if nothing): each
@@ -157,7 +181,7 @@ class ArtifactStore:
         scratch.mkdir(parents=True)
         return scratch
 
-    def _publish(self, scratch: Path, art: Artifact) -> None:
+    def _publish(self, scratch: Path, art: Artifact, adopt: bool = True) -> None:
         if not self.remote:
             final = Path(art.location)
             (scratch / DONE).touch()
@@ -165,7 +189,7 @@ class ArtifactStore:
                 shutil.rmtree(final)
             scratch.rename(final)
             return
-        storage.remove(art.location)  # a stale partial upload from a crash
         storage.upload(scratch, art.location)
         storage.write_bytes(art.uri(DONE), b"")
-        storage.adopt(scratch, art.location)
+        if adopt:
+            storage.adopt(scratch, art.location)

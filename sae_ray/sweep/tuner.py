@@ -33,7 +33,7 @@ from sae_ray.config import (
     apply_params,
     effective_strategy,
 )
-from sae_ray.method.cycle import run_trial
+from sae_ray.method.trial_run import run_trial
 from sae_ray.sweep.progress import SweepProgress
 from sae_ray.sweep.results import collect_results, write_config, write_outputs
 

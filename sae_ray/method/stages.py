@@ -1,0 +1,356 @@
+"""The stages of a cycle, run by every rank of the trial's Train run: the models (cycle 0
+and each retraining), the activations, the SAE and the sharpened targets.
+
+Each stage's output is an artifact keyed by what determines it, so trials that share a
+prefix (e.g. every trial's cycle-0 model) compute it once, and a restarted worker group
+skips every stage it finished. `ranks.shared_artifact` decides who builds what.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from sae_ray import storage, telemetry
+from sae_ray.config import CONTROL, Config, ConfigError
+from sae_ray.lm.extraction import (
+    extract,
+    load_sequences,
+    merge_manifests,
+    read_manifest,
+    write_manifest,
+)
+from sae_ray.lm.models import Classifier, load_classifier, save_classifier
+from sae_ray.lm.text_data import TextData
+from sae_ray.method.finetune import HISTORY, finetune, initial_classifier
+from sae_ray.method.ranks import broadcast, gather, local_part, rank_world, shared_artifact
+from sae_ray.method.targets import TargetTable, sharpen
+from sae_ray.raytrain import worker_device as device
+from sae_ray.sae.checkpoints import save_checkpoint, store_checkpoint, stored_checkpoint
+from sae_ray.sae.feeds import activation_dataset
+from sae_ray.sae.fit_config import SaeTrainConfig
+from sae_ray.sae.model import SparseAutoencoder
+from sae_ray.sae.trainer import Fit, fit_metrics, fit_saes
+from sae_ray.storage.artifacts import Artifact, ArtifactStore
+
+TARGETS = "targets.safetensors"
+EXTRACT_BATCH = 64  # a rank's slice starts on a batch boundary: the same batches as one rank
+SPLITS = ("train", "validation", "test")
+
+
+@dataclass
+class Trial:
+    """What every stage of a trial's cycles reads: its config, data and artifact store, the
+    effective strategy, and where its SAE fits keep their checkpoints."""
+
+    cfg: Config
+    data: TextData
+    store: ArtifactStore
+    train_runs: str
+    strategy: str
+
+    @property
+    def seed(self) -> int:
+        return self.cfg.experiment.seed
+
+
+def model_spec(cfg: Config) -> dict[str, Any]:
+    """What determines the cycle-0 model (the hooked layer does not: CE alone trains it)."""
+    spec: dict[str, Any] = {
+        "model": cfg.model.model_dump(exclude={"layer"}),
+        "dataset": cfg.dataset.model_dump(),
+        "seed": cfg.experiment.seed,
+        "start_from": cfg.cycles.start_from,
+    }
+    if cfg.cycles.start_from == "finetune":
+        spec["train"] = cfg.cycles.model_dump(
+            exclude={"count", "aux_weight", "train_layers", "start_from"}
+        )
+        spec["select"] = "best_val_accuracy"
+    elif cfg.cycles.start_from != "pretrained":
+        spec["start_from"] = str(Path(cfg.cycles.start_from).expanduser().resolve())
+    return spec
+
+
+def cycle0(trial: Trial) -> Artifact:
+    cfg = trial.cfg
+    everyone = cfg.cycles.start_from == "finetune"  # DDP over the ranks; else rank 0 copies
+    return shared_artifact(
+        trial.store,
+        "model",
+        model_spec(cfg),
+        lambda out, lead: make_cycle0(cfg, trial.data, Path(out), lead),
+        everyone,
+    )
+
+
+def make_cycle0(cfg: Config, data: TextData, out: Path, lead: bool = True) -> None:
+    """Fine-tune the pretrained model (the default; DDP when the ranks form a process
+    group), or take the pretrained model with its untrained head as is, or copy an already
+    fine-tuned classifier. Rank 0 (`lead`) writes it."""
+    start, seed = cfg.cycles.start_from, cfg.experiment.seed
+    init = {
+        "build": {
+            "name": cfg.model.name,
+            "seed": seed,
+            "max_length": cfg.model.max_length,
+            "dtype": cfg.model.dtype,
+        }
+    }
+    if start == "finetune":
+        _finetune_stage(cfg, init, data, seed, out, lead)
+        return
+    if start == "pretrained":
+        clf = initial_classifier(init, data)
+    else:
+        clf = load_classifier(Path(start).expanduser())
+        if clf.model.config.num_labels != data.num_classes:
+            raise ConfigError(
+                f"cycles.start_from: {start} has {clf.model.config.num_labels} labels, "
+                f"{cfg.dataset.name} has {data.num_classes}"
+            )
+    save_classifier(clf, out)
+    (out / HISTORY).write_text("[]")
+
+
+def _finetune_stage(
+    cfg: Config,
+    init: dict[str, Any],
+    data: TextData,
+    seed: int,
+    out: Path,
+    lead: bool,
+    targets: str | None = None,
+    aux_weight: float = 0.0,
+    train_layers: str = "all",
+) -> None:
+    """This rank's part of a fine-tune; rank 0 writes the best-on-validation model and the
+    per-epoch history. A restarted worker group starts it again: it is deterministic."""
+    clf = initial_classifier(init, data)
+    clf.model.to(device())
+    table = TargetTable.load(targets) if targets else None
+    if "load" in init:  # dropout's masks: from the cycle's seed, not the process's history
+        torch.manual_seed(seed)
+    history = finetune(
+        clf,
+        data.splits["train"],
+        cfg.cycles,
+        cfg.model.layer,
+        cfg.model.max_length,
+        seed,
+        targets=table,
+        aux_weight=aux_weight,
+        val=data.splits["validation"],
+        train_layers=train_layers,
+    )
+    if lead:
+        clf.model.to("cpu")
+        save_classifier(clf, out)
+        (out / HISTORY).write_text(json.dumps(history, indent=1))
+
+
+def retrain(trial: Trial, parent: Artifact, targets: Artifact | None, cycle: int) -> Artifact:
+    """model_c from model_{c-1}: CE + λ(1 − cos(h, t)), or CE alone for the control, with
+    the same epochs and steps either way (equal compute)."""
+    cfg, strategy = trial.cfg, trial.strategy
+    aux_weight = 0.0 if strategy == CONTROL else cfg.cycles.aux_weight
+    train = cfg.cycles.model_dump(exclude={"count", "start_from"})
+    train["aux_weight"] = aux_weight
+    spec = {
+        "parent": parent.key,
+        "targets": targets.key if targets else None,
+        "strategy": strategy,
+        "cycle": cycle,
+        "train": train,
+        "layer": cfg.model.layer,
+        "select": "best_val_accuracy",
+    }
+
+    def compute(out: str, lead: bool) -> None:
+        _finetune_stage(
+            cfg,
+            {"load": parent.location},
+            trial.data,
+            trial.seed + cycle,
+            Path(out),
+            lead,
+            targets=targets.uri(TARGETS) if targets else None,
+            aux_weight=aux_weight,
+            train_layers=cfg.cycles.train_layers,
+        )
+
+    return shared_artifact(trial.store, "model", spec, compute, everyone=True)
+
+
+def activations(trial: Trial, clf: Classifier, model: Artifact, layer: int) -> Artifact:
+    """The hooked layer's activations of every split (token rows for train and validation,
+    sequence rows at the pooled position for all three), each rank extracting a slice."""
+    cfg = trial.cfg
+
+    def make(out: str, lead: bool) -> None:
+        started = time.perf_counter()
+        rank, world = rank_world()
+        local, send = local_part(out)
+        parts = {}
+        for split in SPLITS:
+            rows = slice_rows(len(trial.data.splits[split]), world, rank)
+            parts[split] = extract(
+                clf,
+                trial.data.splits[split],
+                layer,
+                local / split,
+                cfg.model.max_length,
+                batch_size=EXTRACT_BATCH,
+                dtype=cfg.sae.activation_dtype,
+                tokens=split != "test",
+                order=rows,
+                part=rank if world > 1 else None,
+            )
+        send()
+        if world > 1:
+            _write_merged(gather(parts), Path(out), lead)
+        if lead:
+            rows = read_manifest(Path(out) / "train" / "tokens").rows
+            rate = rows / (time.perf_counter() - started)
+            telemetry.extraction_rows_per_s(cfg.experiment.name, rate)
+
+    spec = {
+        "parent": model.key,
+        "layer": layer,
+        "dtype": cfg.sae.activation_dtype,
+        "format": 2,  # one column per hookpoint
+    }
+    return shared_artifact(trial.store, "activations", spec, make, everyone=True)
+
+
+def slice_rows(n: int, world: int, rank: int) -> np.ndarray:
+    """Rank `rank`'s examples: contiguous, whole extraction batches (so the rows and their
+    padding are those one process would write), in rank order."""
+    batches = -(-n // EXTRACT_BATCH)
+    first, last = (batches * rank) // world, (batches * (rank + 1)) // world
+    return np.arange(first * EXTRACT_BATCH, min(last * EXTRACT_BATCH, n))
+
+
+def _write_merged(parts: list[dict[str, dict]], out: Path, lead: bool) -> None:
+    """Rank 0 writes each table's manifest over every rank's shards."""
+    if not lead:
+        return
+    for split in SPLITS:
+        for kind in ("tokens", "sequences"):
+            tables = [p[split][kind] for p in parts if kind in p[split]]
+            if tables:
+                (out / split / kind).mkdir(parents=True, exist_ok=True)
+                write_manifest(out / split / kind, merge_manifests(tables))
+
+
+def sae_train_config(cfg: Config, hp: str, d_in: int, cycle: int) -> SaeTrainConfig:
+    """The sweep's `sae` section is the trainer's config; the fit adds where it runs."""
+    return SaeTrainConfig(
+        **cfg.sae.model_dump(),
+        hookpoints=[hp],
+        d_in=d_in,
+        init_seed=cfg.experiment.seed + cycle,
+        progress=False,  # Tune reports
+        run_name=f"sae-c{cycle}",
+        sweep=cfg.experiment.name,
+    )
+
+
+def sae(trial: Trial, acts: Artifact, hp: str, cycle: int) -> Artifact:
+    """The cycle's SAE, fitted by every rank on its split of the train token rows. Its
+    checkpoints go to `<train_runs>/sae-<key>`, named after the artifact, so a restarted
+    worker group or sweep continues the fit from the last one."""
+    cfg, store = trial.cfg, trial.store
+    spec = {
+        "parent": acts.key,
+        "sae": cfg.sae.model_dump(exclude={"save_every", "num_latents"}),
+        "seed": trial.seed + cycle,
+        "workers": cfg.resources.num_workers,
+    }
+    if cfg.sae.num_latents is not None:  # keys of sweeps without it stay as they were
+        spec["sae"]["num_latents"] = cfg.sae.num_latents
+    checkpoints = storage.join(trial.train_runs, f"sae-{store.key('sae', spec)}")
+
+    def make(out: str, lead: bool) -> None:
+        tokens = acts.uri("train", "tokens")
+        manifest = read_manifest(tokens)
+        fit_cfg = sae_train_config(cfg, hp, manifest.d, cycle)
+        fit = fit_saes(
+            {"cfg": fit_cfg.model_dump(), "rows": manifest.rows},
+            _feed_split(tokens, hp),
+            stored_checkpoint(checkpoints),
+            lambda f: _keep_checkpoint(f, checkpoints),
+        )
+        if lead:
+            fit.saes[hp].save(Path(out))
+            metrics = fit_metrics(fit)
+            metrics["tokens_per_s"] = metrics.pop("run_tokens") / max(
+                metrics.pop("elapsed_s"), 1e-9
+            )
+            (Path(out) / "train_metrics.json").write_text(json.dumps(metrics))
+            # The workers report it live, but a short fit ends before their last export.
+            telemetry.sae_tokens_per_s(cfg.experiment.name, hp, metrics["tokens_per_s"])
+
+    art = shared_artifact(store, "sae", spec, make, everyone=True)
+    if rank_world()[0] == 0:
+        storage.remove(checkpoints)  # the SAE is in the store; its checkpoints are disk
+    return art
+
+
+def _feed_split(tokens: str, hp: str):
+    """This rank's equal share of the token rows, from one Ray Dataset split across the
+    ranks (rank 0 plans it; each rank receives its iterator)."""
+    rank, world = rank_world()
+    splits = None
+    if rank == 0:
+        dataset, _ = activation_dataset(tokens, [hp])
+        splits = dataset.streaming_split(world, equal=True)
+    return broadcast(splits)[rank]
+
+
+def _keep_checkpoint(fit: Fit, location: str) -> None:
+    if fit.rank != 0:
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        save_checkpoint(Path(tmp), fit.saes, fit.opts, fit.trackers, fit.progress)
+        store_checkpoint(Path(tmp), location)
+
+
+def targets(trial: Trial, sae_art: Artifact, acts: Artifact, hp: str, cycle: int) -> Artifact:
+    """Cycle `cycle`'s sharpened targets, one per training example id, built by rank 0.
+
+    `random` never reads the SAE, so its targets hang off the activations alone."""
+    cfg, strategy = trial.cfg, trial.strategy
+    seed = trial.seed + cycle
+    if strategy == "random":
+        spec = {"parent": acts.key, "strategy": strategy, "seed": seed, "hookpoint": hp}
+    else:
+        spec = {
+            "parent": sae_art.key,
+            "strategy": strategy,
+            "top_k_pct": cfg.sharpening.top_k_pct,
+            "hookpoint": hp,
+        }
+
+    def compute(out: str, lead: bool) -> None:
+        ids, labels, x = load_sequences(acts.local("train", "sequences"), hp)
+        table = sharpen(
+            strategy,
+            SparseAutoencoder.load(sae_art.local()),
+            ids,
+            labels,
+            x,
+            trial.data.num_classes,
+            cfg.sharpening.top_k_pct,
+            seed=seed,
+        )
+        table.save(Path(out) / TARGETS)
+
+    return shared_artifact(trial.store, "targets", spec, compute, everyone=False)

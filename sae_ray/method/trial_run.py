@@ -1,0 +1,126 @@
+"""A trial is one Ray Train run: its driver (`run_trial`, in the Tune trial or `sae-ray
+run`) starts one `TorchTrainer` whose workers (`trial_loop`) run every stage of every
+cycle on their devices, and forwards each cycle's metrics to `report`.
+
+Worker groups are expensive to start (tens of seconds on a small machine, against seconds
+of work in a small stage), so a trial pays it once, not once per stage. The driver only
+orchestrates: it never builds a model (`models.forbidden`). A killed worker restarts the
+group (`resources.max_failures`); the restarted ranks find every finished stage in the
+artifact store, resume the SAE fit from its checkpoint, and report only the cycles not
+yet reported (the run's checkpoint says how many were).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import tempfile
+import threading
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sae_ray import storage
+from sae_ray.config import Config
+from sae_ray.lm.models import forbidden
+from sae_ray.lm.text_data import load_text_data
+from sae_ray.method.cycle import run_cycles
+from sae_ray.method.ranks import rank_world
+from sae_ray.method.stages import Trial
+from sae_ray.raytrain import torch_trainer
+from sae_ray.storage.artifacts import ArtifactStore
+
+REPORTED = "reported.json"  # the run's checkpoint: how many cycles Tune has
+
+
+def open_trial(cfg: Config, trial_id: str) -> Trial:
+    root, train_runs = cfg.trial_dirs(trial_id)
+    data = load_text_data(cfg.dataset, seed=cfg.experiment.seed)
+    return Trial(cfg, data, ArtifactStore(root), train_runs, cfg.strategy)
+
+
+def trial_loop(config: dict[str, Any]) -> None:
+    """One rank of the trial's worker group: every cycle, reported through Ray Train."""
+    import ray.train
+
+    threads = int(os.environ.get("SAE_RAY_TORCH_THREADS", "0"))
+    if threads:
+        torch.set_num_threads(threads)
+    reported = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            reported = json.loads((Path(directory) / REPORTED).read_text())["cycles"]
+    run_cycles(open_trial(config["cfg"], config["trial_id"]), _report_cycle, reported)
+
+
+def _report_cycle(cycle: int, metrics: dict[str, Any]) -> None:
+    """Every rank reports (Ray Train's reports are collective); rank 0's carries the
+    metrics and the checkpoint that marks the cycle reported."""
+    import ray.train
+
+    if rank_world()[0] != 0:
+        ray.train.report({})
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / REPORTED).write_text(json.dumps({"cycles": cycle + 1}))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def _forwarder(sink):
+    """A Ray Train callback (it runs in the run's controller) that hands each cycle's
+    metrics to the driver through `sink`, a Ray queue."""
+    from ray.train import UserCallback
+
+    class Forward(UserCallback):
+        def after_report(self, run_context, metrics, checkpoint):
+            cycle = next((m for m in metrics if "cycle" in m), None)
+            if cycle is not None:
+                sink.put(dict(cycle))
+
+    return Forward()
+
+
+def run_trial(cfg: Config, report: Callable[[dict[str, Any]], None], trial_id: str = "run"):
+    """Start the trial's Train run and call `report` with each cycle's metrics, in this
+    thread (Tune's report, or a list's append), while the run goes on in another."""
+    from ray.util.queue import Empty, Queue
+
+    _, train_runs = cfg.trial_dirs(trial_id)
+    sink = Queue(actor_options={"num_cpus": 0})
+    name = f"trial-{trial_id}-{uuid.uuid4().hex[:8]}"  # a Tune retry starts a fresh run
+    trainer = torch_trainer(
+        trial_loop,
+        {"cfg": cfg, "trial_id": trial_id},
+        cfg.resources,
+        name,
+        train_runs,
+        callbacks=[_forwarder(sink)],
+    )
+    outcome: dict[str, Any] = {}
+
+    def fit() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as err:  # handed to the driver's thread below
+            outcome["error"] = err
+
+    runner = threading.Thread(target=fit, name=f"train-{name}", daemon=True)
+    try:
+        with forbidden("a trial's driver"):
+            runner.start()
+            while runner.is_alive() or not sink.empty():
+                try:
+                    report(sink.get(timeout=0.5))
+                except (Empty, queue.Empty):
+                    continue
+        runner.join()
+    finally:
+        sink.shutdown()
+    if "error" in outcome:
+        raise outcome["error"]
+    storage.remove(storage.join(train_runs, name))  # cycle markers only; results are in Tune
