@@ -174,9 +174,12 @@ def ray_cluster():
     stop_cluster(temp_dir)
 
 
-def submit_quickstart(ray, workdir: Path, env_vars: dict[str, str], storage_path: str) -> str:
-    """`ray job submit --working-dir .` of the quickstart, with the cluster's runtime_env
-    file plus `env_vars`, as users submit it; asserts the job SUCCEEDED and returns its log."""
+def submit_quickstart(
+    ray, workdir: Path, env_vars: dict[str, str], storage_path: str, extra: tuple[str, ...] = ()
+) -> str:
+    """`ray job submit --working-dir .` of the quickstart (with `extra` overrides), with the
+    cluster's runtime_env file plus `env_vars`, as users submit it; asserts the job
+    SUCCEEDED and returns its log."""
     import yaml
 
     runtime_env = yaml.safe_load((ROOT / "cluster" / "runtime_env.yaml").read_text())
@@ -194,6 +197,7 @@ def submit_quickstart(ray, workdir: Path, env_vars: dict[str, str], storage_path
         "sweep",
         "sweeps/quickstart.yaml",  # relative: read from the uploaded working dir
         f"experiment.storage_path={storage_path}",
+        *extra,
         timeout=1800,
     )
     log = submitted.stdout + submitted.stderr

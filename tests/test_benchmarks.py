@@ -64,3 +64,21 @@ def test_unshared_trials_get_their_own_store_and_sae_runs(tmp_path):
     alone = C.apply_params(cfg, {"experiment.share_artifacts": False})
     a, b = (alone.trial_dirs(t) for t in ("t1", "t2"))
     assert a != b and all(path.endswith("t1") for path in a)
+
+
+@pytest.mark.parametrize(
+    "ours, theirs, target, better, ratio, met",
+    [
+        (3.0, 2.0, 1.4, "higher", 1.5, True),
+        (3.0, 2.0, 1.6, "higher", 1.5, False),
+        (1.0, 4.0, 0.5, "lower", 0.25, True),
+        (3.0, 4.0, 0.5, "lower", 0.75, False),
+    ],
+)
+def test_a_figures_ratio_and_verdict(capsys, ours, theirs, target, better, ratio, met):
+    """The line's arithmetic against hand-worked values, not against the formula it uses."""
+    from benchmarks.common import emit
+
+    line = emit("x", ours, theirs, target=target, better=better, config={}, device="cpu")
+    assert line["ratio"] == ratio and line["met"] is met
+    assert json.loads(capsys.readouterr().out) == line

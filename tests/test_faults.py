@@ -108,11 +108,18 @@ def _train_worker_pids() -> list[int]:
 
 
 def _cycle1_fit_step(sweep) -> int:
-    """The step of the cycle-1 SAE fit's latest checkpoint (0 before it has one): cycle 0
-    is reported and its SAE published, and the next fit has kept a checkpoint."""
-    if not list(sweep.glob("artifacts/sae-*/.complete")):
+    """The step of the cycle-1 SAE fit's latest checkpoint (0 before it has one): both
+    models and both activation sets are published, and an SAE not yet published has kept
+    a checkpoint under train_runs/sae-<its key>."""
+    done = {p.parent.name for p in sweep.glob("artifacts/*/.complete")}
+    if (
+        sum(n.startswith("model-") for n in done) < 2
+        or sum(n.startswith("activations-") for n in done) < 2
+    ):
         return 0
     for state in sweep.glob("train_runs/sae-*/state.json"):
+        if state.parent.name in done:
+            continue  # the cycle-0 fit's, about to be removed
         try:
             return int(json.loads(state.read_text())["step"])
         except (ValueError, KeyError, OSError):

@@ -72,8 +72,13 @@ def test_ray_data_delivers_every_row_once_across_two_workers(ray_cluster, tmp_pa
     assert everything == list(range(rows))  # every row, exactly once
 
 
-def test_sae_through_ray_train_learns_a_sparse_dictionary(ray_cluster, tmp_path):
+def test_sae_through_ray_train_learns_a_sparse_dictionary(ray_cluster, tmp_path, monkeypatch):
+    """Fed by Ray Data's streaming path (the one activation sets above the materialise
+    threshold take: read lazily, again each epoch), split over two workers."""
+    from ray.data import MaterializedDataset
+
     from sae_ray.method.evaluate import sae_quality
+    from sae_ray.sae import feeds
     from sae_ray.sae.feeds import activation_dataset
     from sae_ray.sae.fit_config import SaeTrainConfig
     from sae_ray.sae.trainer import train_saes
@@ -99,7 +104,9 @@ def test_sae_through_ray_train_learns_a_sparse_dictionary(ray_cluster, tmp_path)
         progress=False,
         run_name="sae-known-dictionary",
     )
+    monkeypatch.setattr(feeds, "MATERIALIZE_BYTES", 0)  # 1.3 MB: streamed, not held
     data = activation_dataset(tmp_path / "tokens", ["x"])
+    assert not isinstance(data[0], MaterializedDataset)
     result = train_saes(*data, cfg, Resources(num_workers=2), tmp_path / "train")
     sae = result.saes["x"]
     held_out = sae_quality(sae, x[10000:])

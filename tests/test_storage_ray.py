@@ -16,6 +16,8 @@ from tests.conftest import submit_quickstart
 
 pytestmark = pytest.mark.ray
 BUCKET_PATH = "s3://sae-ray-test/team/sweeps"
+SMALLER = ("search.num_samples=2", "dataset.num_examples=600")
+TRIALS = 2
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +26,9 @@ def s3_sweep(ray_cluster, s3_endpoint, tmp_path_factory):
     # Credentials and the endpoint reach the job, its trials and their workers as a cluster
     # user's would: through the job's runtime_env (or the nodes' own IAM roles).
     env_vars = {**s3_endpoint, "SAE_RAY_CACHE": str(tmp / "cache")}
-    log = submit_quickstart(ray_cluster, tmp, env_vars, BUCKET_PATH)
+    # two of the quickstart's points (per_class and its λ = 0 control), 600 examples: every
+    # kind of artifact and every shared stage, in half the quickstart's time
+    log = submit_quickstart(ray_cluster, tmp, env_vars, BUCKET_PATH, SMALLER)
     assert f"results: {BUCKET_PATH}/quickstart/results.csv" in log
     return f"{BUCKET_PATH}/quickstart", tmp / "cache"
 
@@ -32,8 +36,8 @@ def s3_sweep(ray_cluster, s3_endpoint, tmp_path_factory):
 def test_results_are_complete_in_the_bucket(s3_sweep, s3_server):
     sweep, _ = s3_sweep
     results = pd.read_csv(pa.BufferReader(storage.read_bytes(f"{sweep}/results.csv")))
-    assert len(results) == 4 * 2 and (results["status"] == "COMPLETE").all()
-    assert sorted(results.groupby("trial_id")["cycle"].apply(list).tolist()) == [[0, 1]] * 4
+    assert len(results) == TRIALS * 2 and (results["status"] == "COMPLETE").all()
+    assert sorted(results.groupby("trial_id")["cycle"].apply(list).tolist()) == [[0, 1]] * TRIALS
     assert results["interp/u"].notna().all() and results["val/accuracy"].notna().all()
     best = json.loads(storage.read_bytes(f"{sweep}/best.json"))
     assert best["best"]["trial_id"] in set(results["trial_id"])
@@ -47,11 +51,11 @@ def test_artifacts_and_tune_state_are_in_the_bucket(s3_sweep, s3_server):
     assert kinds == {"model", "activations", "sae", "targets"}, names
     for name in names:
         assert storage.is_file(f"{sweep}/artifacts/{name}/{DONE}"), name
-    # cycle 0 shared by all four trials, then one retrained model per strategy
-    assert sum(n.startswith("model-") for n in names) == 1 + 4
+    # cycle 0 shared by both trials, then one retrained model per strategy
+    assert sum(n.startswith("model-") for n in names) == 1 + TRIALS
     listing = storage.listdir(sweep)
     assert any(n.startswith("experiment_state-") for n in listing)  # what --resume reads
-    assert sum(n.startswith("trial_") for n in listing) == 4
+    assert sum(n.startswith("trial_") for n in listing) == TRIALS
     # the trials' Train runs and the SAE fits' checkpoints are removed once published
     assert storage.listdir(f"{sweep}/train_runs") == []
     trial = next(n for n in listing if n.startswith("trial_"))

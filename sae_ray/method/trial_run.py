@@ -71,9 +71,22 @@ def _report_cycle(cycle: int, metrics: dict[str, Any]) -> None:
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
+# What a worker-group restart would only raise again: bad settings reaching a stage (a
+# searched layer the model lacks), NaN or Inf activations, a diverged SAE. Ray Train
+# restarts a group for any worker error; these end the trial at once instead.
+DETERMINISTIC = (ValueError, FloatingPointError)
+FAILED = "__failed__"
+
+
+class TrialFailed(RuntimeError):
+    """A trial stopped by an error a restart would repeat; the message is the worker's."""
+
+
 def _forwarder(sink):
     """A Ray Train callback (it runs in the run's controller) that hands each cycle's
-    metrics to the driver through `sink`, a Ray queue."""
+    metrics to the driver through `sink`, a Ray queue, and ends the run without restarts
+    on a deterministic worker error (raising here fails the controller, which Ray Train
+    does not retry)."""
     from ray.train import UserCallback
 
     class Forward(UserCallback):
@@ -81,6 +94,14 @@ def _forwarder(sink):
             cycle = next((m for m in metrics if "cycle" in m), None)
             if cycle is not None:
                 sink.put(dict(cycle))
+
+        def after_exception(self, run_context, worker_exceptions):
+            fatal = [e for e in worker_exceptions.values() if isinstance(e, DETERMINISTIC)]
+            if fatal:
+                first = (str(fatal[0]).strip().splitlines() or [""])[0]
+                reason = f"{type(fatal[0]).__name__}: {first}"
+                sink.put({FAILED: reason})
+                raise TrialFailed(reason)
 
     return Forward()
 
@@ -110,17 +131,24 @@ def run_trial(cfg: Config, report: Callable[[dict[str, Any]], None], trial_id: s
             outcome["error"] = err
 
     runner = threading.Thread(target=fit, name=f"train-{name}", daemon=True)
+    failed = None
     try:
         with forbidden("a trial's driver"):
             runner.start()
             while runner.is_alive() or not sink.empty():
                 try:
-                    report(sink.get(timeout=0.5))
+                    item = sink.get(timeout=0.5)
                 except (Empty, queue.Empty):
                     continue
+                if FAILED in item:
+                    failed = item[FAILED]
+                else:
+                    report(item)
         runner.join()
     finally:
         sink.shutdown()
+        storage.remove(storage.join(train_runs, name))  # cycle markers; results are in Tune
+    if failed is not None:  # the worker's own error, not Ray's wrapping of it
+        raise TrialFailed(failed) from None
     if "error" in outcome:
         raise outcome["error"]
-    storage.remove(storage.join(train_runs, name))  # cycle markers only; results are in Tune

@@ -33,7 +33,7 @@ from sae_ray.config import (
     apply_params,
     effective_strategy,
 )
-from sae_ray.method.trial_run import run_trial
+from sae_ray.method.trial_run import TrialFailed, run_trial
 from sae_ray.sweep.progress import SweepProgress
 from sae_ray.sweep.results import collect_results, write_config, write_outputs
 
@@ -225,9 +225,19 @@ def objective_reporter(search: Search, report):
 
 
 def _trainable(params: dict[str, Any], base: dict[str, Any]) -> None:
+    """One trial. A trial that failed deterministically (`TrialFailed`: bad settings at a
+    stage, NaN or Inf) fails again at once when Tune retries it (`resources.trial_retries`
+    are for lost nodes and killed drivers), without starting a worker group to repeat it."""
     cfg = apply_params(Config.model_validate(base), params)
     trial_id = tune.get_context().get_trial_id()
-    run_trial(cfg, report=objective_reporter(cfg.search, tune.report), trial_id=trial_id)
+    failed = storage.join(cfg.trial_dirs(trial_id)[1], f"failed-{trial_id}.txt")
+    if storage.is_file(failed):
+        raise TrialFailed(storage.read_bytes(failed).decode())
+    try:
+        run_trial(cfg, report=objective_reporter(cfg.search, tune.report), trial_id=trial_id)
+    except TrialFailed as err:
+        storage.write_bytes(failed, str(err).encode())
+        raise
 
 
 class SweepMetrics(tune.Callback):
