@@ -406,7 +406,7 @@ TRIPWIRE_CASES = [
         "model.layer",
     ),
     (["run", "{yaml}", "sae.k=0"], BASE, "sae.k"),
-    (["sweep", "{quickstart}", "experiment.storage_path={tmp}", "--resume"], None, "--resume"),
+    (["sweep", "{quickstart}", "--resume", "experiment.storage_path={tmp}"], None, "--resume"),
     (
         ["train-sae", "tiny-gpt2", "synthetic:topics", "--expansion_factor", "1", "--k", "999"],
         None,
@@ -450,3 +450,12 @@ def test_bad_input_never_reaches_a_ray_cluster(tmp_path, args, text, expected):
     assert done.returncode == 2, done.stderr[-2000:]
     assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], lines
     assert "Traceback" not in done.stderr and not done.stdout.strip()
+
+
+def test_overrides_may_follow_a_flag():
+    """`sae-ray sweep FILE --resume sae.k=16` is what people type; argparse alone refused it
+    ('unrecognized arguments') once the file had been read as the positional."""
+    args = cli._parse(["sweep", "s.yaml", "sae.k=4", "--resume", "sae.k=16", "--verbose"])
+    assert args.overrides == ["sae.k=4", "sae.k=16"] and args.resume and args.verbose
+    with pytest.raises(Exception, match="unrecognized arguments: --nope"):
+        cli._parse(["sweep", "s.yaml", "--resume", "sae.k=16", "--nope"])

@@ -75,7 +75,7 @@ def test_ray_data_delivers_every_row_once_across_two_workers(ray_cluster, tmp_pa
 def test_sae_through_ray_train_learns_a_sparse_dictionary(ray_cluster, tmp_path, monkeypatch):
     """Fed by Ray Data's streaming path (the one activation sets above the materialise
     threshold take: read lazily, again each epoch), split over two workers."""
-    from ray.data import MaterializedDataset
+    from ray.data.dataset import MaterializedDataset
 
     from sae_ray.method.evaluate import sae_quality
     from sae_ray.sae import feeds

@@ -200,9 +200,23 @@ def _version() -> str:
         return "unknown"
 
 
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    """The command line; dotted overrides may also come after a flag (`sweep FILE --resume
+    sae.k=16`), which argparse alone refuses once its positionals are consumed."""
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    late = [t for t in extra if "=" in t and not t.startswith("-")]
+    if late and hasattr(args, "overrides"):
+        args.overrides = [*args.overrides, *late]
+        extra = [t for t in extra if t not in late]
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
-        args = _parser().parse_args(argv)
+        args = _parse(argv)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
