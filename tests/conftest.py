@@ -118,7 +118,7 @@ def stop_cluster(temp_dir: Path) -> None:
     for proc in mine:
         with contextlib.suppress(psutil.Error):
             proc.terminate()
-    _, alive = psutil.wait_procs(mine, timeout=30)
+    _, alive = psutil.wait_procs(mine, timeout=10)  # then killed: only a test cluster
     for proc in alive:
         with contextlib.suppress(psutil.Error):
             proc.kill()

@@ -1,6 +1,8 @@
 """The quickstart sweep with `storage_path: s3://...`, submitted as a Ray job against a local
 S3 server (moto, loopback): it succeeds, and its results, artifacts and Tune state are all
-in the bucket."""
+in the bucket. A Train worker of each trial is SIGKILLed during its cycle-1 SAE fit (the
+`SAE_RAY_KILL_SAE_FIT_AT` fault point): the group restarts, finds every finished stage in
+the bucket, resumes the fit from its bucket checkpoint, and reports no cycle twice."""
 
 from __future__ import annotations
 
@@ -11,13 +13,17 @@ import pyarrow as pa
 import pytest
 
 from sae_ray import storage
+from sae_ray.lm.extraction import read_manifest
+from sae_ray.method.stages import KILL_SAE_FIT_AT
 from sae_ray.storage.artifacts import DONE
 from tests.conftest import submit_quickstart
 
 pytestmark = pytest.mark.ray
 BUCKET_PATH = "s3://sae-ray-test/team/sweeps"
-SMALLER = ("search.num_samples=2", "dataset.num_examples=600")
+SAVE_EVERY, KILLED_AT = 5, 10  # a fit of 600 examples takes about 28 steps
+SMALLER = ("search.num_samples=2", "dataset.num_examples=600", f"sae.save_every={SAVE_EVERY}")
 TRIALS = 2
+EPOCHS = 4  # the quickstart's sae.epochs
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +31,11 @@ def s3_sweep(ray_cluster, s3_endpoint, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("s3-sweep")
     # Credentials and the endpoint reach the job, its trials and their workers as a cluster
     # user's would: through the job's runtime_env (or the nodes' own IAM roles).
-    env_vars = {**s3_endpoint, "SAE_RAY_CACHE": str(tmp / "cache")}
+    env_vars = {
+        **s3_endpoint,
+        "SAE_RAY_CACHE": str(tmp / "cache"),
+        KILL_SAE_FIT_AT: f"1:{KILLED_AT}",
+    }
     # two of the quickstart's points (per_class and its λ = 0 control), 600 examples: every
     # kind of artifact and every shared stage, in half the quickstart's time
     log = submit_quickstart(ray_cluster, tmp, env_vars, BUCKET_PATH, SMALLER)
@@ -62,3 +72,29 @@ def test_artifacts_and_tune_state_are_in_the_bucket(s3_sweep, s3_server):
     assert any(n.startswith("offline-run-") for n in storage.listdir(f"{sweep}/{trial}/wandb"))
     # What trials read locally was fetched into the node's cache, not written beside the job.
     assert list((cache / "remote").glob("*/spec.json"))
+
+
+def _sae_metrics(sweep: str) -> list[dict]:
+    return [
+        json.loads(storage.read_bytes(f"{sweep}/artifacts/{name}/train_metrics.json"))
+        for name in storage.listdir(f"{sweep}/artifacts")
+        if name.startswith("sae-")
+    ]
+
+
+def test_a_train_worker_killed_mid_fit_resumes_where_it_was(s3_sweep, s3_server):
+    """Each trial's cycle-1 fit lost a rank after its step-10 checkpoint: the restarted
+    group found the models and activations (the cycle reports one artifact computed, the
+    SAE), resumed from the checkpoint in the bucket (not step 0) and trained each epoch
+    once; cycle 0, already reported, was not reported again."""
+    sweep, _ = s3_sweep
+    results = pd.read_csv(pa.BufferReader(storage.read_bytes(f"{sweep}/results.csv")))
+    cycle1 = results[results["cycle"] == 1]
+    assert (cycle1["artifacts/computed"] == 1).all(), cycle1["artifacts/computed"]
+    fits = _sae_metrics(sweep)
+    resumed = sorted(m["resumed_from_step"] for m in fits)
+    assert resumed == [0] + [KILLED_AT] * TRIALS, resumed  # the shared cycle-0 SAE: not killed
+    acts = [n for n in storage.listdir(f"{sweep}/artifacts") if n.startswith("activations-")]
+    (rows,) = {read_manifest(f"{sweep}/artifacts/{n}/train/tokens").rows for n in acts}
+    for metrics in fits:  # every epoch trained once (equal splits drop < 1 row/worker/epoch)
+        assert EPOCHS * (rows - 1) <= metrics["tokens"] <= EPOCHS * rows, (metrics, rows)

@@ -21,7 +21,7 @@ from tests.conftest import METRICS_PORT, QUICKSTART, ROOT
 
 pytestmark = pytest.mark.ray
 
-TRIALS = 4
+TRIALS = 3
 CYCLES = 1
 OVERRIDES = [
     "experiment.name=pareto",
@@ -36,8 +36,10 @@ OVERRIDES = [
     "search.space={sae.k: {type: choice, values: [2, 4, 8, 16]}, "
     "sae.expansion_factor: {type: intlog, low: 2, high: 8}, "
     "model.layer: {type: choice, values: [-1, -2, 5]}}",  # tiny-gpt2 has 2 blocks
+    # one trial completes, one fails, one is being built when the driver is killed
     "search.points_to_evaluate=[{sae.k: 4, sae.expansion_factor: 2, model.layer: -1}, "
-    "{sae.k: 8, sae.expansion_factor: 2, model.layer: 5}]",
+    "{sae.k: 8, sae.expansion_factor: 2, model.layer: 5}, "
+    "{sae.k: 2, sae.expansion_factor: 4, model.layer: -2}]",
     "wandb.mode=disabled",
 ]
 

@@ -9,6 +9,8 @@ skips every stage it finished. `ranks.shared_artifact` decides who builds what.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import tempfile
 import time
 from dataclasses import dataclass
@@ -30,7 +32,14 @@ from sae_ray.lm.extraction import (
 from sae_ray.lm.models import Classifier, load_classifier, save_classifier
 from sae_ray.lm.text_data import TextData
 from sae_ray.method.finetune import HISTORY, finetune, initial_classifier
-from sae_ray.method.ranks import broadcast, gather, local_part, rank_world, shared_artifact
+from sae_ray.method.ranks import (
+    barrier,
+    broadcast,
+    gather,
+    local_part,
+    rank_world,
+    shared_artifact,
+)
 from sae_ray.method.targets import TargetTable, sharpen
 from sae_ray.raytrain import worker_device as device
 from sae_ray.sae.checkpoints import save_checkpoint, store_checkpoint, stored_checkpoint
@@ -286,7 +295,7 @@ def sae(trial: Trial, acts: Artifact, hp: str, cycle: int) -> Artifact:
             {"cfg": fit_cfg.model_dump(), "rows": manifest.rows},
             _feed_split(tokens, hp),
             stored_checkpoint(checkpoints),
-            lambda f: _keep_checkpoint(f, checkpoints),
+            lambda f: _keep_checkpoint(f, checkpoints, cycle),
         )
         if lead:
             fit.saes[hp].save(Path(out))
@@ -315,12 +324,21 @@ def _feed_split(tokens: str, hp: str):
     return broadcast(splits)[rank]
 
 
-def _keep_checkpoint(fit: Fit, location: str) -> None:
-    if fit.rank != 0:
-        return
-    with tempfile.TemporaryDirectory() as tmp:
-        save_checkpoint(Path(tmp), fit.saes, fit.opts, fit.trackers, fit.progress)
-        store_checkpoint(Path(tmp), location)
+# Fault injection for chaos tests, "CYCLE:STEP": the last rank of every SAE fit of cycle
+# CYCLE SIGKILLs itself once the step-STEP checkpoint is stored. A restarted group resumes
+# the fit from that checkpoint, past STEP, so each fit is killed once.
+KILL_SAE_FIT_AT = "SAE_RAY_KILL_SAE_FIT_AT"
+
+
+def _keep_checkpoint(fit: Fit, location: str, cycle: int) -> None:
+    if fit.rank == 0:
+        with tempfile.TemporaryDirectory() as tmp:
+            save_checkpoint(Path(tmp), fit.saes, fit.opts, fit.trackers, fit.progress)
+            store_checkpoint(Path(tmp), location)
+    if os.environ.get(KILL_SAE_FIT_AT) == f"{cycle}:{fit.progress.step}":
+        barrier()  # the checkpoint is stored
+        if fit.rank == rank_world()[1] - 1:
+            os.kill(os.getpid(), signal.SIGKILL)
 
 
 def targets(trial: Trial, sae_art: Artifact, acts: Artifact, hp: str, cycle: int) -> Artifact:
