@@ -9,6 +9,7 @@ reader can refuse a truncated or foreign shard.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -250,14 +251,21 @@ def load_sequences(
     )
 
 
-def load_tokens(root: Path, column: str | None = None, limit: int | None = None) -> np.ndarray:
+def iter_tokens(root: Path, column: str | None = None) -> Iterator[np.ndarray]:
+    """A token table's rows, one record batch at a time (float32): a pass over held-out
+    tokens without holding them all."""
     manifest = read_manifest(root)
     column = column_of(manifest, root, column)
-    parts, total = [], 0
     for path in manifest.paths(root):
         for rb in pq.ParquetFile(path).iter_batches(columns=[column]):
-            parts.append(arrow_to_vectors(rb.column(0), manifest.d))
-            total += rb.num_rows
-            if limit and total >= limit:
-                return np.concatenate(parts)[:limit].astype(np.float32)
-    return np.concatenate(parts).astype(np.float32)
+            yield arrow_to_vectors(rb.column(0), manifest.d).astype(np.float32)
+
+
+def load_tokens(root: Path, column: str | None = None, limit: int | None = None) -> np.ndarray:
+    parts, total = [], 0
+    for part in iter_tokens(root, column):
+        parts.append(part)
+        total += len(part)
+        if limit and total >= limit:
+            return np.concatenate(parts)[:limit]
+    return np.concatenate(parts)
