@@ -32,6 +32,7 @@ from sae_ray.lm.models import (
     resolve_layer,
 )
 from sae_ray.lm.text_data import Split, TextData
+from sae_ray.method import sharding
 from sae_ray.method.targets import TargetTable
 
 log = logging.getLogger(__name__)
@@ -136,28 +137,33 @@ def finetune(
     val: Split | None = None,
     train_layers: str = "all",
     on_epoch: Callable[[dict[str, float]], None] | None = None,
+    strategy: sharding.Strategy = "ddp",
+    activation_checkpointing: bool = False,
+    device: torch.device | None = None,
 ) -> list[dict[str, float]]:
     """AdamW with linear warm-up and decay, gradient clip; returns per-epoch records.
 
-    Runs as one DDP rank when torch.distributed is initialised (each rank its share of every
-    global batch). With `val`, the model ends as its best epoch on validation accuracy (ties:
-    the later epoch), never chosen on the held-out test split; rank 0 holds that copy."""
+    Runs as one rank when torch.distributed is initialised (each rank its share of every
+    global batch), the model replicated (`ddp`) or sharded (`fsdp`) over the ranks. With
+    `val`, the model ends as its best epoch on validation accuracy (ties: the later epoch),
+    never chosen on the held-out test split. `device` is where the model trains (default:
+    where it is; a model to shard may still be on the CPU: each block moves as a shard)."""
     rank, world = _rank_world()
     model = clf.model
-    device = next(model.parameters()).device
-    params = select_trainable(model, layer, train_layers)
-    forward: torch.nn.Module = model
-    if world > 1:
-        ids = [device.index] if device.type == "cuda" else None
-        forward = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    device = device or next(model.parameters()).device
+    select_trainable(model, layer, train_layers)
+    if activation_checkpointing:  # recompute each block's activations in backward
+        model.activation_checkpointing_enable({"use_reentrant": False})
+    bf16 = cfg.autocast and device.type == "cuda"
+    forward = sharding.wrap(model, strategy, device, bf16)
+    params = [p for p in model.parameters() if p.requires_grad]  # sharded ones under fsdp
     total = cfg.epochs * steps_per_epoch(len(train), cfg.batch_size, world)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = get_linear_schedule_with_warmup(opt, min(cfg.warmup_steps, total), total)
-    autocast = torch.autocast(
-        device.type, dtype=torch.bfloat16, enabled=cfg.autocast and device.type == "cuda"
-    )
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
     history: list[dict[str, float]] = []
     best: tuple[float, dict[str, torch.Tensor]] | None = None
+    keeps_copy = rank == 0 or sharding.is_sharded(model)  # shards: every rank its own
     step = 0
     for epoch in range(cfg.epochs):
         model.train()
@@ -184,14 +190,15 @@ def finetune(
             record["aux"] = aux / max(count, 1)
         if val is not None:
             record["val_accuracy"] = accuracy_on(clf, val, max_length)
-            if rank == 0 and (best is None or record["val_accuracy"] >= best[0]):
-                state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-                best = (record["val_accuracy"], state)
+            if keeps_copy and (best is None or record["val_accuracy"] >= best[0]):
+                best = (record["val_accuracy"], sharding.snapshot(model))
         history.append(record)
         if on_epoch is not None:
             on_epoch(record)
     if best is not None:
-        model.load_state_dict(best[1])
+        sharding.restore(model, best[1])
+    if activation_checkpointing:
+        model.activation_checkpointing_disable()
     for p in model.parameters():
         p.requires_grad_(True)
     model.eval()
@@ -200,18 +207,22 @@ def finetune(
 
 @torch.no_grad()
 def accuracy_on(clf: Classifier, split: Split, max_length: int, batch_size: int = 128) -> float:
-    """Accuracy over the whole split; under DDP each rank scores its slice and counts add up."""
+    """Accuracy over the whole split; each rank scores its slice and counts add up. Every
+    rank runs the same number of forward passes (a sharded model's are collective): one
+    whose slice is used up scores a row it does not count."""
     rank, world = _rank_world()
     device = next(clf.model.parameters()).device
     idx = np.array_split(np.arange(len(split)), world)[rank]
+    longest = -(-len(split) // world)
     clf.model.eval()
     correct = 0
-    for start in range(0, len(idx), batch_size):
-        b = encode(clf, split, idx[start : start + batch_size], max_length)
+    for start in range(0, longest, batch_size):
+        rows = idx[start : start + batch_size]
+        b = encode(clf, split, rows if len(rows) else np.arange(1), max_length)
         logits = clf.model(
             input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device)
         ).logits
-        correct += int((logits.argmax(-1).cpu() == b["labels"]).sum())
+        correct += int((logits.argmax(-1).cpu() == b["labels"]).sum()) if len(rows) else 0
     right, total = _sum_over_ranks([correct, len(idx)], device)
     return right / max(total, 1)
 
