@@ -26,6 +26,7 @@ FIGURES: dict[str, list[str]] = {
         *("--model", "tiny-gpt2", "--layer", "-1", "--examples", "200", "--rows", "20000")
     ],
     "trial_overhead": ["--examples", "400", "--cycles", "1"],
+    "scale": ["--examples", "100", "--model", "tiny-gpt2"],
     "gpu_flops": ["--d_in", "64", "--expansion_factor", "8", "--batch", "512", "--steps", "2"],
 }
 QUICK_SKIPS = {"sweep_sharing"}

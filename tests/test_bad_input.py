@@ -413,6 +413,11 @@ TRIPWIRE_CASES = [
         "--k",
     ),
     (["report", "{tmp}/nowhere"], None, "nowhere"),
+    (  # the 20B model's fine-tunes with a replica per GPU: the memory plan refuses them
+        ["sweep", "{neox}", "dataset.name=synthetic:topics", "resources.strategy=ddp"],
+        None,
+        "resources.strategy: the fine-tune needs",
+    ),
 ]
 
 
@@ -433,7 +438,13 @@ def test_bad_input_never_reaches_a_ray_cluster(tmp_path, args, text, expected):
 
     if text is not None:
         (tmp_path / "sweep.yaml").write_text(text)
-    where = {"yaml": tmp_path / "sweep.yaml", "tmp": tmp_path, "quickstart": QUICKSTART}
+    neox = QUICKSTART.parent / "sst2_neox20b.yaml"
+    where = {
+        "yaml": tmp_path / "sweep.yaml",
+        "tmp": tmp_path,
+        "quickstart": QUICKSTART,
+        "neox": neox,
+    }
     argv = [a.format(**where) for a in args]
     if argv[0] == "train-sae":
         argv += ["--save_dir", str(tmp_path / "out")]

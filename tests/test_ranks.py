@@ -99,3 +99,24 @@ def test_a_process_that_forbids_models_cannot_build_or_load_one(tmp_path, topics
         with pytest.raises(RuntimeError, match="must not build or load"):
             load_classifier(tmp_path / "m")
     load_classifier(tmp_path / "m")  # allowed again after the block
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("model.layer=5", "ValueError: model.layer: 5 is out of range for a 2-block model"),
+        ("sae.k=300", "ValueError: k: 300 is larger than the 256 latents"),
+    ],
+)
+def test_settings_the_models_config_rules_out_fail_before_a_worker_group(override, message):
+    """The trial's driver reads the model's config (no weights, no Ray): a sampled layer the
+    model lacks or a k above the dictionary fails the trial with the worker's message,
+    without starting a worker group (Ray is not even initialised here)."""
+    from sae_ray import config as C
+    from sae_ray.method.trial_run import TrialFailed, run_trial
+    from tests.conftest import QUICKSTART
+
+    cfg = C.load(QUICKSTART, [override])
+    with pytest.raises(TrialFailed) as failed:
+        run_trial(cfg, lambda metrics: None, "t")
+    assert str(failed.value) == message

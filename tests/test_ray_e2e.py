@@ -312,7 +312,8 @@ def test_quickstart_console_is_for_people(quickstart_sweep):
     assert not noisy, noisy[:10]
     assert len(console) <= 80, "\n".join(console)
     text = "\n".join(console)
-    for needed in ("started (sae.k=", "cycle 2/2:", "best trial:", "results: ", "report: "):
+    lines = ("memory per worker:", "started (sae.k=", "cycle 2/2:", "best trial:", "results: ")
+    for needed in (*lines, "report: "):
         assert needed in text, needed
 
 

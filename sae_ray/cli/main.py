@@ -70,11 +70,13 @@ def _parser() -> argparse.ArgumentParser:
     for name, help_text in (
         ("sweep", "run a Ray Tune + Optuna sweep from a YAML file"),
         ("run", "run one trial with the YAML's fixed values"),
+        ("plan", "print each stage's memory per worker and refuse what won't fit (no Ray)"),
     ):
         p = sub.add_parser(name, help=help_text)
         p.add_argument("sweep_file", help="sweep YAML, e.g. sweeps/quickstart.yaml")
         p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. sae.k=16")
-        _address(p)
+        if name != "plan":
+            _address(p)
         if name == "sweep":
             p.add_argument(
                 "--resume",
@@ -247,6 +249,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         cfg = config_mod.load(args.sweep_file, args.overrides)
+        if args.command == "plan":
+            return _plan(cfg)
         _warn_if_inside_job(cfg)
         if args.command == "sweep":
             from sae_ray.sweep.tuner import (
@@ -259,16 +263,17 @@ def main(argv: list[str] | None = None) -> int:
 
             search_space(cfg)  # refuse an empty space before starting Ray
             cfg = with_control(cfg)
-            preflight.check(cfg)
+            plan = preflight.check(cfg)
             if args.resume:
                 check_resumable(cfg)
+            _print_plan(plan)  # every check passed: what follows is the sweep
             _connect(args.address, args.verbose)
             import ray
 
             max_concurrent_trials(cfg, ray.cluster_resources())
             rows = run_sweep(cfg, resume=args.resume)
         else:
-            preflight.check(cfg)
+            _print_plan(preflight.check(cfg))
             _connect(args.address, args.verbose)
             rows = _run_one(cfg)
     except ConfigError as err:
@@ -278,6 +283,23 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "sweep":
         _after_sweep(cfg, rows)
     return 0
+
+
+def _plan(cfg: Config) -> int:
+    """`sae-ray plan`: the whole memory plan, then its verdict (exit 2 when a stage won't fit)."""
+    plan = preflight.memory_plan(cfg, preflight.check_dataset(cfg))
+    if plan is None:
+        print(f"{cfg.model.name}: its config cannot be read offline, so its size is unknown")
+        return 0
+    print("\n".join(plan.lines()))
+    plan.check()  # a ConfigError: the caller prints it and exits 2
+    print("fits" if plan.device_gb else "set resources.gpu_memory_gb to check it against a GPU")
+    return 0
+
+
+def _print_plan(plan) -> None:
+    if plan is not None:
+        print(plan.summary())
 
 
 def _after_sweep(cfg: Config, rows: list[dict[str, Any]]) -> None:

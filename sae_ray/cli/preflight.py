@@ -7,17 +7,26 @@ failures: the sweep records them and goes on."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sae_ray import storage
 from sae_ray.config import Config, ConfigError
 
+if TYPE_CHECKING:
+    from sae_ray.method.memory import Plan
 
-def check(cfg: Config) -> None:
-    check_dataset(cfg)
+
+def check(cfg: Config) -> Plan | None:
+    """Every check; returns the memory plan (None when the model's size is unknown)."""
+    examples = check_dataset(cfg)
     check_model(cfg)
     check_layer(cfg)
     check_sae_size(cfg)
+    plan = memory_plan(cfg, examples)
+    if plan is not None:
+        plan.check()
     check_storage(cfg)
+    return plan
 
 
 def _first_missing(location: str) -> str | None:
@@ -46,26 +55,38 @@ def check_storage(cfg: Config) -> None:
             storage.remove(made)
 
 
-def check_dataset(cfg: Config) -> None:
+def check_dataset(cfg: Config) -> int:
+    """The dataset loads; returns its number of examples (all splits)."""
     from sae_ray.lm.text_data import load_text_data
 
-    load_text_data(cfg.dataset, seed=cfg.experiment.seed)
+    data = load_text_data(cfg.dataset, seed=cfg.experiment.seed)
+    return sum(len(split) for split in data.splits.values())
+
+
+def model_config(model: str):
+    from sae_ray.lm.models import config_of
+
+    return config_of(model)
 
 
 def model_shape(model: str) -> tuple[int, int] | None:
-    """The hooked width and the number of blocks, from the model's config alone; None if it
-    cannot be read offline (no network, a gated repo...: the trial will say)."""
-    from sae_ray.lm.models import TINY_BLOCKS, TINY_PRESETS, TINY_WIDTH, resolve_model
+    """The hooked width and the number of blocks (None: unknown offline)."""
+    config = model_config(model)
+    return None if config is None else (config.hidden_size, config.num_hidden_layers)
 
-    if model in TINY_PRESETS:
-        return TINY_WIDTH, TINY_BLOCKS
-    try:
-        from transformers import AutoConfig
 
-        config = AutoConfig.from_pretrained(resolve_model(model))
-        return config.hidden_size, config.num_hidden_layers
-    except Exception:
+def memory_plan(cfg: Config, examples: int) -> Plan | None:
+    """Each stage's memory per worker for the largest SAE the sweep may sample."""
+    from sae_ray.method.memory import Shape, plan
+
+    config = model_config(cfg.model.name)
+    if config is None:
         return None
+    shape = Shape.of(config)
+    k = max(_values(cfg, "sae.k", cfg.sae.k))
+    factor = max(_values(cfg, "sae.expansion_factor", cfg.sae.expansion_factor))
+    latents = cfg.sae.model_copy(update={"expansion_factor": factor}).latents_for(shape.hidden)
+    return plan(cfg, shape, latents, k, examples)
 
 
 def hidden_size(model: str) -> int | None:

@@ -160,6 +160,17 @@ class Resources(Section):
     cpus_per_worker: float = Field(0.5, gt=0)
     max_failures: int = Field(2, ge=0, description="worker-group restarts of a Train run")
     trial_retries: int = Field(1, ge=0, description="re-runs of a failed trial (artifacts kept)")
+    strategy: Literal["ddp", "fsdp"] = Field(
+        "ddp",
+        description="fine-tunes: a model replica per worker (ddp), or weights, gradients and "
+        "optimizer state sharded over the workers (fsdp: models too big for one device)",
+    )
+    activation_checkpointing: bool = Field(
+        False, description="fine-tunes recompute each block's activations in backward"
+    )
+    gpu_memory_gb: float | None = Field(
+        None, gt=0, description="each GPU worker's memory: the memory plan refuses what won't fit"
+    )
 
 
 class Wandb(Section):

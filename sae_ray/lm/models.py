@@ -20,6 +20,7 @@ from transformers import (
     AutoTokenizer,
     BertConfig,
     GPT2Config,
+    GPTNeoXConfig,
     PreTrainedTokenizerFast,
 )
 from transformers.utils import logging as hf_logging
@@ -40,8 +41,8 @@ FIRST_TOKEN_TYPES = {
     "deberta",
     "deberta-v2",
 }
-TINY_PRESETS = ("tiny-gpt2", "tiny-bert")
-TINY_WIDTH = 64  # both tiny presets' hidden size
+TINY_PRESETS = ("tiny-gpt2", "tiny-bert", "tiny-neox", "random-gpt2")
+TINY_WIDTH = 64  # every tiny preset's hidden size
 TINY_BLOCKS = 2  # and their blocks
 # The seed experiments' models by short name -> hub id. gpt-neox-20b needs ~41 GB in bf16
 # for the weights alone: see the README's "Large models" before using it.
@@ -50,6 +51,65 @@ MODEL_PRESETS = {
     "pythia-70m": "EleutherAI/pythia-70m",
     "gpt-neox-20b": "EleutherAI/gpt-neox-20b",
 }
+
+
+def preset_config(name: str):
+    """The architecture of a preset from its published config, known without the hub: what
+    the memory plan sizes. None for anything else."""
+    if name in TINY_PRESETS:
+        from transformers import PreTrainedTokenizerFast
+
+        tok = PreTrainedTokenizerFast(tokenizer_object=_word_level(1000), pad_token="<pad>")
+        return _tiny_config(name.removeprefix("tiny-"), tok, 2, 64)
+    if name == "gpt2":
+        return GPT2Config()  # GPT-2 small: its defaults
+    if name == "pythia-70m":
+        return GPTNeoXConfig(
+            hidden_size=512,
+            num_hidden_layers=6,
+            num_attention_heads=8,
+            intermediate_size=2048,
+            vocab_size=50304,
+            rotary_pct=0.25,
+        )
+    if name == "gpt-neox-20b":
+        return GPTNeoXConfig(
+            hidden_size=6144,
+            num_hidden_layers=44,
+            num_attention_heads=64,
+            intermediate_size=24576,
+            vocab_size=50432,
+            rotary_pct=0.25,
+            max_position_embeddings=2048,
+        )
+    return None
+
+
+def config_of(name: str):
+    """A model's architecture from its config alone: a preset's is built in, a local
+    folder's or a cached hub model's config.json is read. None when it cannot be read
+    offline (no network, a gated repo...): whoever loads the model will say."""
+    config = preset_config(name)
+    if config is not None:
+        return config
+    try:
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(resolve_model(name))
+    except Exception:
+        return None
+
+
+def check_layer_index(layer: int, blocks: int) -> None:
+    """The one message for a hooked layer the model lacks (ValueError naming model.layer)."""
+    if not -blocks <= layer < blocks:
+        raise ValueError(f"model.layer: {layer} is out of range for a {blocks}-block model")
+
+
+def _word_level(size: int):
+    from tokenizers import Tokenizer, models
+
+    return Tokenizer(models.WordLevel(vocab={f"w{i}": i for i in range(size)}, unk_token="w1"))
 
 
 def resolve_model(name: str) -> str:
@@ -110,7 +170,13 @@ def word_tokenizer(texts: list[str], kind: str) -> PreTrainedTokenizerFast:
 
 
 def _tiny_config(kind: str, tok, num_labels: int, max_length: int):
+    """The offline presets' architectures: 2 blocks of width 64, or (`random-gpt2`) GPT-2
+    small's 12 blocks of width 768 with random weights (real-size compute, no download)."""
     common = dict(vocab_size=len(tok), num_labels=num_labels, pad_token_id=tok.pad_token_id)
+    if kind == "random-gpt2":
+        return GPT2Config(
+            n_positions=max(1024, max_length), bos_token_id=None, eos_token_id=None, **common
+        )
     if kind == "gpt2":
         return GPT2Config(
             n_layer=TINY_BLOCKS,
@@ -119,6 +185,15 @@ def _tiny_config(kind: str, tok, num_labels: int, max_length: int):
             n_positions=max_length + 2,
             bos_token_id=None,
             eos_token_id=None,
+            **common,
+        )
+    if kind == "neox":  # GPT-NeoX-20B's architecture, 2 blocks wide 64
+        return GPTNeoXConfig(
+            num_hidden_layers=TINY_BLOCKS,
+            hidden_size=TINY_WIDTH,
+            num_attention_heads=4,
+            intermediate_size=4 * TINY_WIDTH,
+            max_position_embeddings=max_length + 2,
             **common,
         )
     return BertConfig(
@@ -164,7 +239,7 @@ def build_classifier(
     torch.manual_seed(seed)
     if name in TINY_PRESETS:
         kind = name.removeprefix("tiny-")
-        tok = word_tokenizer(train_texts, kind)
+        tok = word_tokenizer(train_texts, "bert" if kind == "bert" else "gpt2")
         model = AutoModelForSequenceClassification.from_config(
             _tiny_config(kind, tok, num_labels, max_length)
         )
@@ -191,8 +266,18 @@ def build_tiny_lm(name: str, train_texts: list[str], seed: int, max_length: int)
     return Classifier(model, tok)
 
 
-def save_classifier(clf: Classifier, path: Path) -> None:
-    clf.model.save_pretrained(path, safe_serialization=True)
+def save_classifier(
+    clf: Classifier, path: Path, weights: dict[str, torch.Tensor] | None = None
+) -> None:
+    """A Hugging Face checkpoint of the model, from `weights` when given (a sharded model's
+    gathered full state dict), written as its own class would write it."""
+    if weights is None:
+        clf.model.to("cpu").save_pretrained(path, safe_serialization=True)
+    else:
+        with torch.device("meta"):
+            plain = AutoModelForSequenceClassification.from_config(clf.model.config)
+        plain.load_state_dict(weights, assign=True)
+        plain.save_pretrained(path, safe_serialization=True)
     clf.tokenizer.save_pretrained(path)
 
 
@@ -228,8 +313,7 @@ def hookpoint(model: nn.Module, layer: int) -> str:
 
 def resolve_layer(model: nn.Module, layer: int) -> int:
     n = model.config.num_hidden_layers
-    if not -n <= layer < n:
-        raise ValueError(f"model.layer: {layer} is out of range for a {n}-block model")
+    check_layer_index(layer, n)
     return layer % n
 
 

@@ -17,16 +17,21 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from sae_ray.config import CONTROL, Config
-from sae_ray.lm.extraction import load_sequences, load_tokens
+from sae_ray.lm.extraction import iter_tokens, load_sequences
 from sae_ray.lm.models import hookpoint, load_classifier, resolve_layer
 from sae_ray.lm.text_data import TextData
 from sae_ray.method import stages
-from sae_ray.method.evaluate import accuracy, f1_macro, interp_metrics, sae_quality
+from sae_ray.method.evaluate import (
+    accuracy,
+    f1_macro,
+    interp_metrics,
+    sae_quality,
+    sparse_codes,
+)
 from sae_ray.method.finetune import HISTORY, best_epoch, predict
-from sae_ray.method.ranks import rank_world
+from sae_ray.method.ranks import gather, rank_world
 from sae_ray.method.stages import Trial
 from sae_ray.raytrain import worker_device as device
 from sae_ray.sae.model import SparseAutoencoder, decoder_absorption
@@ -54,8 +59,10 @@ def run_cycles(trial: Trial, report: Report, reported: int = 0) -> None:
         metrics, targets = _cycle(trial, model, cycle, times, evaluate=cycle >= reported)
         if cycle < reported:
             continue
+        peaks = gather(_peak_rss_mb())  # every rank's high-water mark: a collective
         if rank_world()[0] == 0:
             metrics.update(times, **{"artifacts/computed": trial.store.computed - computed})
+            metrics["memory/worker_peak_mb"] = max(peaks)
         times, computed = {}, trial.store.computed
         report(cycle, metrics)
 
@@ -106,6 +113,13 @@ def _cycle_metrics(
     return metrics
 
 
+def _peak_rss_mb() -> float:
+    """This process's peak resident memory so far (Linux reports KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 @contextlib.contextmanager
 def _timed(times: dict[str, float], stage: str):
     started = time.perf_counter()
@@ -140,12 +154,13 @@ def _evaluate(
         labels = data.splits[split].labels
         out[f"{prefix}/accuracy"] = accuracy(preds, labels)
         out[f"{prefix}/f1_macro"] = f1_macro(preds, labels, data.num_classes)
-    quality = sae_quality(sae, load_tokens(acts.local("validation") / "tokens", hp))
+    on = device()
+    quality = sae_quality(sae, iter_tokens(acts.local("validation") / "tokens", hp), on)
     out.update({f"sae/{k}": v for k, v in quality.items()})
     out["sae/absorption"] = decoder_absorption(sae.W_dec.detach())
 
-    def codes_of(x: np.ndarray) -> np.ndarray:
-        return sae.dense_codes(torch.from_numpy(x)).detach().numpy()
+    def codes_of(x: np.ndarray):
+        return sparse_codes(sae, x, on)
 
     _, y_train, x_train = load_sequences(acts.local("train", "sequences"), hp)
     train = {"interp": (codes_of(x_train), y_train), "base": (x_train, y_train)}

@@ -31,6 +31,7 @@ from sae_ray.lm.extraction import (
 )
 from sae_ray.lm.models import Classifier, load_classifier, save_classifier
 from sae_ray.lm.text_data import TextData
+from sae_ray.method import sharding
 from sae_ray.method.finetune import HISTORY, finetune, initial_classifier
 from sae_ray.method.ranks import (
     barrier,
@@ -142,8 +143,7 @@ def _finetune_stage(
 ) -> None:
     """This rank's part of a fine-tune; rank 0 writes the best-on-validation model and the
     per-epoch history. A restarted worker group starts it again: it is deterministic."""
-    clf = initial_classifier(init, data)
-    clf.model.to(device())
+    clf = initial_classifier(init, data)  # on the CPU: `finetune` places (or shards) it
     table = TargetTable.load(targets) if targets else None
     if "load" in init:  # dropout's masks: from the cycle's seed, not the process's history
         torch.manual_seed(seed)
@@ -158,10 +158,13 @@ def _finetune_stage(
         aux_weight=aux_weight,
         val=data.splits["validation"],
         train_layers=train_layers,
+        strategy=cfg.resources.strategy,
+        activation_checkpointing=cfg.resources.activation_checkpointing,
+        device=device(),
     )
+    weights = sharding.full_state_dict(clf.model) if sharding.is_sharded(clf.model) else None
     if lead:
-        clf.model.to("cpu")
-        save_classifier(clf, out)
+        save_classifier(clf, out, weights)
         (out / HISTORY).write_text(json.dumps(history, indent=1))
 
 

@@ -26,7 +26,7 @@ import torch
 
 from sae_ray import storage
 from sae_ray.config import Config
-from sae_ray.lm.models import forbidden
+from sae_ray.lm.models import check_layer_index, config_of, forbidden
 from sae_ray.lm.text_data import load_text_data
 from sae_ray.method.cycle import run_cycles
 from sae_ray.method.ranks import rank_world
@@ -106,11 +106,26 @@ def _forwarder(sink):
     return Forward()
 
 
+def _refuse_known_failures(cfg: Config) -> None:
+    """Settings the model's config alone rules out (a sampled layer it lacks, a k above
+    the sampled dictionary) fail the trial here, before a worker group is started only
+    to find out: the worker's own message, as a `TrialFailed`."""
+    config = config_of(cfg.model.name)
+    if config is None:
+        return
+    try:
+        check_layer_index(cfg.model.layer, config.num_hidden_layers)
+        cfg.sae.check_fits(config.hidden_size)
+    except ValueError as err:
+        raise TrialFailed(f"ValueError: {err}") from None
+
+
 def run_trial(cfg: Config, report: Callable[[dict[str, Any]], None], trial_id: str = "run"):
     """Start the trial's Train run and call `report` with each cycle's metrics, in this
     thread (Tune's report, or a list's append), while the run goes on in another."""
     from ray.util.queue import Empty, Queue
 
+    _refuse_known_failures(cfg)
     _, train_runs = cfg.trial_dirs(trial_id)
     sink = Queue(actor_options={"num_cpus": 0})
     name = f"trial-{trial_id}-{uuid.uuid4().hex[:8]}"  # a Tune retry starts a fresh run
