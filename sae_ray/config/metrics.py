@@ -33,7 +33,7 @@ def known_metrics() -> list[str]:
         names += [f"{head}interp/sparse_probe_accuracy@{k}" for k in SPARSE_PROBES]
     names += [f"sae/{m}" for m in SAE]
     names += [f"finetune/{m}" for m in FINETUNE]
-    names += [f"time/{s}_s" for s in STAGES] + ["artifacts/computed"]
+    names += [f"time/{s}_s" for s in STAGES] + ["artifacts/computed", "memory/worker_peak_mb"]
     return names
 
 
