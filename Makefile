@@ -1,11 +1,11 @@
 # Two entry points for a fresh machine (see README): `make quickstart` and `make test`.
 # torch goes in first, on its own, so that no dependency pulls a multi-GB CUDA build.
-# --no-compile: Python compiles what is imported on first use (the install takes 75 s, not
-# 180 s, on 2 CPUs: pip would compile all of torch, ray and transformers up front).
+# No --no-compile: with PYTHONDONTWRITEBYTECODE set (as on these machines) nothing would
+# ever be compiled, and every Ray worker would compile torch and transformers again.
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
-PIP    := $(PY) -m pip install -q --no-compile -c constraints.txt
+PIP    := $(PY) -m pip install -q -c constraints.txt
 
 .PHONY: quickstart test lint format install clean
 
