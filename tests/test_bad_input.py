@@ -170,11 +170,11 @@ CASES = [
         None,
         [
             "search.space={sharpening.strategy: {type: choice, values: [per_class, none]}, "
-            "sharpening.top_k_pct: {type: choice, values: [5, 10], "
+            "sharpening.keep_frac: {type: choice, values: [0.25, 0.5], "
             "when: {sharpening.strategy: per_exampel}}}",
             "search.points_to_evaluate=[]",
         ],
-        "search.space.sharpening.top_k_pct.when: sharpening.strategy='per_exampel' is never",
+        "search.space.sharpening.keep_frac.when: sharpening.strategy='per_exampel' is never",
     ),
     (
         "missing dataset file",
@@ -470,3 +470,24 @@ def test_overrides_may_follow_a_flag():
     assert args.overrides == ["sae.k=4", "sae.k=16"] and args.resume and args.verbose
     with pytest.raises(Exception, match="unrecognized arguments: --nope"):
         cli._parse(["sweep", "s.yaml", "--resume", "sae.k=16", "--nope"])
+
+
+def test_selection_never_reads_the_test_split_and_sharpening_must_sharpen(tmp_path, capsys):
+    runs = f"experiment.storage_path={tmp_path / 'runs'}"
+    for override, expected in (
+        ("search.metric=test/accuracy", "search.metric: 'test/accuracy' is measured on the held"),
+        (
+            "search.constraints=[{metric: test/interp/u, min: 0}]",
+            "select on 'interp/u'",
+        ),
+        (  # with nothing searched that sets the count, the whole sweep would sharpen nothing
+            "search.space={sae.lr: {type: choice, values: [0.003]}}",
+            "sharpening.keep_frac: keeps 8 latents of k=8",
+        ),
+    ):
+        extra = ["search.points_to_evaluate=[]", "sharpening.strategy=per_example"]
+        extra += ["sharpening.keep_frac=1"]
+        args = ["sweep", str(QUICKSTART), runs, override, *(extra if "space" in override else [])]
+        assert cli.main(args) == 2
+        _one_line(capsys, expected)
+    assert not (tmp_path / "runs").exists()

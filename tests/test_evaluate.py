@@ -31,6 +31,21 @@ def test_interp_u_averages_alive_latents_only():
     codes[:, 0] = labels  # fires exactly on class 1
     out = interp_u(codes, labels, 2)
     assert out["u"] == 1.0 and out["alive_frac"] == 0.25
+    assert out["u_null"] < 0.05 and out["u_excess"] == out["u"] - out["u_null"]
+
+
+def test_u_null_of_label_independent_codes_is_within_noise_of_u():
+    """At the synthetic task's validation size, latents that ignore the labels still score
+    U > 0 (the small-n bias); the permuted-label null measures the same bias."""
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 4, 120)
+    codes = (rng.random((120, 64)) < rng.uniform(0.02, 0.5, 64)).astype(float)
+    out = interp_u(codes, labels, 4, seed=1)
+    assert out["u"] > 0.005  # biased upward although no latent knows the labels
+    assert abs(out["u_excess"]) < 0.25 * out["u"]
+    informative = codes.copy()
+    informative[:, :16] = labels[:, None] == np.arange(16)[None] % 4
+    assert interp_u(informative, labels, 4, seed=1)["u_excess"] > 0.08  # 16 of 64 at U 0.4
 
 
 def test_f1_macro_matches_sklearn():
@@ -174,7 +189,7 @@ def test_sparse_codes_give_every_metric_the_dense_reference_gives():
     assert np.array_equal(sp_tr.toarray(), de_tr) and sp_tr.nnz <= 6 * 400
     sparse = interp_metrics((sp_tr, y_tr), (sp_ev, y_ev), 4)
     dense = interp_metrics((de_tr, y_tr), (de_ev, y_ev), 4)
-    assert sparse.keys() == dense.keys() and len(sparse) == 11
+    assert sparse.keys() == dense.keys() and len(sparse) == 13
     for name, value in dense.items():
         assert sparse[name] == pytest.approx(value, rel=1e-6, abs=1e-9), name
     streamed = sae_quality(sae, (x_ev[i : i + 64] for i in range(0, len(x_ev), 64)))
@@ -236,6 +251,6 @@ def test_evaluation_of_20000_sequences_at_16384_latents_stays_under_300_mb():
     )
     assert done.returncode == 0, done.stderr[-2000:]
     grew_mb, names, nnz = map(int, done.stdout.split())
-    assert names == 11 and nnz <= 20000 * 32
+    assert names == 13 and nnz <= 20000 * 32
     assert grew_mb < 300, f"evaluation grew peak memory by {grew_mb} MB"
     print(f"peak memory growth: {grew_mb} MB")

@@ -111,12 +111,15 @@ def _config(tmp_path, **cycles):
 
 def test_start_from_pretrained_keeps_the_untrained_model(tmp_path, topics):
     from sae_ray.lm.models import load_classifier
+    from sae_ray.method.seeds import stream
     from sae_ray.method.stages import make_cycle0
 
     cfg = _config(tmp_path, start_from="pretrained")
     data = load_text_data(cfg.dataset, seed=0)
     make_cycle0(cfg, data, tmp_path / "m")
-    fresh = build_classifier("tiny-gpt2", 4, data.splits["train"].texts, 0, cfg.model.max_length)
+    init_seed = stream(cfg.experiment.seed, 0, "init")
+    texts, length = data.splits["train"].texts, cfg.model.max_length
+    fresh = build_classifier("tiny-gpt2", 4, texts, init_seed, length)
     saved = load_classifier(tmp_path / "m")
     for key, value in fresh.model.state_dict().items():
         torch.testing.assert_close(saved.model.state_dict()[key], value, rtol=0, atol=0)

@@ -102,3 +102,30 @@ def test_finetune_ends_at_its_best_validation_epoch(topics):
     assert accs[0] > accs[-1]  # the premise: later epochs are worse on this split
     final = float((predict(clf, shifted, 32) == shifted.labels).mean())
     assert final == max(accs)
+
+
+def test_seeds_vary_training_not_the_split_and_models_are_keyed_on_their_ranks():
+    """The held-out examples are the same under every experiment seed (`dataset.split_seed`
+    draws them); a fine-tuned model's key names the worker count and strategy it ran on."""
+    from sae_ray import config as C
+    from sae_ray.lm.text_data import load_text_data
+    from sae_ray.method.stages import model_spec, sae_train_config
+    from tests.conftest import QUICKSTART
+
+    def cfg(*overrides):
+        return C.load(QUICKSTART, list(overrides))
+
+    split = {s: v.ids.tolist() for s, v in load_text_data(cfg().dataset).splits.items()}
+    texts = load_text_data(cfg("experiment.seed=3").dataset).splits["test"].texts
+    assert texts == load_text_data(cfg().dataset).splits["test"].texts
+    other = load_text_data(cfg("dataset.split_seed=1").dataset).splits["test"].texts
+    assert other != texts and len(split["test"]) == len(other)
+    assert model_spec(cfg()) != model_spec(cfg("resources.num_workers=1"))
+    assert model_spec(cfg()) != model_spec(cfg("resources.strategy=fsdp"))
+    assert model_spec(cfg()) == model_spec(cfg("sae.k=4"))  # CE alone: shared across SAEs
+    seeds = {
+        sae_train_config(cfg(f"experiment.seed={s}"), "h", 8, c).init_seed
+        for s in range(3)
+        for c in range(3)
+    }
+    assert len(seeds) == 9  # seed s at cycle 1 no longer replays seed s+1 at cycle 0

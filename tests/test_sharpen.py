@@ -1,8 +1,16 @@
+import itertools
+
 import numpy as np
+import pytest
 import torch
 
-from sae_ray.method.targets import class_masks, num_kept, random_targets, sharpen
+from sae_ray.config import Sharpening
+from sae_ray.method.seeds import stream
+from sae_ray.method.targets import random_targets, sharpen, target_metrics
 from sae_ray.sae.model import SaeConfig, SparseAutoencoder
+
+PCT10 = Sharpening(top_k_pct=10)  # the seed repo's rule: 10 % of 40 latents = 4
+HALF = Sharpening()  # the default: half of each example's k = 8 active latents
 
 
 def _sae():
@@ -10,26 +18,88 @@ def _sae():
     return SparseAutoencoder(SaeConfig(16, 40, 8))
 
 
-def test_per_class_keeps_exactly_the_class_top_latents():
-    sae = _sae()
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((60, 16)).astype(np.float32)
+def _x(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((n, 16)).astype(np.float32)
+
+
+def _codes(sae, x) -> np.ndarray:
+    return sae.dense_codes(torch.from_numpy(x)).detach().numpy()
+
+
+def _decode(sae, codes) -> np.ndarray:
+    w_dec, b_dec = sae.W_dec.detach().numpy(), sae.b_dec.detach().numpy()
+    return codes @ w_dec + b_dec  # x_hat = z W_dec + b_dec, written out
+
+
+def _run(strategy, sae, x, labels, rule=HALF, seed=0, ids=None):
+    ids = np.arange(len(x)) if ids is None else ids
+    return sharpen(strategy, sae, ids, labels, x, int(labels.max()) + 1, rule, seed, cycle=0)
+
+
+@pytest.mark.parametrize("rule,keep", [(PCT10, 4), (HALF, 4), (Sharpening(keep_frac=0.25), 2)])
+def test_per_class_keeps_exactly_the_class_top_latents(rule, keep):
+    sae, x = _sae(), _x(60)
     labels = np.repeat([0, 1, 2], 20)
     ids = np.arange(100, 160)
-    table = sharpen("per_class", sae, ids, labels, x, 3, top_k_pct=10, seed=0)
-    codes = sae.dense_codes(torch.from_numpy(x)).detach().numpy()
-    keep = num_kept(40, 10)
-    assert keep == 4
-    masks = class_masks(codes, labels, 3, keep)
+    made = _run("per_class", sae, x, labels, rule, ids=ids)
+    codes = _codes(sae, x)
     hand = np.zeros_like(codes)  # the expectation built here, not with the module's helpers
     for c in range(3):
-        top = np.argsort(-codes[labels == c].mean(0))[:keep]
-        assert set(np.flatnonzero(masks[c])) == set(top)
+        top = np.argsort(-codes[labels == c].mean(0), kind="stable")[:keep]
         members = np.flatnonzero(labels == c)
         hand[np.ix_(members, top)] = codes[np.ix_(members, top)]
-    w_dec, b_dec = sae.W_dec.detach().numpy(), sae.b_dec.detach().numpy()
-    want = hand @ w_dec + b_dec  # x_hat = z W_dec + b_dec, written out
-    np.testing.assert_allclose(table.lookup(ids).numpy(), want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(made.table.lookup(ids).numpy(), _decode(sae, hand), atol=1e-5)
+    assert made.kept_latents == pytest.approx((hand > 0).sum(1).mean())
+
+
+def test_per_example_keeps_each_codes_strongest_half():
+    sae, x = _sae(), _x(30, 3)
+    made = _run("per_example", sae, x, np.zeros(30, int))
+    codes = _codes(sae, x)
+    hand = np.zeros_like(codes)
+    for row in range(30):
+        top = np.argsort(-codes[row])[:4]  # keep_frac 0.5 of k = 8
+        hand[row, top] = codes[row, top]
+    got = made.table.lookup(np.arange(30)).numpy()
+    np.testing.assert_allclose(got, _decode(sae, hand), atol=1e-5)
+    assert made.kept_latents == pytest.approx((hand > 0).sum(1).mean()) and made.kept_latents <= 4
+
+
+def test_per_class_complement_and_per_class_split_the_reconstruction():
+    sae, x = _sae(), _x(40, 1)
+    labels, ids = np.repeat([0, 1], 20), np.arange(40)
+    dropped = _run("per_class_complement", sae, x, labels).table.lookup(ids)
+    kept = _run("per_class", sae, x, labels).table.lookup(ids)
+    full = torch.from_numpy(_decode(sae, _codes(sae, x)))
+    b_dec = sae.b_dec.detach()
+    torch.testing.assert_close(kept + dropped, full + b_dec, atol=1e-5, rtol=1e-5)
+
+
+def test_centroid_is_the_class_mean_of_the_models_own_activations():
+    x, labels = _x(9, 4), np.array([0, 1, 2, 0, 1, 2, 0, 0, 1])
+    made = _run("centroid", None, x, labels)
+    for row in range(9):
+        want = x[labels == labels[row]].mean(0)
+        got = made.table.lookup(np.array([row]))[0].numpy()
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert made.kept_latents is None
+
+
+def test_shuffled_is_the_sharpened_targets_permuted_across_examples():
+    sae, x = _sae(), _x(50, 5)
+    labels, ids = np.repeat([0, 1], 25), np.arange(50)
+    sharp = _run("per_example", sae, x, labels).table.lookup(ids).numpy()
+    shuffled = _run("shuffled", sae, x, labels, seed=7).table.lookup(ids).numpy()
+    # the same rows (the same target distribution), paired with other examples
+    order = [int(np.flatnonzero((sharp == row).all(1))[0]) for row in shuffled]
+    assert sorted(order) == list(range(50))
+    assert sum(i != j for i, j in enumerate(order)) > 40
+    class_rule = Sharpening(shuffle_of="per_class")
+    of_class = _run("shuffled", sae, x, labels, class_rule, seed=7).table.lookup(ids).numpy()
+    per_class = _run("per_class", sae, x, labels).table.lookup(ids).numpy()
+    np.testing.assert_array_equal(np.sort(of_class, 0), np.sort(per_class, 0))
+    again = _run("shuffled", sae, x, labels, seed=7).table.lookup(ids).numpy()
+    np.testing.assert_array_equal(again, shuffled)  # seeded
 
 
 def test_random_is_seeded_and_ignores_the_sae():
@@ -38,43 +108,44 @@ def test_random_is_seeded_and_ignores_the_sae():
     np.testing.assert_array_equal(a, random_targets(ids, 16, seed=3))
     assert not np.allclose(a, random_targets(ids, 16, seed=4))
     np.testing.assert_allclose(np.linalg.norm(a, axis=1), 1, rtol=1e-5)
-    table = sharpen(
-        "random", None, ids[::-1].copy(), np.zeros(50, int), np.zeros((50, 16)), 2, 10, seed=3
-    )
-    np.testing.assert_allclose(table.lookup(ids).numpy(), a)
+    made = _run("random", None, np.zeros((50, 16), np.float32), np.zeros(50, int), seed=3)
+    b = made.table.lookup(ids).numpy()
+    np.testing.assert_allclose(b, random_targets(ids, 16, stream(3, 0, "random_targets")))
 
 
 def test_none_has_no_targets():
-    assert (
-        sharpen("none", _sae(), np.arange(3), np.zeros(3, int), np.zeros((3, 16)), 2, 10, 0) is None
-    )
+    assert _run("none", _sae(), _x(3), np.zeros(3, int)).table is None
 
 
-def test_per_class_complement_drops_exactly_the_class_top_latents():
-    sae = _sae()
-    rng = np.random.default_rng(1)
-    x = rng.standard_normal((40, 16)).astype(np.float32)
-    labels = np.repeat([0, 1], 20)
-    ids = np.arange(40)
-    table = sharpen("per_class_complement", sae, ids, labels, x, 2, top_k_pct=10, seed=0)
-    codes = sae.dense_codes(torch.from_numpy(x)).detach().numpy()
-    dropped = class_masks(codes, labels, 2, num_kept(40, 10))[labels]
-    want = sae.decode_dense(torch.from_numpy(codes * ~dropped)).detach()
-    torch.testing.assert_close(table.lookup(ids), want)
-    kept = sharpen("per_class", sae, ids, labels, x, 2, top_k_pct=10, seed=0).lookup(ids)
-    full = sae.decode_dense(torch.from_numpy(codes)).detach()
-    torch.testing.assert_close(kept + table.lookup(ids), full + sae.b_dec.detach())  # a split
+def test_a_keep_that_cannot_change_the_targets_is_refused_naming_its_field():
+    with pytest.raises(ValueError, match=r"^sharpening.keep_frac: keeps 8 latents of k=8"):
+        Sharpening(strategy="per_example", keep_frac=1.0).check_changes_targets(8, 40)
+    with pytest.raises(ValueError, match=r"^sharpening.top_k_pct: keeps 8 latents of k=8"):
+        Sharpening(strategy="per_example", top_k_pct=20).check_changes_targets(8, 40)
+    with pytest.raises(ValueError, match=r"^sharpening.top_k_pct: keeps 40 latents of the 40"):
+        Sharpening(strategy="per_class", top_k_pct=100).check_changes_targets(8, 40)
+    Sharpening(strategy="per_example").check_changes_targets(8, 40)  # 4 of 8: sharpens
+    Sharpening(strategy="shuffled", keep_frac=1.0).check_changes_targets(8, 40)  # re-paired
+    with pytest.raises(ValueError, match="two rules"):
+        Sharpening(keep_frac=0.5, top_k_pct=10)
 
 
-def test_per_example_warns_when_it_keeps_k_or_more_latents(caplog):
-    sae = _sae()  # 40 latents, k = 8
-    x = np.random.default_rng(2).standard_normal((10, 16)).astype(np.float32)
-    args = (np.arange(10), np.zeros(10, int), x, 2)
-    with caplog.at_level("WARNING", logger="sae_ray.method.targets"):
-        sharpen("per_example", sae, *args, top_k_pct=10, seed=0)  # keeps 4 < 8: sharpens
-        assert not caplog.records
-        table = sharpen("per_example", sae, *args, top_k_pct=20, seed=0)  # keeps 8 = k
-    assert "changes nothing" in caplog.records[0].getMessage()
-    torch.testing.assert_close(  # and indeed: the target is the SAE's own reconstruction
-        table.lookup(np.arange(10)), sae(torch.from_numpy(x))[0].detach()
-    )
+def test_target_metrics_say_how_far_the_targets_are_from_the_reconstruction():
+    sae, x = _sae(), _x(40, 6)
+    labels, ids = np.zeros(40, int), np.arange(40)
+    whole = Sharpening.model_construct(strategy="per_example", keep_frac=1.0, top_k_pct=None)
+    same = target_metrics(_run("per_example", sae, x, labels, whole).table, sae, ids, x)
+    assert same["targets/recon_cos"] == pytest.approx(1.0, abs=1e-5)  # it changes nothing
+    half = _run("per_example", sae, x, labels).table
+    sharpened = target_metrics(half, sae, ids, x)
+    assert sharpened["targets/recon_cos"] < 0.99
+    t = half.lookup(ids).numpy().astype(np.float64)
+    cos = (x * t).sum(1) / (np.linalg.norm(x, axis=1) * np.linalg.norm(t, axis=1))
+    assert sharpened["targets/initial_aux"] == pytest.approx(float((1 - cos).mean()), rel=1e-5)
+
+
+def test_seeds_and_cycles_never_share_a_random_stream():
+    purposes = ("init", "finetune", "sae", "random_targets", "shuffle")
+    drawn = [stream(s, c, p) for s, c, p in itertools.product(range(4), range(4), purposes)]
+    assert len(set(drawn)) == len(drawn)  # seed s at cycle 1 is not seed s+1 at cycle 0
+    assert stream(0, 1, "sae") == stream(0, 1, "sae")

@@ -26,7 +26,7 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 SPACE = (
     "search.space={"
     "sharpening.strategy: {type: choice, values: [per_class, none]}, "
-    "sharpening.top_k_pct: {type: uniform, low: 1, high: 20, "
+    "sharpening.keep_frac: {type: uniform, low: 0.1, high: 0.9, "
     "when: {sharpening.strategy: [per_class]}}, "
     "sae.expansion_factor: {type: intlog, low: 2, high: 64}}"
 )
@@ -45,13 +45,13 @@ def _sample(cfg, n):
 
 def test_conditional_entry_only_when_its_parent_allows_it():
     for params in _sample(_cfg(SPACE, "search.algorithm=random"), 40):
-        assert ("sharpening.top_k_pct" in params) == (params["sharpening.strategy"] == "per_class")
+        assert ("sharpening.keep_frac" in params) == (params["sharpening.strategy"] == "per_class")
         factor = params["sae.expansion_factor"]
         assert isinstance(factor, int) and 2 <= factor <= 64
     # every sampled point is a valid trial config (the inactive entry keeps the YAML value)
     cfg = _cfg(SPACE)
     trial = C.apply_params(cfg, {"sharpening.strategy": "none", "sae.expansion_factor": 3})
-    assert trial.sharpening.top_k_pct == cfg.sharpening.top_k_pct
+    assert trial.sharpening.keep_frac == cfg.sharpening.keep_frac == 0.5
 
 
 def test_intlog_samples_small_values_more_often():

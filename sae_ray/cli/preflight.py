@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sae_ray import storage
-from sae_ray.config import Config, ConfigError
+from sae_ray.config import Config, ConfigError, apply_params, sharpens
 
 if TYPE_CHECKING:
     from sae_ray.method.memory import Plan
@@ -22,6 +22,7 @@ def check(cfg: Config) -> Plan | None:
     check_model(cfg)
     check_layer(cfg)
     check_sae_size(cfg)
+    check_sharpening(cfg)
     plan = memory_plan(cfg, examples)
     if plan is not None:
         plan.check()
@@ -59,7 +60,7 @@ def check_dataset(cfg: Config) -> int:
     """The dataset loads; returns its number of examples (all splits)."""
     from sae_ray.lm.text_data import load_text_data
 
-    data = load_text_data(cfg.dataset, seed=cfg.experiment.seed)
+    data = load_text_data(cfg.dataset)
     return sum(len(split) for split in data.splits.values())
 
 
@@ -137,6 +138,35 @@ def check_sae_size(cfg: Config) -> None:
             f"{field}: k up to {k} is larger than the {latents} latents of "
             f"expansion_factor {factor} x width {d} ({cfg.model.name})"
         )
+
+
+# What sets a trial's kept count: searched, it is checked per trial (a trial error).
+KEEP_KEYS = {
+    "sharpening.keep_frac",
+    "sharpening.top_k_pct",
+    "sae.k",
+    "sae.expansion_factor",
+    "sae.num_latents",
+    "cycles.aux_weight",
+    "cycles.count",
+}
+
+
+def check_sharpening(cfg: Config) -> None:
+    """A fixed keep count that cannot change the targets (per_example keeping all k), for
+    every strategy the sweep may run (the λ = 0 control needs none)."""
+    d = hidden_size(cfg.model.name)
+    if d is None or KEEP_KEYS & set(cfg.search.space):
+        return
+    strategy = cfg.search.space.get("sharpening.strategy")
+    for value in strategy.values if strategy and strategy.values else [cfg.sharpening.strategy]:
+        one = apply_params(cfg, {"sharpening.strategy": value})
+        if not sharpens(one):
+            continue
+        try:
+            one.sharpening.check_changes_targets(one.sae.k, one.sae.latents_for(d))
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
 
 
 def _values(cfg: Config, name: str, fixed: int) -> list[int]:

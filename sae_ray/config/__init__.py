@@ -30,6 +30,7 @@ from sae_ray.config.schema import (
     Sharpening,
     Wandb,
     effective_strategy,
+    sharpens,
 )
 from sae_ray.config.search import Constraint, Objective, Search, SpaceEntry
 
@@ -59,5 +60,6 @@ __all__ = [
     "one_line",
     "parse_override",
     "set_dotted",
+    "sharpens",
     "validate",
 ]

@@ -10,6 +10,8 @@ import re
 TASK = [f"{split}/{m}" for split in ("val", "test") for m in ("accuracy", "f1_macro")]
 INTERP = [
     "u",
+    "u_null",
+    "u_excess",
     "alive_frac",
     "csi",
     "ari",
@@ -22,6 +24,7 @@ SPARSE_PROBES = (1, 5, 25)
 SAE = ["fvu", "explained_variance", "l0", "dead_pct", "absorption", "train_tokens_per_s"]
 FINETUNE = ["steps", "best_epoch", "ce", "aux"]
 STAGES = ["model", "activations", "sae", "evaluate", "targets"]
+TARGETS = ["kept_latents", "recon_cos", "initial_aux"]
 
 
 def known_metrics() -> list[str]:
@@ -33,6 +36,7 @@ def known_metrics() -> list[str]:
         names += [f"{head}interp/sparse_probe_accuracy@{k}" for k in SPARSE_PROBES]
     names += [f"sae/{m}" for m in SAE]
     names += [f"finetune/{m}" for m in FINETUNE]
+    names += [f"targets/{m}" for m in TARGETS]
     names += [f"time/{s}_s" for s in STAGES] + ["artifacts/computed", "memory/worker_peak_mb"]
     return names
 
@@ -47,3 +51,17 @@ def check_metric(name: str) -> str:
     near = difflib.get_close_matches(name, known_metrics(), n=3)
     hint = f"; did you mean {' or '.join(near)}?" if near else " (see the README's Outputs)"
     raise ValueError(f"{name!r} is not a metric a trial reports{hint}")
+
+
+def check_selectable(name: str) -> str:
+    """A metric a sweep may select on: reported, and not measured on the held-out test
+    split (choosing by it would make the test split a second validation split)."""
+    check_metric(name)
+    head, _, rest = name.partition("test/")
+    if not _ or head not in ("", "delta/", "control/"):
+        return name
+    twin = f"{head}{'val/' if rest in ('accuracy', 'f1_macro') else ''}{rest}"
+    raise ValueError(
+        f"{name!r} is measured on the held-out test split, which selection must never see; "
+        f"select on {twin!r}"
+    )

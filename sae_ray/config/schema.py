@@ -3,10 +3,11 @@ loudly instead of silently running the default."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from sae_ray import storage
 from sae_ray.config.base import Section
@@ -62,6 +63,11 @@ class Dataset(Section):
     max_examples: int | None = Field(None, ge=10, description="cap on the loaded train split")
     val_fraction: float = Field(0.1, gt=0, lt=0.5)
     test_fraction: float = Field(0.1, gt=0, lt=0.5)
+    split_seed: int = Field(
+        0,
+        description="draws the train / validation / test split: fixed across experiment seeds, "
+        "so seeds vary the training, not which examples are held out",
+    )
 
 
 class Cycles(Section):
@@ -141,17 +147,79 @@ class Sae(Section):
 CONTROL = "none"  # the λ = 0, equal-compute control strategy
 
 
+def sharpens(cfg: Config) -> bool:
+    """Whether the config builds targets at all: a strategy with λ > 0, and a next cycle."""
+    return cfg.strategy != CONTROL and cfg.cycles.count > 1
+
+
 def effective_strategy(strategy: str, aux_weight: float) -> str:
     """The one λ = 0 rule: with no aux term any strategy is the control (and shares its
     artifacts), so `none` and λ = 0 mean the same trial."""
     return CONTROL if aux_weight == 0 else strategy
 
 
+DEFAULT_KEEP_FRAC = 0.5
+
+
 class Sharpening(Section):
-    strategy: Literal["per_class", "per_class_complement", "per_example", "random", "none"] = (
-        "per_class"
+    """How each cycle's targets are built. `per_class` / `per_example` keep `keep_frac` of
+    the latents active in each example's code (its k); `top_k_pct` instead keeps that
+    percentage of the whole dictionary (the seed repo's rule, which keeps every active
+    latent whenever it reaches k). `centroid`, `shuffled`, `random` and `none` are controls:
+    label supervision without an SAE, sharpened targets without their pairing, any target
+    at all, and λ = 0."""
+
+    strategy: Literal[
+        "per_class",
+        "per_class_complement",
+        "per_example",
+        "centroid",
+        "shuffled",
+        "random",
+        "none",
+    ] = "per_class"
+    keep_frac: float | None = Field(
+        None, gt=0, le=1, description="latents kept: this fraction of each example's k (0.5)"
     )
-    top_k_pct: float = Field(10.0, gt=0, le=100)
+    top_k_pct: float | None = Field(
+        None, gt=0, le=100, description="the seed's rule instead: this % of all latents"
+    )
+    shuffle_of: Literal["per_class", "per_example"] = Field(
+        "per_example", description="shuffled: whose targets are permuted across examples"
+    )
+
+    @model_validator(mode="after")
+    def _one_rule(self) -> Sharpening:
+        if self.top_k_pct is not None and self.keep_frac is not None:
+            raise ValueError("keep_frac and top_k_pct are two rules for one count: set one")
+        return self
+
+    @property
+    def rule(self) -> str:
+        """The field that sets the kept count (named by refusals)."""
+        return "sharpening.top_k_pct" if self.top_k_pct is not None else "sharpening.keep_frac"
+
+    def kept(self, k: int, num_latents: int) -> int:
+        """Latents a sharpened target keeps: of each code's k (per_example), or of the
+        class's mean code (per_class)."""
+        if self.top_k_pct is not None:
+            return max(1, math.ceil(num_latents * self.top_k_pct / 100))
+        return max(1, int((self.keep_frac or DEFAULT_KEEP_FRAC) * k))
+
+    def check_changes_targets(self, k: int, num_latents: int) -> None:
+        """A setting that provably leaves every target equal to the SAE's reconstruction
+        (or empty) would run a sweep that sharpens nothing: a ValueError naming the field."""
+        keep, strategy = self.kept(k, num_latents), self.strategy
+        if strategy == "per_example" and keep >= k:
+            raise ValueError(
+                f"{self.rule}: keeps {keep} latents of k={k}, so per_example targets equal "
+                "the SAE's own reconstruction (sharpening changes nothing)"
+            )
+        if strategy in ("per_class", "per_class_complement") and keep >= num_latents:
+            raise ValueError(
+                f"{self.rule}: keeps {keep} latents of the {num_latents} in the dictionary, "
+                f"so {strategy} targets are the reconstruction (or nothing)"
+            )
 
 
 class Resources(Section):

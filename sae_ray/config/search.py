@@ -8,7 +8,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from sae_ray.config.base import Section
-from sae_ray.config.metrics import check_metric
+from sae_ray.config.metrics import check_selectable
 
 
 class SpaceEntry(Section):
@@ -59,7 +59,7 @@ class Objective(Section):
     @field_validator("metric")
     @classmethod
     def _reported(cls, value: str) -> str:
-        return check_metric(value)
+        return check_selectable(value)
 
     mode: Literal["max", "min"] = "max"
     at: Literal["last", "best"] = Field(
@@ -87,7 +87,7 @@ class Constraint(Section):
     @field_validator("metric")
     @classmethod
     def _reported(cls, value: str) -> str:
-        return check_metric(value)
+        return check_selectable(value)
 
     max: float | None = None
     max_drop: float | None = Field(None, ge=0)
@@ -110,7 +110,7 @@ class Search(Section):
     @field_validator("metric")
     @classmethod
     def _reported(cls, value: str) -> str:
-        return check_metric(value)
+        return check_selectable(value)
 
     objectives: list[Objective] = Field(
         default_factory=list, description="several objectives: a Pareto front (overrides metric)"

@@ -197,9 +197,10 @@ def _checked(raw: dict[str, tuple[list, list]], cfg: Dataset, need_labels: bool)
     return raw
 
 
-def load_text_data(cfg: Dataset, seed: int = 0, need_labels: bool = True) -> TextData:
+def load_text_data(cfg: Dataset, seed: int | None = None, need_labels: bool = True) -> TextData:
     """Train / validation / test. A labelled test split from the source is the held-out test;
-    otherwise the source's validation split is, and validation is carved from train.
+    otherwise the source's validation split is, and validation is carved from train, drawn
+    by `seed` (default: `dataset.split_seed`, the same for every experiment seed).
 
     `need_labels=False` (SAE training) accepts unlabelled text: every label is then 0."""
     raw = _load_raw(cfg, need_labels)
@@ -217,7 +218,7 @@ def load_text_data(cfg: Dataset, seed: int = 0, need_labels: bool = True) -> Tex
     if len(label_values) < 2 and need_labels:  # one label seen, whatever its number
         raise ConfigError(f"dataset.label_column: {cfg.name} has fewer than two classes")
 
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(cfg.split_seed if seed is None else seed)
     train_t, train_y = raw["train"]
     order = rng.permutation(len(train_t))
     test = raw.get("test") or raw.get("validation")

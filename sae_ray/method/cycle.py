@@ -91,6 +91,8 @@ def _cycle(
     if cycle + 1 < cfg.cycles.count and trial.strategy != CONTROL:
         with _timed(times, "targets"):
             targets = stages.targets(trial, sae_art, acts, hp, cycle)
+            if evaluate and rank_world()[0] == 0:
+                metrics.update(stages.target_report(targets, sae_art, acts, hp))
     return metrics, targets
 
 

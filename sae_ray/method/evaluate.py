@@ -29,27 +29,32 @@ def _batch_rows(sae: SparseAutoencoder) -> int:
 
 
 @torch.no_grad()
+def topk_codes(
+    sae: SparseAutoencoder, x: np.ndarray, device: torch.device | str = "cpu"
+) -> tuple[np.ndarray, np.ndarray]:
+    """The SAE's TopK (values, indices) of the rows of `x`, each (n, k), encoded on
+    `device` in batches of at most BATCH_ELEMENTS pre-activations."""
+    sae = sae.to(device).eval()
+    batch = _batch_rows(sae)
+    k = sae.cfg.k
+    values = np.zeros((len(x), k), np.float32)
+    indices = np.zeros((len(x), k), np.int64)
+    for start in range(0, len(x), batch):
+        codes = sae.encode(torch.from_numpy(x[start : start + batch]).to(device))
+        values[start : start + batch] = codes.values.float().cpu().numpy()
+        indices[start : start + batch] = codes.indices.cpu().numpy()
+    return values, indices
+
+
 def sparse_codes(
     sae: SparseAutoencoder, x: np.ndarray, device: torch.device | str = "cpu"
 ) -> sp.csr_matrix:
-    """The SAE's TopK codes of the rows of `x`, encoded on `device` in batches, as a CSR
-    matrix (explicit zeros of the TopK removed: a latent "fires" when it is positive)."""
-    sae = sae.to(device).eval()
-    batch = _batch_rows(sae)
-    indices, values = [], []
-    for start in range(0, len(x), batch):
-        codes = sae.encode(torch.from_numpy(x[start : start + batch]).to(device))
-        indices.append(codes.indices.cpu().numpy().astype(np.int32))
-        values.append(codes.values.float().cpu().numpy())
+    """The SAE's TopK codes of the rows of `x` as a CSR matrix (explicit zeros of the TopK
+    removed: a latent "fires" when it is positive)."""
+    values, indices = topk_codes(sae, x, device)
     k = sae.cfg.k
-    if not indices:
-        return sp.csr_matrix((0, sae.cfg.num_latents), dtype=np.float32)
     codes = sp.csr_matrix(
-        (
-            np.concatenate(values).ravel(),
-            np.concatenate(indices).ravel(),
-            np.arange(len(x) + 1) * k,
-        ),
+        (values.ravel(), indices.astype(np.int32).ravel(), np.arange(len(x) + 1) * k),
         shape=(len(x), sae.cfg.num_latents),
     )
     codes.eliminate_zeros()
@@ -90,12 +95,31 @@ def uncertainty_coefficients(fires: Matrix, labels: np.ndarray, num_classes: int
     return np.clip((h_y - h_y_given_f) / h_y, 0.0, 1.0)
 
 
-def interp_u(codes: Matrix, labels: np.ndarray, num_classes: int) -> dict[str, float]:
-    """Mean U over the latents alive on these examples, and the alive fraction beside it."""
+NULL_PERMUTATIONS = 5
+
+
+def interp_u(
+    codes: Matrix, labels: np.ndarray, num_classes: int, seed: int = 0
+) -> dict[str, float]:
+    """Mean U over the latents alive on these examples, the alive fraction, and U's null:
+    the same codes against permuted labels (mean of a few seeded permutations). U is biased
+    upward at small n (label-independent latents score > 0), so `u_excess = u - u_null` is
+    what the labels explain."""
     fires = _fires(codes)
     alive = _column_any(fires)
-    u = uncertainty_coefficients(fires, labels, num_classes)[alive]
-    return {"u": float(u.mean()) if alive.any() else 0.0, "alive_frac": float(alive.mean())}
+    if not alive.any():
+        return {"u": 0.0, "alive_frac": 0.0, "u_null": 0.0, "u_excess": 0.0}
+    u = float(uncertainty_coefficients(fires, labels, num_classes)[alive].mean())
+    rng = np.random.default_rng(seed)
+    null = float(
+        np.mean(
+            [
+                uncertainty_coefficients(fires, rng.permutation(labels), num_classes)[alive].mean()
+                for _ in range(NULL_PERMUTATIONS)
+            ]
+        )
+    )
+    return {"u": u, "alive_frac": float(alive.mean()), "u_null": null, "u_excess": u - null}
 
 
 def accuracy(preds: np.ndarray, labels: np.ndarray) -> float:
@@ -247,8 +271,7 @@ def interp_metrics(
     the k latents with the highest U on train (Gurnee et al.'s k-sparse probing, with U as
     the ranking). For dense activations (`dense`), "fires" means "is positive" for U."""
     (x_tr, y_tr), (x_ev, y_ev) = train, evaluate
-    u = interp_u(x_ev, y_ev, num_classes)
-    out = {"u": u["u"], "alive_frac": u["alive_frac"]}
+    out = interp_u(x_ev, y_ev, num_classes, seed)
     out["csi"] = class_selectivity(x_ev, y_ev, num_classes)
     out.update(cluster_metrics(x_ev, y_ev, num_classes, seed))
     if len(np.unique(y_tr)) < 2:

@@ -41,7 +41,8 @@ from sae_ray.method.ranks import (
     rank_world,
     shared_artifact,
 )
-from sae_ray.method.targets import TargetTable, sharpen
+from sae_ray.method.seeds import stream
+from sae_ray.method.targets import TargetTable, sharpen, target_metrics
 from sae_ray.raytrain import worker_device as device
 from sae_ray.sae.checkpoints import save_checkpoint, store_checkpoint, stored_checkpoint
 from sae_ray.sae.feeds import activation_dataset
@@ -51,6 +52,7 @@ from sae_ray.sae.trainer import Fit, fit_metrics, fit_saes
 from sae_ray.storage.artifacts import Artifact, ArtifactStore
 
 TARGETS = "targets.safetensors"
+TARGET_STATS = "stats.json"
 EXTRACT_BATCH = 64  # a rank's slice starts on a batch boundary: the same batches as one rank
 SPLITS = ("train", "validation", "test")
 
@@ -84,9 +86,16 @@ def model_spec(cfg: Config) -> dict[str, Any]:
             exclude={"count", "aux_weight", "train_layers", "start_from"}
         )
         spec["select"] = "best_val_accuracy"
+        spec["ranks"] = _ranks(cfg)
     elif cfg.cycles.start_from != "pretrained":
         spec["start_from"] = str(Path(cfg.cycles.start_from).expanduser().resolve())
     return spec
+
+
+def _ranks(cfg: Config) -> dict[str, Any]:
+    """How a fine-tune's batches were spread: its result depends on it (per-rank dropout
+    streams, reduction order), so its models are keyed on it."""
+    return {"workers": cfg.resources.num_workers, "strategy": cfg.resources.strategy}
 
 
 def cycle0(trial: Trial) -> Artifact:
@@ -109,13 +118,13 @@ def make_cycle0(cfg: Config, data: TextData, out: Path, lead: bool = True) -> No
     init = {
         "build": {
             "name": cfg.model.name,
-            "seed": seed,
+            "seed": stream(seed, 0, "init"),
             "max_length": cfg.model.max_length,
             "dtype": cfg.model.dtype,
         }
     }
     if start == "finetune":
-        _finetune_stage(cfg, init, data, seed, out, lead)
+        _finetune_stage(cfg, init, data, stream(seed, 0, "finetune"), out, lead)
         return
     if start == "pretrained":
         clf = initial_classifier(init, data)
@@ -183,6 +192,7 @@ def retrain(trial: Trial, parent: Artifact, targets: Artifact | None, cycle: int
         "train": train,
         "layer": cfg.model.layer,
         "select": "best_val_accuracy",
+        "ranks": _ranks(cfg),
     }
 
     def compute(out: str, lead: bool) -> None:
@@ -190,7 +200,7 @@ def retrain(trial: Trial, parent: Artifact, targets: Artifact | None, cycle: int
             cfg,
             {"load": parent.location},
             trial.data,
-            trial.seed + cycle,
+            stream(trial.seed, cycle, "finetune"),
             Path(out),
             lead,
             targets=targets.uri(TARGETS) if targets else None,
@@ -268,7 +278,7 @@ def sae_train_config(cfg: Config, hp: str, d_in: int, cycle: int) -> SaeTrainCon
         **cfg.sae.model_dump(),
         hookpoints=[hp],
         d_in=d_in,
-        init_seed=cfg.experiment.seed + cycle,
+        init_seed=stream(cfg.experiment.seed, cycle, "sae"),
         progress=False,  # Tune reports
         run_name=f"sae-c{cycle}",
         sweep=cfg.experiment.name,
@@ -283,7 +293,7 @@ def sae(trial: Trial, acts: Artifact, hp: str, cycle: int) -> Artifact:
     spec = {
         "parent": acts.key,
         "sae": cfg.sae.model_dump(exclude={"save_every", "num_latents"}),
-        "seed": trial.seed + cycle,
+        "seed": stream(trial.seed, cycle, "sae"),
         "workers": cfg.resources.num_workers,
     }
     if cfg.sae.num_latents is not None:  # keys of sweeps without it stay as they were
@@ -347,31 +357,41 @@ def _keep_checkpoint(fit: Fit, location: str, cycle: int) -> None:
 def targets(trial: Trial, sae_art: Artifact, acts: Artifact, hp: str, cycle: int) -> Artifact:
     """Cycle `cycle`'s sharpened targets, one per training example id, built by rank 0.
 
-    `random` never reads the SAE, so its targets hang off the activations alone."""
+    `random` and `centroid` never read the SAE, so their targets hang off the activations."""
     cfg, strategy = trial.cfg, trial.strategy
-    seed = trial.seed + cycle
+    rule = cfg.sharpening
+    spec: dict[str, Any] = {"strategy": strategy, "hookpoint": hp}
     if strategy == "random":
-        spec = {"parent": acts.key, "strategy": strategy, "seed": seed, "hookpoint": hp}
+        spec.update(parent=acts.key, seed=stream(trial.seed, cycle, "random_targets"))
+    elif strategy == "centroid":
+        spec.update(parent=acts.key)
     else:
-        spec = {
-            "parent": sae_art.key,
-            "strategy": strategy,
-            "top_k_pct": cfg.sharpening.top_k_pct,
-            "hookpoint": hp,
-        }
+        spec.update(parent=sae_art.key, keep=rule.model_dump(include={"keep_frac", "top_k_pct"}))
+        if strategy == "shuffled":
+            spec.update(of=rule.shuffle_of, seed=stream(trial.seed, cycle, "shuffle"))
 
     def compute(out: str, lead: bool) -> None:
         ids, labels, x = load_sequences(acts.local("train", "sequences"), hp)
-        table = sharpen(
-            strategy,
-            SparseAutoencoder.load(sae_art.local()),
-            ids,
-            labels,
-            x,
-            trial.data.num_classes,
-            cfg.sharpening.top_k_pct,
-            seed=seed,
+        sae_model = None if spec["parent"] == acts.key else _load_sae(sae_art)
+        made = sharpen(
+            strategy, sae_model, ids, labels, x, trial.data.num_classes, rule, trial.seed, cycle
         )
-        table.save(Path(out) / TARGETS)
+        made.table.save(Path(out) / TARGETS)
+        (Path(out) / TARGET_STATS).write_text(json.dumps({"kept_latents": made.kept_latents}))
 
     return shared_artifact(trial.store, "targets", spec, compute, everyone=False)
+
+
+def _load_sae(sae_art: Artifact) -> SparseAutoencoder:
+    return SparseAutoencoder.load(sae_art.local())
+
+
+def target_report(targets: Artifact, sae_art: Artifact, acts: Artifact, hp: str):
+    """`targets/...` metrics of the cycle's targets (rank 0): what retraining will ask."""
+    ids, _, x = load_sequences(acts.local("train", "sequences"), hp)
+    table = TargetTable.load(targets.uri(TARGETS))
+    out = target_metrics(table, _load_sae(sae_art), ids, x, device())
+    kept = json.loads(storage.read_bytes(targets.uri(TARGET_STATS)))["kept_latents"]
+    if kept is not None:
+        out["targets/kept_latents"] = kept
+    return out

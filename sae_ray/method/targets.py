@@ -1,17 +1,21 @@
 """Sharpened targets: SAE codes of the training examples -> one dense target per example
 id, kept in a `TargetTable` that the fine-tune looks rows up in by id.
 
-per_class keeps, in each example's code, only the top p% latents of its class's mean code
-(per_class_complement drops exactly those and keeps the rest, the variant the original
-paper tried);
-per_example keeps the example's own top p%; random is a seeded unit vector that never looks
-at the SAE (the control for "any target at all"); none means λ = 0 (equal-compute control).
+The SAE-based strategies keep some of the latents active in each example's TopK code and
+decode them: `per_class` those among its class's top latents (by mean code), its
+complement the others (the original paper's variant), `per_example` the example's own
+strongest. How many is `sharpening.keep_frac` of k (or the seed's `top_k_pct` of the
+dictionary). The controls separate the causes of a gain: `centroid` is each example's class
+mean of the model's own activations (label supervision, no SAE), `shuffled` the sharpened
+targets permuted across examples (their distribution without their pairing), `random` a
+seeded unit vector that never looks at the SAE (any target at all), `none` λ = 0.
+
+Codes stay (n, k): nothing here is O(n x latents).
 """
 
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +25,9 @@ import torch
 from safetensors.torch import save_file
 
 from sae_ray import storage
-from sae_ray.config import CONTROL
+from sae_ray.config import CONTROL, Sharpening
+from sae_ray.method.evaluate import topk_codes
+from sae_ray.method.seeds import stream
 from sae_ray.sae.model import SparseAutoencoder
 
 log = logging.getLogger(__name__)
@@ -58,25 +64,25 @@ class TargetTable:
         return cls(tensors["ids"].numpy(), tensors["vectors"])
 
 
-def num_kept(num_latents: int, top_k_pct: float) -> int:
-    return max(1, math.ceil(num_latents * top_k_pct / 100))
-
-
-def class_masks(codes: np.ndarray, labels: np.ndarray, num_classes: int, keep: int) -> np.ndarray:
+def class_masks(
+    values: np.ndarray, indices: np.ndarray, labels: np.ndarray, num_classes: int, m: int, keep: int
+) -> np.ndarray:
     """(C, m) boolean: the `keep` latents with the largest mean code within each class."""
-    masks = np.zeros((num_classes, codes.shape[1]), dtype=bool)
+    sums = np.zeros((num_classes, m))
+    np.add.at(sums, (np.repeat(labels, values.shape[1]), indices.ravel()), values.ravel())
+    masks = np.zeros((num_classes, m), dtype=bool)
     for c in range(num_classes):
-        members = codes[labels == c]
-        if len(members):
-            masks[c, np.argsort(-members.mean(0), kind="stable")[:keep]] = True
+        if (labels == c).any():
+            masks[c, np.argsort(-sums[c], kind="stable")[:keep]] = True
     return masks
 
 
-def example_masks(codes: np.ndarray, keep: int) -> np.ndarray:
-    top = np.argsort(-codes, axis=1, kind="stable")[:, :keep]
-    masks = np.zeros_like(codes, dtype=bool)
-    np.put_along_axis(masks, top, True, axis=1)
-    return masks
+def example_masks(values: np.ndarray, keep: int) -> np.ndarray:
+    """(n, k) boolean: each code's `keep` largest active entries."""
+    order = np.argsort(-values, axis=1, kind="stable")[:, :keep]
+    masks = np.zeros(values.shape, dtype=bool)
+    np.put_along_axis(masks, order, True, axis=1)
+    return masks & (values > 0)
 
 
 def random_targets(ids: np.ndarray, d: int, seed: int) -> np.ndarray:
@@ -88,7 +94,48 @@ def random_targets(ids: np.ndarray, d: int, seed: int) -> np.ndarray:
     return out
 
 
+def centroid_targets(labels: np.ndarray, x: np.ndarray, num_classes: int) -> np.ndarray:
+    """Each example's class mean of `x` (the model's own activations)."""
+    means = np.zeros((num_classes, x.shape[1]), dtype=np.float64)
+    np.add.at(means, labels, x.astype(np.float64))
+    means /= np.maximum(np.bincount(labels, minlength=num_classes), 1)[:, None]
+    return means[labels].astype(np.float32)
+
+
+@dataclass
+class Sharpened:
+    """A strategy's targets and how many latents each kept (None: not from SAE codes)."""
+
+    table: TargetTable | None
+    kept_latents: float | None = None
+
+
 @torch.no_grad()
+def sharpen_codes(
+    strategy: str,
+    sae: SparseAutoencoder,
+    labels: np.ndarray,
+    x: np.ndarray,
+    num_classes: int,
+    rule: Sharpening,
+    device: torch.device | str = "cpu",
+) -> tuple[np.ndarray, float]:
+    """The SAE-based targets (n, d) of `x` under `strategy`, and the mean kept count."""
+    values, indices = topk_codes(sae, x, device)
+    keep = rule.kept(sae.cfg.k, sae.cfg.num_latents)
+    if strategy == "per_example":
+        mask = example_masks(values, keep)
+    elif strategy in ("per_class", "per_class_complement"):
+        masks = class_masks(values, indices, labels, num_classes, sae.cfg.num_latents, keep)
+        mask = masks[labels[:, None], indices]
+        mask = (~mask if strategy == "per_class_complement" else mask) & (values > 0)
+    else:
+        raise ValueError(f"sharpening.strategy: {strategy!r} does not sharpen SAE codes")
+    kept = torch.from_numpy(values * mask).to(device)
+    decoded = sae.decode_sparse(kept, torch.from_numpy(indices).to(device)) + sae.b_dec
+    return decoded.float().cpu().numpy(), float(mask.sum(1).mean())
+
+
 def sharpen(
     strategy: str,
     sae: SparseAutoencoder | None,
@@ -96,31 +143,54 @@ def sharpen(
     labels: np.ndarray,
     x: np.ndarray,
     num_classes: int,
-    top_k_pct: float,
+    rule: Sharpening,
     seed: int,
-) -> TargetTable | None:
-    """Targets in the model's activation space for each training example, or None for 'none'."""
+    cycle: int,
+    device: torch.device | str = "cpu",
+) -> Sharpened:
+    """Targets in the model's activation space for each training example (none for
+    'none'); `seed` and `cycle` pick the random and shuffling streams."""
     if strategy == CONTROL:
-        return None
+        return Sharpened(None)
     if strategy == "random":
-        return TargetTable(ids.copy(), torch.from_numpy(random_targets(ids, x.shape[1], seed)))
+        vectors = random_targets(ids, x.shape[1], stream(seed, cycle, "random_targets"))
+        return Sharpened(TargetTable(ids.copy(), torch.from_numpy(vectors)))
+    if strategy == "centroid":
+        vectors = centroid_targets(labels, x, num_classes)
+        return Sharpened(TargetTable(ids.copy(), torch.from_numpy(vectors)))
     assert sae is not None
-    codes = sae.dense_codes(torch.from_numpy(x)).numpy()
-    keep = num_kept(sae.cfg.num_latents, top_k_pct)
-    if strategy == "per_class":
-        mask = class_masks(codes, labels, num_classes, keep)[labels]
-    elif strategy == "per_class_complement":  # the paper's variant: drop the class's top
-        mask = ~class_masks(codes, labels, num_classes, keep)[labels]
-    elif strategy == "per_example":
-        if keep >= sae.cfg.k:
-            log.warning(
-                "per_example keeps %d latents >= k=%d: the targets equal the SAE's own "
-                "reconstruction, so sharpening changes nothing",
-                keep,
-                sae.cfg.k,
-            )
-        mask = example_masks(codes, keep)
-    else:
-        raise ValueError(f"sharpening.strategy: unknown strategy {strategy!r}")
-    kept = torch.from_numpy(codes * mask)
-    return TargetTable(ids.copy(), sae.decode_dense(kept).float())
+    base = rule.shuffle_of if strategy == "shuffled" else strategy
+    vectors, kept = sharpen_codes(base, sae, labels, x, num_classes, rule, device)
+    if strategy == "shuffled":
+        order = np.random.default_rng(stream(seed, cycle, "shuffle")).permutation(len(ids))
+        vectors = vectors[order]
+    return Sharpened(TargetTable(ids.copy(), torch.from_numpy(vectors)), kept)
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    return (a * b).sum(1) / np.maximum(norms, 1e-12)
+
+
+@torch.no_grad()
+def target_metrics(
+    table: TargetTable,
+    sae: SparseAutoencoder,
+    ids: np.ndarray,
+    x: np.ndarray,
+    device: torch.device | str = "cpu",
+) -> dict[str, float]:
+    """Whether the targets ask for anything: their mean cosine to the SAE's own
+    reconstruction of each example (1: sharpening changed nothing), and the aux loss
+    1 − cos(h, t) at the start of retraining (h: the model's activation now)."""
+    t = table.lookup(ids).float().numpy()
+    values, indices = topk_codes(sae, x, device)
+    recon = sae.decode_sparse(
+        torch.from_numpy(values).to(device), torch.from_numpy(indices).to(device)
+    )
+    recon = (recon + sae.b_dec).float().cpu().numpy()
+    return {
+        "targets/recon_cos": float(_cosine(t, recon).mean()),
+        "targets/initial_aux": float((1 - _cosine(x, t)).mean()),
+    }

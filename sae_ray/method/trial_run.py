@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from sae_ray import storage
-from sae_ray.config import Config
+from sae_ray.config import Config, sharpens
 from sae_ray.lm.models import check_layer_index, config_of, forbidden
 from sae_ray.lm.text_data import load_text_data
 from sae_ray.method.cycle import run_cycles
@@ -39,7 +39,7 @@ REPORTED = "reported.json"  # the run's checkpoint: how many cycles Tune has
 
 def open_trial(cfg: Config, trial_id: str) -> Trial:
     root, train_runs = cfg.trial_dirs(trial_id)
-    data = load_text_data(cfg.dataset, seed=cfg.experiment.seed)
+    data = load_text_data(cfg.dataset)
     return Trial(cfg, data, ArtifactStore(root), train_runs, cfg.strategy)
 
 
@@ -108,14 +108,17 @@ def _forwarder(sink):
 
 def _refuse_known_failures(cfg: Config) -> None:
     """Settings the model's config alone rules out (a sampled layer it lacks, a k above
-    the sampled dictionary) fail the trial here, before a worker group is started only
-    to find out: the worker's own message, as a `TrialFailed`."""
+    the sampled dictionary, a keep count that sharpens nothing) fail the trial here, before
+    a worker group is started only to find out: the worker's own message (`TrialFailed`)."""
     config = config_of(cfg.model.name)
     if config is None:
         return
     try:
         check_layer_index(cfg.model.layer, config.num_hidden_layers)
         cfg.sae.check_fits(config.hidden_size)
+        if sharpens(cfg):
+            latents = cfg.sae.latents_for(config.hidden_size)
+            cfg.sharpening.check_changes_targets(cfg.sae.k, latents)
     except ValueError as err:
         raise TrialFailed(f"ValueError: {err}") from None
 

@@ -24,7 +24,15 @@ from sae_ray.sweep.results import final_rows, undominated  # noqa: E402
 
 log = logging.getLogger(__name__)
 # One colour per strategy, the same in every figure; the control is black.
-COLORS = {"none": "#000000", "per_class": "#1f77b4", "per_example": "#ff7f0e", "random": "#2ca02c"}
+COLORS = {
+    "none": "#000000",
+    "per_class": "#1f77b4",
+    "per_class_complement": "#9467bd",
+    "per_example": "#ff7f0e",
+    "centroid": "#8c564b",
+    "shuffled": "#e377c2",
+    "random": "#2ca02c",
+}
 ACCURACY = ["val/accuracy", "test/accuracy"]
 LABELS = {
     "interp/u": "interp/u (uncertainty coefficient, 0-1)",

@@ -26,6 +26,7 @@ from pydantic import ValidationError  # noqa: E402
 
 from sae_ray import storage  # noqa: E402
 from sae_ray.config import CONTROL, Config, ConfigError, one_line  # noqa: E402
+from sae_ray.sweep.comparison import comparison  # noqa: E402
 from sae_ray.sweep.figures import (  # noqa: E402
     ACCURACY,
     Sweep,
@@ -190,6 +191,13 @@ def _write_pages(location: str, pages: Path) -> str:
         else:
             sections.append("<p class=note>No control trial finished: nothing to compare.</p>")
         sections.append(_html_table(table))
+        sections += [
+            "<h2>Paired differences against the control</h2><p class=note>Each strategy's "
+            "trials minus the control of the same seed at the last cycle: mean, 95 % "
+            "t-interval, p-value (Holm-adjusted over the table) and d<sub>z</sub>. A claim "
+            "needs an interval that excludes 0 over several seeds (comparison.csv).</p>",
+            _html_table(_comparison(sweep)),
+        ]
         sections.append("<h2>Parameter importance</h2>")
         for i, (metric, values) in enumerate(importances(sweep).items()):
             if isinstance(values, dict) and values:
@@ -210,6 +218,11 @@ def _write_pages(location: str, pages: Path) -> str:
         )
         (pages / "index.html").write_text(page)
     return "index.html"
+
+
+def _comparison(sweep: Sweep) -> pd.DataFrame:
+    final = final_rows(sweep.rows.to_dict("records"))
+    return comparison(final, sweep.cfg.experiment.seed).round(4)
 
 
 def _img(name: str) -> str:

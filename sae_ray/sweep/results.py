@@ -20,6 +20,7 @@ import yaml
 from tabulate import tabulate
 
 from sae_ray import storage
+from sae_ray.sweep.comparison import comparison
 
 if TYPE_CHECKING:
     from sae_ray.config import Config, Objective, SpaceEntry
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
 LEAD = ["trial_id", "cycle"]
 TAIL = ["status", "error"]
 RESULTS, BEST, STUDY, CONFIG = "results.csv", "best.json", "optuna.db", "config.yaml"
+COMPARISON = "comparison.csv"
 HEADLINE = ["val/accuracy", "test/accuracy", "interp/u", "sae/fvu", "sae/l0", "sae/dead_pct"]
 # Tune's own bookkeeping columns that say nothing about the science.
 _TUNE_COLUMNS = {
@@ -315,6 +317,9 @@ def write_outputs(rows: list[dict[str, Any]], cfg: Config) -> None:
         (staged / BEST).write_text(json.dumps(best_summary(rows, cfg), indent=1, default=str))
         if rows:
             export_study(rows, cfg, staged / STUDY)
-        for name in (RESULTS, BEST, STUDY):  # config.yaml: written when the sweep starts
+        table = comparison(final_rows(rows), cfg.experiment.seed)
+        table.to_csv(staged / COMPARISON, index=False)
+        # config.yaml: written when the sweep starts
+        for name in (RESULTS, BEST, STUDY, COMPARISON):
             if (staged / name).is_file():
                 storage.upload(staged / name, storage.join(cfg.sweep_uri, name))

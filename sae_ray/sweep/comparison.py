@@ -1,0 +1,92 @@
+"""comparison.csv: every strategy against the λ = 0 control, as paired differences with
+intervals, so that "X beats the control" is a claim with its uncertainty, not two means.
+
+A strategy's trial is paired with the control of the same experiment seed at its last
+cycle (a trial's own `delta/<metric>`, when it reports one, is that difference already).
+For each strategy and metric: n pairs, the mean difference, its 95 % t-interval and
+p-value (scipy's one-sample t-test of the differences), Cohen's d_z (mean / sd of the
+differences), and the p-value Holm-adjusted over every comparison in the file."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+COMPARED = ["interp/u", "interp/u_excess", "test/interp/u", "val/accuracy", "test/accuracy"]
+SEED = "experiment.seed"
+COLUMNS = ["strategy", "metric", "n", "mean", "ci_low", "ci_high", "p", "effect_size", "p_holm"]
+
+
+def paired_differences(final: list[dict[str, Any]], seed: int) -> pd.DataFrame:
+    """One row per (strategy trial, metric): its difference to the control of its seed
+    (`seed`: the sweep's, for trials that did not sample one). `final`: each trial's last
+    cycle (`results.final_rows`)."""
+    done = [r for r in final if r.get("status") == "COMPLETE"]
+    if not done:
+        return pd.DataFrame(columns=["strategy", "seed", "trial_id", "metric", "diff"])
+    frame = pd.DataFrame(done)
+    frame["seed"] = frame.get(SEED, seed)
+    frame["seed"] = frame["seed"].fillna(seed)
+    is_control = frame.get("is_control", pd.Series(False, index=frame.index)).astype(bool)
+    metrics = [m for m in COMPARED if m in frame or f"delta/{m}" in frame]
+    controls = frame[is_control].groupby("seed")[[m for m in metrics if m in frame]].mean()
+    out = []
+    for _, row in frame[~is_control].iterrows():
+        for metric in metrics:
+            if f"delta/{metric}" in row and _finite(row[f"delta/{metric}"]):
+                diff = row[f"delta/{metric}"]
+            elif row["seed"] in controls.index and metric in controls:
+                diff = row[metric] - controls.loc[row["seed"], metric]
+            else:
+                continue
+            out.append((row["strategy_effective"], row["seed"], row["trial_id"], metric, diff))
+    return pd.DataFrame(out, columns=["strategy", "seed", "trial_id", "metric", "diff"])
+
+
+def summarize(diffs: np.ndarray) -> dict[str, float]:
+    """n, mean, 95 % t-interval, p-value and d_z of paired differences (NaN below n = 2)."""
+    from scipy import stats
+
+    d = np.asarray(diffs, dtype=np.float64)
+    d = d[np.isfinite(d)]
+    out = {"n": len(d), "mean": float(d.mean()) if len(d) else math.nan}
+    out.update(ci_low=math.nan, ci_high=math.nan, p=math.nan, effect_size=math.nan)
+    if len(d) >= 2 and d.std(ddof=1) > 0:
+        test = stats.ttest_1samp(d, 0.0)
+        interval = test.confidence_interval(0.95)
+        out.update(ci_low=float(interval.low), ci_high=float(interval.high))
+        out.update(p=float(test.pvalue), effect_size=float(d.mean() / d.std(ddof=1)))
+    return out
+
+
+def holm(p: np.ndarray) -> np.ndarray:
+    """Holm's step-down adjustment (family-wise error) of the finite p-values in `p`."""
+    p = np.asarray(p, dtype=np.float64)
+    adjusted = np.full_like(p, np.nan)
+    finite = np.flatnonzero(np.isfinite(p))
+    order = finite[np.argsort(p[finite], kind="stable")]
+    m, running = len(order), 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * p[i]))
+        adjusted[i] = running
+    return adjusted
+
+
+def comparison(final: list[dict[str, Any]], seed: int) -> pd.DataFrame:
+    """The comparison table (COLUMNS), one row per (strategy, metric), of each trial's last
+    cycle (`final`)."""
+    diffs = paired_differences(final, seed)
+    table = [
+        {"strategy": strategy, "metric": metric, **summarize(group["diff"].to_numpy())}
+        for (strategy, metric), group in diffs.groupby(["strategy", "metric"], sort=True)
+    ]
+    frame = pd.DataFrame(table, columns=COLUMNS[:-1])
+    frame["p_holm"] = holm(frame["p"].to_numpy()) if len(frame) else []
+    return frame
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
