@@ -251,7 +251,8 @@ def test_results_columns_are_the_metrics_objectives_may_name(quickstart_sweep):
 
     columns = list(pd.read_csv(quickstart_sweep / "results.csv").columns)
     searched = ["sae.k", "sae.expansion_factor", "sharpening.strategy"]
-    rest = ["trial_id", "cycle", *searched, "strategy_effective", "is_control", "status", "error"]
+    rest = ["trial_id", "cycle", *searched, "strategy_effective", "is_control", "n_seeds"]
+    rest += ["status", "error"]
     assert sorted(c for c in columns if c not in rest) == sorted(known_metrics())
 
 
@@ -274,7 +275,9 @@ def test_quickstart_shares_the_cycle0_model(quickstart_sweep):
     models = specs("model")
     cycle0 = [key for key, spec in models.items() if "parent" not in spec]
     assert len(cycle0) == 1  # fine-tuned once for all 4 trials
-    assert len(models) == 1 + 4  # plus one cycle-1 model per trial
+    # plus one cycle-1 model per trial; the 3 strategies' paired λ = 0 models are the
+    # control trial's own (shared artifacts), not 3 more
+    assert len(models) == 1 + 4
     activations = specs("activations").values()
     assert sum(spec["parent"] == cycle0[0] for spec in activations) == 1
     assert len(activations) == 1 + 4
@@ -389,8 +392,11 @@ def test_quickstart_finetunes_on_ray_train_at_equal_compute(quickstart_sweep):
 
 
 def test_sae_ray_run_evaluates_on_the_workers_as_one_process_would(ray_cluster, tmp_path):
-    """`sae-ray run` (one trial, no Tune) succeeds, and the metrics its Train worker computed
-    equal the single-process evaluation of the same artifacts, recomputed here."""
+    """`sae-ray run` (one trial, no Tune) of a strategy under 2 seeds succeeds: each cycle's
+    row is the mean of its seeds' rows (seeds.csv), cycle 1 carries the paired λ = 0 control
+    and the difference to it, comparison.csv pairs the seeds, and the metrics the Train
+    worker computed for seed 0 equal the single-process evaluation of the same artifacts,
+    recomputed here."""
     import math
     import subprocess
     import sys
@@ -407,7 +413,8 @@ def test_sae_ray_run_evaluates_on_the_workers_as_one_process_would(ray_cluster, 
         f"experiment.storage_path={tmp_path}",
         "experiment.name=one",
         "dataset.num_examples=400",
-        "cycles.count=1",
+        "cycles.count=2",
+        "search.seeds=2",
         "cycles.epochs=1",
         "sae.epochs=2",
         "wandb.mode=disabled",
@@ -422,17 +429,46 @@ def test_sae_ray_run_evaluates_on_the_workers_as_one_process_would(ray_cluster, 
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "cycle 0:" in done.stdout and "best trial: run" in done.stdout
-    row = pd.read_csv(tmp_path / "one" / "results.csv").iloc[0]
-    assert row["status"] == "COMPLETE"
-    cfg = C.load(tmp_path / "one" / "config.yaml")
-    store = tmp_path / "one" / "artifacts"
-    (model,), (acts,), (sae,) = (
-        list(store.glob(f"{k}-*")) for k in ("model", "activations", "sae")
-    )
+    one = tmp_path / "one"
+    results = pd.read_csv(one / "results.csv")
+    assert list(results["cycle"]) == [0, 1] and (results["status"] == "COMPLETE").all()
+    assert (results["n_seeds"] == 2).all()
+    seeds = pd.read_csv(one / "seeds.csv")
+    pairs = sorted(zip(seeds["cycle"], seeds["seed"], strict=True))
+    assert pairs == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    for cycle in (0, 1):
+        mine = seeds[seeds["cycle"] == cycle]
+        for name in ("interp/u", "val/accuracy", "sae/fvu", "delta/interp/u"):
+            assert math.isclose(results.loc[cycle, name], mine[name].mean(), rel_tol=1e-9)
+    assert (seeds.loc[seeds["cycle"] == 0, "delta/interp/u"] == 0).all()  # its own pair
+    later = seeds[seeds["cycle"] == 1]
+    assert later["control/interp/u"].notna().all() and later["delta/interp/u"].ne(0).all()
+    diff = later["interp/u"] - later["control/interp/u"]
+    assert np.allclose(later["delta/interp/u"], diff)
+    table = pd.read_csv(one / "comparison.csv").set_index(["strategy", "metric"])
+    pair = table.loc[("per_class", "interp/u")]
+    assert pair["n"] == 2 and math.isclose(pair["mean"], later["delta/interp/u"].mean())
+
+    cfg = C.load(one / "config.yaml")
+    store = one / "artifacts"
+    published = [p for p in store.glob("*-*") if (p / "spec.json").is_file()]
+    specs = {p: json.loads((p / "spec.json").read_text()) for p in published}
+    assert sum(p.name.startswith("model-") for p in specs) == 6  # 2 seeds x (c0, c1, control)
+    models = {p: s for p, s in specs.items() if p.name.startswith("model-")}
+    (model,) = [p for p, s in models.items() if s.get("seed") == 0]  # cycle 0 of seed 0
+    acts = _child(specs, "activations", model)
+    sae = _child(specs, "sae", acts)
     clf = load_classifier(model)
     hp = hookpoint(clf.model, resolve_layer(clf.model, cfg.model.layer))
     data = load_text_data(cfg.dataset)
     here = _evaluate(cfg, data, clf, SparseAutoencoder.load(sae), Artifact(str(acts), "a"), hp)
     assert len(here) > 40
+    row = seeds[(seeds["cycle"] == 0) & (seeds["seed"] == 0)].iloc[0]
     for name, value in here.items():
         assert math.isclose(row[name], value, rel_tol=1e-4, abs_tol=1e-6), (name, row[name], value)
+
+
+def _child(specs: dict, kind: str, parent: Path) -> Path:
+    key = parent.name.split("-", 1)[1]
+    (found,) = [p for p, s in specs.items() if p.name.startswith(f"{kind}-") and s["parent"] == key]
+    return found

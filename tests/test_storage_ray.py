@@ -83,17 +83,21 @@ def _sae_metrics(sweep: str) -> list[dict]:
 
 
 def test_a_train_worker_killed_mid_fit_resumes_where_it_was(s3_sweep, s3_server):
-    """Each trial's cycle-1 fit lost a rank after its step-10 checkpoint: the restarted
-    group found the models and activations (the cycle reports one artifact computed, the
-    SAE), resumed from the checkpoint in the bucket (not step 0) and trained each epoch
-    once; cycle 0, already reported, was not reported again."""
+    """Every cycle-1 fit lost a rank after its step-10 checkpoint: per_class's own, then
+    the one of its paired λ = 0 model (which the control trial then found: the same
+    artifact). Each restarted group found the models and activations (the cycle reports one
+    artifact computed, the last SAE), resumed from the checkpoint in the bucket (not step
+    0) and trained each epoch once; cycle 0, already reported, was not reported again."""
     sweep, _ = s3_sweep
     results = pd.read_csv(pa.BufferReader(storage.read_bytes(f"{sweep}/results.csv")))
-    cycle1 = results[results["cycle"] == 1]
-    assert (cycle1["artifacts/computed"] == 1).all(), cycle1["artifacts/computed"]
+    cycle1 = results[results["cycle"] == 1].set_index("sharpening.strategy")
+    assert cycle1.loc["per_class", "artifacts/computed"] == 1, cycle1["artifacts/computed"]
+    assert cycle1.loc["none", "artifacts/computed"] == 0  # all built as per_class's pair
+    paired, control = cycle1.loc["per_class", "control/interp/u"], cycle1.loc["none", "interp/u"]
+    assert paired == pytest.approx(control, rel=1e-6)  # the same model, SAE and evaluation
     fits = _sae_metrics(sweep)
     resumed = sorted(m["resumed_from_step"] for m in fits)
-    assert resumed == [0] + [KILLED_AT] * TRIALS, resumed  # the shared cycle-0 SAE: not killed
+    assert resumed == [0, KILLED_AT, KILLED_AT], resumed  # the shared cycle-0 SAE: not killed
     acts = [n for n in storage.listdir(f"{sweep}/artifacts") if n.startswith("activations-")]
     (rows,) = {read_manifest(f"{sweep}/artifacts/{n}/train/tokens").rows for n in acts}
     for metrics in fits:  # every epoch trained once (equal splits drop < 1 row/worker/epoch)

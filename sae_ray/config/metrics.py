@@ -25,6 +25,9 @@ SAE = ["fvu", "explained_variance", "l0", "dead_pct", "absorption", "train_token
 FINETUNE = ["steps", "best_epoch", "ce", "aux"]
 STAGES = ["model", "activations", "sae", "evaluate", "targets"]
 TARGETS = ["kept_latents", "recon_cos", "initial_aux"]
+# Reported beside each trial's own value for the λ = 0 model of its seed and cycle, through
+# an SAE of the trial's settings: `control/<metric>` and `delta/<metric>` (own - control).
+PAIRED = ["interp/u", "interp/u_excess", "test/interp/u", "val/accuracy", "test/accuracy"]
 
 
 def known_metrics() -> list[str]:
@@ -37,6 +40,7 @@ def known_metrics() -> list[str]:
     names += [f"sae/{m}" for m in SAE]
     names += [f"finetune/{m}" for m in FINETUNE]
     names += [f"targets/{m}" for m in TARGETS]
+    names += [f"{head}/{m}" for head in ("control", "delta") for m in PAIRED]
     names += [f"time/{s}_s" for s in STAGES] + ["artifacts/computed", "memory/worker_peak_mb"]
     return names
 

@@ -89,9 +89,10 @@ class Cycles(Section):
         "head, no training), or the path of an already fine-tuned classifier",
     )
     train_layers: Literal["all", "from_hooked"] = Field(
-        "all",
-        description="what retraining (cycle > 0) updates: everything, or the hooked "
-        "block, the blocks above it and the head",
+        "from_hooked",
+        description="what retraining (cycle > 0) updates: the hooked block, the blocks "
+        "above it and the head (the references' choice: what lies below the hook keeps the "
+        "cycle-0 features), or everything",
     )
     autocast: bool = Field(True, description="bf16 autocast when the workers have a GPU")
 
@@ -277,6 +278,11 @@ class Config(Section):
         if not self.experiment.share_artifacts:
             dirs = [storage.join(d, "unshared", trial_id) for d in dirs]
         return dirs[0], dirs[1]
+
+    @property
+    def seeds_uri(self) -> str:
+        """Each trial's per-seed rows, one JSON list per trial and cycle (seeds.csv's source)."""
+        return storage.join(self.sweep_uri, "seeds")
 
     @property
     def sweep_dir(self) -> Path:

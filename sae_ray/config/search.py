@@ -104,6 +104,12 @@ class Constraint(Section):
 class Search(Section):
     algorithm: Literal["tpe", "random", "grid", "nsga2"] = "tpe"
     num_samples: int = Field(4, ge=1, description="trials (grid: ignored, one per point)")
+    seeds: int = Field(
+        1,
+        ge=1,
+        description="experiment seeds each point runs under (seed, seed+1, ...): a trial "
+        "reports their mean, seeds.csv each one",
+    )
     metric: str = "interp/u"
     mode: Literal["max", "min"] = "max"
 

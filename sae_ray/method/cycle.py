@@ -13,12 +13,14 @@ import json
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from sae_ray.config import CONTROL, Config
+from sae_ray.config.metrics import PAIRED
 from sae_ray.lm.extraction import iter_tokens, load_sequences
 from sae_ray.lm.models import hookpoint, load_classifier, resolve_layer
 from sae_ray.lm.text_data import TextData
@@ -33,6 +35,7 @@ from sae_ray.method.evaluate import (
 from sae_ray.method.finetune import HISTORY, best_epoch, predict
 from sae_ray.method.ranks import gather, rank_world
 from sae_ray.method.stages import Trial
+from sae_ray.method.targets import target_report
 from sae_ray.raytrain import worker_device as device
 from sae_ray.sae.model import SparseAutoencoder, decoder_absorption
 from sae_ray.storage.artifacts import Artifact
@@ -41,30 +44,98 @@ log = logging.getLogger(__name__)
 Report = Callable[[int, dict[str, Any]], None]
 
 
+@dataclass
+class Chain:
+    """One seed's models through the cycles: the trial's own (and the targets that train
+    the next), and the λ = 0 model of the same seed and cycle it is paired with."""
+
+    trial: Trial
+    model: Artifact | None = None
+    targets: Artifact | None = None
+    control: Artifact | None = None
+
+
 def run_cycles(trial: Trial, report: Report, reported: int = 0) -> None:
-    """Every cycle; the first `reported` ones were reported before a worker-group restart,
-    so they are replayed from the store (their stages are found) without evaluating."""
-    cfg = trial.cfg
+    """Every cycle, for each of the trial's seeds (`search.seeds`); each cycle is reported
+    as the mean over seeds, with each seed's own row under "seeds". The first `reported`
+    cycles were reported before a worker-group restart: they are replayed from the store
+    (their stages are found) without evaluating."""
+    base = trial.cfg.experiment.seed
+    chains = [Chain(trial.with_seed(base + i)) for i in range(trial.cfg.search.seeds)]
     # what each stage of a cycle took (computing, waiting on another trial, or loading) and
     # how many artifacts this trial computed: where a sweep's time goes, and what sharing saved
     times: dict[str, float] = {}
     computed = trial.store.computed
-    with _timed(times, "model"):
-        model = stages.cycle0(trial)
-    targets: Artifact | None = None
-    for cycle in range(cfg.cycles.count):
-        if cycle > 0:
-            with _timed(times, "model"):
-                model = stages.retrain(trial, model, targets, cycle)
-        metrics, targets = _cycle(trial, model, cycle, times, evaluate=cycle >= reported)
-        if cycle < reported:
+    for cycle in range(trial.cfg.cycles.count):
+        evaluate = cycle >= reported
+        rows = [_seed_cycle(chain, cycle, times, evaluate) for chain in chains]
+        if not evaluate:
             continue
         peaks = gather(_peak_rss_mb())  # every rank's high-water mark: a collective
+        metrics: dict[str, Any] = {}
         if rank_world()[0] == 0:
+            metrics = mean_over_seeds(rows)
             metrics.update(times, **{"artifacts/computed": trial.store.computed - computed})
             metrics["memory/worker_peak_mb"] = max(peaks)
+            metrics[SEED_ROWS] = rows
         times, computed = {}, trial.store.computed
         report(cycle, metrics)
+
+
+SEED_ROWS = "seeds"
+
+
+def mean_over_seeds(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Numbers averaged over the seeds' rows (NaN-aware), the rest from the first, and
+    `n_seeds`."""
+    out: dict[str, Any] = {}
+    for key in dict.fromkeys(k for row in rows for k in row):
+        values = [row.get(key) for row in rows]
+        numbers = all(
+            isinstance(v, (int, float, np.number)) and not isinstance(v, bool) for v in values
+        )
+        out[key] = float(np.nanmean(np.asarray(values, float))) if numbers else values[0]
+    out.pop("seed", None)
+    out["cycle"] = rows[0]["cycle"]
+    out["n_seeds"] = len(rows)
+    return out
+
+
+def _seed_cycle(chain: Chain, cycle: int, times: dict[str, float], evaluate: bool):
+    """One seed's cycle: its model, activations, SAE, evaluation and targets, then its
+    λ = 0 pair's. Rank 0's evaluated row; an empty dict elsewhere."""
+    trial = chain.trial
+    with _timed(times, "model"):
+        if cycle == 0:
+            chain.model = stages.cycle0(trial)
+        else:
+            chain.model = stages.retrain(trial, chain.model, chain.targets, cycle)
+    metrics, chain.targets = _cycle(trial, chain.model, cycle, times, evaluate)
+    paired = _paired(chain, cycle, times, evaluate, metrics)
+    if metrics:
+        metrics.update(paired, seed=trial.seed)
+    return metrics
+
+
+def _paired(
+    chain: Chain, cycle: int, times: dict[str, float], evaluate: bool, own: dict[str, Any]
+) -> dict[str, Any]:
+    """`control/<m>` and `delta/<m>` (PAIRED): the λ = 0 model of this seed and cycle (the
+    control trial's own, a shared artifact) through an SAE of this trial's settings, so the
+    difference isolates the strategy. The control trial, and cycle 0, are their own pair."""
+    if cycle == 0 or chain.trial.strategy == CONTROL:
+        chain.control, control = chain.model, own
+    else:
+        twin = chain.trial.as_control()
+        with _timed(times, "model"):
+            chain.control = stages.retrain(twin, chain.control, None, cycle)
+        control, _ = _cycle(twin, chain.control, cycle, times, evaluate)
+    out: dict[str, Any] = {}
+    for metric in PAIRED:
+        if metric in own and metric in control:
+            out[f"control/{metric}"] = control[metric]
+            out[f"delta/{metric}"] = own[metric] - control[metric]
+    return out
 
 
 def _cycle(
@@ -92,7 +163,7 @@ def _cycle(
         with _timed(times, "targets"):
             targets = stages.targets(trial, sae_art, acts, hp, cycle)
             if evaluate and rank_world()[0] == 0:
-                metrics.update(stages.target_report(targets, sae_art, acts, hp))
+                metrics.update(target_report(targets, sae_art, acts, hp, device()))
     return metrics, targets
 
 
@@ -127,8 +198,9 @@ def _timed(times: dict[str, float], stage: str):
     started = time.perf_counter()
     try:
         yield
-    finally:
-        times[f"time/{stage}_s"] = time.perf_counter() - started
+    finally:  # summed over the cycle's seeds and pairs
+        key = f"time/{stage}_s"
+        times[key] = times.get(key, 0.0) + time.perf_counter() - started
 
 
 def _finetune_stats(model_dir: Path) -> dict[str, float]:

@@ -3,8 +3,8 @@ and the model's architecture alone (no weights, no cluster), so a sweep that can
 is refused before Ray starts rather than failing trial after trial out of memory.
 
 Per worker, for P parameters in w bytes each (the model's dtype), N workers:
-- fine-tune: the weights, w·P, and for the T trained parameters (all, or the hooked block
-  and those above it) gradients and AdamW's two moments, 3·w·T (DDP: all of it on every
+- fine-tune: the weights, w·P, and for the T trained parameters (all in cycle 0's
+  fine-tune; in retraining all, or the hooked block and those above it) gradients and AdamW's two moments, 3·w·T (DDP: all of it on every
   worker, plus its gradient buckets, w·T; FSDP: divided by N, plus two gathered blocks), and
   the activations kept for backward (Korthikanti et al. 2022: s·b·h·(34 + 5·a·s/h) bytes
   per block at 16 bits; with activation checkpointing, each block's input only);
@@ -118,7 +118,9 @@ def _activation_bytes(cfg: Config, shape: Shape, per_worker: int) -> float:
 
 
 def _trained(cfg: Config, shape: Shape) -> int:
-    if cfg.cycles.train_layers == "all":
+    """The most parameters any fine-tune trains: all of them in cycle 0's (when it
+    fine-tunes), or what `train_layers` leaves trainable in retraining."""
+    if cfg.cycles.train_layers == "all" or cfg.cycles.start_from == "finetune":
         return shape.params
     layer = cfg.model.layer % shape.layers
     return (shape.layers - layer) * shape.block_params

@@ -13,7 +13,7 @@ import os
 import signal
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +42,7 @@ from sae_ray.method.ranks import (
     shared_artifact,
 )
 from sae_ray.method.seeds import stream
-from sae_ray.method.targets import TargetTable, sharpen, target_metrics
+from sae_ray.method.targets import TARGET_STATS, TARGETS, TargetTable, sharpen
 from sae_ray.raytrain import worker_device as device
 from sae_ray.sae.checkpoints import save_checkpoint, store_checkpoint, stored_checkpoint
 from sae_ray.sae.feeds import activation_dataset
@@ -51,8 +51,6 @@ from sae_ray.sae.model import SparseAutoencoder
 from sae_ray.sae.trainer import Fit, fit_metrics, fit_saes
 from sae_ray.storage.artifacts import Artifact, ArtifactStore
 
-TARGETS = "targets.safetensors"
-TARGET_STATS = "stats.json"
 EXTRACT_BATCH = 64  # a rank's slice starts on a batch boundary: the same batches as one rank
 SPLITS = ("train", "validation", "test")
 
@@ -71,6 +69,14 @@ class Trial:
     @property
     def seed(self) -> int:
         return self.cfg.experiment.seed
+
+    def with_seed(self, seed: int) -> Trial:
+        experiment = self.cfg.experiment.model_copy(update={"seed": seed})
+        return replace(self, cfg=self.cfg.model_copy(update={"experiment": experiment}))
+
+    def as_control(self) -> Trial:
+        """The same trial at λ = 0: its models are the control trial's (shared artifacts)."""
+        return replace(self, strategy=CONTROL)
 
 
 def model_spec(cfg: Config) -> dict[str, Any]:
@@ -384,14 +390,3 @@ def targets(trial: Trial, sae_art: Artifact, acts: Artifact, hp: str, cycle: int
 
 def _load_sae(sae_art: Artifact) -> SparseAutoencoder:
     return SparseAutoencoder.load(sae_art.local())
-
-
-def target_report(targets: Artifact, sae_art: Artifact, acts: Artifact, hp: str):
-    """`targets/...` metrics of the cycle's targets (rank 0): what retraining will ask."""
-    ids, _, x = load_sequences(acts.local("train", "sequences"), hp)
-    table = TargetTable.load(targets.uri(TARGETS))
-    out = target_metrics(table, _load_sae(sae_art), ids, x, device())
-    kept = json.loads(storage.read_bytes(targets.uri(TARGET_STATS)))["kept_latents"]
-    if kept is not None:
-        out["targets/kept_latents"] = kept
-    return out

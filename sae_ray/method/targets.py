@@ -15,6 +15,7 @@ Codes stay (n, k): nothing here is O(n x latents).
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,11 +27,14 @@ from safetensors.torch import save_file
 
 from sae_ray import storage
 from sae_ray.config import CONTROL, Sharpening
+from sae_ray.lm.extraction import load_sequences
 from sae_ray.method.evaluate import topk_codes
 from sae_ray.method.seeds import stream
 from sae_ray.sae.model import SparseAutoencoder
+from sae_ray.storage.artifacts import Artifact
 
 log = logging.getLogger(__name__)
+TARGETS, TARGET_STATS = "targets.safetensors", "stats.json"  # a targets artifact's files
 
 
 @dataclass
@@ -194,3 +198,17 @@ def target_metrics(
         "targets/recon_cos": float(_cosine(t, recon).mean()),
         "targets/initial_aux": float((1 - _cosine(x, t)).mean()),
     }
+
+
+def target_report(
+    targets: Artifact, sae: Artifact, acts: Artifact, hp: str, device: torch.device | str
+) -> dict[str, float]:
+    """`targets/...` metrics of a cycle's targets artifact (rank 0): what retraining will
+    ask of the next model."""
+    ids, _, x = load_sequences(acts.local("train", "sequences"), hp)
+    table = TargetTable.load(targets.uri(TARGETS))
+    out = target_metrics(table, SparseAutoencoder.load(sae.local()), ids, x, device)
+    kept = json.loads(storage.read_bytes(targets.uri(TARGET_STATS)))["kept_latents"]
+    if kept is not None:
+        out["targets/kept_latents"] = kept
+    return out

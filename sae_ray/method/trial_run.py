@@ -12,6 +12,7 @@ yet reported (the run's checkpoint says how many were).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import queue
@@ -28,7 +29,7 @@ from sae_ray import storage
 from sae_ray.config import Config, sharpens
 from sae_ray.lm.models import check_layer_index, config_of, forbidden
 from sae_ray.lm.text_data import load_text_data
-from sae_ray.method.cycle import run_cycles
+from sae_ray.method.cycle import SEED_ROWS, run_cycles
 from sae_ray.method.ranks import rank_world
 from sae_ray.method.stages import Trial
 from sae_ray.raytrain import torch_trainer
@@ -55,17 +56,28 @@ def trial_loop(config: dict[str, Any]) -> None:
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             reported = json.loads((Path(directory) / REPORTED).read_text())["cycles"]
-    run_cycles(open_trial(config["cfg"], config["trial_id"]), _report_cycle, reported)
+    cfg, trial_id = config["cfg"], config["trial_id"]
+    report = functools.partial(_report_cycle, seeds_file(cfg, trial_id))
+    run_cycles(open_trial(cfg, trial_id), report, reported)
 
 
-def _report_cycle(cycle: int, metrics: dict[str, Any]) -> None:
+def seeds_file(cfg: Config, trial_id: str) -> str:
+    """Where a trial's per-seed rows go, one JSON list per cycle (`{}` for the cycle),
+    gathered into seeds.csv when the sweep ends."""
+    return storage.join(cfg.seeds_uri, f"{trial_id}-c{{}}.json")
+
+
+def _report_cycle(seeds: str, cycle: int, metrics: dict[str, Any]) -> None:
     """Every rank reports (Ray Train's reports are collective); rank 0's carries the
-    metrics and the checkpoint that marks the cycle reported."""
+    metrics and the checkpoint that marks the cycle reported, after writing each seed's
+    row (a restarted group rewrites the same file)."""
     import ray.train
 
     if rank_world()[0] != 0:
         ray.train.report({})
         return
+    rows = metrics.pop(SEED_ROWS)
+    storage.write_bytes(seeds.format(cycle), json.dumps(rows, default=float).encode())
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / REPORTED).write_text(json.dumps({"cycles": cycle + 1}))
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))

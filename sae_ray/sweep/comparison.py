@@ -15,8 +15,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-COMPARED = ["interp/u", "interp/u_excess", "test/interp/u", "val/accuracy", "test/accuracy"]
-SEED = "experiment.seed"
+from sae_ray.config.metrics import PAIRED as COMPARED
+
+SEEDS = ("seed", "experiment.seed")  # a seeds.csv row's own, or a trial's sampled one
 COLUMNS = ["strategy", "metric", "n", "mean", "ci_low", "ci_high", "p", "effect_size", "p_holm"]
 
 
@@ -28,8 +29,8 @@ def paired_differences(final: list[dict[str, Any]], seed: int) -> pd.DataFrame:
     if not done:
         return pd.DataFrame(columns=["strategy", "seed", "trial_id", "metric", "diff"])
     frame = pd.DataFrame(done)
-    frame["seed"] = frame.get(SEED, seed)
-    frame["seed"] = frame["seed"].fillna(seed)
+    column = next((c for c in SEEDS if c in frame), None)
+    frame["seed"] = frame[column].fillna(seed) if column else seed
     is_control = frame.get("is_control", pd.Series(False, index=frame.index)).astype(bool)
     metrics = [m for m in COMPARED if m in frame or f"delta/{m}" in frame]
     controls = frame[is_control].groupby("seed")[[m for m in metrics if m in frame]].mean()

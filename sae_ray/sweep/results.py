@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 LEAD = ["trial_id", "cycle"]
 TAIL = ["status", "error"]
 RESULTS, BEST, STUDY, CONFIG = "results.csv", "best.json", "optuna.db", "config.yaml"
-COMPARISON = "comparison.csv"
+COMPARISON, SEEDS = "comparison.csv", "seeds.csv"
 HEADLINE = ["val/accuracy", "test/accuracy", "interp/u", "sae/fvu", "sae/l0", "sae/dead_pct"]
 # Tune's own bookkeeping columns that say nothing about the science.
 _TUNE_COLUMNS = {
@@ -317,9 +317,39 @@ def write_outputs(rows: list[dict[str, Any]], cfg: Config) -> None:
         (staged / BEST).write_text(json.dumps(best_summary(rows, cfg), indent=1, default=str))
         if rows:
             export_study(rows, cfg, staged / STUDY)
-        table = comparison(final_rows(rows), cfg.experiment.seed)
+        seeds = seed_rows(rows, cfg)
+        if seeds:
+            write_results(seeds, staged / SEEDS)
+        table = comparison(final_seed_rows(rows, seeds), cfg.experiment.seed)
         table.to_csv(staged / COMPARISON, index=False)
         # config.yaml: written when the sweep starts
-        for name in (RESULTS, BEST, STUDY, COMPARISON):
+        for name in (RESULTS, SEEDS, BEST, STUDY, COMPARISON):
             if (staged / name).is_file():
                 storage.upload(staged / name, storage.join(cfg.sweep_uri, name))
+
+
+def seed_rows(rows: list[dict[str, Any]], cfg: Config) -> list[dict[str, Any]]:
+    """seeds.csv: each trial x cycle row's per-seed rows (what its workers wrote to
+    `cfg.seeds_uri`), with the row's parameters and status."""
+    out = []
+    for row in rows:
+        if not _finite(row.get("cycle")):
+            continue
+        location = storage.join(cfg.seeds_uri, f"{row['trial_id']}-c{int(row['cycle'])}.json")
+        if not storage.is_file(location):
+            continue
+        shared = {k: v for k, v in row.items() if "/" not in k and k != "n_seeds"}
+        out += [{**shared, **seeded} for seeded in json.loads(storage.read_bytes(location))]
+    return out
+
+
+def final_seed_rows(
+    rows: list[dict[str, Any]], seeds: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """Each trial's last cycle, one row per seed (each trial's final row when no trial
+    wrote seed rows): what comparison.csv pairs."""
+    final = final_rows(rows)
+    if not seeds:
+        return final
+    last = {(r["trial_id"], r.get("cycle")) for r in final if r.get("status") == "COMPLETE"}
+    return [r for r in seeds if (r["trial_id"], r.get("cycle")) in last]
