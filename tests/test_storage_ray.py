@@ -49,6 +49,11 @@ def test_results_are_complete_in_the_bucket(s3_sweep, s3_server):
     assert len(results) == TRIALS * 2 and (results["status"] == "COMPLETE").all()
     assert sorted(results.groupby("trial_id")["cycle"].apply(list).tolist()) == [[0, 1]] * TRIALS
     assert results["interp/u"].notna().all() and results["val/accuracy"].notna().all()
+    assert results["delta/interp/u"].notna().all() and (results["n_seeds"] == 1).all()
+    seeds = pd.read_csv(pa.BufferReader(storage.read_bytes(f"{sweep}/seeds.csv")))
+    assert len(seeds) == len(results) and set(seeds["seed"]) == {0}
+    compared = pd.read_csv(pa.BufferReader(storage.read_bytes(f"{sweep}/comparison.csv")))
+    assert set(compared["strategy"]) == {"per_class"} and (compared["n"] == 1).all()
     best = json.loads(storage.read_bytes(f"{sweep}/best.json"))
     assert best["best"]["trial_id"] in set(results["trial_id"])
     assert storage.is_file(f"{sweep}/optuna.db")

@@ -4,10 +4,11 @@ is refused before Ray starts rather than failing trial after trial out of memory
 
 Per worker, for P parameters in w bytes each (the model's dtype), N workers:
 - fine-tune: the weights, w·P, and for the T trained parameters (all in cycle 0's
-  fine-tune; in retraining all, or the hooked block and those above it) gradients and AdamW's two moments, 3·w·T (DDP: all of it on every
-  worker, plus its gradient buckets, w·T; FSDP: divided by N, plus two gathered blocks), and
-  the activations kept for backward (Korthikanti et al. 2022: s·b·h·(34 + 5·a·s/h) bytes
-  per block at 16 bits; with activation checkpointing, each block's input only);
+  fine-tune; in retraining all, or the hooked block and those above it) gradients and
+  AdamW's two moments, 3·w·T (DDP: all of it on every worker, plus its gradient buckets,
+  w·T; FSDP: divided by N, plus two gathered blocks), and the activations kept for
+  backward (Korthikanti et al. 2022: s·b·h·(34 + 5·a·s/h) bytes per block at 16 bits;
+  with activation checkpointing, each block's input only);
 - extraction: the model for inference (w·P) and one batch's hidden states;
 - SAE fit: the SAE's weights, gradients and Adam moments (16 bytes a parameter) and a
   batch's pre-activations (batch x latents, float32);

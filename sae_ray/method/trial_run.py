@@ -21,24 +21,29 @@ import threading
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from sae_ray import storage
 from sae_ray.config import Config, sharpens
 from sae_ray.lm.models import check_layer_index, config_of, forbidden
-from sae_ray.lm.text_data import load_text_data
-from sae_ray.method.cycle import SEED_ROWS, run_cycles
+from sae_ray.method.outcome import FAILED, Forward, TrialFailed
 from sae_ray.method.ranks import rank_world
-from sae_ray.method.stages import Trial
 from sae_ray.raytrain import torch_trainer
-from sae_ray.storage.artifacts import ArtifactStore
 
+if TYPE_CHECKING:
+    from sae_ray.method.stages import Trial
+
+__all__ = ["TrialFailed", "run_trial", "trial_loop"]
 REPORTED = "reported.json"  # the run's checkpoint: how many cycles Tune has
 
 
 def open_trial(cfg: Config, trial_id: str) -> Trial:
+    # The worker's stack, imported here: the Tune trial that only drives the run never
+    # loads it (seconds of imports per trial).
+    from sae_ray.lm.text_data import load_text_data
+    from sae_ray.method.stages import Trial
+    from sae_ray.storage.artifacts import ArtifactStore
+
     root, train_runs = cfg.trial_dirs(trial_id)
     data = load_text_data(cfg.dataset)
     return Trial(cfg, data, ArtifactStore(root), train_runs, cfg.strategy)
@@ -47,6 +52,9 @@ def open_trial(cfg: Config, trial_id: str) -> Trial:
 def trial_loop(config: dict[str, Any]) -> None:
     """One rank of the trial's worker group: every cycle, reported through Ray Train."""
     import ray.train
+    import torch
+
+    from sae_ray.method.cycle import run_cycles
 
     threads = int(os.environ.get("SAE_RAY_TORCH_THREADS", "0"))
     if threads:
@@ -73,6 +81,8 @@ def _report_cycle(seeds: str, cycle: int, metrics: dict[str, Any]) -> None:
     row (a restarted group rewrites the same file)."""
     import ray.train
 
+    from sae_ray.method.cycle import SEED_ROWS
+
     if rank_world()[0] != 0:
         ray.train.report({})
         return
@@ -81,41 +91,6 @@ def _report_cycle(seeds: str, cycle: int, metrics: dict[str, Any]) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / REPORTED).write_text(json.dumps({"cycles": cycle + 1}))
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-
-
-# What a worker-group restart would only raise again: bad settings reaching a stage (a
-# searched layer the model lacks), NaN or Inf activations, a diverged SAE. Ray Train
-# restarts a group for any worker error; these end the trial at once instead.
-DETERMINISTIC = (ValueError, FloatingPointError)
-FAILED = "__failed__"
-
-
-class TrialFailed(RuntimeError):
-    """A trial stopped by an error a restart would repeat; the message is the worker's."""
-
-
-def _forwarder(sink):
-    """A Ray Train callback (it runs in the run's controller) that hands each cycle's
-    metrics to the driver through `sink`, a Ray queue, and ends the run without restarts
-    on a deterministic worker error (raising here fails the controller, which Ray Train
-    does not retry)."""
-    from ray.train import UserCallback
-
-    class Forward(UserCallback):
-        def after_report(self, run_context, metrics, checkpoint):
-            cycle = next((m for m in metrics if "cycle" in m), None)
-            if cycle is not None:
-                sink.put(dict(cycle))
-
-        def after_exception(self, run_context, worker_exceptions):
-            fatal = [e for e in worker_exceptions.values() if isinstance(e, DETERMINISTIC)]
-            if fatal:
-                first = (str(fatal[0]).strip().splitlines() or [""])[0]
-                reason = f"{type(fatal[0]).__name__}: {first}"
-                sink.put({FAILED: reason})
-                raise TrialFailed(reason)
-
-    return Forward()
 
 
 def _refuse_known_failures(cfg: Config) -> None:
@@ -150,7 +125,7 @@ def run_trial(cfg: Config, report: Callable[[dict[str, Any]], None], trial_id: s
         cfg.resources,
         name,
         train_runs,
-        callbacks=[_forwarder(sink)],
+        callbacks=[Forward(sink)],
     )
     outcome: dict[str, Any] = {}
 
