@@ -1,8 +1,9 @@
 """The quickstart sweep with `storage_path: s3://...`, submitted as a Ray job against a local
 S3 server (moto, loopback): it succeeds, and its results, artifacts and Tune state are all
-in the bucket. A Train worker of each trial is SIGKILLed during its cycle-1 SAE fit (the
-`SAE_RAY_KILL_SAE_FIT_AT` fault point): the group restarts, finds every finished stage in
-the bucket, resumes the fit from its bucket checkpoint, and reports no cycle twice."""
+in the bucket. A Train worker of the per_class trial is SIGKILLed during its own cycle-1 SAE
+fit (the `SAE_RAY_KILL_SAE_FIT_AT` fault point): the group restarts, finds every finished
+stage in the bucket, resumes the fit from its bucket checkpoint, and reports no cycle
+twice."""
 
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ def s3_sweep(ray_cluster, s3_endpoint, tmp_path_factory):
     env_vars = {
         **s3_endpoint,
         "SAE_RAY_CACHE": str(tmp / "cache"),
-        KILL_SAE_FIT_AT: f"1:{KILLED_AT}",
+        KILL_SAE_FIT_AT: f"1:{KILLED_AT}:per_class",  # its own fit, not its pair's
     }
     # two of the quickstart's points (per_class and its λ = 0 control), 600 examples: every
     # kind of artifact and every shared stage, in half the quickstart's time
@@ -88,21 +89,22 @@ def _sae_metrics(sweep: str) -> list[dict]:
 
 
 def test_a_train_worker_killed_mid_fit_resumes_where_it_was(s3_sweep, s3_server):
-    """Every cycle-1 fit lost a rank after its step-10 checkpoint: per_class's own, then
-    the one of its paired λ = 0 model (which the control trial then found: the same
-    artifact). Each restarted group found the models and activations (the cycle reports one
-    artifact computed, the last SAE), resumed from the checkpoint in the bucket (not step
-    0) and trained each epoch once; cycle 0, already reported, was not reported again."""
+    """per_class's cycle-1 fit lost a rank after its step-10 checkpoint: the restarted
+    group found the models and activations, resumed the fit from the checkpoint in the
+    bucket (not step 0) and trained each epoch once; cycle 0, already reported, was not
+    reported again. Its paired λ = 0 model, SAE and evaluation are the control trial's own
+    (the control trial computed nothing of cycle 1: it found all of it)."""
     sweep, _ = s3_sweep
     results = pd.read_csv(pa.BufferReader(storage.read_bytes(f"{sweep}/results.csv")))
     cycle1 = results[results["cycle"] == 1].set_index("sharpening.strategy")
-    assert cycle1.loc["per_class", "artifacts/computed"] == 1, cycle1["artifacts/computed"]
+    # its own SAE (resumed), then its pair's model, activations and SAE
+    assert cycle1.loc["per_class", "artifacts/computed"] == 4, cycle1["artifacts/computed"]
     assert cycle1.loc["none", "artifacts/computed"] == 0  # all built as per_class's pair
     paired, control = cycle1.loc["per_class", "control/interp/u"], cycle1.loc["none", "interp/u"]
     assert paired == pytest.approx(control, rel=1e-6)  # the same model, SAE and evaluation
     fits = _sae_metrics(sweep)
     resumed = sorted(m["resumed_from_step"] for m in fits)
-    assert resumed == [0, KILLED_AT, KILLED_AT], resumed  # the shared cycle-0 SAE: not killed
+    assert resumed == [0, 0, KILLED_AT], resumed  # cycle 0's, the control's, per_class's
     acts = [n for n in storage.listdir(f"{sweep}/artifacts") if n.startswith("activations-")]
     (rows,) = {read_manifest(f"{sweep}/artifacts/{n}/train/tokens").rows for n in acts}
     for metrics in fits:  # every epoch trained once (equal splits drop < 1 row/worker/epoch)

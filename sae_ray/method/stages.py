@@ -314,7 +314,7 @@ def sae(trial: Trial, acts: Artifact, hp: str, cycle: int) -> Artifact:
             {"cfg": fit_cfg.model_dump(), "rows": manifest.rows},
             _feed_split(tokens, hp),
             stored_checkpoint(checkpoints),
-            lambda f: _keep_checkpoint(f, checkpoints, cycle),
+            lambda f: _keep_checkpoint(f, checkpoints, f"{cycle}:{{}}:{trial.strategy}"),
         )
         if lead:
             fit.saes[hp].save(Path(out))
@@ -343,18 +343,23 @@ def _feed_split(tokens: str, hp: str):
     return broadcast(splits)[rank]
 
 
-# Fault injection for chaos tests, "CYCLE:STEP": the last rank of every SAE fit of cycle
-# CYCLE SIGKILLs itself once the step-STEP checkpoint is stored. A restarted group resumes
-# the fit from that checkpoint, past STEP, so each fit is killed once.
+# Fault injection for chaos tests, "CYCLE:STEP[:STRATEGY]": the last rank of every SAE fit
+# of cycle CYCLE (of a trial of STRATEGY, its own chain, not its paired control's)
+# SIGKILLs itself once the step-STEP checkpoint is stored. A restarted group resumes the
+# fit from that checkpoint, past STEP, so each fit is killed once.
 KILL_SAE_FIT_AT = "SAE_RAY_KILL_SAE_FIT_AT"
 
 
-def _keep_checkpoint(fit: Fit, location: str, cycle: int) -> None:
+def _keep_checkpoint(fit: Fit, location: str, fault_point: str) -> None:
+    """Store the fit's checkpoint (rank 0); `fault_point` ("CYCLE:{}:STRATEGY") is where
+    this fit stands for KILL_SAE_FIT_AT."""
     if fit.rank == 0:
         with tempfile.TemporaryDirectory() as tmp:
             save_checkpoint(Path(tmp), fit.saes, fit.opts, fit.trackers, fit.progress)
             store_checkpoint(Path(tmp), location)
-    if os.environ.get(KILL_SAE_FIT_AT) == f"{cycle}:{fit.progress.step}":
+    here = fault_point.format(fit.progress.step)
+    wanted = os.environ.get(KILL_SAE_FIT_AT, "")
+    if wanted and (here == wanted or here.startswith(f"{wanted}:")):
         barrier()  # the checkpoint is stored
         if fit.rank == rank_world()[1] - 1:
             os.kill(os.getpid(), signal.SIGKILL)
