@@ -15,7 +15,7 @@ import pytest
 
 from sae_ray import storage
 from sae_ray.lm.extraction import read_manifest
-from sae_ray.method.stages import KILL_SAE_FIT_AT
+from sae_ray.method.sae_fit import KILL_SAE_FIT_AT
 from sae_ray.storage.artifacts import DONE
 from tests.conftest import submit_quickstart
 

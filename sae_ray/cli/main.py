@@ -67,6 +67,21 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("sweep_dir", help="the sweep's directory or bucket URI, e.g. runs/quickstart")
     p.add_argument("--out", help="write the report here instead of SWEEP/report")
+    p = sub.add_parser(
+        "intervene",
+        help="causal_lm: perplexity with the layer replaced by sharpened SAE reconstructions",
+    )
+    p.add_argument("target", help="the sweep's directory (runs/cpt_quickstart) or its YAML")
+    p.add_argument("overrides", nargs="*", help="dotted overrides of a YAML target")
+    p.add_argument("--k_sharp", default="1,2,4,8", help="comma-separated latents kept per token")
+    p.add_argument("--cycle", type=int, default=0, help="whose SAEs (cycle 0: the first)")
+    p.add_argument(
+        "--max_degradation_pct",
+        type=float,
+        default=2.0,
+        help="the bound the lowest k_sharp is chosen under (perplexity rise over clean, %%)",
+    )
+    p.add_argument("--out", help="CSV and PNG go here (default SWEEP/intervene)")
     for name, help_text in (
         ("sweep", "run a Ray Tune + Optuna sweep from a YAML file"),
         ("run", "run one trial with the YAML's fixed values"),
@@ -247,6 +262,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {where or args.sweep_dir}: {reason}", file=sys.stderr)
             return EXIT_BAD_INPUT
         return 0
+    if args.command == "intervene":
+        try:
+            return _intervene(args)
+        except ConfigError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return EXIT_BAD_INPUT
     try:
         cfg = config_mod.load(args.sweep_file, args.overrides)
         if args.command == "plan":
@@ -282,6 +303,43 @@ def main(argv: list[str] | None = None) -> int:
     _print_outcome(cfg, rows)
     if args.command == "sweep":
         _after_sweep(cfg, rows)
+    return 0
+
+
+def _intervene(args: argparse.Namespace) -> int:
+    """`sae-ray intervene`: the intervention curve of each SAE of a cycle, as CSV and PNG,
+    and per SAE the lowest k_sharp under the degradation bound."""
+    import pandas as pd
+
+    from sae_ray.method.intervene import curves, lowest_k_sharp
+    from sae_ray.sweep.figures import plot_intervention
+
+    try:
+        ks = sorted({int(k) for k in args.k_sharp.split(",") if k.strip()})
+    except ValueError:
+        raise ConfigError(f"--k_sharp: {args.k_sharp!r} is not a list of integers") from None
+    if not ks or ks[0] < 1:
+        raise ConfigError(f"--k_sharp: {args.k_sharp!r}: give positive integers")
+    target = Path(args.target)
+    if target.is_dir():
+        if not (target / "config.yaml").is_file():
+            raise ConfigError(f"{target}: no config.yaml (is it a sweep's directory?)")
+        cfg = config_mod.load(target / "config.yaml", args.overrides)
+    else:
+        cfg = config_mod.load(args.target, args.overrides)
+    rows = curves(cfg, ks, args.cycle)
+    out = Path(args.out) if args.out else cfg.sweep_dir / "intervene"
+    out.mkdir(parents=True, exist_ok=True)
+    csv = out / f"cycle{args.cycle}.csv"
+    pd.DataFrame(rows).astype({"k_sharp": "Int64"}).to_csv(csv, index=False)
+    png = out / plot_intervention(
+        rows, out / f"cycle{args.cycle}.png", f"{cfg.experiment.name}: cycle {args.cycle}"
+    )
+    print(f"intervention curve: {csv}\nplot: {png}")
+    bound = args.max_degradation_pct
+    for sae, k in lowest_k_sharp(rows, bound).items():
+        verdict = f"k_sharp={k}" if k is not None else f"none of {ks}"
+        print(f"SAE {sae[:12]}: lowest k_sharp within {bound:g}% of clean perplexity: {verdict}")
     return 0
 
 

@@ -60,7 +60,7 @@ def check_dataset(cfg: Config) -> int:
     """The dataset loads; returns its number of examples (all splits)."""
     from sae_ray.lm.text_data import load_text_data
 
-    data = load_text_data(cfg.dataset)
+    data = load_text_data(cfg.dataset, documents=cfg.is_lm)
     return sum(len(split) for split in data.splits.values())
 
 
@@ -83,7 +83,7 @@ def memory_plan(cfg: Config, examples: int) -> Plan | None:
     config = model_config(cfg.model.name)
     if config is None:
         return None
-    shape = Shape.of(config)
+    shape = Shape.of(config, lm=cfg.is_lm)
     k = max(_values(cfg, "sae.k", cfg.sae.k))
     factor = max(_values(cfg, "sae.expansion_factor", cfg.sae.expansion_factor))
     latents = cfg.sae.model_copy(update={"expansion_factor": factor}).latents_for(shape.hidden)
@@ -104,6 +104,14 @@ def check_model(cfg: Config) -> None:
         raise ConfigError(f"model.name: {name}: no such model folder")
     if path.is_dir() and model_shape(name) is None:
         raise ConfigError(f"model.name: {name} holds no model (no readable config.json)")
+    from sae_ray.lm.models import FIRST_TOKEN_TYPES
+
+    config = model_config(name)
+    if cfg.is_lm and config is not None and config.model_type in FIRST_TOKEN_TYPES:
+        raise ConfigError(
+            f"model.name: {name} is a {config.model_type} encoder, not a causal LM "
+            "(model.task: causal_lm)"
+        )
     start = cfg.cycles.start_from
     if start not in ("finetune", "pretrained") and not (Path(start) / "config.json").is_file():
         raise ConfigError(f"cycles.start_from: {start} holds no saved classifier (no config.json)")

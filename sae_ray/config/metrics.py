@@ -8,6 +8,18 @@ import difflib
 import re
 
 TASK = [f"{split}/{m}" for split in ("val", "test") for m in ("accuracy", "f1_macro")]
+# model.task: causal_lm's (the change is against the seed's cycle-0 model, in percent)
+LM = ["val/perplexity", "test/perplexity", "perplexity_change_pct", "test/perplexity_change_pct"]
+LM_SAE = [
+    "steps_to_fvu",
+    "spliced_ce",
+    "spliced_kl",
+    "clean_ce",
+    "zero_ablation_ce",
+    "ce_loss_score",
+    "sharp_perplexity",
+]
+FEATURES = ["density_above_1pct", "density_above_10pct", "max_decoder_cos"]
 INTERP = [
     "u",
     "u_null",
@@ -27,12 +39,36 @@ STAGES = ["model", "activations", "sae", "evaluate", "targets"]
 TARGETS = ["kept_latents", "recon_cos", "initial_aux"]
 # Reported beside each trial's own value for the λ = 0 model of its seed and cycle, through
 # an SAE of the trial's settings: `control/<metric>` and `delta/<metric>` (own - control).
-PAIRED = ["interp/u", "interp/u_excess", "test/interp/u", "val/accuracy", "test/accuracy"]
+PAIRED = [
+    "interp/u",
+    "interp/u_excess",
+    "test/interp/u",
+    "val/accuracy",
+    "test/accuracy",
+    "val/perplexity",
+    "test/perplexity",
+    "sae/fvu",
+    "sae/ce_loss_score",
+]
+
+
+def task_metrics(lm: bool) -> list[str]:
+    """The model's own quality, validation then held-out test: what the trade-off is
+    against (accuracy for a classifier, perplexity for a causal LM)."""
+    return LM[:2] if lm else ["val/accuracy", "test/accuracy"]
+
+
+def headline(lm: bool) -> list[str]:
+    """The console's and the report's columns beside the objective."""
+    if lm:
+        return [*LM[:3], "sae/fvu", "sae/ce_loss_score", "sae/l0", "sae/dead_pct"]
+    return [*task_metrics(False), "interp/u", "sae/fvu", "sae/l0", "sae/dead_pct"]
 
 
 def known_metrics() -> list[str]:
     """Every metric name a cycle reports (the sparse probes at their default k)."""
-    names = list(TASK)
+    names = list(TASK) + LM
+    names += [f"sae/{m}" for m in LM_SAE] + [f"features/{m}" for m in FEATURES]
     for head in ("", "test/"):
         for kind in ("interp", "base"):
             names += [f"{head}{kind}/{m}" for m in INTERP]
@@ -64,7 +100,7 @@ def check_selectable(name: str) -> str:
     head, _, rest = name.partition("test/")
     if not _ or head not in ("", "delta/", "control/"):
         return name
-    twin = f"{head}{'val/' if rest in ('accuracy', 'f1_macro') else ''}{rest}"
+    twin = f"{head}{'val/' if rest in ('accuracy', 'f1_macro', 'perplexity') else ''}{rest}"
     raise ValueError(
         f"{name!r} is measured on the held-out test split, which selection must never see; "
         f"select on {twin!r}"

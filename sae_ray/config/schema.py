@@ -44,9 +44,18 @@ class Experiment(Section):
         return value
 
 
+Task = Literal["classification", "causal_lm"]
+
+
 class Model(Section):
     name: str = Field(
         "tiny-gpt2", description="hub id, local path, or a preset (see models.MODEL_PRESETS)"
+    )
+    task: Task = Field(
+        "classification",
+        description="classification (a sequence classifier; CE + λ·aux at the pooled "
+        "position) or causal_lm (the seed's continued pre-training: next-token CE + "
+        "λ·aux on every real token; max_length is then the packed block's length)",
     )
     layer: int = Field(-1, description="hooked block index; negative counts from the end")
     max_length: int = Field(64, ge=4)
@@ -76,7 +85,12 @@ class Cycles(Section):
 
     count: int = Field(2, ge=1)
     epochs: int = Field(1, ge=1, description="epochs of every fine-tune (equal compute)")
-    aux_weight: float = Field(0.1, ge=0, description="λ in CE + λ(1 − cos(h, t))")
+    aux_weight: float = Field(0.1, ge=0, description="λ in CE + λ·aux(h, t)")
+    aux_loss: Literal["cosine", "mse"] | None = Field(
+        None,
+        description="aux(h, t): 1 − cos(h, t) or MSE(h, t); default cosine for "
+        "classification, mse (the seed's CPT) for causal_lm",
+    )
     lr: float = Field(1e-4, gt=0)
     batch_size: int = Field(32, ge=1, description="examples per step, over all workers")
     weight_decay: float = Field(0.01, ge=0)
@@ -146,6 +160,19 @@ class Sae(Section):
 
 
 CONTROL = "none"  # the λ = 0, equal-compute control strategy
+# Which strategies each task runs: the LM ones build their targets online, per token.
+TASK_STRATEGIES = {
+    "classification": (
+        "per_class",
+        "per_class_complement",
+        "per_example",
+        "centroid",
+        "shuffled",
+        "random",
+        CONTROL,
+    ),
+    "causal_lm": ("topk_sharp", "random", "l1", CONTROL),
+}
 
 
 def sharpens(cfg: Config) -> bool:
@@ -178,6 +205,8 @@ class Sharpening(Section):
         "shuffled",
         "random",
         "none",
+        "topk_sharp",
+        "l1",
     ] = "per_class"
     keep_frac: float | None = Field(
         None, gt=0, le=1, description="latents kept: this fraction of each example's k (0.5)"
@@ -187,6 +216,12 @@ class Sharpening(Section):
     )
     shuffle_of: Literal["per_class", "per_example"] = Field(
         "per_example", description="shuffled: whose targets are permuted across examples"
+    )
+    k_sharp: int | None = Field(
+        None,
+        ge=1,
+        description="topk_sharp: active latents each token's online target keeps "
+        "(default keep_frac of k)",
     )
 
     @model_validator(mode="after")
@@ -198,11 +233,15 @@ class Sharpening(Section):
     @property
     def rule(self) -> str:
         """The field that sets the kept count (named by refusals)."""
+        if self.strategy == "topk_sharp":
+            return "sharpening.k_sharp" if self.k_sharp is not None else "sharpening.keep_frac"
         return "sharpening.top_k_pct" if self.top_k_pct is not None else "sharpening.keep_frac"
 
     def kept(self, k: int, num_latents: int) -> int:
-        """Latents a sharpened target keeps: of each code's k (per_example), or of the
-        class's mean code (per_class)."""
+        """Latents a sharpened target keeps: of each code's k (per_example, topk_sharp), or
+        of the class's mean code (per_class)."""
+        if self.strategy == "topk_sharp":  # per token, of its k active latents
+            return self.k_sharp or max(1, int((self.keep_frac or DEFAULT_KEEP_FRAC) * k))
         if self.top_k_pct is not None:
             return max(1, math.ceil(num_latents * self.top_k_pct / 100))
         return max(1, int((self.keep_frac or DEFAULT_KEEP_FRAC) * k))
@@ -211,9 +250,9 @@ class Sharpening(Section):
         """A setting that provably leaves every target equal to the SAE's reconstruction
         (or empty) would run a sweep that sharpens nothing: a ValueError naming the field."""
         keep, strategy = self.kept(k, num_latents), self.strategy
-        if strategy == "per_example" and keep >= k:
+        if strategy in ("per_example", "topk_sharp") and keep >= k:
             raise ValueError(
-                f"{self.rule}: keeps {keep} latents of k={k}, so per_example targets equal "
+                f"{self.rule}: keeps {keep} latents of k={k}, so {strategy} targets equal "
                 "the SAE's own reconstruction (sharpening changes nothing)"
             )
         if strategy in ("per_class", "per_class_complement") and keep >= num_latents:
@@ -257,6 +296,25 @@ class Config(Section):
     search: Search = Field(default_factory=Search)
     resources: Resources = Field(default_factory=Resources)
     wandb: Wandb = Field(default_factory=Wandb)
+
+    @model_validator(mode="after")
+    def _strategy_of_task(self) -> Config:
+        allowed = TASK_STRATEGIES[self.model.task]
+        if self.sharpening.strategy not in allowed:
+            raise ValueError(
+                f"sharpening.strategy: {self.sharpening.strategy!r} is not a "
+                f"{self.model.task} strategy (one of {', '.join(allowed)})"
+            )
+        return self
+
+    @property
+    def is_lm(self) -> bool:
+        return self.model.task == "causal_lm"
+
+    @property
+    def aux_loss(self) -> str:
+        """The aux term's form: as set, else the task's (cosine / the seed's MSE)."""
+        return self.cycles.aux_loss or ("mse" if self.is_lm else "cosine")
 
     @property
     def strategy(self) -> str:

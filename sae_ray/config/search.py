@@ -79,7 +79,8 @@ class Objective(Section):
 
 class Constraint(Section):
     """A feasibility bound on a metric at the last cycle: `min` / `max` absolute bounds, or
-    `max_drop` below its cycle-0 value (accuracy may drop at most 0.005 = 0.5 points)."""
+    `max_drop` below its cycle-0 value (accuracy may drop at most 0.005 = 0.5 points), or
+    `max_rise_pct` above it in percent (the seed's tax check: perplexity may rise 2 %)."""
 
     metric: str = Field(min_length=1)
     min: float | None = None
@@ -91,11 +92,13 @@ class Constraint(Section):
 
     max: float | None = None
     max_drop: float | None = Field(None, ge=0)
+    max_rise_pct: float | None = Field(None, ge=0)
 
     @model_validator(mode="after")
     def _one_bound(self) -> Constraint:
-        if self.min is None and self.max is None and self.max_drop is None:
-            raise ValueError("a constraint needs 'min', 'max' or 'max_drop'")
+        bounds = (self.min, self.max, self.max_drop, self.max_rise_pct)
+        if all(b is None for b in bounds):
+            raise ValueError("a constraint needs 'min', 'max', 'max_drop' or 'max_rise_pct'")
         if self.min is not None and self.max is not None and self.min > self.max:
             raise ValueError(f"min {self.min} is above max {self.max}: nothing is feasible")
         return self

@@ -183,12 +183,13 @@ def extract(
     device = next(clf.model.parameters()).device
     layers = [layers] if isinstance(layers, int) else list(layers)
     names = {resolve_layer(clf.model, ly): hookpoint(clf.model, ly) for ly in layers}
+    trunk = clf.model.base_model if clf.is_lm else clf.model  # an LM's logits: never needed
     np_dtype = np.dtype(dtype)
     writers: dict[str, ShardWriter] = {}
     written = 0
     for batch in batches(clf, split, batch_size, max_length, order):
         with hooked_many(clf.model, layers) as store:
-            clf.model(
+            trunk(
                 input_ids=batch["input_ids"].to(device),
                 attention_mask=batch["attention_mask"].to(device),
             )

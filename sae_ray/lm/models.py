@@ -139,6 +139,25 @@ class Classifier:
     def pooling(self) -> Pooling:
         return "first" if self.model.config.model_type in FIRST_TOKEN_TYPES else "last"
 
+    @property
+    def is_lm(self) -> bool:
+        """A causal language model (`model.task: causal_lm`), not a sequence classifier: by
+        its class (a hub config names the pretrained head, whatever head was loaded)."""
+        return _lm_name(type(self.model).__name__)
+
+
+def _lm_name(name: str) -> bool:
+    return "CausalLM" in name or "LMHead" in name
+
+
+def is_causal_lm(config) -> bool:
+    """What a saved model is: `save_pretrained` records its class in `architectures`."""
+    return any(_lm_name(a) for a in getattr(config, "architectures", None) or [])
+
+
+def _auto_class(lm: bool):
+    return AutoModelForCausalLM if lm else AutoModelForSequenceClassification
+
 
 def word_tokenizer(texts: list[str], kind: str) -> PreTrainedTokenizerFast:
     """A word-level tokenizer over the training texts: lets tiny presets run with no hub."""
@@ -232,25 +251,26 @@ def build_classifier(
     seed: int,
     max_length: int,
     dtype: str = "float32",
+    lm: bool = False,
 ) -> Classifier:
-    """A hub id / local path / preset with a fresh classification head, or a tiny random
-    preset (the seed fixes the head's, or the tiny model's, initialisation)."""
+    """A hub id / local path / preset with a fresh classification head (or, `lm`, its
+    causal LM head as pretrained), or a tiny random preset (the seed fixes the head's, or
+    the tiny model's, initialisation)."""
     _allowed()
     torch.manual_seed(seed)
+    auto = _auto_class(lm)
     if name in TINY_PRESETS:
         kind = name.removeprefix("tiny-")
+        if lm and kind == "bert":
+            raise ValueError("model.name: tiny-bert has no causal LM head (model.task)")
         tok = word_tokenizer(train_texts, "bert" if kind == "bert" else "gpt2")
-        model = AutoModelForSequenceClassification.from_config(
-            _tiny_config(kind, tok, num_labels, max_length)
-        )
-        return Classifier(model, tok)
+        return Classifier(auto.from_config(_tiny_config(kind, tok, num_labels, max_length)), tok)
     path = resolve_model(name)
     tok = AutoTokenizer.from_pretrained(path)
     if tok.pad_token is None:  # GPT-2 / GPT-NeoX tokenizers ship without one
         tok.pad_token = tok.eos_token
-    model = AutoModelForSequenceClassification.from_pretrained(
-        path, num_labels=num_labels, dtype=getattr(torch, dtype)
-    )
+    labels = {} if lm else {"num_labels": num_labels}
+    model = auto.from_pretrained(path, dtype=getattr(torch, dtype), **labels)
     model.config.pad_token_id = tok.pad_token_id
     return Classifier(model, tok)
 
@@ -275,15 +295,18 @@ def save_classifier(
         clf.model.to("cpu").save_pretrained(path, safe_serialization=True)
     else:
         with torch.device("meta"):
-            plain = AutoModelForSequenceClassification.from_config(clf.model.config)
+            plain = _auto_class(clf.is_lm).from_config(clf.model.config)
         plain.load_state_dict(weights, assign=True)
         plain.save_pretrained(path, safe_serialization=True)
     clf.tokenizer.save_pretrained(path)
 
 
 def load_classifier(path: Path) -> Classifier:
+    """A saved model with the head it was saved with (classifier or causal LM)."""
     _allowed()
-    model = AutoModelForSequenceClassification.from_pretrained(path)
+    from transformers import AutoConfig
+
+    model = _auto_class(is_causal_lm(AutoConfig.from_pretrained(path))).from_pretrained(path)
     return Classifier(model, AutoTokenizer.from_pretrained(path))
 
 

@@ -36,12 +36,18 @@ _FILLER = (
 
 @dataclass
 class Split:
+    """A split's rows: texts (tokenised per batch), or for a language model fixed-length
+    token blocks packed from its documents (`tokens`, with `mask` 0 on the padding of the
+    last block). Either way, a row is what a batch row, its id and its label are."""
+
     ids: np.ndarray  # int64, unique across all splits
     texts: list[str]
     labels: np.ndarray  # int64 in [0, num_classes)
+    tokens: np.ndarray | None = None  # (rows, block) int64
+    mask: np.ndarray | None = None  # (rows, block) int64
 
     def __len__(self) -> int:
-        return len(self.texts)
+        return len(self.ids)
 
 
 @dataclass
@@ -71,12 +77,53 @@ def synthetic_topics(num_examples: int, seed: int = 1234) -> tuple[list[str], li
     return texts, labels
 
 
+def synthetic_text(num_docs: int, seed: int = 1234) -> list[str]:
+    """Plain text a tiny LM can learn in seconds: each document walks one topic's Markov
+    chain, where every word has 4 possible successors (a perplexity floor near 4)."""
+    rng = np.random.default_rng(seed)
+    vocab = sorted({w for words in _TOPICS.values() for w in words.split()} | set(_FILLER))
+    chains = [
+        {w: rng.choice(len(vocab), 4, replace=False) for w in vocab} for _ in range(len(_TOPICS))
+    ]
+    docs = []
+    for i in range(num_docs):
+        chain, word = chains[i % len(chains)], vocab[rng.integers(len(vocab))]
+        words = [word]
+        for _ in range(int(rng.integers(20, 61)) - 1):
+            word = vocab[chain[word][rng.integers(4)]]
+            words.append(word)
+        docs.append(" ".join(words))
+    return docs
+
+
+def wikitext_documents(lines: list[str]) -> list[str]:
+    """WikiText's rows are lines; its articles start at ` = Title = ` headings. Documents,
+    not lines, are what the splits draw (no article in two splits)."""
+    docs: list[list[str]] = []
+    for line in lines:
+        text = line.strip()
+        if not text:
+            continue
+        top = text.startswith("= ") and text.endswith(" =") and not text.startswith("= =")
+        if top or not docs:
+            docs.append([])
+        docs[-1].append(text)
+    return ["\n".join(doc) for doc in docs]
+
+
 def _read_local(path: Path):
     import datasets
 
     datasets.disable_progress_bars()  # one bar per split per trial drowns the sweep's output
 
-    kinds = {".parquet": "parquet", ".csv": "csv", ".jsonl": "json", ".json": "json"}
+    # .txt: plain text, one document per blank-line-separated paragraph (causal_lm)
+    kinds = {
+        ".parquet": "parquet",
+        ".csv": "csv",
+        ".jsonl": "json",
+        ".json": "json",
+        ".txt": "text",
+    }
     if path.is_dir():
         files = {}
         for split, alias in (("train", "train"), ("validation", "validation"), ("test", "test")):
@@ -84,13 +131,14 @@ def _read_local(path: Path):
             if found:
                 files[split] = str(found[0])
         if "train" not in files:
-            raise ConfigError(f"dataset.name: {path} has no train.(parquet|csv|jsonl) file")
+            raise ConfigError(f"dataset.name: {path} has no train.(parquet|csv|jsonl|txt) file")
         kind = kinds[Path(files["train"]).suffix]
     elif path.suffix in kinds:
         files, kind = {"train": str(path)}, kinds[path.suffix]
     else:
-        raise ConfigError(f"dataset.name: {path} is not a .parquet, .csv or .jsonl file")
-    return datasets.load_dataset(kind, data_files=files)
+        raise ConfigError(f"dataset.name: {path} is not a .parquet, .csv, .jsonl or .txt file")
+    extra = {"sample_by": "paragraph"} if kind == "text" else {}
+    return datasets.load_dataset(kind, data_files=files, **extra)
 
 
 # Short names for the seed experiments' datasets -> (hub id, subset).
@@ -98,6 +146,10 @@ HUB_PRESETS = {
     "glue/sst2": ("nyu-mll/glue", "sst2"),
     "sst2": ("nyu-mll/glue", "sst2"),
     "ag_news": ("fancyzhx/ag_news", None),
+    # plain text for causal_lm (the seed's CPT corpora; the Pile as its public 10k subset)
+    "wikitext-2": ("Salesforce/wikitext", "wikitext-2-raw-v1"),
+    "wikitext-103": ("Salesforce/wikitext", "wikitext-103-raw-v1"),
+    "pile": ("NeelNanda/pile-10k", None),
 }
 
 
@@ -111,6 +163,8 @@ def hub_dataset(name: str) -> tuple[str, str | None]:
 
 def _load_raw(cfg: Dataset, need_labels: bool = True) -> dict[str, tuple[list[str], list]]:
     """Each available split as (texts, labels), from the synthetic task, local files or the hub."""
+    if cfg.name == "synthetic:text":
+        return {"train": (synthetic_text(cfg.num_examples), [0] * cfg.num_examples)}
     if cfg.name.startswith("synthetic:"):
         if cfg.name != "synthetic:topics":
             raise ConfigError(f"dataset.name: unknown synthetic task {cfg.name!r}")
@@ -118,7 +172,12 @@ def _load_raw(cfg: Dataset, need_labels: bool = True) -> dict[str, tuple[list[st
     path = Path(cfg.name).expanduser()
     if path.exists():
         dd = _read_local(path)
-    elif cfg.name.startswith((".", "/", "~")) or path.suffix in (".csv", ".jsonl", ".parquet"):
+    elif cfg.name.startswith((".", "/", "~")) or path.suffix in (
+        ".csv",
+        ".jsonl",
+        ".parquet",
+        ".txt",
+    ):
         raise ConfigError(f"dataset.name: {cfg.name}: no such file or directory")
     else:
         import datasets
@@ -197,13 +256,30 @@ def _checked(raw: dict[str, tuple[list, list]], cfg: Dataset, need_labels: bool)
     return raw
 
 
-def load_text_data(cfg: Dataset, seed: int | None = None, need_labels: bool = True) -> TextData:
+def _documents(raw: dict, cfg: Dataset) -> dict:
+    """Plain text for a language model: empty rows dropped, WikiText's lines as articles."""
+    out = {}
+    for split, (texts, _) in raw.items():
+        texts = [str(t) for t in texts if t is not None and str(t).strip()]
+        if cfg.name.startswith("wikitext") or "wikitext" in cfg.name.lower():
+            texts = wikitext_documents(texts)
+        out[split] = (texts, [0] * len(texts))
+    return out
+
+
+def load_text_data(
+    cfg: Dataset, seed: int | None = None, need_labels: bool = True, documents: bool = False
+) -> TextData:
     """Train / validation / test. A labelled test split from the source is the held-out test;
     otherwise the source's validation split is, and validation is carved from train, drawn
     by `seed` (default: `dataset.split_seed`, the same for every experiment seed).
 
-    `need_labels=False` (SAE training) accepts unlabelled text: every label is then 0."""
-    raw = _load_raw(cfg, need_labels)
+    `need_labels=False` (SAE training) accepts unlabelled text: every label is then 0.
+    `documents` (causal_lm) reads plain text: the splits draw whole documents, which the
+    language model's batches then pack into token blocks."""
+    raw = _load_raw(cfg, need_labels and not documents)
+    if documents:
+        raw, need_labels = _documents(raw, cfg), False
     raw = {s: (t, y) for s, (t, y) in raw.items() if not all(v == -1 for v in y)}  # unlabelled
     raw = _checked(raw, cfg, need_labels)
     label_values = sorted({v for _, ys in raw.values() for v in ys}, key=str)

@@ -53,6 +53,8 @@ class Chain:
     model: Artifact | None = None
     targets: Artifact | None = None
     control: Artifact | None = None
+    first: Artifact | None = None  # the cycle-0 model (a causal LM's perplexity baseline)
+    base: dict[str, float] | None = None  # its perplexities, once known
 
 
 def run_cycles(trial: Trial, report: Report, reported: int = 0) -> None:
@@ -110,11 +112,42 @@ def _seed_cycle(chain: Chain, cycle: int, times: dict[str, float], evaluate: boo
             chain.model = stages.cycle0(trial)
         else:
             chain.model = stages.retrain(trial, chain.model, chain.targets, cycle)
+        if cycle == 0:
+            chain.first = chain.model
     metrics, chain.targets = _cycle(trial, chain.model, cycle, times, evaluate)
     paired = _paired(chain, cycle, times, evaluate, metrics)
     if metrics:
         metrics.update(paired, seed=trial.seed)
+        if trial.cfg.is_lm:
+            metrics.update(_perplexity_change(chain, metrics))
     return metrics
+
+
+def _perplexity_change(chain: Chain, metrics: dict[str, Any]) -> dict[str, float]:
+    """`perplexity_change_pct` (validation) and its test twin: the rise over the seed's
+    cycle-0 model, in percent (the seed's tax check). A restarted group that did not
+    evaluate cycle 0 measures that model again."""
+    if chain.base is None:
+        chain.base = metrics if metrics["cycle"] == 0 else _base_perplexity(chain)
+    return {
+        f"{head}perplexity_change_pct": 100.0
+        * (metrics[f"{split}/perplexity"] / chain.base[f"{split}/perplexity"] - 1.0)
+        for head, split in (("", "val"), ("test/", "test"))
+    }
+
+
+def _base_perplexity(chain: Chain) -> dict[str, float]:
+    from sae_ray.lm.batching import packed
+    from sae_ray.method.evaluate_lm import ppl
+
+    cfg, data = chain.trial.cfg, chain.trial.data
+    clf = load_classifier(chain.first.local())
+    clf.model.to(device())
+    blocks = packed(clf.tokenizer, data, cfg.model.max_length).splits
+    return {
+        f"{head}/perplexity": ppl(clf, blocks[split], cfg.model.max_length)
+        for head, split in (("val", "validation"), ("test", "test"))
+    }
 
 
 def _paired(
@@ -159,6 +192,8 @@ def _cycle(
             metrics = _cycle_metrics(trial, clf, model, sae_art, acts, hp, cycle)
     del clf
     targets = None
+    if cfg.is_lm:  # online targets: topk_sharp's next cycle reads this SAE
+        return metrics, sae_art if trial.strategy == "topk_sharp" else None
     if cycle + 1 < cfg.cycles.count and trial.strategy != CONTROL:
         with _timed(times, "targets"):
             targets = stages.targets(trial, sae_art, acts, hp, cycle)
@@ -171,7 +206,10 @@ def _cycle_metrics(
     trial: Trial, clf, model: Artifact, sae_art: Artifact, acts: Artifact, hp: str, cycle: int
 ) -> dict[str, Any]:
     sae = SparseAutoencoder.load(sae_art.local())
-    metrics = _evaluate(trial.cfg, trial.data, clf, sae, acts, hp)
+    if clf.is_lm:
+        metrics = _evaluate_lm(trial.cfg, trial.data, clf, sae, acts, hp)
+    else:
+        metrics = _evaluate(trial.cfg, trial.data, clf, sae, acts, hp)
     metrics.update(
         {
             "cycle": cycle,
@@ -182,6 +220,8 @@ def _cycle_metrics(
     train_stats = json.loads((sae_art.local() / "train_metrics.json").read_text())
     if "tokens_per_s" in train_stats:
         metrics["sae/train_tokens_per_s"] = train_stats["tokens_per_s"]
+    if "steps_to_fvu" in train_stats:
+        metrics["sae/steps_to_fvu"] = train_stats["steps_to_fvu"]
     metrics.update(_finetune_stats(model.local()))
     return metrics
 
@@ -247,3 +287,29 @@ def _evaluate(
             )
             out.update({f"{head}{kind}/{k}": v for k, v in metrics.items()})
     return {k: float(v) if isinstance(v, (float, np.floating)) else v for k, v in out.items()}
+
+
+def _evaluate_lm(
+    cfg: Config, data: TextData, clf, sae: SparseAutoencoder, acts: Artifact, hp: str
+) -> dict[str, Any]:
+    """A causal LM's cycle: validation / test perplexity (select on validation), the SAE's
+    quality on held-out tokens and spliced into the model, the perplexity with the
+    sharpened reconstruction at the trial's `k_sharp`, and the dictionary's statistics."""
+    from sae_ray.lm.batching import packed
+    from sae_ray.method.evaluate_lm import feature_stats, ppl, splice, splice_scores
+
+    on, block = device(), cfg.model.max_length
+    splits = packed(clf.tokenizer, data, block).splits
+    layer = resolve_layer(clf.model, cfg.model.layer)
+    out: dict[str, Any] = {
+        f"{head}/perplexity": ppl(clf, splits[split], block)
+        for head, split in (("val", "validation"), ("test", "test"))
+    }
+    tokens = acts.local("validation") / "tokens"
+    out.update({f"sae/{k}": v for k, v in sae_quality(sae, iter_tokens(tokens, hp), on).items()})
+    out["sae/absorption"] = decoder_absorption(sae.W_dec.detach())
+    out.update(splice_scores(clf, sae, splits["validation"], block, layer))
+    k_sharp = cfg.sharpening.model_copy(update={"strategy": "topk_sharp"}).kept(sae.cfg.k, 0)
+    out["sae/sharp_perplexity"] = ppl(clf, splits["validation"], block, layer, splice(sae, k_sharp))
+    out.update(feature_stats(sae, iter_tokens(tokens, hp), on))
+    return out

@@ -9,6 +9,7 @@ a trial's Train run (`stages.py`), ending at the best epoch on validation.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -21,9 +22,10 @@ from transformers import get_linear_schedule_with_warmup
 
 from sae_ray import storage
 from sae_ray.config import Cycles
-from sae_ray.lm.batching import batches, encode
+from sae_ray.lm.batching import batches, encode, lm_batch_rows
 from sae_ray.lm.models import (
     Classifier,
+    block_output,
     blocks,
     build_classifier,
     hooked,
@@ -33,6 +35,7 @@ from sae_ray.lm.models import (
 )
 from sae_ray.lm.text_data import Split, TextData
 from sae_ray.method import sharding
+from sae_ray.method.cpt import LmAux, next_token_ce, perplexity
 from sae_ray.method.targets import TargetTable
 
 log = logging.getLogger(__name__)
@@ -48,18 +51,27 @@ def loss_on_batch(
     batch: dict[str, torch.Tensor],
     layer: int,
     aux_weight: float,
-    targets: TargetTable | None,
+    targets: TargetTable | LmAux | None,
     forward: torch.nn.Module | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """CE + λ·aux for one batch; the aux term is skipped (not zeroed) when λ = 0.
 
     `forward` is what runs the batch (a DDP wrapper of `clf.model` on a worker); the hook
-    sits on the wrapped model's block either way."""
+    sits on the wrapped model's block either way. A causal LM's CE is next-token CE over
+    its real tokens and its aux term (`LmAux`) covers every real token."""
     use_aux = aux_weight > 0 and targets is not None
     device = next(clf.model.parameters()).device
     mask = batch["attention_mask"].to(device)
+    input_ids = batch["input_ids"].to(device)
     with hooked(clf.model, layer) as store:
-        out = (forward or clf.model)(input_ids=batch["input_ids"].to(device), attention_mask=mask)
+        out = (forward or clf.model)(input_ids=input_ids, attention_mask=mask)
+    if isinstance(targets, LmAux) or clf.is_lm:
+        ce_sum, count = next_token_ce(out.logits, input_ids, mask)
+        ce = ce_sum / count.clamp_min(1)
+        if not use_aux or not targets.active:
+            return ce, {"ce": ce.item()}
+        aux = targets.term(store["h"], mask.bool())
+        return ce + aux_weight * aux, {"ce": ce.item(), "aux": aux.item()}
     ce = F.cross_entropy(out.logits.float(), batch["labels"].to(device))
     parts = {"ce": ce.item()}
     if not use_aux:
@@ -89,8 +101,21 @@ def select_trainable(model: torch.nn.Module, layer: int, train_layers: str) -> l
 
 
 def best_epoch(history: list[dict[str, float]]) -> dict[str, float]:
-    """The epoch record `finetune` ends at: best validation accuracy, ties to the later."""
-    return max(history, key=lambda r: (r["val_accuracy"], r["epoch"]))
+    """The epoch record `finetune` ends at: best validation accuracy (a causal LM: lowest
+    validation perplexity), ties to the later."""
+    return max(history, key=lambda r: (_val_score(r), r["epoch"]))
+
+
+def _validation(clf: Classifier, val: Split, max_length: int) -> dict[str, float]:
+    if clf.is_lm:
+        return {"val_perplexity": perplexity_on(clf, val, max_length)}
+    return {"val_accuracy": accuracy_on(clf, val, max_length)}
+
+
+def _val_score(record: dict[str, float]) -> float:
+    if "val_perplexity" in record:
+        return -record["val_perplexity"]
+    return record["val_accuracy"]
 
 
 def _rank_world() -> tuple[int, int]:
@@ -132,7 +157,7 @@ def finetune(
     layer: int,
     max_length: int,
     seed: int,
-    targets: TargetTable | None = None,
+    targets: TargetTable | LmAux | None = None,
     aux_weight: float = 0.0,
     val: Split | None = None,
     train_layers: str = "all",
@@ -189,9 +214,9 @@ def finetune(
         if aux_weight > 0 and targets is not None:
             record["aux"] = aux / max(count, 1)
         if val is not None:
-            record["val_accuracy"] = accuracy_on(clf, val, max_length)
-            if keeps_copy and (best is None or record["val_accuracy"] >= best[0]):
-                best = (record["val_accuracy"], sharding.snapshot(model))
+            record.update(_validation(clf, val, max_length))
+            if keeps_copy and (best is None or _val_score(record) >= best[0]):
+                best = (_val_score(record), sharding.snapshot(model))
         history.append(record)
         if on_epoch is not None:
             on_epoch(record)
@@ -228,6 +253,77 @@ def accuracy_on(clf: Classifier, split: Split, max_length: int, batch_size: int 
 
 
 @torch.no_grad()
+def perplexity_on(
+    clf: Classifier,
+    split: Split,
+    max_length: int,
+    batch_size: int | None = None,
+    layer: int | None = None,
+    splice=None,
+    everyone: bool = True,
+) -> float:
+    """exp(token-mean next-token CE) over the split's real tokens; each rank scores its
+    slice (same number of forward passes on every rank) and the sums add up. `splice`
+    (h -> h', at block `layer`) replaces the block's output on real tokens: the model
+    with an SAE's reconstruction in place of its own activations."""
+    return perplexity(*lm_ce_sums(clf, split, max_length, batch_size, layer, splice, everyone))
+
+
+@torch.no_grad()
+def lm_ce_sums(
+    clf: Classifier,
+    split: Split,
+    max_length: int,
+    batch_size: int | None = None,
+    layer: int | None = None,
+    splice=None,
+    everyone: bool = True,
+) -> tuple[float, float]:
+    """(summed CE, tokens scored) over the split, all ranks (see `perplexity_on`), or
+    this process alone (`everyone=False`: rank 0's evaluation)."""
+    rank, world = _rank_world() if everyone else (0, 1)
+    batch_size = batch_size or lm_batch_rows(max_length)
+    device = next(clf.model.parameters()).device
+    idx = np.array_split(np.arange(len(split)), world)[rank]
+    longest = -(-len(split) // world)
+    clf.model.eval()
+    total, count = 0.0, 0.0
+    for start in range(0, longest, batch_size):
+        rows = idx[start : start + batch_size]
+        b = encode(clf, split, rows if len(rows) else np.arange(1), max_length)
+        ids, mask = b["input_ids"].to(device), b["attention_mask"].to(device)
+        with spliced_at(clf.model, layer, mask.bool(), splice):
+            logits = clf.model(input_ids=ids, attention_mask=mask).logits
+        ce, n = next_token_ce(logits, ids, mask)
+        if len(rows):
+            total, count = total + float(ce), count + float(n)
+    if everyone:
+        total, count = _sum_over_ranks([total, count], device)
+    return total, count
+
+
+@contextlib.contextmanager
+def spliced_at(model: torch.nn.Module, layer: int | None, keep: torch.Tensor, splice):
+    """Replace block `layer`'s output at the real tokens by `splice(h[keep])` while the
+    block runs (nothing when `splice` is None)."""
+    if splice is None:
+        yield
+        return
+
+    def hook(_module, _inputs, out):
+        h = block_output(out)
+        new = h.clone()
+        new[keep] = splice(h[keep].float()).to(h.dtype)
+        return (new, *out[1:]) if isinstance(out, tuple) else new
+
+    handle = blocks(model)[resolve_layer(model, layer)].register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@torch.no_grad()
 def predict(clf: Classifier, split: Split, max_length: int, batch_size: int = 128) -> np.ndarray:
     clf.model.eval()
     device = next(clf.model.parameters()).device
@@ -255,4 +351,5 @@ def initial_classifier(init: dict[str, Any], data: TextData) -> Classifier:
         spec["seed"],
         spec["max_length"],
         spec.get("dtype", "float32"),
+        lm=spec.get("lm", False),
     )

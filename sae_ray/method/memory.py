@@ -12,7 +12,9 @@ Per worker, for P parameters in w bytes each (the model's dtype), N workers:
 - extraction: the model for inference (w·P) and one batch's hidden states;
 - SAE fit: the SAE's weights, gradients and Adam moments (16 bytes a parameter) and a
   batch's pre-activations (batch x latents, float32);
-- evaluation (rank 0): the model, the SAE, sparse codes (n x k) and pooled activations.
+- evaluation (rank 0): the model, the SAE, sparse codes (n x k) and pooled activations;
+- a causal LM adds its logits (tokens x vocabulary, float32) to the fine-tune and the
+  evaluation (extraction runs the model without its head).
 Estimates, not measurements: the plan refuses only what is clearly over (more than
 `USABLE` of the device), and prints every figure so the user can judge the rest.
 """
@@ -25,6 +27,7 @@ from dataclasses import dataclass, field
 import torch
 
 from sae_ray.config import Config, ConfigError
+from sae_ray.lm.batching import lm_batch_rows
 from sae_ray.lm.models import blocks
 
 GB = 1e9
@@ -58,19 +61,22 @@ class Shape:
     hidden: int
     layers: int
     heads: int
+    vocab: int = 0  # a causal LM's logits per token (0: a classifier's are negligible)
 
     @classmethod
-    def of(cls, config) -> Shape:
-        from transformers import AutoModelForSequenceClassification
+    def of(cls, config, lm: bool = False) -> Shape:
+        from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
+        auto = AutoModelForCausalLM if lm else AutoModelForSequenceClassification
         with torch.device("meta"):
-            model = AutoModelForSequenceClassification.from_config(config)
+            model = auto.from_config(config)
         return cls(
             params=sum(p.numel() for p in model.parameters()),
             block_params=sum(p.numel() for p in blocks(model)[0].parameters()),
             hidden=config.hidden_size,
             layers=config.num_hidden_layers,
             heads=config.num_attention_heads,
+            vocab=config.vocab_size if lm else 0,
         )
 
 
@@ -131,7 +137,9 @@ def _finetune(cfg: Config, shape: Shape) -> Stage:
     w, n = _weight_bytes(cfg), cfg.resources.num_workers
     trained = _trained(cfg, shape)
     state = w * shape.params + (ADAM_STATE - 1) * w * trained
-    parts = {"activations": _activation_bytes(cfg, shape, math.ceil(cfg.cycles.batch_size / n))}
+    per_worker = math.ceil(cfg.cycles.batch_size / n)
+    parts = {"activations": _activation_bytes(cfg, shape, per_worker)}
+    parts["logits"] = 3 * 4 * per_worker * cfg.model.max_length * shape.vocab  # +softmax, grad
     if cfg.resources.strategy == "fsdp" and n > 1:
         parts["sharded state"] = state / n
         parts["gathered blocks"] = 2 * w * shape.block_params
@@ -165,10 +173,14 @@ def plan(cfg: Config, shape: Shape, latents: int, k: int, examples: int) -> Plan
     if cfg.cycles.count > 1 or cfg.cycles.start_from == "finetune":
         stages.append(_finetune(cfg, shape))
     hidden = 64 * cfg.model.max_length * d * 4 * 2  # EXTRACT_BATCH rows, hooked + next block
+    tokens = cfg.model.max_length * shape.vocab  # a row's logits (causal LM), in elements
     stages.append(
         Stage(
             "extraction",
-            {"model": model, "batch": hidden},
+            {
+                "model": model,
+                "batch": hidden,
+            },
             "model.dtype",
             "model.dtype=bfloat16 halves the weights",
         )
@@ -193,6 +205,8 @@ def plan(cfg: Config, shape: Shape, latents: int, k: int, examples: int) -> Plan
                 "SAE": 4 * _sae_params(d, latents),
                 "codes (n x k)": 8 * examples * k,
                 "pooled activations": 4 * examples * d,
+                # clean and spliced logits with their softmax, one LM evaluation batch
+                "logits": 3 * 4 * lm_batch_rows(cfg.model.max_length) * tokens,
             },
             "model.dtype",
             "model.dtype=bfloat16 halves the weights",

@@ -9,9 +9,6 @@ skips every stage it finished. `ranks.shared_artifact` decides who builds what.
 from __future__ import annotations
 
 import json
-import os
-import signal
-import tempfile
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -22,6 +19,7 @@ import torch
 
 from sae_ray import storage, telemetry
 from sae_ray.config import CONTROL, Config, ConfigError
+from sae_ray.lm.batching import packed
 from sae_ray.lm.extraction import (
     extract,
     load_sequences,
@@ -32,23 +30,22 @@ from sae_ray.lm.extraction import (
 from sae_ray.lm.models import Classifier, load_classifier, save_classifier
 from sae_ray.lm.text_data import TextData
 from sae_ray.method import sharding
+from sae_ray.method.cpt import LmAux, aux_spec, build_aux
 from sae_ray.method.finetune import HISTORY, finetune, initial_classifier
 from sae_ray.method.ranks import (
-    barrier,
-    broadcast,
     gather,
     local_part,
     rank_world,
     shared_artifact,
 )
+from sae_ray.method.sae_fit import feed_split, keep_checkpoint
 from sae_ray.method.seeds import stream
 from sae_ray.method.targets import TARGET_STATS, TARGETS, TargetTable, sharpen
 from sae_ray.raytrain import worker_device as device
-from sae_ray.sae.checkpoints import save_checkpoint, store_checkpoint, stored_checkpoint
-from sae_ray.sae.feeds import activation_dataset
+from sae_ray.sae.checkpoints import stored_checkpoint
 from sae_ray.sae.fit_config import SaeTrainConfig
 from sae_ray.sae.model import SparseAutoencoder
-from sae_ray.sae.trainer import Fit, fit_metrics, fit_saes
+from sae_ray.sae.trainer import fit_metrics, fit_saes
 from sae_ray.storage.artifacts import Artifact, ArtifactStore
 
 EXTRACT_BATCH = 64  # a rank's slice starts on a batch boundary: the same batches as one rank
@@ -82,7 +79,8 @@ class Trial:
 def model_spec(cfg: Config) -> dict[str, Any]:
     """What determines the cycle-0 model (the hooked layer does not: CE alone trains it)."""
     spec: dict[str, Any] = {
-        "model": cfg.model.model_dump(exclude={"layer"}),
+        # `task` only where it is not the default: classification keys stay as they were
+        "model": cfg.model.model_dump(exclude={"layer"} | (set() if cfg.is_lm else {"task"})),
         "dataset": cfg.dataset.model_dump(),
         "seed": cfg.experiment.seed,
         "start_from": cfg.cycles.start_from,
@@ -91,7 +89,7 @@ def model_spec(cfg: Config) -> dict[str, Any]:
         spec["train"] = cfg.cycles.model_dump(
             exclude={"count", "aux_weight", "train_layers", "start_from"}
         )
-        spec["select"] = "best_val_accuracy"
+        spec["select"] = "best_val_perplexity" if cfg.is_lm else "best_val_accuracy"
         spec["ranks"] = _ranks(cfg)
     elif cfg.cycles.start_from != "pretrained":
         spec["start_from"] = str(Path(cfg.cycles.start_from).expanduser().resolve())
@@ -127,6 +125,7 @@ def make_cycle0(cfg: Config, data: TextData, out: Path, lead: bool = True) -> No
             "seed": stream(seed, 0, "init"),
             "max_length": cfg.model.max_length,
             "dtype": cfg.model.dtype,
+            "lm": cfg.is_lm,
         }
     }
     if start == "finetune":
@@ -136,7 +135,12 @@ def make_cycle0(cfg: Config, data: TextData, out: Path, lead: bool = True) -> No
         clf = initial_classifier(init, data)
     else:
         clf = load_classifier(Path(start).expanduser())
-        if clf.model.config.num_labels != data.num_classes:
+        if clf.is_lm != cfg.is_lm:
+            raise ConfigError(
+                f"cycles.start_from: {start} is {'not ' * cfg.is_lm}a causal LM "
+                f"(model.task: {cfg.model.task})"
+            )
+        if not clf.is_lm and clf.model.config.num_labels != data.num_classes:
             raise ConfigError(
                 f"cycles.start_from: {start} has {clf.model.config.num_labels} labels, "
                 f"{cfg.dataset.name} has {data.num_classes}"
@@ -155,11 +159,16 @@ def _finetune_stage(
     targets: str | None = None,
     aux_weight: float = 0.0,
     train_layers: str = "all",
+    lm_aux: dict[str, Any] | None = None,
 ) -> None:
     """This rank's part of a fine-tune; rank 0 writes the best-on-validation model and the
-    per-epoch history. A restarted worker group starts it again: it is deterministic."""
+    per-epoch history. A restarted worker group starts it again: it is deterministic.
+    A causal LM trains on its documents packed into blocks, with `lm_aux`'s online aux."""
     clf = initial_classifier(init, data)  # on the CPU: `finetune` places (or shards) it
-    table = TargetTable.load(targets) if targets else None
+    table: TargetTable | LmAux | None = TargetTable.load(targets) if targets else None
+    if clf.is_lm:
+        data = packed(clf.tokenizer, data, cfg.model.max_length)
+        table = build_aux(lm_aux, aux_weight, clf.model.config.hidden_size, cfg.model.max_length)
     if "load" in init:  # dropout's masks: from the cycle's seed, not the process's history
         torch.manual_seed(seed)
     history = finetune(
@@ -188,8 +197,14 @@ def retrain(trial: Trial, parent: Artifact, targets: Artifact | None, cycle: int
     the same epochs and steps either way (equal compute)."""
     cfg, strategy = trial.cfg, trial.strategy
     aux_weight = 0.0 if strategy == CONTROL else cfg.cycles.aux_weight
-    train = cfg.cycles.model_dump(exclude={"count", "start_from"})
+    train = cfg.cycles.model_dump(exclude={"count", "start_from", "aux_loss"})
     train["aux_weight"] = aux_weight
+    lm_aux = None
+    if cfg.is_lm:
+        sae_at = targets.location if targets is not None else None
+        lm_aux = aux_spec(cfg, strategy, trial.seed, sae_at, cycle)
+    if cfg.aux_loss != "cosine" or cfg.is_lm:  # classification keys stay as they were
+        train["aux_loss"] = cfg.aux_loss
     spec = {
         "parent": parent.key,
         "targets": targets.key if targets else None,
@@ -197,9 +212,11 @@ def retrain(trial: Trial, parent: Artifact, targets: Artifact | None, cycle: int
         "cycle": cycle,
         "train": train,
         "layer": cfg.model.layer,
-        "select": "best_val_accuracy",
+        "select": "best_val_perplexity" if cfg.is_lm else "best_val_accuracy",
         "ranks": _ranks(cfg),
     }
+    if lm_aux is not None:
+        spec["aux"] = {k: v for k, v in lm_aux.items() if k != "sae"}
 
     def compute(out: str, lead: bool) -> None:
         _finetune_stage(
@@ -209,9 +226,10 @@ def retrain(trial: Trial, parent: Artifact, targets: Artifact | None, cycle: int
             stream(trial.seed, cycle, "finetune"),
             Path(out),
             lead,
-            targets=targets.uri(TARGETS) if targets else None,
+            targets=targets.uri(TARGETS) if targets and not cfg.is_lm else None,
             aux_weight=aux_weight,
             train_layers=cfg.cycles.train_layers,
+            lm_aux=lm_aux,
         )
 
     return shared_artifact(trial.store, "model", spec, compute, everyone=True)
@@ -221,6 +239,7 @@ def activations(trial: Trial, clf: Classifier, model: Artifact, layer: int) -> A
     """The hooked layer's activations of every split (token rows for train and validation,
     sequence rows at the pooled position for all three), each rank extracting a slice."""
     cfg = trial.cfg
+    data = packed(clf.tokenizer, trial.data, cfg.model.max_length) if clf.is_lm else trial.data
 
     def make(out: str, lead: bool) -> None:
         started = time.perf_counter()
@@ -228,10 +247,10 @@ def activations(trial: Trial, clf: Classifier, model: Artifact, layer: int) -> A
         local, send = local_part(out)
         parts = {}
         for split in SPLITS:
-            rows = slice_rows(len(trial.data.splits[split]), world, rank)
+            rows = slice_rows(len(data.splits[split]), world, rank)
             parts[split] = extract(
                 clf,
-                trial.data.splits[split],
+                data.splits[split],
                 layer,
                 local / split,
                 cfg.model.max_length,
@@ -312,9 +331,9 @@ def sae(trial: Trial, acts: Artifact, hp: str, cycle: int) -> Artifact:
         fit_cfg = sae_train_config(cfg, hp, manifest.d, cycle)
         fit = fit_saes(
             {"cfg": fit_cfg.model_dump(), "rows": manifest.rows},
-            _feed_split(tokens, hp),
+            feed_split(tokens, hp),
             stored_checkpoint(checkpoints),
-            lambda f: _keep_checkpoint(f, checkpoints, f"{cycle}:{{}}:{trial.strategy}"),
+            lambda f: keep_checkpoint(f, checkpoints, f"{cycle}:{{}}:{trial.strategy}"),
         )
         if lead:
             fit.saes[hp].save(Path(out))
@@ -330,39 +349,6 @@ def sae(trial: Trial, acts: Artifact, hp: str, cycle: int) -> Artifact:
     if rank_world()[0] == 0:
         storage.remove(checkpoints)  # the SAE is in the store; its checkpoints are disk
     return art
-
-
-def _feed_split(tokens: str, hp: str):
-    """This rank's equal share of the token rows, from one Ray Dataset split across the
-    ranks (rank 0 plans it; each rank receives its iterator)."""
-    rank, world = rank_world()
-    splits = None
-    if rank == 0:
-        dataset, _ = activation_dataset(tokens, [hp])
-        splits = dataset.streaming_split(world, equal=True)
-    return broadcast(splits)[rank]
-
-
-# Fault injection for chaos tests, "CYCLE:STEP[:STRATEGY]": the last rank of every SAE fit
-# of cycle CYCLE (of a trial of STRATEGY, its own chain, not its paired control's)
-# SIGKILLs itself once the step-STEP checkpoint is stored. A restarted group resumes the
-# fit from that checkpoint, past STEP, so each fit is killed once.
-KILL_SAE_FIT_AT = "SAE_RAY_KILL_SAE_FIT_AT"
-
-
-def _keep_checkpoint(fit: Fit, location: str, fault_point: str) -> None:
-    """Store the fit's checkpoint (rank 0); `fault_point` ("CYCLE:{}:STRATEGY") is where
-    this fit stands for KILL_SAE_FIT_AT."""
-    if fit.rank == 0:
-        with tempfile.TemporaryDirectory() as tmp:
-            save_checkpoint(Path(tmp), fit.saes, fit.opts, fit.trackers, fit.progress)
-            store_checkpoint(Path(tmp), location)
-    here = fault_point.format(fit.progress.step)
-    wanted = os.environ.get(KILL_SAE_FIT_AT, "")
-    if wanted and (here == wanted or here.startswith(f"{wanted}:")):
-        barrier()  # the checkpoint is stored
-        if fit.rank == rank_world()[1] - 1:
-            os.kill(os.getpid(), signal.SIGKILL)
 
 
 def targets(trial: Trial, sae_art: Artifact, acts: Artifact, hp: str, cycle: int) -> Artifact:

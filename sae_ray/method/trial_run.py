@@ -45,7 +45,7 @@ def open_trial(cfg: Config, trial_id: str) -> Trial:
     from sae_ray.storage.artifacts import ArtifactStore
 
     root, train_runs = cfg.trial_dirs(trial_id)
-    data = load_text_data(cfg.dataset)
+    data = load_text_data(cfg.dataset, documents=cfg.is_lm)
     return Trial(cfg, data, ArtifactStore(root), train_runs, cfg.strategy)
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ class Progress:
     tokens: int = 0  # tokens trained on, all workers
     epoch: int = 0
     batches_in_epoch: int = 0  # micro-batches of `epoch` already consumed
+    fvu_curve: list[float] = field(default_factory=list)  # the first SAE's FVU, per step
 
 
 def _flatten_optimizer(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:

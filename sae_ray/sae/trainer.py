@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import ray
 import ray.train
 import torch
@@ -232,6 +233,7 @@ def _epoch(fit: Fit, feed, shard, log: RunLog, world: int, device: torch.device)
         for hp, sae in fit.saes.items():
             optimizer_step(sae, fit.opts[hp])
         progress.step += 1
+        progress.fvu_curve.append(round(fit.stats[cfg.hookpoints[0]]["fvu"], 6))
         done = fit.done()
         if fit.rank == 0 and (progress.step % cfg.log_every == 0 or done):
             log.row(fit, epoch)
@@ -298,8 +300,23 @@ def fit_metrics(fit: Fit) -> dict[str, Any]:
         "tokens": progress.tokens,
         "run_tokens": progress.tokens - fit.started_tokens,
         "elapsed_s": time.perf_counter() - fit.started,
+        "steps_to_fvu": steps_to_fvu(progress.fvu_curve),
         **{f"{k}/{h}": v for h, s in fit.stats.items() for k, v in s.items() if k != "tokens"},
     }
+
+
+def steps_to_fvu(curve: list[float], within: float = 0.1) -> float:
+    """How fast the fit converged: the first step at which the FVU's trailing mean over a
+    twentieth of the run (batch noise smoothed) is within `within` (10 %) of the final
+    FVU (the mean of the last tenth of the steps). NaN without steps."""
+    if not curve:
+        return float("nan")
+    values = np.asarray(curve, dtype=np.float64)
+    final = values[-max(1, len(values) // 10) :].mean()
+    window = max(1, len(values) // 20)
+    smooth = np.convolve(values, np.ones(window) / window, mode="valid")
+    hits = np.flatnonzero(smooth <= final * (1 + within))
+    return float(hits[0] + window) if len(hits) else float(len(values))
 
 
 def _report(fit: Fit) -> None:

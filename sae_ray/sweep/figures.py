@@ -20,6 +20,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from sae_ray.config import CONTROL, Config  # noqa: E402
+from sae_ray.config.metrics import task_metrics
 from sae_ray.sweep.results import final_rows, undominated  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -32,9 +33,14 @@ COLORS = {
     "centroid": "#8c564b",
     "shuffled": "#e377c2",
     "random": "#2ca02c",
+    "topk_sharp": "#1f77b4",
+    "l1": "#ff7f0e",
 }
-ACCURACY = ["val/accuracy", "test/accuracy"]
+ALL_TASK = task_metrics(False) + task_metrics(True)
 LABELS = {
+    "val/perplexity": "validation perplexity (lower is better)",
+    "test/perplexity": "test perplexity (held out)",
+    "sae/ce_loss_score": "CE loss score of the spliced SAE (1 = keeps all)",
     "interp/u": "interp/u (uncertainty coefficient, 0-1)",
     "val/accuracy": "validation accuracy",
     "test/accuracy": "test accuracy (held out)",
@@ -54,6 +60,11 @@ class Sweep:
     goals: list = field(default_factory=list)
     params: list[str] = field(default_factory=list)
 
+    @property
+    def task_metrics(self) -> list[str]:
+        """Accuracy, or perplexity for a causal LM sweep (validation, then test)."""
+        return task_metrics(self.cfg.is_lm)
+
 
 def _label(metric: str) -> str:
     return LABELS.get(metric, metric)
@@ -69,7 +80,7 @@ def strategy_of(row: pd.Series) -> str:
 
 def plot_cycles(sweep: Sweep, out: Path) -> str:
     """Every trial's objective(s) and accuracy against the cycle; the control in black."""
-    metrics = list(dict.fromkeys([g.metric for g in sweep.goals] + ACCURACY))
+    metrics = list(dict.fromkeys([g.metric for g in sweep.goals] + sweep.task_metrics))
     metrics = [m for m in metrics if m in sweep.rows]
     done = sweep.rows[sweep.rows["cycle"].notna()]
     cols = min(2, len(metrics))
@@ -130,18 +141,22 @@ def _strategy_legend(fig, rows: pd.DataFrame) -> None:
 
 
 def plot_front(sweep: Sweep, out: Path) -> str | None:
-    """Final-cycle interpretability against held-out accuracy: the trade-off the sweep asks
-    about. The step line joins the trials nothing beats on both axes; stars are best.json's."""
-    y_metric = next((g.metric for g in sweep.goals if "accuracy" not in g.metric), "interp/u")
-    y_mode = next((g.mode for g in sweep.goals if g.metric == y_metric), "max")
-    x_metric = "test/accuracy"
+    """Final-cycle interpretability against held-out accuracy (a causal LM: perplexity):
+    the trade-off the sweep asks about. The step line joins the trials nothing beats on
+    both axes; stars are best.json's."""
+    lm = sweep.cfg.is_lm
+    x_metric = sweep.task_metrics[1]
+    default_y = ("sae/fvu", "min") if lm else ("interp/u", "max")
+    y_metric = next((g.metric for g in sweep.goals if g.metric not in ALL_TASK), default_y[0])
+    y_mode = next((g.mode for g in sweep.goals if g.metric == y_metric), default_y[1])
     final = pd.DataFrame(final_rows(sweep.rows.to_dict("records")))
     final = final[final["status"] == "COMPLETE"].dropna(subset=[x_metric, y_metric])
     if final.empty or y_metric not in final or x_metric not in final:
         return None
     fig, ax = plt.subplots(figsize=(7.5, 5.5))
     sign = 1.0 if y_mode == "max" else -1.0
-    pts = np.column_stack([final[x_metric].to_numpy(), sign * final[y_metric].to_numpy()])
+    x_sign = -1.0 if lm else 1.0  # perplexity: lower is better
+    pts = np.column_stack([x_sign * final[x_metric].to_numpy(), sign * final[y_metric].to_numpy()])
     front = final.iloc[undominated(pts)].sort_values(x_metric)
     if len(front) > 1:
         ax.step(
@@ -189,7 +204,7 @@ def plot_front(sweep: Sweep, out: Path) -> str | None:
         )
     ax.set_xlabel(f"{_label(x_metric)}, final cycle")
     ax.set_ylabel(f"{_label(y_metric)}, final cycle")
-    ax.set_title(f"{sweep.name}: interpretability against accuracy")
+    ax.set_title(f"{sweep.name}: interpretability against {'perplexity' if lm else 'accuracy'}")
     ax.margins(x=0.12, y=0.12)  # room for the star labels at the edges
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")
@@ -241,7 +256,7 @@ def strategy_table(sweep: Sweep) -> pd.DataFrame:
     """Each strategy's final-cycle means against the control's (mean over control trials)."""
     final = pd.DataFrame(final_rows(sweep.rows.to_dict("records")))
     final = final[final["status"] == "COMPLETE"]
-    metrics = list(dict.fromkeys([g.metric for g in sweep.goals] + ACCURACY))
+    metrics = list(dict.fromkeys([g.metric for g in sweep.goals] + sweep.task_metrics))
     metrics = [m for m in metrics if m in final]
     control = final[final["is_control"]]
     lines = []
@@ -283,3 +298,26 @@ def _save(fig, path: Path) -> str:
 
 
 # --------------------------------------------------------------------------------- page
+
+
+def plot_intervention(rows: list[dict[str, Any]], out: Path, title: str) -> str:
+    """Perplexity against `k_sharp`, one line per SAE; its full reconstruction as a
+    marker at k, the clean model as a dashed line."""
+    frame = pd.DataFrame(rows)
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    for i, (key, curve) in enumerate(frame.groupby("sae", sort=False)):
+        color = plt.cm.tab10(i % 10)
+        sharp = curve[curve["kind"] == "sharpened"].sort_values("k_sharp")
+        label = f"{curve['model_strategy'].iloc[0]} (k={curve['k'].iloc[0]}, {key[:6]})"
+        ax.plot(sharp["k_sharp"], sharp["perplexity"], marker="o", color=color, label=label)
+        full = curve[curve["kind"] == "reconstruction"]
+        ax.scatter(full["k_sharp"], full["perplexity"], marker="D", s=60, color=color)
+        clean = curve[curve["kind"] == "clean"]["perplexity"].iloc[0]
+        ax.axhline(clean, linestyle="--", linewidth=1, color=color, alpha=0.6)
+    ax.set_xlabel("k_sharp (latents kept per token; diamond: the full reconstruction)")
+    ax.set_ylabel("validation perplexity (dashed: the clean model)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    return _save(fig, out)

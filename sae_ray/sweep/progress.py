@@ -19,6 +19,8 @@ from typing import Any, TextIO
 from ray import tune
 from tabulate import tabulate
 
+from sae_ray.config.metrics import task_metrics
+
 SHOW_FINISHED = 5  # the best few finished trials; a long sweep's table stays short
 
 
@@ -39,8 +41,10 @@ class SweepProgress(tune.Callback):
         cycles: int,
         every: float = 120.0,
         out: TextIO | None = None,
+        lm: bool = False,
     ):
         self.sweep, self.params, self.goals, self.cycles = sweep, params, goals, cycles
+        self.lm = lm
         self.every, self.out = every, out or sys.stdout
         self.trials: dict[str, TrialLine] = {}
         self.best: tuple[str, float] | None = None
@@ -95,7 +99,7 @@ class SweepProgress(tune.Callback):
         return self.trials[trial.trial_id]
 
     def _columns(self) -> list[str]:
-        return list(dict.fromkeys([g.key for g in self.goals] + ["val/accuracy"]))
+        return list(dict.fromkeys([g.key for g in self.goals] + task_metrics(self.lm)[:1]))
 
     def _say(self, text: str) -> None:
         """One line per event; the whole table only when a trial ends (a quiet console)."""

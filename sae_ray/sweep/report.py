@@ -2,9 +2,10 @@
 
 Reads what the sweep wrote (`results.csv`, `config.yaml`, `best.json`, `optuna.db`) from a
 local directory or a bucket and writes `report/index.html` beside them, with the PNGs it
-shows: each objective and accuracy per cycle for every trial (the λ = 0 control drawn
-apart), the interpretability / accuracy front with the best trial(s) marked, Optuna's
-parameter importances per objective, each strategy against the control, and the trials.
+shows: each objective and accuracy (a causal LM: perplexity) per cycle for every trial
+(the λ = 0 control drawn apart), the interpretability / accuracy (perplexity) front with
+the best trial(s) marked, Optuna's parameter importances per objective, each strategy
+against the control, and the trials.
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ from sae_ray import storage  # noqa: E402
 from sae_ray.config import CONTROL, Config, ConfigError, one_line  # noqa: E402
 from sae_ray.sweep.comparison import comparison  # noqa: E402
 from sae_ray.sweep.figures import (  # noqa: E402
-    ACCURACY,
     Sweep,
     importances,
     plot_control,
@@ -106,7 +106,8 @@ def load_sweep(location: str, scratch: Path) -> Sweep:
 def trials_table(sweep: Sweep) -> pd.DataFrame:
     final = pd.DataFrame(final_rows(sweep.rows.to_dict("records")))
     primary = sweep.goals[0]
-    metrics = list(dict.fromkeys([g.key for g in sweep.goals] + ACCURACY + ["sae/fvu", "sae/l0"]))
+    metrics = [g.key for g in sweep.goals] + sweep.task_metrics + ["sae/fvu", "sae/l0"]
+    metrics = list(dict.fromkeys(metrics + (["perplexity_change_pct"] if sweep.cfg.is_lm else [])))
     cols = ["trial_id", *sweep.params, "strategy_effective", "cycle"]
     cols += [m for m in metrics if m in final] + ["status", "error"]
     table = final[[c for c in cols if c in final]].copy()
@@ -182,7 +183,8 @@ def _write_pages(location: str, pages: Path) -> str:
         sections += ["<h2>Per cycle</h2>", _img(plot_cycles(sweep, pages))]
         front = plot_front(sweep, pages)
         if front:
-            sections += ["<h2>Interpretability against accuracy</h2>", _img(front)]
+            against = "perplexity" if sweep.cfg.is_lm else "accuracy"
+            sections += [f"<h2>Interpretability against {against}</h2>", _img(front)]
         table = strategy_table(sweep)
         sections += ["<h2>Strategies against the λ = 0 control</h2>"]
         control = plot_control(sweep, table, pages)

@@ -20,6 +20,7 @@ import yaml
 from tabulate import tabulate
 
 from sae_ray import storage
+from sae_ray.config.metrics import headline as metrics_headline
 from sae_ray.sweep.comparison import comparison
 
 if TYPE_CHECKING:
@@ -29,7 +30,6 @@ LEAD = ["trial_id", "cycle"]
 TAIL = ["status", "error"]
 RESULTS, BEST, STUDY, CONFIG = "results.csv", "best.json", "optuna.db", "config.yaml"
 COMPARISON, SEEDS = "comparison.csv", "seeds.csv"
-HEADLINE = ["val/accuracy", "test/accuracy", "interp/u", "sae/fvu", "sae/l0", "sae/dead_pct"]
 # Tune's own bookkeeping columns that say nothing about the science.
 _TUNE_COLUMNS = {
     "timestamp",
@@ -148,7 +148,8 @@ def best_row(rows: list[dict[str, Any]], metric: str, mode: str) -> dict[str, An
 
 
 def summary_table(rows: list[dict[str, Any]], params: list[str], metric: str) -> str:
-    headline = [metric] + [m for m in HEADLINE if m != metric]
+    lm = any("val/perplexity" in row for row in rows)
+    headline = [metric] + [m for m in metrics_headline(lm) if m != metric]
     table = []
     for row in final_rows(rows):
         line = {

@@ -198,6 +198,9 @@ def violation(constraints: list[Constraint], metrics: dict, first: dict) -> floa
             total += max(0.0, value - c.max)
         if c.max_drop is not None:
             total += max(0.0, float(first[c.metric]) - value - c.max_drop)
+        if c.max_rise_pct is not None:  # in percent of the cycle-0 value
+            rise = 100.0 * (value / float(first[c.metric]) - 1.0)
+            total += max(0.0, rise - c.max_rise_pct)
     return total
 
 
@@ -275,7 +278,9 @@ def _callbacks(cfg: Config) -> list:
     goals = cfg.search.goals()
     callbacks = [
         SweepMetrics(cfg.experiment.name, goals),
-        SweepProgress(cfg.experiment.name, list(cfg.search.space), goals, cfg.cycles.count),
+        SweepProgress(
+            cfg.experiment.name, list(cfg.search.space), goals, cfg.cycles.count, lm=cfg.is_lm
+        ),
     ]
     if cfg.wandb.mode == "disabled":
         return callbacks
