@@ -19,6 +19,8 @@ SMALLER = [
     "cycles.epochs=1",
     "sae.epochs=2",
     "resources.num_workers=1",
+    # random's CPT gradient is tested without Ray (tests/test_cpt.py): 3 trials here
+    "search.space={sharpening.strategy: {type: choice, values: [topk_sharp, l1, none]}}",
 ]
 LM_COLUMNS = ["val/perplexity", "test/perplexity", "perplexity_change_pct", "sae/steps_to_fvu"]
 
@@ -45,9 +47,9 @@ def cpt_sweep(ray_cluster, tmp_path_factory):
 def test_cpt_sweep_reports_lm_metrics_for_every_trial_and_cycle(cpt_sweep):
     sweep, console = cpt_sweep
     rows = pd.read_csv(sweep / "results.csv")
-    assert set(rows["sharpening.strategy"]) == {"topk_sharp", "l1", "random", "none"}
+    assert set(rows["sharpening.strategy"]) == {"topk_sharp", "l1", "none"}
     assert (rows["status"] == "COMPLETE").all()
-    assert sorted(rows["cycle"].unique()) == [0, 1] and len(rows) == 8
+    assert sorted(rows["cycle"].unique()) == [0, 1] and len(rows) == 6
     for column in LM_COLUMNS:
         assert rows[column].notna().all(), column
     assert (rows.loc[rows["cycle"] == 0, "perplexity_change_pct"] == 0).all()
@@ -62,8 +64,16 @@ def test_cpt_sweep_reports_lm_metrics_for_every_trial_and_cycle(cpt_sweep):
     assert aux.drop("none").notna().all() and pd.isna(aux["none"])
     # paired against the λ = 0 model of the same seed and cycle
     control = later.set_index("sharpening.strategy")["val/perplexity"]["none"]
-    assert (later["control/val/perplexity"] == pytest.approx(control)).all()
-    assert "constraint/violation" in rows
+    assert later["control/val/perplexity"].tolist() == pytest.approx([control] * 3)
+    # config/metrics.py lists exactly what an LM sweep writes (the histogram is a JSON
+    # string, not a metric to select on)
+    from sae_ray.config.metrics import known_metrics
+
+    rest = ["trial_id", "cycle", "sharpening.strategy", "strategy_effective", "is_control"]
+    rest += ["n_seeds", "feasible", "constraint/violation", "status", "error"]
+    rest += ["features/log10_density_hist"]
+    written = sorted(c for c in rows.columns if c not in rest)
+    assert written == sorted(known_metrics(lm=True))
     assert "val/perplexity" in console  # the progress table shows the LM's own metric
 
 

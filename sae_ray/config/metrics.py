@@ -39,17 +39,11 @@ STAGES = ["model", "activations", "sae", "evaluate", "targets"]
 TARGETS = ["kept_latents", "recon_cos", "initial_aux"]
 # Reported beside each trial's own value for the λ = 0 model of its seed and cycle, through
 # an SAE of the trial's settings: `control/<metric>` and `delta/<metric>` (own - control).
-PAIRED = [
-    "interp/u",
-    "interp/u_excess",
-    "test/interp/u",
-    "val/accuracy",
-    "test/accuracy",
-    "val/perplexity",
-    "test/perplexity",
-    "sae/fvu",
-    "sae/ce_loss_score",
-]
+PAIRED_TASK = {
+    False: ["interp/u", "interp/u_excess", "test/interp/u", "val/accuracy", "test/accuracy"],
+    True: ["val/perplexity", "test/perplexity", "sae/ce_loss_score"],
+}
+PAIRED = [*PAIRED_TASK[False], *PAIRED_TASK[True], "sae/fvu"]
 
 
 def task_metrics(lm: bool) -> list[str]:
@@ -65,19 +59,25 @@ def headline(lm: bool) -> list[str]:
     return [*task_metrics(False), "interp/u", "sae/fvu", "sae/l0", "sae/dead_pct"]
 
 
-def known_metrics() -> list[str]:
-    """Every metric name a cycle reports (the sparse probes at their default k)."""
-    names = list(TASK) + LM
-    names += [f"sae/{m}" for m in LM_SAE] + [f"features/{m}" for m in FEATURES]
-    for head in ("", "test/"):
-        for kind in ("interp", "base"):
-            names += [f"{head}{kind}/{m}" for m in INTERP]
-        names += [f"{head}interp/sparse_probe_accuracy@{k}" for k in SPARSE_PROBES]
+def known_metrics(lm: bool | None = None) -> list[str]:
+    """Every metric name a cycle reports (the sparse probes at their default k): of a
+    classification sweep, of a causal LM sweep (`lm`), or (None) of either."""
+    if lm is None:
+        return list(dict.fromkeys(known_metrics(False) + known_metrics(True)))
+    names = [*LM, *(f"sae/{m}" for m in LM_SAE), *(f"features/{m}" for m in FEATURES)]
+    if not lm:
+        names = list(TASK)
+        for head in ("", "test/"):
+            for kind in ("interp", "base"):
+                names += [f"{head}{kind}/{m}" for m in INTERP]
+            names += [f"{head}interp/sparse_probe_accuracy@{k}" for k in SPARSE_PROBES]
+        names += [f"targets/{m}" for m in TARGETS]
     names += [f"sae/{m}" for m in SAE]
     names += [f"finetune/{m}" for m in FINETUNE]
-    names += [f"targets/{m}" for m in TARGETS]
-    names += [f"{head}/{m}" for head in ("control", "delta") for m in PAIRED]
-    names += [f"time/{s}_s" for s in STAGES] + ["artifacts/computed", "memory/worker_peak_mb"]
+    paired = [*PAIRED_TASK[lm], "sae/fvu"]
+    names += [f"{head}/{m}" for head in ("control", "delta") for m in paired]
+    stages = [s for s in STAGES if not (lm and s == "targets")]  # LM targets are online
+    names += [f"time/{s}_s" for s in stages] + ["artifacts/computed", "memory/worker_peak_mb"]
     return names
 
 
