@@ -310,3 +310,16 @@ def test_bad_lm_input_is_one_line_and_exit_2(tmp_path, capsys):
     assert not (tmp_path / "runs").exists()
     assert main(["intervene", str(yaml), "model.name=tiny-gpt2"]) == 2
     assert "no artifact store" in capsys.readouterr().err
+
+
+def test_a_grid_refuses_conditional_entries():
+    space = {
+        "sharpening.strategy": {"type": "choice", "values": ["topk_sharp", "l1"]},
+        "sharpening.k_sharp": {
+            "type": "choice",
+            "values": [2, 4],
+            "when": {"sharpening.strategy": "topk_sharp"},
+        },
+    }
+    with pytest.raises(ConfigError, match="grid runs every combination"):
+        _lm_config(search={"algorithm": "grid", "space": space})

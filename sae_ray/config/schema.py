@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic import Field, field_validator, model_validator
 
@@ -160,18 +160,22 @@ class Sae(Section):
 
 
 CONTROL = "none"  # the λ = 0, equal-compute control strategy
+Strategy = Literal[
+    "per_class",
+    "per_class_complement",
+    "per_example",
+    "centroid",
+    "shuffled",
+    "random",
+    "none",
+    "topk_sharp",
+    "l1",
+]
 # Which strategies each task runs: the LM ones build their targets online, per token.
+LM_ONLY = ("topk_sharp", "l1")
 TASK_STRATEGIES = {
-    "classification": (
-        "per_class",
-        "per_class_complement",
-        "per_example",
-        "centroid",
-        "shuffled",
-        "random",
-        CONTROL,
-    ),
-    "causal_lm": ("topk_sharp", "random", "l1", CONTROL),
+    "classification": tuple(s for s in get_args(Strategy) if s not in LM_ONLY),
+    "causal_lm": (*LM_ONLY, "random", CONTROL),
 }
 
 
@@ -197,17 +201,7 @@ class Sharpening(Section):
     label supervision without an SAE, sharpened targets without their pairing, any target
     at all, and λ = 0."""
 
-    strategy: Literal[
-        "per_class",
-        "per_class_complement",
-        "per_example",
-        "centroid",
-        "shuffled",
-        "random",
-        "none",
-        "topk_sharp",
-        "l1",
-    ] = "per_class"
+    strategy: Strategy = "per_class"
     keep_frac: float | None = Field(
         None, gt=0, le=1, description="latents kept: this fraction of each example's k (0.5)"
     )

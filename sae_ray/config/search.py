@@ -157,6 +157,11 @@ class Search(Section):
             for dotted, entry in self.space.items():
                 if entry.type != "choice" and not (entry.type == "int" and entry.step):
                     raise ValueError(f"grid needs choice (or int with step) entries: {dotted}")
+                if entry.when:  # Optuna's grid is the full product: skipped values repeat
+                    raise ValueError(
+                        f"grid runs every combination, so {dotted}'s `when` would run its "
+                        "other points once per unused value; use tpe or random, or drop it"
+                    )
         return self
 
     def goals(self) -> list[Objective]:

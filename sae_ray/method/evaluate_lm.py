@@ -16,9 +16,9 @@ import torch.nn.functional as F
 from sae_ray.lm.batching import encode, lm_batch_rows
 from sae_ray.lm.models import Classifier
 from sae_ray.lm.text_data import Split
-from sae_ray.method.cpt import next_token_ce, perplexity, sharpened
+from sae_ray.method.cpt import next_token_ce, sharpened
 from sae_ray.method.evaluate import _batch_rows
-from sae_ray.method.finetune import lm_ce_sums, spliced_at
+from sae_ray.method.finetune import perplexity_on, spliced_at
 from sae_ray.sae.model import SparseAutoencoder
 
 DENSITY_BINS = np.arange(-6.0, 0.5, 0.5)  # log10 firing density; dead latents below
@@ -31,7 +31,7 @@ def splice(sae: SparseAutoencoder, k_sharp: int | None = None):
 
 def ppl(clf: Classifier, split: Split, block: int, layer: int | None = None, fn=None) -> float:
     """Perplexity over the split on this process, with `fn` spliced in at `layer`."""
-    return perplexity(*lm_ce_sums(clf, split, block, layer=layer, splice=fn, everyone=False))
+    return perplexity_on(clf, split, block, layer=layer, splice=fn, everyone=False)
 
 
 @torch.no_grad()

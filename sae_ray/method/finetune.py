@@ -252,21 +252,10 @@ def accuracy_on(clf: Classifier, split: Split, max_length: int, batch_size: int 
     return right / max(total, 1)
 
 
-@torch.no_grad()
-def perplexity_on(
-    clf: Classifier,
-    split: Split,
-    max_length: int,
-    batch_size: int | None = None,
-    layer: int | None = None,
-    splice=None,
-    everyone: bool = True,
-) -> float:
-    """exp(token-mean next-token CE) over the split's real tokens; each rank scores its
-    slice (same number of forward passes on every rank) and the sums add up. `splice`
-    (h -> h', at block `layer`) replaces the block's output on real tokens: the model
-    with an SAE's reconstruction in place of its own activations."""
-    return perplexity(*lm_ce_sums(clf, split, max_length, batch_size, layer, splice, everyone))
+def perplexity_on(clf: Classifier, split: Split, max_length: int, **kwargs: Any) -> float:
+    """exp(token-mean next-token CE) over the split's real tokens (`lm_ce_sums`' options:
+    each rank its slice, or this process alone; the SAE's reconstruction spliced in)."""
+    return perplexity(*lm_ce_sums(clf, split, max_length, **kwargs))
 
 
 @torch.no_grad()
@@ -279,8 +268,11 @@ def lm_ce_sums(
     splice=None,
     everyone: bool = True,
 ) -> tuple[float, float]:
-    """(summed CE, tokens scored) over the split, all ranks (see `perplexity_on`), or
-    this process alone (`everyone=False`: rank 0's evaluation)."""
+    """(summed CE, tokens scored) over the split's real tokens. Each rank scores its slice
+    (the same number of forward passes on every rank) and the sums add up, or this process
+    scores it all (`everyone=False`: rank 0's evaluation). `splice` (h -> h', at block
+    `layer`) replaces the block's output on real tokens: the model with an SAE's
+    reconstruction in place of its own activations."""
     rank, world = _rank_world() if everyone else (0, 1)
     batch_size = batch_size or lm_batch_rows(max_length)
     device = next(clf.model.parameters()).device
