@@ -72,8 +72,18 @@ def flag_of(field: str) -> str:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="hub id, local path, or a tiny preset (tiny-gpt2, tiny-bert)")
-    p.add_argument("dataset", help="hub id[:subset], local file/dir, or synthetic:topics")
+    p.add_argument(
+        "model", nargs="?", help="hub id, local path, or a tiny preset (tiny-gpt2, tiny-bert)"
+    )
+    p.add_argument(
+        "dataset", nargs="?", help="hub id[:subset], local file/dir, or synthetic:topics"
+    )
+    p.add_argument(
+        "--activations",
+        metavar="PATH",
+        help="train on these activations instead of a model's (no MODEL DATASET): .npy "
+        "file(s) of rows, Parquet file(s) with float-vector columns, or a token table",
+    )
     _sae_flags(p.add_argument_group("the SAE (the sweep YAML's `sae` section)"))
     g = p.add_argument_group("data and layers")
     g.add_argument("--layers", type=int, nargs="+", help="layer(s) to train on (default: all)")
@@ -126,6 +136,12 @@ def check_flags(args: argparse.Namespace) -> Sae:
     for flag in ("batch_size", "ctx_len", "num_workers", "layer_stride"):
         if getattr(args, flag) < 1:
             raise ConfigError(f"--{flag}: must be at least 1")
+    if args.activations is None and (args.model is None or args.dataset is None):
+        raise ConfigError("MODEL and DATASET are required (or train on --activations PATH)")
+    if args.activations is not None and args.model is not None:
+        raise ConfigError("--activations: give MODEL DATASET or --activations, not both")
+    if args.activations is not None and args.loss_fn in ("ce", "kl"):
+        raise ConfigError(f"--loss_fn: {args.loss_fn} needs the model; --activations has none")
     return _sae_from_flags(args)
 
 

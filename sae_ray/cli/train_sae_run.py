@@ -37,14 +37,12 @@ def run(args: argparse.Namespace, connect: Callable[[], None] = lambda: None) ->
     # HF tokenizers parallelise batch encoding over this many threads.
     os.environ["RAYON_NUM_THREADS"] = str(args.data_preprocessing_num_proc)
     sae = check_flags(args)
+    if args.activations is not None:
+        return _run_on_activations(args, sae, connect)
     # Workers run elsewhere (another cwd, another node): local paths go to them absolute.
     args.model = local_path_or_name(args.model, Path.cwd())
     args.dataset = local_path_or_name(args.dataset, Path.cwd())
-    save_dir = Path(args.save_dir).expanduser().resolve()
-    try:
-        save_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise ConfigError(f"--save_dir: {save_dir} is not writable ({err.strerror})") from None
+    save_dir = _save_dir(args)
     kind = head_kind_of(args.model) if args.loss_fn in ("ce", "kl") else None
     clf, split = _model_and_data(args, kind)
     layers = _layers(args, clf.model)
@@ -95,6 +93,47 @@ def run(args: argparse.Namespace, connect: Callable[[], None] = lambda: None) ->
     )
     _print_result(save_dir / run_name, hookpoints, result.metrics)
     return result.metrics
+
+
+def _run_on_activations(args: argparse.Namespace, sae: Sae, connect: Callable[[], None]) -> dict:
+    """`--activations PATH`: one SAE per vector column of the files, no model."""
+    from sae_ray.sae.cached import table_of
+
+    save_dir = _save_dir(args)
+    tokens = table_of(args.activations, save_dir / ".activations")
+    manifest = read_manifest(tokens)
+    try:
+        sae.check_fits(manifest.d)
+    except ValueError as err:
+        raise ConfigError(f"--{err}") from None
+    connect()
+    run_name = args.run_name or Path(args.activations).stem
+    dataset, rows = activation_dataset(tokens, manifest.columns)
+    result = train_saes(
+        dataset,
+        rows,
+        _fit_config(args, sae, manifest.columns, manifest.d, run_name),
+        Resources(
+            num_workers=args.num_workers,
+            use_gpu=args.use_gpu,
+            cpus_per_worker=args.cpus_per_worker,
+        ),
+        storage_path=save_dir / ".ray_train",
+        save_dir=save_dir / run_name,
+        resume=args.resume,
+        wandb_dir=save_dir,
+    )
+    _print_result(save_dir / run_name, manifest.columns, result.metrics)
+    return result.metrics
+
+
+def _save_dir(args: argparse.Namespace) -> Path:
+    save_dir = Path(args.save_dir).expanduser().resolve()
+    try:
+        save_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"--save_dir: {save_dir} is not writable ({err.strerror})") from None
+    return save_dir
 
 
 def _model_and_data(args: argparse.Namespace, kind: str | None) -> tuple[Classifier, Split]:

@@ -11,7 +11,6 @@ TASK = [f"{split}/{m}" for split in ("val", "test") for m in ("accuracy", "f1_ma
 # model.task: causal_lm's (the change is against the seed's cycle-0 model, in percent)
 LM = ["val/perplexity", "test/perplexity", "perplexity_change_pct", "test/perplexity_change_pct"]
 LM_SAE = [
-    "steps_to_fvu",
     "spliced_ce",
     "spliced_kl",
     "clean_ce",
@@ -33,7 +32,15 @@ INTERP = [
     "probe_accuracy",
 ]
 SPARSE_PROBES = (1, 5, 25)
-SAE = ["fvu", "explained_variance", "l0", "dead_pct", "absorption", "train_tokens_per_s"]
+SAE = [
+    "fvu",
+    "explained_variance",
+    "l0",
+    "dead_pct",
+    "absorption",
+    "train_tokens_per_s",
+    "steps_to_fvu",
+]
 FINETUNE = ["steps", "best_epoch", "ce", "aux"]
 STAGES = ["model", "activations", "sae", "evaluate", "targets"]
 TARGETS = ["kept_latents", "recon_cos", "initial_aux"]
