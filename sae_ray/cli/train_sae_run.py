@@ -76,22 +76,30 @@ def run(args: argparse.Namespace, connect: Callable[[], None] = lambda: None) ->
         d_in = clf.model.config.hidden_size
         table, tokens_per_epoch = token_table(clf.tokenizer, split, args.ctx_len)
         dataset = ray.data.from_arrow(table).materialize()
+    fit_cfg = _fit_config(args, sae, hookpoints, d_in, run_name)
+    return _train(args, dataset, tokens_per_epoch, fit_cfg, save_dir, e2e)
+
+
+def _train(
+    args: argparse.Namespace, dataset, rows: int, cfg: SaeTrainConfig, save_dir: Path, e2e=None
+) -> dict:
+    """The one Ray Train run of the SAEs, checkpoints under `<save_dir>/<run_name>`."""
     result = train_saes(
         dataset,
-        tokens_per_epoch,
-        _fit_config(args, sae, hookpoints, d_in, run_name),
+        rows,
+        cfg,
         Resources(
             num_workers=args.num_workers,
             use_gpu=args.use_gpu,
             cpus_per_worker=args.cpus_per_worker,
         ),
         storage_path=save_dir / ".ray_train",
-        save_dir=save_dir / run_name,
+        save_dir=save_dir / cfg.run_name,
         resume=args.resume,
         wandb_dir=save_dir,
         e2e=e2e,
     )
-    _print_result(save_dir / run_name, hookpoints, result.metrics)
+    _print_result(save_dir / cfg.run_name, cfg.hookpoints, result.metrics)
     return result.metrics
 
 
@@ -109,22 +117,13 @@ def _run_on_activations(args: argparse.Namespace, sae: Sae, connect: Callable[[]
     connect()
     run_name = args.run_name or Path(args.activations).stem
     dataset, rows = activation_dataset(tokens, manifest.columns)
-    result = train_saes(
+    return _train(
+        args,
         dataset,
         rows,
         _fit_config(args, sae, manifest.columns, manifest.d, run_name),
-        Resources(
-            num_workers=args.num_workers,
-            use_gpu=args.use_gpu,
-            cpus_per_worker=args.cpus_per_worker,
-        ),
-        storage_path=save_dir / ".ray_train",
-        save_dir=save_dir / run_name,
-        resume=args.resume,
-        wandb_dir=save_dir,
+        save_dir,
     )
-    _print_result(save_dir / run_name, manifest.columns, result.metrics)
-    return result.metrics
 
 
 def _save_dir(args: argparse.Namespace) -> Path:
