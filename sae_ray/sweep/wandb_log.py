@@ -123,6 +123,9 @@ def log_summary(cfg: Config, rows: list[dict[str, Any]], report_dir: Path | None
         run.summary["pareto_front"] = [e["trial_id"] for e in summary["pareto_front"]]
     run_dir = Path(run.dir).parent  # <base>/wandb/<offline-run-...>/files -> the run
     run.finish()
+    # finish() can return before W&B's core has closed the run file (seen under load: an
+    # empty run-*.wandb); teardown waits for it, so what is read or uploaded is whole.
+    wandb.teardown()
     if remote:
         target = storage.join(cfg.sweep_uri, "wandb", run_dir.name)
         storage.upload(run_dir, target)
