@@ -77,7 +77,7 @@ def test_a_npy_of_the_wrong_shape_is_refused(tmp_path):
 @pytest.mark.ray
 def test_sae_on_your_own_activations_cli_and_python(ray_cluster, tmp_path):
     """Parquet with two vector columns through `train-sae --activations` (one SAE per
-    column, one run), and a .npy through `train_on_activations`: sparsify's layout both."""
+    column and k, one run), and a .npy through `train_on_activations`: sparsify's layout."""
     import sparsify
 
     from sae_ray.sae.cached import train_on_activations
@@ -97,12 +97,15 @@ def test_sae_on_your_own_activations_cli_and_python(ray_cluster, tmp_path):
         ),
         tmp_path / "acts.parquet",
     )
-    args = ["train-sae", "--activations", str(tmp_path / "acts.parquet"), "--k", "4"]
+    args = ["train-sae", "--activations", str(tmp_path / "acts.parquet"), "--k", "4", "2"]
     args += ["--expansion_factor", "4", "--max_tokens", "12000", "--batch_size", "1"]
     args += ["--ctx_len", "256", "--save_dir", str(tmp_path / "out")]
     assert main(args) == 0
-    loaded = sparsify.SparseCoder.load_many(str(tmp_path / "out" / "acts"), local=True)
-    assert sorted(loaded) == ["a", "b"] and loaded["a"].cfg.k == 4
+    for k in (4, 2):
+        loaded = sparsify.SparseCoder.load_many(
+            str(tmp_path / "out" / "acts" / f"k{k}"), local=True
+        )
+        assert sorted(loaded) == ["a", "b"] and loaded["a"].cfg.k == k
 
     np.save(tmp_path / "x.npy", x)
     sae = {"k": 4, "expansion_factor": 4, "max_tokens": 12000, "batch_size": 256}

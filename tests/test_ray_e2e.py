@@ -133,6 +133,7 @@ TRAIN_SAE = [
     "32",
     "--k",
     "8",
+    "4",
     "--expansion_factor",
     "4",
     "--save_every",
@@ -149,8 +150,9 @@ def _log(run: Path) -> list[dict]:
 
 
 def test_train_sae_cli_resume_equals_an_uninterrupted_run(ray_cluster, tmp_path):
-    """`train-sae` on two layers from one extraction; stop after 13 steps, `--resume`, and
-    the result is the uninterrupted run's: same tokens, same parameters, no step twice."""
+    """`train-sae` on two layers from one extraction, two settings (`--k 8 4`): four SAEs
+    co-trained on one stream, a folder each; stop after 13 steps, `--resume`, and the result
+    is the uninterrupted run's: same tokens, same parameters, no step twice."""
     import sparsify
     from safetensors.torch import load_file
 
@@ -166,16 +168,18 @@ def test_train_sae_cli_resume_equals_an_uninterrupted_run(ray_cluster, tmp_path)
     steps = [row["step"] for row in _log(b)]
     assert steps == list(range(1, len(steps) + 1)) == [row["step"] for row in _log(a)]
     assert _log(a)[-1]["tokens"] == _log(b)[-1]["tokens"] == 8000  # the global budget
-    for hp in ("h.0", "h.1"):
-        ours, theirs = load_file(a / hp / "sae.safetensors"), load_file(b / hp / "sae.safetensors")
+    for sae in ("k8/h.0", "k8/h.1", "k4/h.0", "k4/h.1"):
+        ours, theirs = (load_file(r / sae / "sae.safetensors") for r in (a, b))
         for name, value in ours.items():
-            torch.testing.assert_close(theirs[name], value, msg=f"{hp} {name}")
+            torch.testing.assert_close(theirs[name], value, msg=f"{sae} {name}")
     row = _log(a)[-1]
     for metric in ("loss", "fvu", "l0", "dead_pct", "absorption"):
-        assert f"{metric}/h.1" in row, metric
-    assert row["l0/h.0"] <= 8 and 0 < row["fvu/h.0"] < 1 and row["tokens_per_s"] > 0
-    loaded = sparsify.SparseCoder.load_many(str(a), local=True)  # sparsify reads our layout
-    assert sorted(loaded) == ["h.0", "h.1"] and loaded["h.0"].cfg.k == 8
+        assert f"{metric}/k4/h.1" in row, metric
+    assert row["l0/k8/h.0"] <= 8 and row["l0/k4/h.0"] <= 4 and row["tokens_per_s"] > 0
+    assert 0 < row["fvu/k8/h.0"] < row["fvu/k4/h.0"] < 1  # more latents active, less error
+    for k in (8, 4):  # each setting's folder is a run sparsify reads
+        loaded = sparsify.SparseCoder.load_many(str(a / f"k{k}"), local=True)
+        assert sorted(loaded) == ["h.0", "h.1"] and loaded["h.0"].cfg.k == k
     assert list(whole.glob("wandb/offline-run-*"))  # --log_to_wandb, offline here
 
 

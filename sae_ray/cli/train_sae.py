@@ -10,12 +10,13 @@ layout sparsify and its readers load.
 from __future__ import annotations
 
 import argparse
+import itertools
 from collections.abc import Callable
-from typing import Literal, get_args, get_origin
+from typing import Any, Literal, get_args, get_origin
 
 from pydantic import ValidationError
 
-from sae_ray.config import ConfigError, Sae, one_line
+from sae_ray.config import PER_SAE, ConfigError, Sae, one_line
 
 
 def _bool(text: str) -> bool:
@@ -55,16 +56,38 @@ def _sae_flags(group: argparse._ArgumentGroup) -> None:
         flag = FLAG_NAMES.get(name, name)
         if "type" in kwargs:
             kwargs["metavar"] = flag.upper()
+        if name in PER_SAE:  # several values: one SAE each, all co-trained on one stream
+            kwargs["nargs"] = "+"
+            kwargs["help"] += " (several: one SAE each)"
         group.add_argument(f"--{flag}", dest=name, default=default, **kwargs)
 
 
-def _sae_from_flags(args: argparse.Namespace) -> Sae:
-    """The SAE config the flags describe, validated before the model or Ray is touched."""
+def _sae_from_flags(args: argparse.Namespace) -> tuple[Sae, list[dict[str, Any]]]:
+    """The SAE config the flags describe (each setting's first value) and the co-trained
+    variants (the product of the settings given several values), every one validated
+    before the model or Ray is touched."""
     values = {name: getattr(args, name) for name in Sae.model_fields if name not in NOT_FLAGS}
+    lists = {n: v if isinstance(v, list) else [v] for n, v in values.items() if n in PER_SAE}
+    base = {**values, **{n: v[0] for n, v in lists.items()}}
+    several = {n: v for n, v in lists.items() if len(v) > 1}
+    variants = [dict(zip(several, c, strict=True)) for c in itertools.product(*several.values())]
+    batch = max(1, args.batch_size * args.ctx_len)
     try:
-        return Sae(**values, batch_size=max(1, args.batch_size * args.ctx_len))
+        sae = Sae(**base, batch_size=batch)
+        for override in variants:
+            Sae(**{**base, **override}, batch_size=batch)
     except ValidationError as err:
         raise ConfigError(one_line(err, flag_of)) from None
+    return sae, variants
+
+
+def check_fits(sae: Sae, variants: list[dict[str, Any]], d_in: int) -> None:
+    """k against the dictionary, for every co-trained SAE: one line naming `--k`."""
+    try:
+        for cfg in [sae] + [sae.model_copy(update=v) for v in variants]:
+            cfg.check_fits(d_in)
+    except ValueError as err:
+        raise ConfigError(f"--{err}") from None
 
 
 def flag_of(field: str) -> str:
@@ -131,8 +154,9 @@ def head_kind_of(model: str) -> str:
         raise ConfigError(str(err)) from None
 
 
-def check_flags(args: argparse.Namespace) -> Sae:
-    """What needs no model or Ray, checked before either starts; returns the SAE config."""
+def check_flags(args: argparse.Namespace) -> tuple[Sae, list[dict[str, Any]]]:
+    """What needs no model or Ray, checked before either starts; returns the SAE config
+    and the co-trained variants."""
     for flag in ("batch_size", "ctx_len", "num_workers", "layer_stride"):
         if getattr(args, flag) < 1:
             raise ConfigError(f"--{flag}: must be at least 1")

@@ -12,7 +12,7 @@ from pathlib import Path
 import ray
 from pydantic import ValidationError
 
-from sae_ray.cli.train_sae import check_flags, flag_of, head_kind_of
+from sae_ray.cli.train_sae import check_fits, check_flags, flag_of, head_kind_of
 from sae_ray.config import ConfigError, Dataset, Resources, Sae, local_path_or_name, one_line
 from sae_ray.lm.extraction import extract, read_manifest
 from sae_ray.lm.models import (
@@ -36,9 +36,9 @@ def run(args: argparse.Namespace, connect: Callable[[], None] = lambda: None) ->
     train. Returns the final metrics."""
     # HF tokenizers parallelise batch encoding over this many threads.
     os.environ["RAYON_NUM_THREADS"] = str(args.data_preprocessing_num_proc)
-    sae = check_flags(args)
+    sae, variants = check_flags(args)
     if args.activations is not None:
-        return _run_on_activations(args, sae, connect)
+        return _run_on_activations(args, sae, variants, connect)
     # Workers run elsewhere (another cwd, another node): local paths go to them absolute.
     args.model = local_path_or_name(args.model, Path.cwd())
     args.dataset = local_path_or_name(args.dataset, Path.cwd())
@@ -46,10 +46,7 @@ def run(args: argparse.Namespace, connect: Callable[[], None] = lambda: None) ->
     kind = head_kind_of(args.model) if args.loss_fn in ("ce", "kl") else None
     clf, split = _model_and_data(args, kind)
     layers = _layers(args, clf.model)
-    try:
-        sae.check_fits(clf.model.config.hidden_size)
-    except ValueError as err:
-        raise ConfigError(f"--{err}") from None
+    check_fits(sae, variants, clf.model.config.hidden_size)
     connect()
     hookpoints = [hookpoint(clf.model, ly) for ly in layers]
     run_name = args.run_name or f"{Path(args.model).name}-" + "-".join(map(str, layers))
@@ -76,7 +73,7 @@ def run(args: argparse.Namespace, connect: Callable[[], None] = lambda: None) ->
         d_in = clf.model.config.hidden_size
         table, tokens_per_epoch = token_table(clf.tokenizer, split, args.ctx_len)
         dataset = ray.data.from_arrow(table).materialize()
-    fit_cfg = _fit_config(args, sae, hookpoints, d_in, run_name)
+    fit_cfg = _fit_config(args, sae, variants, hookpoints, d_in, run_name)
     return _train(args, dataset, tokens_per_epoch, fit_cfg, save_dir, e2e)
 
 
@@ -99,21 +96,20 @@ def _train(
         wandb_dir=save_dir,
         e2e=e2e,
     )
-    _print_result(save_dir / cfg.run_name, cfg.hookpoints, result.metrics)
+    _print_result(save_dir / cfg.run_name, list(cfg.members()), result.metrics)
     return result.metrics
 
 
-def _run_on_activations(args: argparse.Namespace, sae: Sae, connect: Callable[[], None]) -> dict:
+def _run_on_activations(
+    args: argparse.Namespace, sae: Sae, variants: list[dict], connect: Callable[[], None]
+) -> dict:
     """`--activations PATH`: one SAE per vector column of the files, no model."""
     from sae_ray.sae.cached import table_of
 
     save_dir = _save_dir(args)
     tokens = table_of(args.activations, save_dir / ".activations")
     manifest = read_manifest(tokens)
-    try:
-        sae.check_fits(manifest.d)
-    except ValueError as err:
-        raise ConfigError(f"--{err}") from None
+    check_fits(sae, variants, manifest.d)
     connect()
     run_name = args.run_name or Path(args.activations).stem
     dataset, rows = activation_dataset(tokens, manifest.columns)
@@ -121,7 +117,7 @@ def _run_on_activations(args: argparse.Namespace, sae: Sae, connect: Callable[[]
         args,
         dataset,
         rows,
-        _fit_config(args, sae, manifest.columns, manifest.d, run_name),
+        _fit_config(args, sae, variants, manifest.columns, manifest.d, run_name),
         save_dir,
     )
 
@@ -191,7 +187,12 @@ def _end_to_end(args, kind: str, clf, store, spec: dict, layers: dict[str, int])
 
 
 def _fit_config(
-    args: argparse.Namespace, sae: Sae, hookpoints: list[str], d_in: int, run_name: str
+    args: argparse.Namespace,
+    sae: Sae,
+    variants: list[dict],
+    hookpoints: list[str],
+    d_in: int,
+    run_name: str,
 ) -> SaeTrainConfig:
     try:
         return SaeTrainConfig(
@@ -207,14 +208,15 @@ def _fit_config(
             log_to_wandb=args.log_to_wandb,
             wandb_project=args.wandb_project,
             run_name=run_name,
+            variants=variants,
         )
     except ValidationError as err:
         raise ConfigError(one_line(err, flag_of)) from None
 
 
-def _print_result(run_dir: Path, hookpoints: list[str], metrics: dict) -> None:
+def _print_result(run_dir: Path, saes: list[str], metrics: dict) -> None:
     print(f"\nSAEs: {run_dir}  ({metrics.get('tokens', 0):,} tokens)")
-    for hp in hookpoints:
+    for hp in saes:
         fvu, l0, dead = (metrics.get(f"{m}/{hp}", float("nan")) for m in ("fvu", "l0", "dead_pct"))
         print(f"  {hp}: fvu {fvu:.4f}  l0 {l0:.1f}  dead {dead:.1f}%")
 

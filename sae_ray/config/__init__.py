@@ -20,6 +20,7 @@ from sae_ray.config.loading import (
 )
 from sae_ray.config.schema import (
     CONTROL,
+    PER_SAE,
     Config,
     Cycles,
     Dataset,
@@ -36,6 +37,7 @@ from sae_ray.config.search import Constraint, Objective, Search, SpaceEntry
 
 __all__ = [
     "CONTROL",
+    "PER_SAE",
     "Config",
     "ConfigError",
     "Constraint",

@@ -159,6 +159,20 @@ class Sae(Section):
             raise ValueError(f"k: {self.k} is larger than the {self.latents_for(d_in)} latents")
 
 
+# The settings that make one SAE differ from another on the same stream (co-trained SAEs,
+# `train-sae --k 16 32`); the rest (batch, budget, epochs, checkpoints) is the stream's.
+PER_SAE = (
+    "k",
+    "expansion_factor",
+    "num_latents",
+    "lr",
+    "auxk_alpha",
+    "dead_tokens",
+    "dead_percentage_threshold",
+    "optimizer",
+    "weight_decay",
+)
+
 CONTROL = "none"  # the λ = 0, equal-compute control strategy
 Strategy = Literal[
     "per_class",

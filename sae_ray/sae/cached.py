@@ -15,9 +15,16 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from pydantic import ValidationError
 
-from sae_ray.config import ConfigError, Resources, Sae
-from sae_ray.lm.extraction import MANIFEST, ShardWriter, read_manifest, vectors_to_arrow
+from sae_ray.config import ConfigError, Resources, Sae, one_line
+from sae_ray.lm.extraction import (
+    MANIFEST,
+    ShardWriter,
+    load_tokens,
+    read_manifest,
+    vectors_to_arrow,
+)
 from sae_ray.storage.artifacts import ArtifactStore
 
 SUFFIXES = (".npy", ".parquet")
@@ -104,21 +111,21 @@ def train_on_activations(
     save_dir: str | Path = "./output",
     run_name: str | None = None,
     resources: Resources | None = None,
+    use_ray: bool = True,
     **fit: Any,
 ):
     """Train one SAE per vector column of `source` (a `.npy` file of rows, a folder of
     them, Parquet files, or a token table), with the sweep's `sae` config (a `Sae` or its
     dict), on Ray Train (`resources`: one CPU worker by default; Ray is started locally if
-    it is not running). Checkpoints land in `<save_dir>/<run_name>/<column>/` (sparsify's
-    layout), exactly as `sae-ray train-sae --activations` writes them. `fit` sets the
-    trainer's other options (`shuffle_seed`, `init_seed`, `max_steps`, `log_every`, ...).
+    it is not running) or, with `use_ray=False`, in this process from memory. Checkpoints
+    land in `<save_dir>/<run_name>/<column>/` (sparsify's layout), exactly as `sae-ray
+    train-sae --activations` writes them. `fit` sets the trainer's other options
+    (`shuffle_seed`, `init_seed`, `max_steps`, `log_every`, ...); `variants=[{"k": 16},
+    {"k": 32}]` co-trains one SAE per entry and column on the one stream, each in
+    `<run_name>/<variant>/<column>/`.
 
     Returns the fitted SAEs and the final metrics (`SaeTrainResult`)."""
-    import ray
-
-    from sae_ray.sae.feeds import activation_dataset
     from sae_ray.sae.fit_config import SaeTrainConfig
-    from sae_ray.sae.trainer import train_saes
 
     sae = sae if isinstance(sae, Sae) else Sae(**(sae or {}))
     resume = fit.pop("resume", False)
@@ -126,23 +133,49 @@ def train_on_activations(
     tokens = table_of(source, save_dir / ".activations")
     manifest = read_manifest(tokens)
     run_name = run_name or Path(source).stem
-    cfg = SaeTrainConfig(
-        **sae.model_dump(), hookpoints=manifest.columns, d_in=manifest.d, run_name=run_name, **fit
-    )
     try:
         sae.check_fits(manifest.d)
+        cfg = SaeTrainConfig(
+            **sae.model_dump(),
+            hookpoints=manifest.columns,
+            d_in=manifest.d,
+            run_name=run_name,
+            **fit,
+        )
+    except ValidationError as err:
+        raise ConfigError(one_line(err)) from None
     except ValueError as err:
         raise ConfigError(str(err)) from None
+    if not use_ray:
+        return _in_process(tokens, manifest.columns, cfg, save_dir / run_name)
+    return _on_ray(tokens, manifest.columns, cfg, resources, save_dir, resume)
+
+
+def _in_process(tokens, columns: list[str], cfg, run_dir: Path):
+    import torch
+
+    from sae_ray.sae.trainer import fit_in_process
+
+    arrays = {c: torch.from_numpy(load_tokens(tokens, c)) for c in columns}
+    return fit_in_process(arrays, cfg, run_dir)
+
+
+def _on_ray(tokens, columns: list[str], cfg, resources, save_dir: Path, resume: bool):
+    import ray
+
+    from sae_ray.sae.feeds import activation_dataset
+    from sae_ray.sae.trainer import train_saes
+
     if not ray.is_initialized():
         ray.init(configure_logging=False, log_to_driver=False)
-    dataset, rows = activation_dataset(tokens, manifest.columns)
+    dataset, rows = activation_dataset(tokens, columns)
     return train_saes(
         dataset,
         rows,
         cfg,
         resources or Resources(num_workers=1, cpus_per_worker=1),
         storage_path=save_dir / ".ray_train",
-        save_dir=save_dir / run_name,
+        save_dir=save_dir / cfg.run_name,
         resume=resume,
         wandb_dir=save_dir,
     )

@@ -20,10 +20,11 @@ BLOCK_BYTES = 16 << 20  # Ray Data blocks of the activation feed
 
 
 class ActivationFeed:
-    """Stored activations -> each hookpoint's SAE on its own column (the local losses)."""
+    """Stored activations -> each SAE on its hookpoint's column (the local losses)."""
 
     def __init__(self, cfg: SaeTrainConfig, world: int, device: torch.device):
         self.cfg, self.world, self.device = cfg, world, device
+        self.members = cfg.members()
 
     def batches(self, shard, epoch: int):
         cfg = self.cfg
@@ -35,24 +36,49 @@ class ActivationFeed:
             local_shuffle_seed=cfg.shuffle_seed + epoch if cfg.shuffle_buffer_tokens else None,
         )
 
+    def column(self, key: str) -> str:
+        return self.members[key].hookpoints[0]
+
     def init_b_dec(self, saes: dict[str, SparseAutoencoder], batch) -> None:
-        for hp, sae in saes.items():
-            sae.init_b_dec(batch[hp])
+        for key, sae in saes.items():
+            sae.init_b_dec(batch[self.column(key)])
 
     def losses(self, models, saes, batch, trackers) -> tuple[torch.Tensor, dict[str, dict]]:
+        """Every SAE's loss on its hookpoint's column of the one batch. Their parameters are
+        disjoint, so one backward of the sum gives each SAE the gradient of its own loss."""
         total, stats = 0.0, {}
-        for hp, sae in saes.items():  # disjoint parameters: one backward of the sum suffices
-            loss, stats[hp] = sae_loss(
-                models[hp],
+        for key, sae in saes.items():
+            loss, stats[key] = sae_loss(
+                models[key],
                 sae,
-                batch[hp],
-                trackers[hp],
-                self.cfg.auxk_alpha,
+                batch[self.column(key)],
+                trackers[key],
+                self.members[key].auxk_alpha,
                 self.world,
                 self.cfg.loss_fn,
             )
             total = total + loss
         return total, stats
+
+
+class ArrayFeed(ActivationFeed):
+    """Rows held in memory (one tensor per hookpoint), for a fit without Ray: the stream in
+    order, or each epoch's rows permuted whole (seeded) when the fit shuffles."""
+
+    def __init__(self, cfg: SaeTrainConfig, world: int, device, columns: dict[str, torch.Tensor]):
+        super().__init__(cfg, world, device)
+        self.columns = columns
+
+    def batches(self, shard, epoch: int):
+        cfg = self.cfg
+        rows = len(next(iter(self.columns.values())))
+        order = torch.arange(rows)
+        if cfg.shuffle_buffer_tokens:
+            gen = torch.Generator().manual_seed(cfg.shuffle_seed + epoch)
+            order = torch.randperm(rows, generator=gen)
+        for start in range(0, rows, cfg.batch_size):
+            pick = order[start : start + cfg.batch_size]
+            yield {hp: x[pick].float().to(self.device) for hp, x in self.columns.items()}
 
 
 def quiet_ordered_data() -> None:

@@ -1,13 +1,14 @@
 """What one SAE fit needs: the SAE's own config (the sweep's `sae` section, `config.Sae`)
-plus where and how this fit runs (hookpoints, width, loss, seeds, logging)."""
+plus where and how this fit runs (hookpoints, width, loss, seeds, logging), and the other
+SAEs co-trained on the same stream (`variants`)."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationError, model_validator
 
-from sae_ray.config import Sae
+from sae_ray.config import PER_SAE, Sae, one_line
 from sae_ray.sae.model import default_lr
 
 
@@ -28,11 +29,47 @@ class SaeTrainConfig(Sae):
     wandb_project: str = "sae-ray"
     run_name: str = "sae"
     sweep: str = Field("", description="tag of the dashboard metrics (default: run_name)")
+    variants: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="co-trained SAEs: each entry overrides the SAE's own settings "
+        f"({', '.join(PER_SAE)}) for one SAE per hookpoint, all fed by one stream",
+    )
 
     @model_validator(mode="after")
     def _fits(self) -> SaeTrainConfig:
-        self.check_fits(self.d_in)
+        if self.variants and self.loss_fn in ("ce", "kl"):
+            raise ValueError(
+                f"variants: an end-to-end fit (loss_fn {self.loss_fn}) splices one SAE per "
+                "hookpoint into the model; co-train reconstruction fits (fvu, mse)"
+            )
+        try:
+            for cfg in self.members().values():
+                cfg.check_fits(self.d_in)
+        except ValidationError as err:  # a variant's own value, checked by its config
+            raise ValueError(f"variants: {one_line(err)}") from None
+        except ValueError as err:
+            raise ValueError(f"variants: {err}" if self.variants else str(err)) from None
         return self
+
+    def members(self) -> dict[str, SaeTrainConfig]:
+        """Every SAE of the fit by where it is saved: `<hookpoint>` alone, or
+        `<variant>/<hookpoint>` with variants (each variant folder is then a run sparsify
+        loads). Each member is this config with its variant's settings and one hookpoint."""
+        if not self.variants:
+            return {hp: self.model_copy(update={"hookpoints": [hp]}) for hp in self.hookpoints}
+        out = {}
+        for override in self.variants:
+            bad = sorted(set(override) - set(PER_SAE))
+            if bad:
+                raise ValueError(f"{bad[0]} is shared by the stream, not per SAE")
+            member = type(self)(**{**self.model_dump(), **override, "variants": []})
+            for hp in self.hookpoints:
+                out[f"{variant_name(override)}/{hp}"] = member.model_copy(
+                    update={"hookpoints": [hp]}
+                )
+        if len(out) != len(self.variants) * len(self.hookpoints):
+            raise ValueError("two entries are the same SAE")
+        return out
 
     @property
     def latents(self) -> int:
@@ -41,3 +78,11 @@ class SaeTrainConfig(Sae):
     @property
     def learning_rate(self) -> float:
         return self.lr or default_lr(self.latents)
+
+
+SHORT = {"k": "k", "expansion_factor": "x", "num_latents": "latents"}
+
+
+def variant_name(override: dict[str, Any]) -> str:
+    """A variant's folder: `k16-x4` for {k: 16, expansion_factor: 4}."""
+    return "-".join(f"{SHORT.get(k, k)}{v}" for k, v in override.items()) or "base"

@@ -28,7 +28,6 @@ import ray.train
 import torch
 from ray.train import Checkpoint
 
-from sae_ray import telemetry
 from sae_ray.config import Resources
 from sae_ray.raytrain import torch_trainer, worker_device
 from sae_ray.sae.checkpoints import (
@@ -41,7 +40,8 @@ from sae_ray.sae.checkpoints import (
 )
 from sae_ray.sae.feeds import ActivationFeed, quiet_ordered_data
 from sae_ray.sae.fit_config import SaeTrainConfig
-from sae_ray.sae.model import SaeConfig, SparseAutoencoder, decoder_absorption
+from sae_ray.sae.model import SaeConfig, SparseAutoencoder
+from sae_ray.sae.run_log import RunLog
 from sae_ray.sae.spliced import ModelFeed
 from sae_ray.sae.training import DeadTracker, make_optimizer, optimizer_step
 
@@ -73,6 +73,7 @@ class Fit:
     resumed_from: int = 0
     restored: bool = False  # from a checkpoint: b_dec comes with it
     models: dict[str, torch.nn.Module] = field(default_factory=dict)  # DDP-wrapped
+    members: dict[str, SaeTrainConfig] = field(default_factory=dict)  # each SAE's config
     stats: dict[str, dict[str, float]] = field(default_factory=dict)
     micro: int = 0
     # what a checkpoint is handed to: Ray Train's report (`train-sae`), or the trial's
@@ -90,90 +91,32 @@ class Fit:
 def _start_fit(
     config: dict[str, Any], device: torch.device, rank: int, checkpoint: Path | None
 ) -> Fit:
-    """Fresh SAEs, or the ones of the checkpoint a restarted group or `--resume` hands over."""
+    """Fresh SAEs, or the ones of the checkpoint a restarted group or `--resume` hands over.
+    Each SAE starts from `init_seed` alone, so a co-trained SAE starts where its solo fit
+    would."""
     cfg = SaeTrainConfig(**config["cfg"])
-    torch.manual_seed(cfg.init_seed)
-    saes = {
-        hp: SparseAutoencoder(SaeConfig(cfg.d_in, cfg.latents, cfg.k)).to(device)
-        for hp in cfg.hookpoints
-    }
-    opts = {
-        hp: make_optimizer(cfg.optimizer, sae.parameters(), cfg.learning_rate, cfg.weight_decay)
-        for hp, sae in saes.items()
-    }
-    trackers = {
-        hp: DeadTracker(
-            torch.zeros(cfg.latents, dtype=torch.long, device=device),
-            cfg.dead_tokens,
-            cfg.dead_percentage_threshold,
+    members = cfg.members()
+    saes, opts, trackers = {}, {}, {}
+    for key, m in members.items():
+        torch.manual_seed(cfg.init_seed)
+        saes[key] = SparseAutoencoder(SaeConfig(cfg.d_in, m.latents, m.k)).to(device)
+        opts[key] = make_optimizer(
+            m.optimizer, saes[key].parameters(), m.learning_rate, m.weight_decay
         )
-        for hp in cfg.hookpoints
-    }
+        trackers[key] = DeadTracker(
+            torch.zeros(m.latents, dtype=torch.long, device=device),
+            m.dead_tokens,
+            m.dead_percentage_threshold,
+        )
     progress = Progress()
     if checkpoint is not None:
         progress = load_checkpoint(checkpoint, saes, opts, trackers)
     save_dir = Path(config["save_dir"]) if config.get("save_dir") else None
     budget = cfg.max_tokens or cfg.epochs * config["rows"]
-    fit = Fit(cfg, saes, opts, trackers, progress, rank, budget, save_dir)
+    fit = Fit(cfg, saes, opts, trackers, progress, rank, budget, save_dir, members=members)
     fit.started_tokens, fit.resumed_from = progress.tokens, progress.step
     fit.restored = checkpoint is not None
     return fit
-
-
-class RunLog:
-    """Rank 0's view of the run: a progress bar, W&B, and `<save_dir>/metrics.jsonl`."""
-
-    def __init__(self, fit: Fit, wandb_dir: str | None):
-        cfg, self.bar, self.wandb_run = fit.cfg, None, None
-        if fit.rank == 0 and cfg.progress:
-            from ray.experimental.tqdm_ray import tqdm
-
-            self.bar = tqdm(total=fit.budget, desc=cfg.run_name, unit="tok")
-            self.bar.update(fit.progress.tokens)
-        if fit.rank == 0 and cfg.log_to_wandb:
-            import wandb
-
-            self.wandb_run = wandb.init(
-                project=cfg.wandb_project,
-                name=cfg.run_name,
-                config=cfg.model_dump(),
-                dir=wandb_dir,
-                resume="allow",
-                settings=wandb.Settings(quiet=True),
-            )
-
-    def tokens(self, n: int) -> None:
-        if self.bar is not None:
-            self.bar.update(n)
-
-    def row(self, fit: Fit, epoch: int) -> None:
-        """sparsify-style keys (`fvu/<hookpoint>`), all on the TopK codes."""
-        cfg, rate = fit.cfg, fit.rate()
-        row = {"step": fit.progress.step, "tokens": fit.progress.tokens, "epoch": epoch}
-        for hp, s in fit.stats.items():
-            row.update({f"{name}/{hp}": s[name] for name in LOGGED})
-            row[f"absorption/{hp}"] = decoder_absorption(fit.saes[hp].W_dec.detach())
-        row["tokens_per_s"] = rate
-        for hp in cfg.hookpoints:
-            telemetry.sae_tokens_per_s(cfg.sweep or cfg.run_name, hp, rate)
-        if self.bar is not None:
-            fvu, dead = (row[f"{m}/{cfg.hookpoints[0]}"] for m in ("fvu", "dead_pct"))
-            self.bar.set_description(f"{cfg.run_name} fvu {fvu:.3f} dead {dead:.0f}%")
-        if self.wandb_run is not None:
-            self.wandb_run.log(row, step=fit.progress.step)
-        if fit.save_dir is not None:
-            fit.save_dir.mkdir(parents=True, exist_ok=True)
-            with (fit.save_dir / "metrics.jsonl").open("a") as fh:
-                fh.write(json.dumps(row) + "\n")
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-        if self.wandb_run is not None:
-            self.wandb_run.finish()
-
-
-LOGGED = ("loss", "fvu", "auxk", "l0", "dead_pct")
 
 
 def _make_feed(config: dict[str, Any], cfg: SaeTrainConfig, world: int, device: torch.device):
@@ -222,9 +165,10 @@ def _epoch(fit: Fit, feed, shard, log: RunLog, world: int, device: torch.device)
         if not fit.models:
             if not fit.restored:
                 feed.init_b_dec(fit.saes, batch)  # rank 0's first batch; DDP broadcasts it
-            fit.models = {hp: ray.train.torch.prepare_model(s) for hp, s in fit.saes.items()}
+            fit.models = {key: _prepare(sae, world) for key, sae in fit.saes.items()}
         step_due = _backward(fit, feed, batch, world, device)
-        n_global = fit.stats[cfg.hookpoints[0]]["tokens"]
+        first = next(iter(fit.stats.values()))
+        n_global = first["tokens"]
         progress.tokens += n_global
         progress.batches_in_epoch = i + 1
         log.tokens(n_global)
@@ -233,7 +177,7 @@ def _epoch(fit: Fit, feed, shard, log: RunLog, world: int, device: torch.device)
         for hp, sae in fit.saes.items():
             optimizer_step(sae, fit.opts[hp])
         progress.step += 1
-        progress.fvu_curve.append(round(fit.stats[cfg.hookpoints[0]]["fvu"], 6))
+        progress.fvu_curve.append(round(first["fvu"], 6))
         done = fit.done()
         if fit.rank == 0 and (progress.step % cfg.log_every == 0 or done):
             log.row(fit, epoch)
@@ -272,6 +216,12 @@ def fit_saes(
                 _report(fit)
     log.close()
     return fit
+
+
+def _prepare(sae: SparseAutoencoder, world: int) -> torch.nn.Module:
+    """DDP-wrapped across several workers; alone, the SAE itself (Ray Train's prepare_model
+    would only move it to the device it is on, and it needs a Train session)."""
+    return ray.train.torch.prepare_model(sae) if world > 1 else sae
 
 
 def _rank_world() -> tuple[int, int]:
@@ -324,6 +274,38 @@ def _report(fit: Fit) -> None:
         fit.save(fit)
 
 
+def _report_to_disk(fit: Fit) -> None:
+    """One process, no Ray: every checkpoint straight to `<save_dir>` (sparsify's layout)."""
+    if fit.save_dir is not None:
+        with tempfile.TemporaryDirectory() as tmp:
+            save_checkpoint(Path(tmp), fit.saes, fit.opts, fit.trackers, fit.progress)
+            publish(Path(tmp), fit.save_dir)
+
+
+def fit_in_process(
+    columns: dict[str, torch.Tensor], cfg: SaeTrainConfig, save_dir: Path | None = None
+) -> SaeTrainResult:
+    """The same fit in this process, without Ray: each SAE on its hookpoint's rows of
+    `columns` (one tensor per hookpoint, rows in stream order; `shuffle_buffer_tokens`
+    shuffles each epoch's rows whole). Same steps, checkpoints and metrics as `train_saes`
+    with one worker; a laptop's or a notebook's way to train on an array."""
+    from sae_ray.sae.feeds import ArrayFeed
+
+    rows = len(next(iter(columns.values())))
+    config = {
+        "cfg": cfg.model_dump(),
+        "rows": rows,
+        "save_dir": str(save_dir) if save_dir else None,
+        "feed": lambda c, world, device: ArrayFeed(c, world, device, columns),
+    }
+    if save_dir is not None and save_dir.exists():
+        shutil.rmtree(save_dir)
+    fit = fit_saes(config, None, None, _report_to_disk)
+    metrics = fit_metrics(fit)
+    metrics["tokens_per_s"] = metrics.pop("run_tokens") / max(metrics.pop("elapsed_s"), 1e-9)
+    return SaeTrainResult(saes=fit.saes, metrics=metrics)
+
+
 def _report_to_train(fit: Fit) -> None:
     """Checkpoint to Ray Train (worker-fault restarts read it back) and, on rank 0, publish
     it to `<save_dir>/<run_name>` in sparsify's layout. Every rank calls report."""
@@ -368,7 +350,7 @@ def train_saes(
         if resume and (save_dir / STATE).is_file():
             state = Progress(**json.loads((save_dir / STATE).read_text()))
             if state.tokens >= (cfg.max_tokens or cfg.epochs * tokens_per_epoch):
-                saes = {hp: SparseAutoencoder.load(save_dir / hp) for hp in cfg.hookpoints}
+                saes = {key: SparseAutoencoder.load(save_dir / key) for key in cfg.members()}
                 return SaeTrainResult(saes, {"step": state.step, "tokens": state.tokens})
             resume_from = Checkpoint.from_directory(str(save_dir))
             truncate_log(save_dir / "metrics.jsonl", state.step)
@@ -394,7 +376,7 @@ def train_saes(
     )
     result = trainer.fit()
     with result.checkpoint.as_directory() as directory:
-        saes = {hp: SparseAutoencoder.load(Path(directory) / hp) for hp in cfg.hookpoints}
+        saes = {key: SparseAutoencoder.load(Path(directory) / key) for key in cfg.members()}
     metrics = dict(result.metrics)
     metrics["tokens_per_s"] = metrics.pop("run_tokens") / max(metrics.pop("elapsed_s"), 1e-9)
     return SaeTrainResult(saes=saes, metrics=metrics)
