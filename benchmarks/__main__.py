@@ -27,6 +27,7 @@ FIGURES: dict[str, list[str]] = {
     ],
     "trial_overhead": ["--examples", "400", "--cycles", "1"],
     "scale": ["--examples", "100", "--model", "tiny-gpt2"],
+    "multi_sae": ["--rows", "10000", "--k", "8", "16", "--expansion_factor", "4"],
     "gpu_flops": ["--d_in", "64", "--expansion_factor", "8", "--batch", "512", "--steps", "2"],
 }
 QUICK_SKIPS = {"sweep_sharing"}
