@@ -36,9 +36,7 @@ def _fit(tokens: Path, cfg: SaeTrainConfig, storage: Path, name: str) -> tuple[f
     """One `train_saes` run: its wall time (dataset to result) and the workers' own time."""
     start = time.perf_counter()
     dataset, rows = activation_dataset(tokens, [HOOKPOINT])
-    result = train_saes(
-        dataset, rows, cfg, Resources(num_workers=1), storage, train_run_name=name
-    )
+    result = train_saes(dataset, rows, cfg, Resources(num_workers=1), storage, train_run_name=name)
     wall = time.perf_counter() - start
     return wall, result.metrics["tokens"] / result.metrics["tokens_per_s"]
 
@@ -54,8 +52,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     start_ray(args.num_cpus)
     grid = [
-        {"k": k, "expansion_factor": e}
-        for k, e in itertools.product(args.k, args.expansion_factor)
+        {"k": k, "expansion_factor": e} for k, e in itertools.product(args.k, args.expansion_factor)
     ]
     base = dict(
         hookpoints=[HOOKPOINT],
