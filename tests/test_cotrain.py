@@ -32,15 +32,17 @@ VARIANTS = [
     {"k": 2, "expansion_factor": 2},
     {"k": 8, "expansion_factor": 4},
     {"k": 4, "expansion_factor": 8, "lr": 3e-3, "auxk_alpha": 0.5},
+    {"architecture": "batchtopk", "k": 3},
+    {"architecture": "jumprelu", "k": 3},
 ]
 
 
 def test_co_trained_saes_equal_their_solo_fits_bit_for_bit(tmp_path):
-    """Three settings x two hookpoints in one pass; each SAE against a fit of it alone.
+    """Five settings x two hookpoints in one pass; each SAE against a fit of it alone.
     AuxK is live (a short dead window), so the dead-latent state is per SAE too."""
     columns = _columns()
     together = fit_in_process(columns, _cfg(["a", "b"], variants=VARIANTS), tmp_path / "all")
-    assert len(together.saes) == 6
+    assert len(together.saes) == 10
     for override in VARIANTS:
         solo = fit_in_process({"b": columns["b"]}, _cfg(["b"], **override), tmp_path / "solo")
         key = f"{variant_name(override)}/b"
@@ -51,6 +53,7 @@ def test_co_trained_saes_equal_their_solo_fits_bit_for_bit(tmp_path):
         assert solo.metrics["step"] == together.metrics["step"] == 24
         loaded = SparseAutoencoder.load(tmp_path / "all" / key)  # its own folder
         assert loaded.cfg.k == override["k"] and torch.equal(loaded.W_dec, co["W_dec"])
+        assert loaded.cfg.architecture == override.get("architecture", "topk")
     wide = variant_name(VARIANTS[2])
     assert wide == "k4-x8-lr0.003-auxk_alpha0.5"
     assert together.metrics[f"auxk/{wide}/a"] > 0  # dead latents were being revived

@@ -38,7 +38,8 @@ SAETRAIN_DEFAULTS = {
     "dead_percentage_threshold": 0.0005,
     "dead_tokens": 10_000_000,
 }
-NOT_FLAGS = {"epochs", "batch_size"}  # train-sae's budget is --max_tokens; its batch, sequences
+# train-sae's budget is --max_tokens; its batch, sequences; the prefixes keep their default
+NOT_FLAGS = {"epochs", "batch_size", "matryoshka_widths"}
 
 
 def _sae_flags(group: argparse._ArgumentGroup) -> None:

@@ -124,6 +124,12 @@ class Sae(Section):
     tool: see cli/train_sae.py) and the trainer's (`sae.fit_config.SaeTrainConfig` adds only
     where and how a fit runs)."""
 
+    architecture: Literal["topk", "batchtopk", "jumprelu", "matryoshka"] = Field(
+        "topk",
+        description="topk: k per token; batchtopk: k per token on average over the batch "
+        "(a threshold at inference); jumprelu: learned per-latent thresholds and an L0 "
+        "penalty; matryoshka: batchtopk with nested prefix reconstructions",
+    )
     k: int = Field(32, ge=1, description="active latents per token")
     expansion_factor: int = Field(8, ge=1, description="latents = d_in x this")
     num_latents: int | None = Field(None, ge=1, description="latents (overrides expansion_factor)")
@@ -133,6 +139,12 @@ class Sae(Section):
         None, gt=0, description="learning rate (default: 2e-4 / sqrt(latents / 2^14))"
     )
     auxk_alpha: float = Field(1 / 32, ge=0, description="weight of the AuxK loss on dead latents")
+    l0_coefficient: float = Field(
+        1e-3, ge=0, description="jumprelu: L0 penalty per active latent, in FVU units"
+    )
+    matryoshka_widths: list[int] | None = Field(
+        None, description="matryoshka: the nested prefixes' widths (default: latents/8, /4, /2)"
+    )
     dead_tokens: int = Field(
         100_000, ge=1, description="window of tokens over which firing is counted"
     )
@@ -154,14 +166,25 @@ class Sae(Section):
         return self.num_latents or d_in * self.expansion_factor
 
     def check_fits(self, d_in: int) -> None:
-        """The one place k is checked against the dictionary (ValueError naming `k`)."""
-        if self.k > self.latents_for(d_in):
-            raise ValueError(f"k: {self.k} is larger than the {self.latents_for(d_in)} latents")
+        """The one place k and the prefixes are checked against the dictionary (ValueError
+        naming the field)."""
+        latents = self.latents_for(d_in)
+        if self.k > latents:
+            raise ValueError(f"k: {self.k} is larger than the {latents} latents")
+        widths = self.matryoshka_widths or []
+        if widths and (
+            widths != sorted(set(widths)) or widths[0] < self.k or widths[-1] >= latents
+        ):
+            raise ValueError(
+                f"matryoshka_widths: {widths} must increase, from at least k ({self.k}) to "
+                f"below the {latents} latents (the whole dictionary is the last level)"
+            )
 
 
 # The settings that make one SAE differ from another on the same stream (co-trained SAEs,
 # `train-sae --k 16 32`); the rest (batch, budget, epochs, checkpoints) is the stream's.
 PER_SAE = (
+    "architecture",
     "k",
     "expansion_factor",
     "num_latents",
@@ -171,6 +194,8 @@ PER_SAE = (
     "dead_percentage_threshold",
     "optimizer",
     "weight_decay",
+    "l0_coefficient",
+    "matryoshka_widths",
 )
 
 CONTROL = "none"  # the λ = 0, equal-compute control strategy
@@ -312,6 +337,12 @@ class Config(Section):
             raise ValueError(
                 f"sharpening.strategy: {self.sharpening.strategy!r} is not a "
                 f"{self.model.task} strategy (one of {', '.join(allowed)})"
+            )
+        if self.sae.architecture != "topk":
+            raise ValueError(
+                f"sae.architecture: a sweep's cycles read k codes per token (its targets and "
+                f"evaluation), so sweeps train topk SAEs for now; `sae-ray train-sae "
+                f"--architecture {self.sae.architecture}` trains the others"
             )
         return self
 

@@ -80,9 +80,13 @@ class SaeTrainConfig(Sae):
         return self.lr or default_lr(self.latents)
 
 
-SHORT = {"k": "k", "expansion_factor": "x", "num_latents": "latents"}
+SHORT = {"k": "k", "expansion_factor": "x", "num_latents": "latents", "architecture": ""}
 
 
 def variant_name(override: dict[str, Any]) -> str:
-    """A variant's folder: `k16-x4` for {k: 16, expansion_factor: 4}."""
-    return "-".join(f"{SHORT.get(k, k)}{v}" for k, v in override.items()) or "base"
+    """A variant's folder: `k16-x4` for {k: 16, expansion_factor: 4}, `batchtopk-k16`."""
+    parts = []
+    for key, value in override.items():
+        text = "_".join(map(str, value)) if isinstance(value, list) else str(value)
+        parts.append(f"{SHORT.get(key, key)}{text}")
+    return "-".join(parts) or "base"

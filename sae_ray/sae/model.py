@@ -24,6 +24,9 @@ class SaeConfig:
     d_in: int
     num_latents: int
     k: int
+    architecture: str = "topk"  # topk | batchtopk | jumprelu | matryoshka (architectures.py)
+    l0_coefficient: float = 1e-3  # jumprelu's L0 penalty, in FVU units per active latent
+    matryoshka_widths: list[int] | None = None  # matryoshka's prefixes (default: n/8, /4, /2)
 
     def __post_init__(self) -> None:
         if self.k > self.num_latents:
@@ -31,10 +34,12 @@ class SaeConfig:
 
 
 class Codes(NamedTuple):
-    values: torch.Tensor  # (batch, k), >= 0
+    values: torch.Tensor  # (batch, k), >= 0; other architectures: the widest row's count
     indices: torch.Tensor  # (batch, k)
     aux_values: torch.Tensor  # (batch, k_aux): top dead latents, for AuxK; k_aux may be 0
     aux_indices: torch.Tensor  # (batch, k_aux)
+    dense: torch.Tensor | None = None  # (batch, latents): the non-TopK architectures' codes
+    penalty: torch.Tensor | None = None  # jumprelu in training: Σ L0 over the rows
 
 
 def _latent_rows(indices: torch.Tensor, grads: torch.Tensor, x: torch.Tensor, m: int):
@@ -107,14 +112,33 @@ class SparseAutoencoder(nn.Module):
         self.W_dec = nn.Parameter(self.encoder.weight.data.clone())
         self.b_dec = nn.Parameter(torch.zeros(cfg.d_in))
         self.set_decoder_norm_to_unit_norm()
+        if cfg.architecture in ("batchtopk", "matryoshka"):  # the inference threshold
+            self.register_buffer("threshold", torch.zeros((), dtype=torch.float64))
+        elif cfg.architecture == "jumprelu":
+            self.log_threshold = nn.Parameter(torch.zeros(cfg.num_latents))
+            self.register_buffer("input_scale", torch.ones(()))
+        elif cfg.architecture != "topk":
+            raise ValueError(f"architecture: {cfg.architecture!r} is not an SAE sae-ray knows")
 
     def init_b_dec(self, x: torch.Tensor) -> None:
-        """b_dec from the data (mean), so the encoder sees centred inputs from step one."""
-        self.b_dec.data.copy_(x.float().mean(0).to(self.b_dec.dtype))
+        """b_dec from the data (mean), so the encoder sees centred inputs from step one; a
+        JumpReLU's thresholds start at a fixed fraction of the input's scale."""
+        x = x.float()
+        self.b_dec.data.copy_(x.mean(0).to(self.b_dec.dtype))
+        if self.cfg.architecture == "jumprelu":
+            from sae_ray.sae.architectures import INIT_THRESHOLD
+
+            scale = (x - x.mean(0)).pow(2).mean().sqrt().clamp_min(1e-6)
+            self.input_scale.copy_(scale)
+            self.log_threshold.data.fill_(math.log(INIT_THRESHOLD * float(scale)))
 
     def encode(self, x: torch.Tensor, dead: torch.Tensor | None = None) -> Codes:
-        """TopK codes; with a `dead` mask also the AuxK candidates (Gao et al. B.1: the top
-        d/2 dead latents)."""
+        """TopK codes (or the architecture's); with a `dead` mask also the AuxK candidates
+        (Gao et al. B.1: the top d/2 dead latents)."""
+        if self.cfg.architecture != "topk":
+            from sae_ray.sae.architectures import dense_encode
+
+            return dense_encode(self, x, dead)
         dead_idx, k_aux = None, 0
         if dead is not None and bool(dead.any()):
             dead_idx = dead.nonzero().squeeze(1)
@@ -134,10 +158,14 @@ class SparseAutoencoder(nn.Module):
         self, x: torch.Tensor, dead: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, Codes]:
         codes = self.encode(x, dead)
+        if codes.dense is not None:
+            return self.decode_dense(codes.dense), codes
         return self.decode_sparse(codes.values, codes.indices) + self.b_dec, codes
 
     def dense_codes(self, x: torch.Tensor) -> torch.Tensor:
         codes = self.encode(x)
+        if codes.dense is not None:
+            return codes.dense
         dense = codes.values.new_zeros(len(x), self.cfg.num_latents)
         return dense.scatter_(-1, codes.indices, codes.values)
 
@@ -168,7 +196,7 @@ class SparseAutoencoder(nn.Module):
         cfg = SaeConfig(**json.loads((directory / "cfg.json").read_text()))
         sae = cls(cfg)
         sae.load_state_dict(load_file(str(directory / "sae.safetensors"), device=device))
-        return sae
+        return sae.eval()  # BatchTopK encodes by its threshold, not by the batch
 
 
 def default_lr(num_latents: int) -> float:

@@ -99,7 +99,11 @@ def _start_fit(
     saes, opts, trackers = {}, {}, {}
     for key, m in members.items():
         torch.manual_seed(cfg.init_seed)
-        saes[key] = SparseAutoencoder(SaeConfig(cfg.d_in, m.latents, m.k)).to(device)
+        saes[key] = SparseAutoencoder(
+            SaeConfig(
+                cfg.d_in, m.latents, m.k, m.architecture, m.l0_coefficient, m.matryoshka_widths
+            )
+        ).to(device)
         opts[key] = make_optimizer(
             m.optimizer, saes[key].parameters(), m.learning_rate, m.weight_decay
         )

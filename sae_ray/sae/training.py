@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from sae_ray.sae.architectures import prefix_reconstructions
 from sae_ray.sae.model import SparseAutoencoder, auxk_loss
 
 
@@ -107,7 +108,13 @@ def sae_loss(
     sq_err = (x - x_hat).pow(2).sum()
     loss_fvu = sq_err / total_var
     aux = auxk_loss(sae, x, x_hat, codes, int(dead.sum()), total_variance=total_var)
-    main = loss_fvu if loss_fn == "fvu" else sq_err / n_global
+    if sae.cfg.architecture == "matryoshka":  # every prefix reconstructs on its own
+        sq_err = torch.stack(
+            [(x - x_m).pow(2).sum() for x_m in prefix_reconstructions(sae, codes.dense)]
+        ).mean()
+    main = sq_err / total_var if loss_fn == "fvu" else sq_err / n_global
+    if codes.penalty is not None:  # jumprelu: the union batch's mean L0, weighted
+        main = main + sae.cfg.l0_coefficient * codes.penalty / n_global
     # DDP averages gradients over workers; scaling by world size turns that into the sum.
     loss = world * (main + auxk_alpha * aux)
     with torch.no_grad():
