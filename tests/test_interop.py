@@ -1,5 +1,7 @@
-"""Our checkpoints are sparsify checkpoints: the real eai-sparsify loads them and agrees."""
+"""Our checkpoints are sparsify checkpoints: the real eai-sparsify loads them and agrees;
+and exported, SAELens loads every architecture and agrees."""
 
+import pytest
 import sparsify  # eai-sparsify, a dev dependency: a missing install fails, never skips
 import torch
 
@@ -46,3 +48,33 @@ def test_auxk_loss_matches_sparsify_with_few_dead_latents(tmp_path):
         mine = auxk_loss(ours, x, x_hat, codes, num_dead)
         want = theirs(x, dead_mask=dead).auxk_loss
         torch.testing.assert_close(mine, want.to(mine.dtype), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk", "jumprelu", "matryoshka"])
+def test_saelens_loads_each_architecture_and_reproduces_its_codes(tmp_path, arch):
+    """`export_run` writes SAELens' own layout; `SAE.load_from_disk` gives back a TopK or
+    JumpReLU SAE (BatchTopK and Matryoshka as SAELens saves its own) with our codes and
+    reconstructions."""
+    from sae_lens import SAE
+
+    from sae_ray.sae.export import export_run
+
+    torch.manual_seed(0)
+    x = torch.randn(64, 16) * 3 + 1
+    ours = SparseAutoencoder(SaeConfig(16, 64, 4, architecture=arch))
+    ours.init_b_dec(x)
+    if arch in ("batchtopk", "matryoshka"):
+        ours.threshold.fill_(0.8)
+    if arch == "jumprelu":
+        ours.log_threshold.data.uniform_(-2, 0.5)
+    ours.save(tmp_path / "run" / "k4" / "h.3")
+    (folder,) = export_run(tmp_path / "run", tmp_path / "saelens")
+    assert folder == tmp_path / "saelens" / "k4" / "h.3"
+    theirs = SAE.load_from_disk(str(folder))
+    assert type(theirs).__name__ == ("TopKSAE" if arch == "topk" else "JumpReLUSAE")
+    ours = SparseAutoencoder.load(tmp_path / "run" / "k4" / "h.3")
+    with torch.no_grad():
+        codes = ours.dense_codes(x)
+        torch.testing.assert_close(theirs.encode(x), codes)
+        torch.testing.assert_close(theirs.decode(codes), ours(x)[0])
+    assert 0 < (codes > 0).sum(-1).float().mean() < 64

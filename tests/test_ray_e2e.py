@@ -131,6 +131,9 @@ TRAIN_SAE = [
     "8",
     "--ctx_len",
     "32",
+    "--architecture",
+    "topk",
+    "batchtopk",
     "--k",
     "8",
     "4",
@@ -150,13 +153,15 @@ def _log(run: Path) -> list[dict]:
 
 
 def test_train_sae_cli_resume_equals_an_uninterrupted_run(ray_cluster, tmp_path):
-    """`train-sae` on two layers from one extraction, two settings (`--k 8 4`): four SAEs
-    co-trained on one stream, a folder each; stop after 13 steps, `--resume`, and the result
-    is the uninterrupted run's: same tokens, same parameters, no step twice."""
+    """`train-sae` on two layers from one extraction, two architectures x two k
+    (`--architecture topk batchtopk --k 8 4`): eight SAEs co-trained on one stream, a folder
+    each; stop after 13 steps, `--resume`, and the result is the uninterrupted run's: same
+    tokens, same parameters (BatchTopK's threshold too), no step twice."""
     import sparsify
     from safetensors.torch import load_file
 
     from sae_ray.cli import main as cli
+    from sae_ray.sae.model import SparseAutoencoder
 
     whole, split = tmp_path / "whole", tmp_path / "split"
     assert cli.main([*TRAIN_SAE, "--save_dir", str(whole)]) == 0
@@ -168,17 +173,20 @@ def test_train_sae_cli_resume_equals_an_uninterrupted_run(ray_cluster, tmp_path)
     steps = [row["step"] for row in _log(b)]
     assert steps == list(range(1, len(steps) + 1)) == [row["step"] for row in _log(a)]
     assert _log(a)[-1]["tokens"] == _log(b)[-1]["tokens"] == 8000  # the global budget
-    for sae in ("k8/h.0", "k8/h.1", "k4/h.0", "k4/h.1"):
+    variants = [f"{arch}-k{k}" for arch in ("topk", "batchtopk") for k in (8, 4)]
+    assert sorted(p.name for p in a.iterdir() if p.is_dir()) == sorted(variants)
+    for sae in (f"{v}/{hp}" for v in variants for hp in ("h.0", "h.1")):
         ours, theirs = (load_file(r / sae / "sae.safetensors") for r in (a, b))
         for name, value in ours.items():
             torch.testing.assert_close(theirs[name], value, msg=f"{sae} {name}")
+    assert float(SparseAutoencoder.load(a / "batchtopk-k4" / "h.0").threshold) > 0
     row = _log(a)[-1]
     for metric in ("loss", "fvu", "l0", "dead_pct", "absorption"):
-        assert f"{metric}/k4/h.1" in row, metric
-    assert row["l0/k8/h.0"] <= 8 and row["l0/k4/h.0"] <= 4 and row["tokens_per_s"] > 0
-    assert 0 < row["fvu/k8/h.0"] < row["fvu/k4/h.0"] < 1  # more latents active, less error
-    for k in (8, 4):  # each setting's folder is a run sparsify reads
-        loaded = sparsify.SparseCoder.load_many(str(a / f"k{k}"), local=True)
+        assert f"{metric}/batchtopk-k4/h.1" in row, metric
+    assert row["l0/topk-k8/h.0"] <= 8 and row["l0/topk-k4/h.0"] <= 4 and row["tokens_per_s"] > 0
+    assert 0 < row["fvu/topk-k8/h.0"] < row["fvu/topk-k4/h.0"] < 1  # more latents, less error
+    for k in (8, 4):  # each TopK setting's folder is a run sparsify reads
+        loaded = sparsify.SparseCoder.load_many(str(a / f"topk-k{k}"), local=True)
         assert sorted(loaded) == ["h.0", "h.1"] and loaded["h.0"].cfg.k == k
     assert list(whole.glob("wandb/offline-run-*"))  # --log_to_wandb, offline here
 
