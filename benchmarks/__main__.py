@@ -27,6 +27,10 @@ FIGURES: dict[str, list[str]] = {
     ],
     "trial_overhead": ["--examples", "400", "--cycles", "1"],
     "scale": ["--examples", "100", "--model", "tiny-gpt2"],
+    "synthetic_quality": [
+        *("--features", "512", "--hidden", "64", "--width", "512", "--tokens", "20000"),
+        *("--architectures", "topk", "--eval_samples", "2000"),
+    ],
     "multi_sae": ["--rows", "10000", "--k", "8", "16", "--expansion_factor", "4"],
     "gpu_flops": ["--d_in", "64", "--expansion_factor", "8", "--batch", "512", "--steps", "2"],
 }

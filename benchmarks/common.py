@@ -96,6 +96,23 @@ def sae_step_args(parser) -> None:
     parser.add_argument("--steps", type=int, default=5, help="timed steps per side")
 
 
+def one_pass_fit(hookpoint: str, d_in: int, batch: int, **settings: Any):
+    """A fit config for a figure: one pass over the rows, no logs or checkpoints mid-run
+    (they would be timed too), no progress bar."""
+    from sae_ray.sae.fit_config import SaeTrainConfig
+
+    return SaeTrainConfig(
+        hookpoints=[hookpoint],
+        d_in=d_in,
+        batch_size=batch,
+        epochs=1,
+        log_every=10**9,
+        save_every=10**9,
+        progress=False,
+        **settings,
+    )
+
+
 def peak_rss_mb() -> float:
     """This process's peak resident set (Linux reports ru_maxrss in KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import ray
 
-from benchmarks.common import device_name, emit, start_ray, write_token_shards
+from benchmarks.common import device_name, emit, one_pass_fit, start_ray, write_token_shards
 from sae_ray.config import Resources
 from sae_ray.sae.feeds import activation_dataset
 from sae_ray.sae.fit_config import SaeTrainConfig
@@ -41,6 +41,10 @@ def _fit(tokens: Path, cfg: SaeTrainConfig, storage: Path, name: str) -> tuple[f
     return wall, result.metrics["tokens"] / result.metrics["tokens_per_s"]
 
 
+def _cfg(args, **settings) -> SaeTrainConfig:
+    return one_pass_fit(HOOKPOINT, args.d_in, args.batch, **settings)
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=100_000)
@@ -54,26 +58,16 @@ def main(argv: list[str] | None = None) -> dict:
     grid = [
         {"k": k, "expansion_factor": e} for k, e in itertools.product(args.k, args.expansion_factor)
     ]
-    base = dict(
-        hookpoints=[HOOKPOINT],
-        d_in=args.d_in,
-        batch_size=args.batch,
-        epochs=1,
-        log_every=10**6,
-        save_every=10**6,
-        progress=False,
-        dead_tokens=args.rows // 2,
-    )
+    base = dict(dead_tokens=args.rows // 2)
     with tempfile.TemporaryDirectory() as tmp:
         tokens = Path(tmp) / "tokens"
         write_token_shards(tokens, args.rows, args.d_in, HOOKPOINT)
         storage = Path(tmp) / "runs"
         together, together_compute = _fit(
-            tokens, SaeTrainConfig(**base, **grid[0], variants=grid), storage, "together"
+            tokens, _cfg(args, **base, **grid[0], variants=grid), storage, "together"
         )
         solo = [
-            _fit(tokens, SaeTrainConfig(**base, **g), storage, f"solo-{i}")
-            for i, g in enumerate(grid)
+            _fit(tokens, _cfg(args, **base, **g), storage, f"solo-{i}") for i, g in enumerate(grid)
         ]
     ray.shutdown()
     return emit(

@@ -24,7 +24,7 @@ from pathlib import Path
 import ray
 import torch
 
-from benchmarks.common import device_name, emit, start_ray, write_token_shards
+from benchmarks.common import device_name, emit, one_pass_fit, start_ray, write_token_shards
 from sae_ray.config import Resources
 from sae_ray.lm.extraction import load_tokens
 from sae_ray.sae.feeds import MATERIALIZE_BYTES, ActivationFeed, activation_dataset
@@ -116,16 +116,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--num_cpus", type=int, default=2, help="the local Ray cluster's")
     args = parser.parse_args(argv)
     start_ray(args.num_cpus, __name__)
-    cfg = SaeTrainConfig(
-        hookpoints=[HOOKPOINT],
-        d_in=args.d_in,
+    cfg = one_pass_fit(
+        HOOKPOINT,
+        args.d_in,
+        args.batch,
         k=args.k,
         expansion_factor=args.expansion_factor,
-        batch_size=args.batch,
-        epochs=1,
-        log_every=10**6,
-        save_every=10**6,
-        progress=False,
         dead_tokens=args.rows // 2,
     )
     resources = Resources(num_workers=1, cpus_per_worker=1)

@@ -12,8 +12,9 @@ add what their papers and SAELens / dictionary_learning add:
 - **JumpReLU** (Rajamanoharan et al. 2024): z = pre · H(pre − θ_j) with a learned θ per
   latent (kept as its log); the threshold's gradient is the straight-through estimate of
   the paper and SAELens (a rectangle kernel of bandwidth ε), and the loss adds
-  `l0_coefficient · L0` (the same estimate). θ starts at 0.001 and ε is 0.001, both in units
-  of the input's per-coordinate scale (SAELens' defaults assume normalised activations).
+  `l0_coefficient · L0` (the same estimate). θ starts at 0.01 and ε is 0.05, SAELens 6.5x's
+  defaults, both in units of the input's per-coordinate scale (SAELens' assume normalised
+  activations).
 - **Matryoshka** (Bussmann et al. 2025, dictionary_learning): BatchTopK codes, and the loss
   is the mean over nested prefixes (widths m₁ < m₂ < ... < latents) of the FVU of the
   reconstruction from the first mᵢ latents alone.
@@ -33,8 +34,8 @@ if TYPE_CHECKING:
     from sae_ray.sae.model import Codes, SparseAutoencoder
 
 THRESHOLD_LR = 0.01  # BatchTopK's θ: SAELens' topk_threshold_lr
-BANDWIDTH = 0.001  # JumpReLU's ε, x the input's per-coordinate scale
-INIT_THRESHOLD = 0.001  # JumpReLU's initial θ, x the same scale
+BANDWIDTH = 0.05  # JumpReLU's ε, x the input's per-coordinate scale (SAELens 6.5x's)
+INIT_THRESHOLD = 0.01  # JumpReLU's initial θ, x the same scale (SAELens 6.5x's)
 
 
 def _rectangle(x: torch.Tensor) -> torch.Tensor:

@@ -61,11 +61,11 @@ def export_saelens(
     return out
 
 
-def export_run(run_dir: Path, out: Path) -> list[Path]:
+def export_run(run_dir: Path | str, out: Path | str) -> list[Path]:
     """Every SAE of a `train-sae` run (or a sweep's SAE artifact) under `run_dir`, each
     folder holding `cfg.json` + `sae.safetensors`, to the same relative folder under `out`
     in SAELens' layout. Returns the folders written."""
-    written = []
+    run_dir, out, written = Path(run_dir), Path(out), []
     for weights in sorted(Path(run_dir).rglob("sae.safetensors")):
         folder = weights.parent
         sae = SparseAutoencoder.load(folder)
