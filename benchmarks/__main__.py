@@ -2,7 +2,7 @@
 stdout (then a table on stderr). A figure that fails prints a line with its `error`; the
 others still run, and the exit code is 1.
 
-    python -m benchmarks                       # all figures, full size (~1 h on 2 CPUs)
+    python -m benchmarks                       # all figures, full size (~1.5 h on 2 CPUs)
     python -m benchmarks --quick               # small sizes: minutes (a smoke run)
     python -m benchmarks --only sae_step extraction --out results.jsonl
 """

@@ -99,3 +99,17 @@ def test_a_bad_co_trained_setting_is_one_line_before_ray(tmp_path, capsys, flags
     err = capsys.readouterr().err.strip().splitlines()
     assert message in err[-1], err
     assert not (tmp_path / "out" / ".ray_train").exists()
+
+
+def test_one_value_per_flag_is_one_sae_per_layer_without_variant_folders(tmp_path):
+    """Several values make variants; a single value (or none) keeps the plain layout."""
+    from sae_ray.cli.main import _parser
+    from sae_ray.cli.train_sae import check_flags
+
+    args = _parser().parse_args(["train-sae", "m", "d", "--k", "8"])
+    assert check_flags(args)[1] == []
+    args = _parser().parse_args(
+        ["train-sae", "m", "d", "--k", "8", "4", "--architecture", "jumprelu"]
+    )
+    sae, variants = check_flags(args)
+    assert variants == [{"k": 8}, {"k": 4}] and sae.architecture == "jumprelu"

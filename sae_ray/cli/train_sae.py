@@ -71,7 +71,8 @@ def _sae_from_flags(args: argparse.Namespace) -> tuple[Sae, list[dict[str, Any]]
     lists = {n: v if isinstance(v, list) else [v] for n, v in values.items() if n in PER_SAE}
     base = {**values, **{n: v[0] for n, v in lists.items()}}
     several = {n: v for n, v in lists.items() if len(v) > 1}
-    variants = [dict(zip(several, c, strict=True)) for c in itertools.product(*several.values())]
+    combos = itertools.product(*several.values()) if several else ()  # product() is [()]
+    variants = [dict(zip(several, c, strict=True)) for c in combos]
     batch = max(1, args.batch_size * args.ctx_len)
     try:
         sae = Sae(**base, batch_size=batch)
