@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 
 from sae_ray.cli import main as cli
+from sae_ray.cli.parser import parse
 from tests.conftest import QUICKSTART
 
 BASE = "experiment: {name: bad}\n"
@@ -347,6 +348,24 @@ def test_report_of_no_sweep(tmp_path, capsys):
     _one_line(capsys, "results.csv: not found")
 
 
+def test_export_saelens_refuses_what_it_cannot_export(tmp_path, capsys):
+    """No folder, a folder with no SAE, an output inside the run: one line, nothing written."""
+    from sae_ray.sae.model import SaeConfig, SparseAutoencoder
+
+    (tmp_path / "empty").mkdir()
+    SparseAutoencoder(SaeConfig(8, 16, 2)).save(tmp_path / "run" / "h.0")
+    for source, out, message in (
+        ("nope", "x", "nope: no such directory"),
+        ("empty", "x", "empty: no SAE checkpoint (sae.safetensors) under it"),
+        ("run", "run/saelens", "run/saelens: inside"),
+    ):
+        args = ["export-saelens", str(tmp_path / source), str(tmp_path / out)]
+        assert cli.main(args) == 2
+        _one_line(capsys, message)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "run"]
+    assert not (tmp_path / "run" / "saelens").exists()
+
+
 @pytest.mark.parametrize(
     "flags, expected",
     [
@@ -466,10 +485,10 @@ def test_bad_input_never_reaches_a_ray_cluster(tmp_path, args, text, expected):
 def test_overrides_may_follow_a_flag():
     """`sae-ray sweep FILE --resume sae.k=16` is what people type; argparse alone refused it
     ('unrecognized arguments') once the file had been read as the positional."""
-    args = cli._parse(["sweep", "s.yaml", "sae.k=4", "--resume", "sae.k=16", "--verbose"])
+    args = parse(["sweep", "s.yaml", "sae.k=4", "--resume", "sae.k=16", "--verbose"])
     assert args.overrides == ["sae.k=4", "sae.k=16"] and args.resume and args.verbose
     with pytest.raises(Exception, match="unrecognized arguments: --nope"):
-        cli._parse(["sweep", "s.yaml", "--resume", "sae.k=16", "--nope"])
+        parse(["sweep", "s.yaml", "--resume", "sae.k=16", "--nope"])
 
 
 def test_selection_never_reads_the_test_split_and_sharpening_must_sharpen(tmp_path, capsys):

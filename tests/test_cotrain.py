@@ -103,7 +103,7 @@ def test_a_bad_co_trained_setting_is_one_line_before_ray(tmp_path, capsys, flags
 
 def test_one_value_per_flag_is_one_sae_per_layer_without_variant_folders(tmp_path):
     """Several values make variants; a single value (or none) keeps the plain layout."""
-    from sae_ray.cli.main import _parser
+    from sae_ray.cli.parser import parser as _parser
     from sae_ray.cli.train_sae import check_flags
 
     args = _parser().parse_args(["train-sae", "m", "d", "--k", "8"])

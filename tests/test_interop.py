@@ -51,13 +51,13 @@ def test_auxk_loss_matches_sparsify_with_few_dead_latents(tmp_path):
 
 
 @pytest.mark.parametrize("arch", ["topk", "batchtopk", "jumprelu", "matryoshka"])
-def test_saelens_loads_each_architecture_and_reproduces_its_codes(tmp_path, arch):
-    """`export_run` writes SAELens' own layout; `SAE.load_from_disk` gives back a TopK or
-    JumpReLU SAE (BatchTopK and Matryoshka as SAELens saves its own) with our codes and
-    reconstructions."""
+def test_saelens_loads_each_architecture_and_reproduces_its_codes(tmp_path, capsys, arch):
+    """`sae-ray export-saelens` (`export_run`) writes SAELens' own layout;
+    `SAE.load_from_disk` gives back a TopK or JumpReLU SAE (BatchTopK and Matryoshka as
+    SAELens saves its own) with our codes and reconstructions."""
     from sae_lens import SAE
 
-    from sae_ray.sae.export import export_run
+    from sae_ray.cli.main import main
 
     torch.manual_seed(0)
     x = torch.randn(64, 16) * 3 + 1
@@ -68,8 +68,9 @@ def test_saelens_loads_each_architecture_and_reproduces_its_codes(tmp_path, arch
     if arch == "jumprelu":
         ours.log_threshold.data.uniform_(-2, 0.5)
     ours.save(tmp_path / "run" / "k4" / "h.3")
-    (folder,) = export_run(tmp_path / "run", tmp_path / "saelens")
-    assert folder == tmp_path / "saelens" / "k4" / "h.3"
+    assert main(["export-saelens", str(tmp_path / "run"), str(tmp_path / "saelens")]) == 0
+    folder = tmp_path / "saelens" / "k4" / "h.3"
+    assert capsys.readouterr().out.splitlines() == [f"SAELens folder: {folder}"]
     theirs = SAE.load_from_disk(str(folder))
     assert type(theirs).__name__ == ("TopKSAE" if arch == "topk" else "JumpReLUSAE")
     ours = SparseAutoencoder.load(tmp_path / "run" / "k4" / "h.3")

@@ -1,0 +1,55 @@
+"""Starting or joining Ray with a console for people: Ray's and the workers' own output
+goes to Ray's log files unless asked for."""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+
+
+def connect(address: str | None, verbose: bool = False) -> None:
+    """Start or join Ray. Unless `verbose`, the workers' and Ray's own output (worker-group
+    start-ups, every Train report, Ray Data plans, raylet warnings, Tune's banner) stays in
+    Ray's log files (`/tmp/ray/session_latest/logs`, the dashboard's Logs page)."""
+    import ray
+
+    if not verbose:
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the engine that honours verbose=0
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        _raylet_notes_to_log()
+    if not ray.is_initialized():
+        ray.init(
+            address=address,
+            log_to_driver=verbose,
+            configure_logging=False,
+            logging_config=ray.LoggingConfig(log_level="INFO" if verbose else "WARNING"),
+        )
+    if not verbose:
+        import ray.data  # configures its loggers: keep their files, quiet their console
+
+        for handler in logging.getLogger("ray.data").handlers:  # its notes go to ray-data.log
+            if "File" not in type(handler).__name__:
+                handler.setLevel(logging.ERROR)
+        # Tune's "the callbacks took 2 s, which may be a performance bottleneck" notes
+        logging.getLogger("ray.tune.utils.util").setLevel(logging.ERROR)
+
+
+def _raylet_notes_to_log() -> None:
+    """Ray pushes raylet notes ("N PYTHON worker processes have been started ...") to every
+    driver's console whatever `log_to_driver` says; send them to the log instead. Ray's
+    private printer is wrapped only if it is there with the expected shape."""
+    from ray._private import worker
+
+    printer = getattr(worker, "print_to_stdstream", None)
+    if printer is None or getattr(printer, "_sae_ray", False):
+        return
+
+    def quiet(data: dict, ignore_prefix: bool) -> None:
+        if data.get("pid") == "raylet":
+            logging.getLogger("ray").debug("raylet: %s", " ".join(data.get("lines", [])))
+            return
+        printer(data, ignore_prefix)
+
+    quiet._sae_ray = True  # type: ignore[attr-defined]
+    worker.print_to_stdstream = quiet
