@@ -6,7 +6,9 @@ The synthetic model (fixed seed): `--features` true features in `--hidden` dimen
 firing probabilities, a two-level hierarchy and low-rank correlations. Both trainers see
 fresh samples from its generator (ours through a feed of the same batches as its trainer
 takes from storage), at the same width, k, token budget, batch size and learning rate
-(ours otherwise at our defaults, SAELens' at `train_toy_sae`'s). Both SAEs are then scored
+(ours otherwise at our defaults, SAELens' at `train_toy_sae`'s; a JumpReLU is asked for
+L0 = k on both sides, by `target_l0`: ours, and SAELens' "quadratic" sparsity mode; each
+side's L0 at the end is in the line's config). Both SAEs are then scored
 by SAELens' `eval_sae_on_synthetic_data` on the same held-out samples: ours exported to
 SAELens' layout and loaded by `SAE.load_from_disk`, SAELens' saved as its inference model
 and loaded the same way (BatchTopK and Matryoshka become JumpReLUs in both). tokens/s is
@@ -80,6 +82,7 @@ def train_ours(model, arch: str, args, out: Path) -> float:
         k=args.k,
         architecture=arch,
         lr=args.lr,
+        target_l0=args.k if arch == "jumprelu" else None,
     )
     config = {
         "cfg": cfg.model_dump(),
@@ -101,7 +104,11 @@ def train_theirs(model, arch: str, args, out: Path) -> float:
     torch.manual_seed(1)
     common = {"d_in": args.hidden, "d_sae": args.width}
     if arch == "jumprelu":
-        sae = sae_lens.JumpReLUTrainingSAE(sae_lens.JumpReLUTrainingSAEConfig(**common))
+        sae = sae_lens.JumpReLUTrainingSAE(  # its own way to ask for L0 = k (Gemma Scope 2)
+            sae_lens.JumpReLUTrainingSAEConfig(
+                **common, jumprelu_sparsity_loss_mode="quadratic", target_l0=args.k
+            )
+        )
     elif arch == "matryoshka":
         widths = [args.width // 8, args.width // 4, args.width // 2, args.width]
         sae = sae_lens.MatryoshkaBatchTopKTrainingSAE(

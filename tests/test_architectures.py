@@ -9,12 +9,11 @@ from sae_ray.sae.architectures import (
     BANDWIDTH,
     JumpReLU,
     Step,
-    batch_topk,
     levels,
     prefix_reconstructions,
 )
 from sae_ray.sae.fit_config import SaeTrainConfig
-from sae_ray.sae.model import SaeConfig, SparseAutoencoder
+from sae_ray.sae.model import Codes, SaeConfig, SparseAutoencoder
 from sae_ray.sae.trainer import fit_in_process
 from sae_ray.sae.training import DeadTracker, sae_loss
 
@@ -52,11 +51,15 @@ def test_jumprelu_gradients_match_a_dense_autograd_reference():
     assert ours[1][1] != 0  # 0.1004 and 0.0998 sit inside the window around 0.1
 
 
-@pytest.mark.parametrize("arch", ["batchtopk", "matryoshka", "jumprelu"])
-def test_a_training_step_matches_a_dense_reference(arch):
-    """The whole loss (FVU, Matryoshka's prefixes, JumpReLU's L0) and every parameter's
-    gradient, against the architecture written densely in a few lines."""
-    sae, x = _sae(arch, l0_coefficient=0.05), _x()
+@pytest.mark.parametrize(
+    "arch, target",
+    [("batchtopk", None), ("matryoshka", None), ("jumprelu", None), ("jumprelu", 2.0)],
+)
+def test_a_training_step_matches_a_dense_reference(arch, target):
+    """The whole loss (FVU, Matryoshka's prefixes, JumpReLU's L0 or its quadratic penalty
+    around a target L0) and every parameter's gradient, against the architecture written
+    densely in a few lines."""
+    sae, x = _sae(arch, l0_coefficient=0.05, target_l0=target), _x()
     sae.init_b_dec(x)
     tracker = DeadTracker(torch.zeros(24, dtype=torch.long), window=10**9)
     loss, _ = sae_loss(sae, sae, x, tracker, auxk_alpha=0.0)
@@ -72,7 +75,9 @@ def test_a_training_step_matches_a_dense_reference(arch):
         eps = BANDWIDTH * float(sae.input_scale)
         h = _straight_through_step(pre, theta, eps)
         z = pre * h.detach() + theta * (h - h.detach())
-        ref = (x - z @ w_dec - b_dec).pow(2).sum() / var + 0.05 * h.sum() / len(x)
+        l0 = h.sum(-1)
+        penalty = l0.sum() if target is None else (2 / target * (l0 - target) ** 2).sum()
+        ref = (x - z @ w_dec - b_dec).pow(2).sum() / var + 0.05 * penalty / len(x)
     else:
         cut = pre.relu().flatten().topk(3 * len(x)).values[-1]
         z = pre.relu() * (pre.relu() >= cut)
@@ -86,28 +91,88 @@ def test_a_training_step_matches_a_dense_reference(arch):
 
 
 def test_batch_topk_selects_over_the_batch_and_infers_by_threshold():
-    pre = torch.tensor([[5.0, 4.0, -1.0], [0.5, 3.0, 0.2]])
-    # k = 1 over 2 rows: the two largest of the batch, both may sit in one row
-    assert batch_topk(pre, 1).tolist() == [[5.0, 4.0, 0.0], [0.0, 0.0, 0.0]]
     sae = _sae("batchtopk", d=2, n=3, k=1)
-    x = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    with torch.no_grad():  # pre-activations [[5, 4, -1], [0.5, 3, 0.2]] for x = I
+        sae.encoder.weight.copy_(torch.tensor([[5.0, 0.5], [4.0, 3.0], [-1.0, 0.2]]))
+        sae.encoder.bias.zero_()
+        sae.b_dec.zero_()
+    x = torch.eye(2)
     sae.train()
+    # k = 1 over 2 rows: the two largest of the batch, both may sit in one row (CSR codes)
+    codes = sae.encode(x)
+    assert codes.values.tolist() == [5.0, 4.0] and codes.indices.tolist() == [0, 1]
+    assert codes.offsets.tolist() == [0, 2]
+    assert sae.dense_codes(x).tolist() == [[5.0, 4.0, 0.0], [0.0, 0.0, 0.0]]
+    assert sae(x)[0].tolist() == (sae.dense_codes(x) @ sae.W_dec).tolist()
+    sae.threshold.zero_()
     sae.encode(x)  # the first batch sets θ: its smallest selected activation
-    pre_x = sae.encoder(x - sae.b_dec).detach()
-    assert float(sae.threshold) == pytest.approx(
-        float(batch_topk(pre_x, 1)[batch_topk(pre_x, 1) > 0].min())
-    )
+    assert float(sae.threshold) == 4.0
     sae.threshold.fill_(0.25)
     sae.eval()
     codes = sae.encode(x)
-    expected = pre_x.relu() * (pre_x > 0.25)
+    expected = torch.tensor([[5.0, 4.0, 0.0], [0.5, 3.0, 0.0]])  # pre > θ, ReLU'd
     torch.testing.assert_close(codes.dense, expected)
     dense = torch.zeros_like(expected).scatter(1, codes.indices, codes.values)
     torch.testing.assert_close(dense, expected)  # the padded codes say the same
     sae.train()
     sae.encode(x)  # later batches move it by the rate: θ ← 0.99 θ + 0.01 min
-    low = float(batch_topk(pre_x, 1)[batch_topk(pre_x, 1) > 0].min())
-    assert float(sae.threshold) == pytest.approx(0.99 * 0.25 + 0.01 * low)
+    assert float(sae.threshold) == pytest.approx(0.99 * 0.25 + 0.01 * 4.0)
+
+
+def test_batch_topk_pick_equals_a_topk_over_the_whole_batch():
+    """Picked among each row's 4k largest first; a row that holds all its candidates
+    (here row 0, 5 of the batch's 5 with k = 1) falls back to the whole matrix."""
+    from sae_ray.sae.architectures import _batch_top
+
+    def whole(pre, k):
+        return sorted(pre.flatten().topk(k * len(pre)).indices.tolist())
+
+    gen = torch.Generator().manual_seed(0)
+    for rows, latents, k in ((64, 512, 8), (3, 40, 2), (200, 64, 16)):
+        pre = torch.randn(rows, latents, generator=gen) * torch.rand(rows, 1, generator=gen) * 4
+        assert _batch_top(k)(pre).tolist() == whole(pre, k)
+    pre = torch.rand(5, 8, generator=gen)
+    pre[0] += 10
+    assert _batch_top(1)(pre).tolist() == whole(pre, 1)
+    assert len(set(_batch_top(1)(pre).div(8, rounding_mode="floor").tolist())) == 1
+
+
+@pytest.mark.parametrize("arch", ["batchtopk", "matryoshka"])
+def test_sparse_batch_topk_with_auxk_matches_a_dense_reference(arch):
+    """The CSR training path (selection, decode, sparse encoder backward, AuxK on the dead
+    latents' top d/2) against the same step written densely with plain autograd."""
+    sae, x = _sae(arch, d=8, n=32, k=3), _x(rows=12, d=8) * 2 + 0.5
+    sae.init_b_dec(x)
+    with torch.no_grad():
+        sae.encoder.bias.normal_(0, 0.3, generator=torch.Generator().manual_seed(3))
+    dead = torch.zeros(32, dtype=torch.bool)
+    dead[[1, 5, 9, 17, 20, 30]] = True
+    tracker = DeadTracker(torch.zeros(32, dtype=torch.long), window=1)
+    tracker.prev_fires, tracker.prev_tokens = (~dead).long() * 10, 10
+    assert torch.equal(tracker.dead(), dead)
+    loss, _ = sae_loss(sae, sae, x, tracker, auxk_alpha=0.5)
+    loss.backward()
+    ours = {n: p.grad.clone() for n, p in sae.named_parameters()}
+    sae.zero_grad()
+
+    w_enc, b_enc, w_dec, b_dec = sae.encoder.weight, sae.encoder.bias, sae.W_dec, sae.b_dec
+    pre = (x - b_dec) @ w_enc.T + b_enc
+    var = (x - x.mean(0)).pow(2).sum()
+    cut = pre.relu().flatten().topk(3 * len(x)).values[-1]
+    z = pre.relu() * (pre.relu() >= cut)
+    widths = [4, 8, 16, 32] if arch == "matryoshka" else [32]
+    main = sum((x - z[:, :m] @ w_dec[:m] - b_dec).pow(2).sum() for m in widths) / len(widths)
+    x_hat = z @ w_dec + b_dec
+    dead_pre = pre[:, dead]  # k_aux = min(d/2, dead) = 4 of the 6 dead latents
+    top = dead_pre.topk(4, dim=-1)
+    aux_z = torch.zeros_like(dead_pre).scatter(1, top.indices, top.values.relu())
+    e_hat = aux_z @ w_dec[dead]
+    aux = min(6 / 4, 1.0) * ((x - x_hat).detach() - e_hat).pow(2).sum() / var
+    ref = main / var + 0.5 * aux
+    ref.backward()
+    torch.testing.assert_close(loss, ref)
+    for name, p in sae.named_parameters():
+        torch.testing.assert_close(ours[name], p.grad, msg=name)
 
 
 def test_matryoshka_prefixes_reconstruct_from_their_first_latents():
@@ -116,9 +181,13 @@ def test_matryoshka_prefixes_reconstruct_from_their_first_latents():
     with torch.no_grad():
         sae.W_dec.copy_(torch.tensor([[1.0, 0], [0, 1], [1, 1], [2, 0]]))
         sae.b_dec.copy_(torch.tensor([0.5, -0.5]))
-    z = torch.tensor([[1.0, 2.0, 3.0, 0.5]])
-    parts = [p.tolist() for p in prefix_reconstructions(sae, z)]
-    assert parts == [[[1.5, -0.5]], [[1.5, 1.5]], [[5.5, 4.5]]]
+    # z = [[1, 2, 3, 0.5], [0, 0, 0, 0], [0, 4, 0, 0]] as CSR codes
+    values, cols = torch.tensor([1.0, 2.0, 3.0, 0.5, 4.0]), torch.tensor([0, 1, 2, 3, 1])
+    codes = Codes(values, cols, values[:0], cols[:0], offsets=torch.tensor([0, 4, 4]))
+    parts = [p.tolist() for p in prefix_reconstructions(sae, codes)]
+    assert parts[0] == [[1.5, -0.5], [0.5, -0.5], [0.5, -0.5]]
+    assert parts[1] == [[1.5, 1.5], [0.5, -0.5], [0.5, 3.5]]
+    assert parts[2] == [[5.5, 4.5], [0.5, -0.5], [0.5, 3.5]]
 
 
 @pytest.mark.parametrize("arch", ["batchtopk", "jumprelu", "matryoshka"])
@@ -149,6 +218,24 @@ def test_each_architecture_learns_and_round_trips_its_checkpoint(tmp_path, arch)
     assert fvu < 0.6 and (codes.values > 0).sum(-1).float().mean() > 0
     if arch != "jumprelu":
         assert float(loaded.threshold) > 0  # the inference threshold was learned
+
+
+def test_a_jumprelu_with_a_target_l0_ends_near_it():
+    """The quadratic penalty (and the thresholds' start) hold L0 near the target; the plain
+    L0 penalty at its default weight leaves it where the data put it (29 of 64 here)."""
+    gen = torch.Generator().manual_seed(0)
+    basis = torch.randn(64, 16, generator=gen)
+    x = (torch.rand(6000, 64, generator=gen) * (torch.rand(6000, 64, generator=gen) < 0.05)) @ basis
+    l0 = {}
+    for target in (None, 2.0, 8.0):
+        cfg = SaeTrainConfig(
+            hookpoints=["h"], d_in=16, k=4, expansion_factor=4, batch_size=256, epochs=2,
+            progress=False, architecture="jumprelu", target_l0=target,
+        )  # fmt: skip
+        sae = fit_in_process({"h": x}, cfg, None).saes["h"].eval()
+        with torch.no_grad():
+            l0[target] = float((sae.dense_codes(x) > 0).sum(-1).float().mean())
+    assert 1.5 < l0[2.0] < 4 and 6 < l0[8.0] < 10 and l0[None] > 16, l0
 
 
 def test_matryoshka_widths_are_checked_against_k_and_the_dictionary():

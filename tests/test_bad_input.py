@@ -377,6 +377,11 @@ def test_export_saelens_refuses_what_it_cannot_export(tmp_path, capsys):
         (["--dead_window_tokens", "0"], "--dead_window_tokens: must be at least 1"),
         (["--layers", "7"], "--layers"),
         (["--num_latents", "4", "--k", "8"], "--k: 8 is larger than the 4 latents"),
+        (["--target_l0", "4"], "--target_l0: only a jumprelu has an L0 penalty, not topk"),
+        (
+            ["--architecture", "jumprelu", "--num_latents", "64", "--k", "4", "--target_l0", "65"],
+            "--target_l0: 65 is more than the 64 latents",
+        ),
     ],
 )
 def test_train_sae_flags(tmp_path, capsys, flags, expected):

@@ -142,6 +142,9 @@ class Sae(Section):
     l0_coefficient: float = Field(
         1e-3, ge=0, description="jumprelu: L0 penalty per active latent, in FVU units"
     )
+    target_l0: float | None = Field(
+        None, gt=0, description="jumprelu: hold L0 near T by l0_coefficient x 2/T x (L0 - T)^2"
+    )
     matryoshka_widths: list[int] | None = Field(
         None, description="matryoshka: the nested prefixes' widths (default: latents/8, /4, /2)"
     )
@@ -171,6 +174,12 @@ class Sae(Section):
         latents = self.latents_for(d_in)
         if self.k > latents:
             raise ValueError(f"k: {self.k} is larger than the {latents} latents")
+        if self.target_l0 is not None and self.architecture != "jumprelu":
+            raise ValueError(
+                f"target_l0: only a jumprelu has an L0 penalty, not {self.architecture}"
+            )
+        if self.target_l0 is not None and self.target_l0 > latents:
+            raise ValueError(f"target_l0: {self.target_l0:g} is more than the {latents} latents")
         widths = self.matryoshka_widths or []
         if widths and (
             widths != sorted(set(widths)) or widths[0] < self.k or widths[-1] >= latents
@@ -195,6 +204,7 @@ PER_SAE = (
     "optimizer",
     "weight_decay",
     "l0_coefficient",
+    "target_l0",
     "matryoshka_widths",
 )
 

@@ -12,19 +12,25 @@ add what their papers and SAELens / dictionary_learning add:
 - **JumpReLU** (Rajamanoharan et al. 2024): z = pre · H(pre − θ_j) with a learned θ per
   latent (kept as its log); the threshold's gradient is the straight-through estimate of
   the paper and SAELens (a rectangle kernel of bandwidth ε), and the loss adds
-  `l0_coefficient · L0` (the same estimate). θ starts at 0.01 and ε is 0.05, SAELens 6.5x's
-  defaults, both in units of the input's per-coordinate scale (SAELens' assume normalised
-  activations).
+  `l0_coefficient · L0` (the same estimate), or with `target_l0` T the quadratic
+  `l0_coefficient · 2/T·(L0 − T)²` per row (Gemma Scope 2, SAELens' quadratic mode). θ
+  starts at 0.01 and ε is 0.05, SAELens 6.5x's defaults, both in units of the input's
+  per-coordinate scale (SAELens' assume normalised activations).
 - **Matryoshka** (Bussmann et al. 2025, dictionary_learning): BatchTopK codes, and the loss
   is the mean over nested prefixes (widths m₁ < m₂ < ... < latents) of the FVU of the
   reconstruction from the first mᵢ latents alone.
 
-Their codes come out dense (rows x latents) and decode densely: a JumpReLU's threshold
-learns from the loss's gradient at latents that did not fire, which a sparse decode drops.
+In training all three are sparse like TopK: one dense encoder matmul, then the picked
+(row, latent) pairs as CSR codes (a row holds any number), decoded by embedding_bag over
+those pairs only, with a backward that touches only them. BatchTopK picks the batch's
+selection; a JumpReLU the pairs that fired and those inside its thresholds' window, which
+decode as zeros but carry the loss's gradient to θ (the straight-through estimate needs it
+there). At inference all three give dense codes.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -42,6 +48,12 @@ def _rectangle(x: torch.Tensor) -> torch.Tensor:
     return ((x > -0.5) & (x < 0.5)).to(x)
 
 
+def _like(grad: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    """θ's gradient in θ's shape: summed over rows for a (rows, latents) input, as is for
+    one θ per pair (CSR codes)."""
+    return grad.sum(0) if grad.dim() > theta.dim() else grad
+
+
 class JumpReLU(torch.autograd.Function):
     """pre · H(pre − θ); ∂/∂pre passes where it fired, ∂/∂θ is the straight-through
     estimate −(θ/ε)·rect((pre − θ)/ε) summed over rows."""
@@ -56,8 +68,8 @@ class JumpReLU(torch.autograd.Function):
     def backward(ctx: Any, grad: torch.Tensor):
         pre, theta = ctx.saved_tensors
         eps = ctx.eps
-        grad_theta = (-(theta / eps) * _rectangle((pre - theta) / eps) * grad).sum(0)
-        return (pre > theta) * grad, grad_theta, None
+        grad_theta = -(theta / eps) * _rectangle((pre - theta) / eps) * grad
+        return (pre > theta) * grad, _like(grad_theta, theta), None
 
 
 class Step(torch.autograd.Function):
@@ -73,14 +85,138 @@ class Step(torch.autograd.Function):
     def backward(ctx: Any, grad: torch.Tensor):
         pre, theta = ctx.saved_tensors
         eps = ctx.eps
-        return None, (-(1.0 / eps) * _rectangle((pre - theta) / eps) * grad).sum(0), None
+        return None, _like(-(1.0 / eps) * _rectangle((pre - theta) / eps) * grad, theta), None
 
 
-def batch_topk(pre: torch.Tensor, k: int) -> torch.Tensor:
-    """The `k x rows` largest ReLU pre-activations of the whole batch, the rest 0."""
-    acts = pre.relu()
-    top = acts.flatten().topk(min(k * len(pre), acts.numel()))
-    return torch.zeros_like(acts).flatten().scatter(0, top.indices, top.values).view_as(acts)
+class _PairsEncode(torch.autograd.Function):
+    """W_enc x + b_enc at the (row, latent) pairs `select` picks from the whole matrix, as
+    CSR codes, with TopK's sparse backward: only the picked pairs and the AuxK candidates
+    carry gradient, so the encoder's backward costs pairs x d, not rows x latents x d."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, select: Callable, dead_idx, k_aux: int):
+        dev = x.device.type
+        dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+        with torch.autocast(dev, enabled=False):
+            pre = torch.addmm(bias.to(dt), x.to(dt), weight.to(dt).t())
+        n, m = pre.shape
+        flat = select(pre)  # ascending: each row's pairs together
+        values = pre.flatten()[flat]
+        rows, cols = flat // m, flat % m
+        counts = torch.bincount(rows, minlength=n)
+        offsets = counts.cumsum(0) - counts
+        if dead_idx is not None and k_aux > 0:
+            araw, pos = pre.index_select(1, dead_idx).topk(k_aux, dim=-1, sorted=False)
+            aux_indices, aux_values = dead_idx[pos], araw.clamp_min(0)
+        else:
+            aux_indices, aux_values = cols.new_zeros(n, 0), values.new_zeros(n, 0)
+        ctx.save_for_backward(x, weight, rows, cols, offsets, aux_indices, aux_values)
+        ctx.mark_non_differentiable(rows, cols, offsets, aux_indices)
+        return values, rows, cols, offsets, aux_values, aux_indices
+
+    @staticmethod
+    def backward(ctx, g_values, _g_rows, _g_cols, _g_offsets, g_aux, _g_aux_indices):
+        from sae_ray.sae.model import latent_rows
+
+        x, weight, rows, cols, offsets, aux_indices, aux_values = ctx.saved_tensors
+        grads = g_values.to(weight.dtype)
+        aux_grads = (g_aux * (aux_values > 0)).to(weight.dtype)  # AuxK's ReLU
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = F.embedding_bag(cols, weight, offsets, mode="sum", per_sample_weights=grads)
+            if aux_indices.shape[1]:
+                grad_x = grad_x + F.embedding_bag(
+                    aux_indices, weight, mode="sum", per_sample_weights=aux_grads
+                )
+            grad_x = grad_x.to(x.dtype)
+        aux_rows = torch.arange(len(x), device=x.device).repeat_interleave(aux_indices.shape[1])
+        all_rows = torch.cat([rows, aux_rows])
+        all_cols = torch.cat([cols, aux_indices.reshape(-1)])
+        all_grads = torch.cat([grads, aux_grads.reshape(-1)])
+        if ctx.needs_input_grad[1]:
+            grad_w = latent_rows(all_rows, all_cols, all_grads, x.to(weight.dtype), len(weight))
+        if ctx.needs_input_grad[2]:
+            grad_b = torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device)
+            grad_b.index_add_(0, all_cols, all_grads)
+        return grad_x, grad_w, grad_b, None, None, None
+
+
+CANDIDATES = 4  # BatchTopK looks first among each row's CANDIDATES x k largest
+
+
+def _batch_top(k: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """BatchTopK's pick: the `k x rows` largest of the whole batch.
+
+    A topk over the whole (rows x latents) matrix costs 3x the encoder's matmul on a CPU,
+    so the pick is made among each row's `CANDIDATES x k` largest. That is exact unless a
+    row had all its candidates picked (it might have had more): then the whole matrix."""
+
+    def select(pre: torch.Tensor) -> torch.Tensor:
+        n, m = pre.shape
+        total, width = min(k * n, pre.numel()), min(m, CANDIDATES * k)
+        if width < m:
+            values, cols = pre.topk(width, dim=-1, sorted=False)
+            top = values.flatten().topk(total, sorted=False).indices
+            rows = top // width
+            if not bool((torch.bincount(rows, minlength=n) == width).any()):
+                return (rows * m + cols.flatten()[top]).sort()[0]
+        return pre.flatten().topk(total, sorted=False).indices.sort()[0]
+
+    return select
+
+
+def _near_or_above(theta: torch.Tensor, eps: float) -> Callable[[torch.Tensor], torch.Tensor]:
+    """JumpReLU's pick: every pre-activation that fired or lies in the threshold's window
+    (where the straight-through estimate gives θ a gradient); the rest carry none."""
+
+    def select(pre: torch.Tensor) -> torch.Tensor:
+        return (pre > (theta - eps / 2).to(pre.dtype)).flatten().nonzero().squeeze(1)
+
+    return select
+
+
+def sparse_train_encode(
+    sae: SparseAutoencoder, x: torch.Tensor, dead: torch.Tensor | None
+) -> Codes:
+    """Training codes of BatchTopK / Matryoshka / JumpReLU as CSR (`Codes.offsets`), AuxK
+    candidates included: BatchTopK's θ moves by this batch's smallest selected activation;
+    a JumpReLU's codes keep zeros at the window's unfired pairs, so that its thresholds get
+    the loss's gradient there."""
+    from sae_ray.sae.model import Codes
+
+    dead_idx, k_aux = None, 0
+    if dead is not None and bool(dead.any()):
+        dead_idx = dead.nonzero().squeeze(1)
+        k_aux = min(sae.cfg.d_in // 2, len(dead_idx))
+    if sae.cfg.architecture == "jumprelu":
+        theta = sae.log_threshold.exp()
+        eps = BANDWIDTH * float(sae.input_scale)
+        select = _near_or_above(theta.detach(), eps)
+    else:
+        select = _batch_top(sae.cfg.k)
+    pre, rows, cols, offsets, aux_values, aux_indices = _PairsEncode.apply(
+        x - sae.b_dec, sae.encoder.weight, sae.encoder.bias, select, dead_idx, k_aux
+    )
+    penalty = None
+    if sae.cfg.architecture == "jumprelu":
+        theta_at = theta[cols]
+        values = JumpReLU.apply(pre, theta_at, eps)
+        fired = Step.apply(pre, theta_at, eps)
+        l0 = torch.zeros(len(x), dtype=fired.dtype, device=x.device).index_add(0, rows, fired)
+        penalty = l0_penalty(l0, sae.cfg.target_l0)
+    else:
+        values = pre.relu()
+        update_threshold(sae, values.detach())
+    return Codes(values, cols, aux_values, aux_indices, penalty=penalty, offsets=offsets)
+
+
+def l0_penalty(l0: torch.Tensor, target: float | None) -> torch.Tensor:
+    """Σ over rows of L0 (DeepMind's JumpReLU), or with a target T of 2/T·(L0 − T)², Gemma
+    Scope 2's quadratic penalty (SAELens' "quadratic" mode), which holds L0 near T instead
+    of pushing it down at a rate the coefficient's units decide."""
+    if target is None:
+        return l0.sum()
+    return (2 / target * (l0 - target).pow(2)).sum()
 
 
 @torch.no_grad()
@@ -108,33 +244,20 @@ def padded(z: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def dense_encode(sae: SparseAutoencoder, x: torch.Tensor, dead: torch.Tensor | None) -> Codes:
-    """Codes of the non-TopK architectures: training rule in training mode (BatchTopK's
-    batch selection, JumpReLU's straight-through threshold and L0), inference otherwise."""
+    """Codes of the non-TopK architectures: the training rule in training mode (sparse,
+    `sparse_train_encode`), else the inference rule (BatchTopK's threshold θ, JumpReLU's
+    per-latent thresholds) as dense codes and their padded (values, indices)."""
     from sae_ray.sae.model import Codes
 
-    cfg = sae.cfg
+    if sae.training:
+        return sparse_train_encode(sae, x, dead)
     pre = F.linear(x - sae.b_dec, sae.encoder.weight, sae.encoder.bias)
-    penalty = None
-    if cfg.architecture == "jumprelu":
-        theta = sae.log_threshold.exp()
-        eps = BANDWIDTH * float(sae.input_scale)
-        z = JumpReLU.apply(pre, theta, eps)
-        if sae.training:
-            penalty = Step.apply(pre, theta, eps).sum()
-    elif sae.training:
-        z = batch_topk(pre, cfg.k)
-        update_threshold(sae, z.detach())
+    if sae.cfg.architecture == "jumprelu":
+        z = pre * (pre > sae.log_threshold.exp())
     else:
         z = pre.relu() * (pre > sae.threshold.to(pre.dtype))
-    with torch.no_grad():
-        values, indices = padded(z.detach(), cfg.k)
-    aux_values, aux_indices = values[:, :0], indices[:, :0]
-    if dead is not None and bool(dead.any()):
-        dead_idx = dead.nonzero().squeeze(1)
-        k_aux = min(cfg.d_in // 2, len(dead_idx))
-        araw, pos = pre.index_select(1, dead_idx).topk(k_aux, dim=-1, sorted=False)
-        aux_values, aux_indices = araw.relu(), dead_idx[pos]
-    return Codes(values, indices, aux_values, aux_indices, dense=z, penalty=penalty)
+    values, indices = padded(z.detach(), sae.cfg.k)
+    return Codes(values, indices, values[:, :0], indices[:, :0], dense=z)
 
 
 def levels(sae: SparseAutoencoder) -> list[int]:
@@ -144,11 +267,14 @@ def levels(sae: SparseAutoencoder) -> list[int]:
     return [w for w in widths if w < n] + [n]
 
 
-def prefix_reconstructions(sae: SparseAutoencoder, z: torch.Tensor) -> list[torch.Tensor]:
-    """x̂ from the first m latents for each Matryoshka level m (cumulative: one decode)."""
-    out, x_hat, start = [], sae.b_dec.expand(len(z), -1), 0
+def prefix_reconstructions(sae: SparseAutoencoder, codes: Codes) -> list[torch.Tensor]:
+    """x̂ from the first m latents for each Matryoshka level m, from training's CSR codes
+    (cumulative: each level adds only its own latents' pairs)."""
+    n = len(codes.offsets)
+    out, x_hat, start = [], sae.b_dec.expand(n, -1), 0
     for width in levels(sae):
-        x_hat = x_hat + z[:, start:width] @ sae.W_dec[start:width]
+        inside = (codes.indices >= start) & (codes.indices < width)
+        x_hat = x_hat + sae.decode_sparse(codes.values * inside, codes.indices, codes.offsets)
         out.append(x_hat)
         start = width
     return out

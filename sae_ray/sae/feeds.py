@@ -72,12 +72,14 @@ class ArrayFeed(ActivationFeed):
     def batches(self, shard, epoch: int):
         cfg = self.cfg
         rows = len(next(iter(self.columns.values())))
-        order = torch.arange(rows)
+        order = None  # in order: each batch a slice (a view), not a gathered copy
         if cfg.shuffle_buffer_tokens:
             gen = torch.Generator().manual_seed(cfg.shuffle_seed + epoch)
             order = torch.randperm(rows, generator=gen)
         for start in range(0, rows, cfg.batch_size):
-            pick = order[start : start + cfg.batch_size]
+            pick = slice(start, start + cfg.batch_size)
+            if order is not None:
+                pick = order[pick]
             yield {hp: x[pick].float().to(self.device) for hp, x in self.columns.items()}
 
 

@@ -27,6 +27,7 @@ class SaeConfig:
     architecture: str = "topk"  # topk | batchtopk | jumprelu | matryoshka (architectures.py)
     l0_coefficient: float = 1e-3  # jumprelu's L0 penalty, in FVU units per active latent
     matryoshka_widths: list[int] | None = None  # matryoshka's prefixes (default: n/8, /4, /2)
+    target_l0: float | None = None  # jumprelu: a quadratic penalty around this L0 instead
 
     def __post_init__(self) -> None:
         if self.k > self.num_latents:
@@ -40,21 +41,31 @@ class Codes(NamedTuple):
     aux_indices: torch.Tensor  # (batch, k_aux)
     dense: torch.Tensor | None = None  # (batch, latents): the non-TopK architectures' codes
     penalty: torch.Tensor | None = None  # jumprelu in training: Σ L0 over the rows
+    # BatchTopK / Matryoshka in training: values and indices are flat (pairs,), sorted by
+    # row, and row i's pairs start at offsets[i] (CSR; a row may hold any number)
+    offsets: torch.Tensor | None = None
 
 
 def _latent_rows(indices: torch.Tensor, grads: torch.Tensor, x: torch.Tensor, m: int):
-    """Σ_n g_nj x_n for every latent j, touching only the selected (n, j) pairs.
+    """Σ_n g_nj x_n for every latent j, touching only the selected (n, j) pairs (each
+    row of `indices` the latents picked for that row of x)."""
+    rows = torch.arange(len(x), device=x.device).repeat_interleave(indices.shape[1])
+    return latent_rows(rows, indices.reshape(-1), grads.reshape(-1), x, m)
+
+
+def latent_rows(
+    rows: torch.Tensor, cols: torch.Tensor, grads: torch.Tensor, x: torch.Tensor, m: int
+) -> torch.Tensor:
+    """Σ_n g_nj x_n for every latent j over the pairs (rows[i], cols[i]) with weight grads[i].
 
     A transposed embedding_bag: sort the pairs by latent, then bag rows of x per latent.
-    Costs O(batch·k·d) instead of the dense O(batch·latents·d) of `pre.T @ x`.
+    Costs O(pairs·d) instead of the dense O(batch·latents·d) of `pre.T @ x`.
     """
-    flat = indices.reshape(-1)
-    order = flat.argsort()
-    rows = torch.arange(len(x), device=x.device).repeat_interleave(indices.shape[1])[order]
-    counts = torch.bincount(flat, minlength=m)
+    order = cols.argsort()
+    counts = torch.bincount(cols, minlength=m)
     offsets = counts.cumsum(0) - counts
-    weights = grads.reshape(-1)[order].to(x.dtype)
-    return F.embedding_bag(rows, x, offsets, mode="sum", per_sample_weights=weights)
+    weights = grads[order].to(x.dtype)
+    return F.embedding_bag(rows[order], x, offsets, mode="sum", per_sample_weights=weights)
 
 
 class _TopKEncode(torch.autograd.Function):
@@ -120,9 +131,12 @@ class SparseAutoencoder(nn.Module):
         elif cfg.architecture != "topk":
             raise ValueError(f"architecture: {cfg.architecture!r} is not an SAE sae-ray knows")
 
+    @torch.no_grad()
     def init_b_dec(self, x: torch.Tensor) -> None:
         """b_dec from the data (mean), so the encoder sees centred inputs from step one; a
-        JumpReLU's thresholds start at a fixed fraction of the input's scale."""
+        JumpReLU's thresholds start at a fixed fraction of the input's scale or, with a
+        target L0 T, where this batch's mean L0 is T (BatchTopK's first-batch threshold):
+        Adam moves a log-threshold by about lr a step, too slowly to find T from afar."""
         x = x.float()
         self.b_dec.data.copy_(x.mean(0).to(self.b_dec.dtype))
         if self.cfg.architecture == "jumprelu":
@@ -130,7 +144,13 @@ class SparseAutoencoder(nn.Module):
 
             scale = (x - x.mean(0)).pow(2).mean().sqrt().clamp_min(1e-6)
             self.input_scale.copy_(scale)
-            self.log_threshold.data.fill_(math.log(INIT_THRESHOLD * float(scale)))
+            theta = INIT_THRESHOLD * float(scale)
+            if self.cfg.target_l0 is not None:
+                w = self.encoder.weight.float()
+                pre = F.linear(x - self.b_dec.float(), w, self.encoder.bias.float()).flatten()
+                on = min(max(1, round(self.cfg.target_l0 * len(x))), len(pre))
+                theta = max(float(pre.topk(on).values[-1]), theta)
+            self.log_threshold.data.fill_(math.log(theta))
 
     def encode(self, x: torch.Tensor, dead: torch.Tensor | None = None) -> Codes:
         """TopK codes (or the architecture's); with a `dead` mask also the AuxK candidates
@@ -148,10 +168,17 @@ class SparseAutoencoder(nn.Module):
         )
         return Codes(values, indices, aux_values, aux_indices)
 
-    def decode_sparse(self, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        """Σ_j z_j W_dec[j] over the active indices only (without b_dec)."""
+    def decode_sparse(
+        self, values: torch.Tensor, indices: torch.Tensor, offsets: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Σ_j z_j W_dec[j] over the active indices only (without b_dec); with `offsets`,
+        flat CSR codes (`Codes.offsets`)."""
         return F.embedding_bag(
-            indices, self.W_dec, per_sample_weights=values.to(self.W_dec.dtype), mode="sum"
+            indices,
+            self.W_dec,
+            offsets,
+            per_sample_weights=values.to(self.W_dec.dtype),
+            mode="sum",
         )
 
     def forward(
@@ -160,13 +187,17 @@ class SparseAutoencoder(nn.Module):
         codes = self.encode(x, dead)
         if codes.dense is not None:
             return self.decode_dense(codes.dense), codes
-        return self.decode_sparse(codes.values, codes.indices) + self.b_dec, codes
+        return self.decode_sparse(codes.values, codes.indices, codes.offsets) + self.b_dec, codes
 
     def dense_codes(self, x: torch.Tensor) -> torch.Tensor:
         codes = self.encode(x)
         if codes.dense is not None:
             return codes.dense
         dense = codes.values.new_zeros(len(x), self.cfg.num_latents)
+        if codes.offsets is not None:  # CSR: row i holds the pairs from offsets[i]
+            counts = torch.diff(codes.offsets, append=codes.offsets.new_tensor([len(codes.values)]))
+            rows = torch.arange(len(x), device=x.device).repeat_interleave(counts)
+            return dense.index_put_((rows, codes.indices), codes.values)
         return dense.scatter_(-1, codes.indices, codes.values)
 
     def decode_dense(self, z: torch.Tensor) -> torch.Tensor:

@@ -159,7 +159,7 @@ class ModelFeed:
                 "loss": task_value,
                 "fvu": fvu,
                 "auxk": aux.item(),
-                "l0": (codes.values > 0).sum(-1).float().mean().item(),
+                "l0": (codes.values > 0).sum().item() / len(x),
                 "dead_pct": 100.0 * num_dead / saes[hp].cfg.num_latents,
                 "tokens": n_global,
             }

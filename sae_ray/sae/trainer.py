@@ -101,7 +101,13 @@ def _start_fit(
         torch.manual_seed(cfg.init_seed)
         saes[key] = SparseAutoencoder(
             SaeConfig(
-                cfg.d_in, m.latents, m.k, m.architecture, m.l0_coefficient, m.matryoshka_widths
+                cfg.d_in,
+                m.latents,
+                m.k,
+                m.architecture,
+                m.l0_coefficient,
+                m.matryoshka_widths,
+                m.target_l0,
             )
         ).to(device)
         opts[key] = make_optimizer(

@@ -109,9 +109,8 @@ def sae_loss(
     loss_fvu = sq_err / total_var
     aux = auxk_loss(sae, x, x_hat, codes, int(dead.sum()), total_variance=total_var)
     if sae.cfg.architecture == "matryoshka":  # every prefix reconstructs on its own
-        sq_err = torch.stack(
-            [(x - x_m).pow(2).sum() for x_m in prefix_reconstructions(sae, codes.dense)]
-        ).mean()
+        parts = prefix_reconstructions(sae, codes)
+        sq_err = torch.stack([(x - x_m).pow(2).sum() for x_m in parts]).mean()
     main = sq_err / total_var if loss_fn == "fvu" else sq_err / n_global
     if codes.penalty is not None:  # jumprelu: the union batch's mean L0, weighted
         main = main + sae.cfg.l0_coefficient * codes.penalty / n_global
@@ -124,7 +123,7 @@ def sae_loss(
         "loss": fvu_global + auxk_alpha * aux.item(),
         "fvu": fvu_global,
         "auxk": aux.item(),
-        "l0": (codes.values > 0).sum(-1).float().mean().item(),
+        "l0": (codes.values > 0).sum().item() / len(x),  # padded or CSR codes alike
         "dead_pct": 100.0 * dead.float().mean().item(),
         "tokens": n_global,
     }
