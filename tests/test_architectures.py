@@ -27,6 +27,18 @@ def _x(rows=10, d=6, seed=1):
     return torch.randn(rows, d, generator=torch.Generator().manual_seed(seed))
 
 
+def _step(sae, x, tracker, auxk_alpha):
+    """Our loss and gradients for one step, and what a dense reference starts from: the
+    parameters (gradients cleared), the pre-activations and the batch's total variance."""
+    loss, _ = sae_loss(sae, sae, x, tracker, auxk_alpha=auxk_alpha)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in sae.named_parameters()}
+    sae.zero_grad()
+    params = sae.encoder.weight, sae.encoder.bias, sae.W_dec, sae.b_dec
+    pre = (x - sae.b_dec) @ sae.encoder.weight.T + sae.encoder.bias
+    return loss, grads, params, pre, (x - x.mean(0)).pow(2).sum()
+
+
 def _straight_through_step(pre, theta, eps):
     """H(pre − θ) whose θ-gradient is −(1/ε)·rect((pre − θ)/ε), from plain autograd: a ramp
     of width ε around θ carries the gradient, the exact step its value."""
@@ -62,14 +74,7 @@ def test_a_training_step_matches_a_dense_reference(arch, target):
     sae, x = _sae(arch, l0_coefficient=0.05, target_l0=target), _x()
     sae.init_b_dec(x)
     tracker = DeadTracker(torch.zeros(24, dtype=torch.long), window=10**9)
-    loss, _ = sae_loss(sae, sae, x, tracker, auxk_alpha=0.0)
-    loss.backward()
-    ours = {n: p.grad.clone() for n, p in sae.named_parameters()}
-    sae.zero_grad()
-
-    w_enc, b_enc, w_dec, b_dec = sae.encoder.weight, sae.encoder.bias, sae.W_dec, sae.b_dec
-    pre = (x - b_dec) @ w_enc.T + b_enc
-    var = (x - x.mean(0)).pow(2).sum()
+    loss, ours, (w_enc, b_enc, w_dec, b_dec), pre, var = _step(sae, x, tracker, 0.0)
     if arch == "jumprelu":
         theta = sae.log_threshold.exp()
         eps = BANDWIDTH * float(sae.input_scale)
@@ -150,14 +155,7 @@ def test_sparse_batch_topk_with_auxk_matches_a_dense_reference(arch):
     tracker = DeadTracker(torch.zeros(32, dtype=torch.long), window=1)
     tracker.prev_fires, tracker.prev_tokens = (~dead).long() * 10, 10
     assert torch.equal(tracker.dead(), dead)
-    loss, _ = sae_loss(sae, sae, x, tracker, auxk_alpha=0.5)
-    loss.backward()
-    ours = {n: p.grad.clone() for n, p in sae.named_parameters()}
-    sae.zero_grad()
-
-    w_enc, b_enc, w_dec, b_dec = sae.encoder.weight, sae.encoder.bias, sae.W_dec, sae.b_dec
-    pre = (x - b_dec) @ w_enc.T + b_enc
-    var = (x - x.mean(0)).pow(2).sum()
+    loss, ours, (w_enc, b_enc, w_dec, b_dec), pre, var = _step(sae, x, tracker, 0.5)
     cut = pre.relu().flatten().topk(3 * len(x)).values[-1]
     z = pre.relu() * (pre.relu() >= cut)
     widths = [4, 8, 16, 32] if arch == "matryoshka" else [32]

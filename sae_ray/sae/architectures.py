@@ -95,21 +95,16 @@ class _PairsEncode(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, select: Callable, dead_idx, k_aux: int):
-        dev = x.device.type
-        dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
-        with torch.autocast(dev, enabled=False):
-            pre = torch.addmm(bias.to(dt), x.to(dt), weight.to(dt).t())
+        from sae_ray.sae.model import aux_candidates, encoder_pre
+
+        pre = encoder_pre(x, weight, bias)
         n, m = pre.shape
         flat = select(pre)  # ascending: each row's pairs together
         values = pre.flatten()[flat]
         rows, cols = flat // m, flat % m
         counts = torch.bincount(rows, minlength=n)
         offsets = counts.cumsum(0) - counts
-        if dead_idx is not None and k_aux > 0:
-            araw, pos = pre.index_select(1, dead_idx).topk(k_aux, dim=-1, sorted=False)
-            aux_indices, aux_values = dead_idx[pos], araw.clamp_min(0)
-        else:
-            aux_indices, aux_values = cols.new_zeros(n, 0), values.new_zeros(n, 0)
+        aux_values, aux_indices = aux_candidates(pre, dead_idx, k_aux)
         ctx.save_for_backward(x, weight, rows, cols, offsets, aux_indices, aux_values)
         ctx.mark_non_differentiable(rows, cols, offsets, aux_indices)
         return values, rows, cols, offsets, aux_values, aux_indices

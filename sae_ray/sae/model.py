@@ -68,6 +68,25 @@ def latent_rows(
     return F.embedding_bag(rows[order], x, offsets, mode="sum", per_sample_weights=weights)
 
 
+def encoder_pre(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """W_enc x + b_enc, in autocast's dtype when it is on (the encoders' own Functions run
+    outside autocast, which would not see inside them)."""
+    dev = x.device.type
+    dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+    with torch.autocast(dev, enabled=False):
+        return torch.addmm(bias.to(dt), x.to(dt), weight.to(dt).t())
+
+
+def aux_candidates(pre: torch.Tensor, dead_idx: torch.Tensor | None, k_aux: int):
+    """AuxK's (values, latents): each row's top `k_aux` dead latents (Gao et al. B.1),
+    ReLU'd; none without dead latents."""
+    if dead_idx is None or k_aux == 0:
+        empty = pre.new_zeros(len(pre), 0)
+        return empty, empty.long()
+    araw, pos = pre.index_select(1, dead_idx).topk(k_aux, dim=-1, sorted=False)
+    return araw.clamp_min(0), dead_idx[pos]
+
+
 class _TopKEncode(torch.autograd.Function):
     """TopK(ReLU(W_enc x + b_enc)) with a backward that scales with k, not with latents.
 
@@ -79,17 +98,10 @@ class _TopKEncode(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, k: int, dead_idx, k_aux: int):
-        dev = x.device.type
-        dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
-        with torch.autocast(dev, enabled=False):
-            pre = torch.addmm(bias.to(dt), x.to(dt), weight.to(dt).t())
+        pre = encoder_pre(x, weight, bias)
         raw, indices = pre.topk(k, dim=-1, sorted=False)
         values = raw.clamp_min(0)
-        if dead_idx is not None and k_aux > 0:
-            araw, pos = pre.index_select(1, dead_idx).topk(k_aux, dim=-1, sorted=False)
-            aux_indices, aux_values = dead_idx[pos], araw.clamp_min(0)
-        else:
-            aux_indices, aux_values = indices[:, :0], values[:, :0]
+        aux_values, aux_indices = aux_candidates(pre, dead_idx, k_aux)
         ctx.save_for_backward(x, weight, indices, values, aux_indices, aux_values)
         ctx.mark_non_differentiable(indices, aux_indices)
         return values, indices, aux_values, aux_indices
