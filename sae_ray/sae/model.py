@@ -41,8 +41,8 @@ class Codes(NamedTuple):
     aux_indices: torch.Tensor  # (batch, k_aux)
     dense: torch.Tensor | None = None  # (batch, latents): the non-TopK architectures' codes
     penalty: torch.Tensor | None = None  # jumprelu in training: Σ L0 over the rows
-    # BatchTopK / Matryoshka in training: values and indices are flat (pairs,), sorted by
-    # row, and row i's pairs start at offsets[i] (CSR; a row may hold any number)
+    # BatchTopK / Matryoshka / JumpReLU in training: values and indices are flat (pairs,),
+    # sorted by row, and row i's pairs start at offsets[i] (CSR; a row may hold any number)
     offsets: torch.Tensor | None = None
 
 
