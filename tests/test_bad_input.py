@@ -124,6 +124,19 @@ CASES = [
         ],
         "search.space.sae.k: k up to 300",
     ),
+    ("target_l0 of a topk", None, ["sae.target_l0=8"], "sae.target_l0: only a jumprelu"),
+    (
+        "target_l0 fixed while the architecture is searched",
+        None,
+        [
+            "sae.architecture=jumprelu",
+            "sae.target_l0=8",
+            "search.space={sae.architecture: {type: choice, values: [jumprelu, batchtopk]}}",
+            "search.points_to_evaluate=[]",
+        ],
+        "search.space.sae.architecture: sae.target_l0: only a jumprelu has an L0 penalty, "
+        "not batchtopk",
+    ),
     ("fixed layer beyond the blocks", None, ["model.layer=5"], "model.layer: 5 is out of range"),
     ("fixed layer before the first", None, ["model.layer=-3"], "model.layer: -3 is out of range"),
     (

@@ -145,6 +145,23 @@ def test_concurrency_leaves_a_cpu_for_ray_data():
     assert max_concurrent_trials(gpu, {"CPU": 32, "GPU": 4}) == 2
 
 
+def test_architecture_is_searched_like_any_key_with_jumprelus_knobs_conditional():
+    """sae.architecture as a search dimension; target_l0 sampled only for the JumpReLUs
+    (checked as it is sampled: a `when` entry's values against its parent's value)."""
+    space = (
+        "search.space={sae.architecture: {type: choice, values: [topk, batchtopk, jumprelu, "
+        "matryoshka]}, sae.target_l0: {type: choice, values: [4, 8], "
+        "when: {sae.architecture: jumprelu}}}"
+    )
+    cfg = C.load(QUICKSTART, [space, "search.points_to_evaluate=[]"])
+    for arch in ("topk", "batchtopk", "matryoshka"):
+        assert C.apply_params(cfg, {"sae.architecture": arch}).sae.target_l0 is None
+    one = C.apply_params(cfg, {"sae.architecture": "jumprelu", "sae.target_l0": 8})
+    assert one.sae.architecture == "jumprelu" and one.sae.target_l0 == 8
+    with pytest.raises(C.ConfigError, match="sae.target_l0: only a jumprelu"):
+        C.apply_params(cfg, {"sae.architecture": "topk", "sae.target_l0": 8})
+
+
 def test_apply_params_sets_dotted_values():
     cfg = C.load(QUICKSTART)
     trial = C.apply_params(cfg, {"sae.k": 4, "sharpening.strategy": "none"})

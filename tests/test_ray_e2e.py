@@ -404,10 +404,11 @@ def test_quickstart_finetunes_on_ray_train_at_equal_compute(quickstart_sweep):
 
 
 def test_sae_ray_run_evaluates_on_the_workers_as_one_process_would(ray_cluster, tmp_path):
-    """`sae-ray run` (one trial, no Tune) of a strategy under 2 seeds succeeds: each cycle's
-    row is the mean of its seeds' rows (seeds.csv), cycle 1 carries the paired λ = 0 control
-    and the difference to it, comparison.csv pairs the seeds, and the metrics the Train
-    worker computed for seed 0 equal the single-process evaluation of the same artifacts,
+    """`sae-ray run` (one trial, no Tune) of a strategy under 2 seeds with BatchTopK SAEs
+    succeeds: each cycle's row is the mean of its seeds' rows (seeds.csv), cycle 1 carries
+    the paired λ = 0 control and the difference to it, comparison.csv pairs the seeds, the
+    targets sharpen the codes, and the metrics the Train worker
+    computed for seed 0 equal the single-process evaluation of the same artifacts,
     recomputed here."""
     import math
     import subprocess
@@ -429,6 +430,7 @@ def test_sae_ray_run_evaluates_on_the_workers_as_one_process_would(ray_cluster, 
         "search.seeds=2",
         "cycles.epochs=1",
         "sae.epochs=2",
+        "sae.architecture=batchtopk",
         "wandb.mode=disabled",
     ]
     address = ray_cluster.get_runtime_context().gcs_address
@@ -453,6 +455,8 @@ def test_sae_ray_run_evaluates_on_the_workers_as_one_process_would(ray_cluster, 
         for name in ("interp/u", "val/accuracy", "sae/fvu", "delta/interp/u"):
             assert math.isclose(results.loc[cycle, name], mine[name].mean(), rel_tol=1e-9)
     assert (seeds.loc[seeds["cycle"] == 0, "delta/interp/u"] == 0).all()  # its own pair
+    first = seeds[seeds["cycle"] == 0]  # targets built from BatchTopK's varying codes
+    assert (first["targets/kept_latents"] > 0).all() and (first["targets/recon_cos"] < 1).all()
     later = seeds[seeds["cycle"] == 1]
     assert later["control/interp/u"].notna().all() and later["delta/interp/u"].ne(0).all()
     diff = later["interp/u"] - later["control/interp/u"]
@@ -474,7 +478,7 @@ def test_sae_ray_run_evaluates_on_the_workers_as_one_process_would(ray_cluster, 
     hp = hookpoint(clf.model, resolve_layer(clf.model, cfg.model.layer))
     data = load_text_data(cfg.dataset)
     here = _evaluate(cfg, data, clf, SparseAutoencoder.load(sae), Artifact(str(acts), "a"), hp)
-    assert len(here) > 40
+    assert len(here) > 40 and SparseAutoencoder.load(sae).cfg.architecture == "batchtopk"
     row = seeds[(seeds["cycle"] == 0) & (seeds["seed"] == 0)].iloc[0]
     for name, value in here.items():
         assert math.isclose(row[name], value, rel_tol=1e-4, abs_tol=1e-6), (name, row[name], value)

@@ -149,3 +149,69 @@ def test_seeds_and_cycles_never_share_a_random_stream():
     drawn = [stream(s, c, p) for s, c, p in itertools.product(range(4), range(4), purposes)]
     assert len(set(drawn)) == len(drawn)  # seed s at cycle 1 is not seed s+1 at cycle 0
     assert stream(0, 1, "sae") == stream(0, 1, "sae")
+
+
+def _varying_sae(arch: str):
+    """An SAE whose rows fire different numbers of latents at inference: BatchTopK's
+    threshold, or JumpReLU's per-latent thresholds, set inside the pre-activations' range."""
+    torch.manual_seed(0)
+    sae = SparseAutoencoder(SaeConfig(16, 40, 4, architecture=arch)).eval()
+    with torch.no_grad():
+        if arch == "jumprelu":
+            sae.log_threshold.copy_(torch.linspace(-1.5, 0.5, 40))
+        else:
+            sae.threshold.fill_(0.6)
+    return sae
+
+
+@pytest.mark.parametrize("arch", ["batchtopk", "jumprelu", "matryoshka"])
+def test_codes_of_a_varying_l0_sae_are_its_dense_codes_however_batched(arch, monkeypatch):
+    """Evaluation and sharpening read each row's active latents padded to the widest row
+    (not k), whatever width each encoding batch had."""
+    from sae_ray.method import evaluate
+
+    sae, x = _varying_sae(arch), _x(50, 5)
+    dense = _codes(sae, x)
+    l0 = (dense > 0).sum(1)
+    assert l0.min() < sae.cfg.k < l0.max()  # rows below and above k
+    monkeypatch.setattr(evaluate, "BATCH_ELEMENTS", 7 * 40)  # batches of 7 rows, widths vary
+    values, indices = evaluate.active_codes(sae, x)
+    assert values.shape == (50, l0.max())
+    rebuilt = np.zeros_like(dense)
+    rows = np.nonzero(values > 0)[0]
+    rebuilt[rows, indices[values > 0]] = values[values > 0]  # padded slots hold 0
+    np.testing.assert_allclose(rebuilt, dense, atol=1e-5)  # batches of another size
+    np.testing.assert_allclose(evaluate.sparse_codes(sae, x).toarray(), rebuilt)
+
+
+@pytest.mark.parametrize("arch", ["batchtopk", "jumprelu"])
+def test_per_example_keeps_half_of_each_rows_own_active_latents(arch):
+    sae, x = _varying_sae(arch), _x(30, 3)
+    made = _run("per_example", sae, x, np.zeros(30, int))
+    codes = _codes(sae, x)
+    hand = np.zeros_like(codes)
+    for row in range(30):
+        keep = max(1, int(0.5 * (codes[row] > 0).sum()))  # keep_frac of this row's L0
+        top = np.argsort(-codes[row])[:keep]
+        hand[row, top] = codes[row, top]
+    np.testing.assert_allclose(
+        made.table.lookup(np.arange(30)).numpy(), _decode(sae, hand), atol=1e-5
+    )
+    assert made.kept_latents == pytest.approx((hand > 0).sum(1).mean())
+
+
+def test_per_class_of_a_varying_l0_sae_keeps_what_an_example_keeps_on_average():
+    sae, x = _varying_sae("batchtopk"), _x(60, 4)
+    labels = np.repeat([0, 1, 2], 20)
+    made = _run("per_class", sae, x, labels)
+    codes = _codes(sae, x)
+    per_row = np.maximum(1, (0.5 * (codes > 0).sum(1)).astype(int))
+    keep = round(per_row.mean())
+    hand = np.zeros_like(codes)
+    for c in range(3):
+        top = np.argsort(-codes[labels == c].mean(0), kind="stable")[:keep]
+        members = np.flatnonzero(labels == c)
+        hand[np.ix_(members, top)] = codes[np.ix_(members, top)]
+    np.testing.assert_allclose(
+        made.table.lookup(np.arange(60)).numpy(), _decode(sae, hand), atol=1e-5
+    )

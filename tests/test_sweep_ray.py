@@ -35,11 +35,13 @@ OVERRIDES = [
     "search.objectives=[{metric: interp/u, mode: max}, {metric: sae/fvu, mode: min}]",
     "search.space={sae.k: {type: choice, values: [2, 4, 8, 16]}, "
     "sae.expansion_factor: {type: intlog, low: 2, high: 8}, "
+    "sae.architecture: {type: choice, values: [topk, jumprelu]}, "
     "model.layer: {type: choice, values: [-1, -2, 5]}}",  # tiny-gpt2 has 2 blocks
-    # one trial completes, one fails, one is being built when the driver is killed
-    "search.points_to_evaluate=[{sae.k: 4, sae.expansion_factor: 2, model.layer: -1}, "
-    "{sae.k: 8, sae.expansion_factor: 2, model.layer: 5}, "
-    "{sae.k: 2, sae.expansion_factor: 4, model.layer: -2}]",
+    # one trial completes, one fails, one (a JumpReLU) is being built when the driver is killed
+    "search.points_to_evaluate=[{sae.k: 4, sae.expansion_factor: 2, model.layer: -1, "
+    "sae.architecture: topk}, "
+    "{sae.k: 8, sae.expansion_factor: 2, model.layer: 5, sae.architecture: topk}, "
+    "{sae.k: 2, sae.expansion_factor: 4, model.layer: -2, sae.architecture: jumprelu}]",
     "wandb.mode=disabled",
 ]
 
@@ -133,6 +135,8 @@ def test_resume_finishes_every_trial_once_without_rerunning_completed(resumed_sw
     assert (failed["model.layer"] == 5).all() and len(failed) >= 1
     assert failed["error"].str.contains("model.layer: 5 is out of range").all()
     assert (results.loc[results["model.layer"] != 5, "status"] == "COMPLETE").all()
+    jumprelu = results[results["sae.architecture"] == "jumprelu"].iloc[0]  # searched like k
+    assert jumprelu["status"] == "COMPLETE" and jumprelu["sae/l0"] > 0
     for trial, text in before.items():  # a re-run would have appended results again
         after = (sweep_dir / f"trial_{trial}" / "result.json").read_text()
         # Tune may record a trial TERMINATED before its result.json is flushed: an empty file

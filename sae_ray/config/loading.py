@@ -97,6 +97,10 @@ def _check_space(config: Config) -> None:
         for value in candidates:
             trial = copy.deepcopy(base)
             try:
+                for parent, wanted in (entry.when or {}).items():  # as it is sampled
+                    _assign_existing(
+                        trial, parent, wanted[0] if isinstance(wanted, list) else wanted
+                    )
                 _assign_existing(trial, dotted, value)
                 Config.model_validate(trial)
             except ValidationError as err:
@@ -215,8 +219,13 @@ def get_dotted(config: Config, dotted: str) -> Any:
 
 
 def apply_params(config: Config, params: dict[str, Any]) -> Config:
-    """A trial's config: the sweep's config with the sampled dotted parameters set."""
+    """A trial's config: the sweep's config with the sampled dotted parameters set. The
+    space was checked with the sweep (its entries checked as sampled: a trial's conditional
+    value would fail the check of its parent's other values)."""
     tree = config.model_dump()
     for dotted, value in params.items():
         _assign_existing(tree, dotted, value)
-    return validate(tree)
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(one_line(err)) from None

@@ -348,11 +348,11 @@ class Config(Section):
                 f"sharpening.strategy: {self.sharpening.strategy!r} is not a "
                 f"{self.model.task} strategy (one of {', '.join(allowed)})"
             )
-        if self.sae.architecture != "topk":
+        if self.sae.target_l0 is not None and self.sae.architecture != "jumprelu":
             raise ValueError(
-                f"sae.architecture: a sweep's cycles read k codes per token (its targets and "
-                f"evaluation), so sweeps train topk SAEs for now; `sae-ray train-sae "
-                f"--architecture {self.sae.architecture}` trains the others"
+                f"sae.target_l0: only a jumprelu has an L0 penalty, not "
+                f"{self.sae.architecture} (searching sae.architecture? make target_l0 a "
+                "search entry `when: {sae.architecture: jumprelu}`)"
             )
         return self
 

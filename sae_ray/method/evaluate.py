@@ -1,10 +1,10 @@
-"""Metrics of one cycle: task accuracy, SAE quality on its TopK codes, interpretability.
+"""Metrics of one cycle: task accuracy, SAE quality on its codes, interpretability.
 
 All entropies use the natural log; U = I(1[z_j > 0]; Y) / H(Y) is a ratio of two of
 them, so it is unit-free as long as both use one base (the original mixed nats and bits).
 
-SAE codes are kept sparse (`sparse_codes`: a CSR matrix of each row's k indices and
-values), so evaluation takes memory O(n·k), not O(n·latents): at the seed's sizes a dense
+SAE codes are kept sparse (`sparse_codes`: a CSR matrix of each row's active indices
+and values), so evaluation takes memory O(n·k), not O(n·latents): at the seed's sizes a dense
 code matrix is 3-12 GB per split. Every metric accepts the sparse codes or a dense array
 (the model's own activations, or a dense reference) and gives the same value for both.
 """
@@ -29,32 +29,39 @@ def _batch_rows(sae: SparseAutoencoder) -> int:
 
 
 @torch.no_grad()
-def topk_codes(
+def active_codes(
     sae: SparseAutoencoder, x: np.ndarray, device: torch.device | str = "cpu"
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The SAE's TopK (values, indices) of the rows of `x`, each (n, k), encoded on
-    `device` in batches of at most BATCH_ELEMENTS pre-activations."""
+    """Each row's active latents as (values, indices), both (n, w), encoded on `device` in
+    batches of at most BATCH_ELEMENTS pre-activations. TopK's w is k; an architecture whose
+    L0 varies by row (BatchTopK's threshold, JumpReLU's) pads every row to the widest one
+    (at least k), a padded slot holding value 0, so memory stays O(n·w)."""
     sae = sae.to(device).eval()
     batch = _batch_rows(sae)
-    k = sae.cfg.k
-    values = np.zeros((len(x), k), np.float32)
-    indices = np.zeros((len(x), k), np.int64)
+    parts = []
     for start in range(0, len(x), batch):
         codes = sae.encode(torch.from_numpy(x[start : start + batch]).to(device))
-        values[start : start + batch] = codes.values.float().cpu().numpy()
-        indices[start : start + batch] = codes.indices.cpu().numpy()
+        parts.append((codes.values.float().cpu().numpy(), codes.indices.cpu().numpy()))
+    width = max([v.shape[1] for v, _ in parts], default=sae.cfg.k)
+    values = np.zeros((len(x), width), np.float32)
+    indices = np.zeros((len(x), width), np.int64)
+    start = 0
+    for v, i in parts:
+        values[start : start + len(v), : v.shape[1]] = v
+        indices[start : start + len(v), : v.shape[1]] = i
+        start += len(v)
     return values, indices
 
 
 def sparse_codes(
     sae: SparseAutoencoder, x: np.ndarray, device: torch.device | str = "cpu"
 ) -> sp.csr_matrix:
-    """The SAE's TopK codes of the rows of `x` as a CSR matrix (explicit zeros of the TopK
-    removed: a latent "fires" when it is positive)."""
-    values, indices = topk_codes(sae, x, device)
-    k = sae.cfg.k
+    """The SAE's codes of the rows of `x` as a CSR matrix (explicit zeros, TopK's and the
+    padding's, removed: a latent "fires" when it is positive)."""
+    values, indices = active_codes(sae, x, device)
+    width = values.shape[1]
     codes = sp.csr_matrix(
-        (values.ravel(), indices.astype(np.int32).ravel(), np.arange(len(x) + 1) * k),
+        (values.ravel(), indices.astype(np.int32).ravel(), np.arange(len(x) + 1) * width),
         shape=(len(x), sae.cfg.num_latents),
     )
     codes.eliminate_zeros()

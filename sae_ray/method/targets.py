@@ -1,16 +1,17 @@
 """Sharpened targets: SAE codes of the training examples -> one dense target per example
 id, kept in a `TargetTable` that the fine-tune looks rows up in by id.
 
-The SAE-based strategies keep some of the latents active in each example's TopK code and
+The SAE-based strategies keep some of the latents active in each example's code and
 decode them: `per_class` those among its class's top latents (by mean code), its
 complement the others (the original paper's variant), `per_example` the example's own
 strongest. How many is `sharpening.keep_frac` of k (or the seed's `top_k_pct` of the
-dictionary). The controls separate the causes of a gain: `centroid` is each example's class
+dictionary); k is the example's own active count for the architectures whose L0 varies by
+example. The controls separate the causes of a gain: `centroid` is each example's class
 mean of the model's own activations (label supervision, no SAE), `shuffled` the sharpened
 targets permuted across examples (their distribution without their pairing), `random` a
 seeded unit vector that never looks at the SAE (any target at all), `none` λ = 0.
 
-Codes stay (n, k): nothing here is O(n x latents).
+Codes stay (n, k) (the widest row's count for those): nothing here is O(n x latents).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from safetensors.torch import save_file
 from sae_ray import storage
 from sae_ray.config import CONTROL, Sharpening
 from sae_ray.lm.extraction import load_sequences
-from sae_ray.method.evaluate import topk_codes
+from sae_ray.method.evaluate import active_codes
 from sae_ray.method.seeds import stream
 from sae_ray.sae.model import SparseAutoencoder
 from sae_ray.storage.artifacts import Artifact
@@ -81,12 +82,26 @@ def class_masks(
     return masks
 
 
-def example_masks(values: np.ndarray, keep: int) -> np.ndarray:
-    """(n, k) boolean: each code's `keep` largest active entries."""
-    order = np.argsort(-values, axis=1, kind="stable")[:, :keep]
-    masks = np.zeros(values.shape, dtype=bool)
-    np.put_along_axis(masks, order, True, axis=1)
-    return masks & (values > 0)
+def example_masks(values: np.ndarray, keep: int | np.ndarray) -> np.ndarray:
+    """(n, w) boolean: each code's `keep` largest active entries (`keep` one count, or
+    one per row)."""
+    order = np.argsort(-values, axis=1, kind="stable")
+    rank = np.empty_like(order)
+    np.put_along_axis(rank, order, np.arange(values.shape[1])[None, :], axis=1)
+    return (rank < np.reshape(keep, (-1, 1))) & (values > 0)
+
+
+def keep_counts(rule: Sharpening, sae: SparseAutoencoder, values: np.ndarray) -> np.ndarray:
+    """How many latents each example keeps: `rule.kept` of its k. A TopK code has k active
+    latents; the other architectures' rows vary (BatchTopK's threshold, JumpReLU's), so
+    there each row's own active count stands for k: keep_frac is always a fraction of what
+    is active in that example."""
+    m = sae.cfg.num_latents
+    if sae.cfg.architecture == "topk":
+        return np.full(len(values), rule.kept(sae.cfg.k, m))
+    active = (values > 0).sum(1)
+    counts = {a: rule.kept(max(int(a), 1), m) for a in np.unique(active)}
+    return np.array([counts[a] for a in active], dtype=np.int64)
 
 
 def random_targets(ids: np.ndarray, d: int, seed: int) -> np.ndarray:
@@ -124,13 +139,16 @@ def sharpen_codes(
     rule: Sharpening,
     device: torch.device | str = "cpu",
 ) -> tuple[np.ndarray, float]:
-    """The SAE-based targets (n, d) of `x` under `strategy`, and the mean kept count."""
-    values, indices = topk_codes(sae, x, device)
-    keep = rule.kept(sae.cfg.k, sae.cfg.num_latents)
+    """The SAE-based targets (n, d) of `x` under `strategy`, and the mean kept count.
+    `per_class` keeps, per class, as many latents as an example keeps on average."""
+    values, indices = active_codes(sae, x, device)
+    keep = keep_counts(rule, sae, values)
     if strategy == "per_example":
         mask = example_masks(values, keep)
     elif strategy in ("per_class", "per_class_complement"):
-        masks = class_masks(values, indices, labels, num_classes, sae.cfg.num_latents, keep)
+        per_class = max(1, round(float(keep.mean()))) if len(keep) else 1
+        m = sae.cfg.num_latents
+        masks = class_masks(values, indices, labels, num_classes, m, per_class)
         mask = masks[labels[:, None], indices]
         mask = (~mask if strategy == "per_class_complement" else mask) & (values > 0)
     else:
@@ -189,7 +207,7 @@ def target_metrics(
     reconstruction of each example (1: sharpening changed nothing), and the aux loss
     1 − cos(h, t) at the start of retraining (h: the model's activation now)."""
     t = table.lookup(ids).float().numpy()
-    values, indices = topk_codes(sae, x, device)
+    values, indices = active_codes(sae, x, device)
     recon = sae.decode_sparse(
         torch.from_numpy(values).to(device), torch.from_numpy(indices).to(device)
     )
