@@ -269,8 +269,9 @@ def test_results_columns_are_the_metrics_objectives_may_name(quickstart_sweep):
 
 
 def test_quickstart_shares_the_cycle0_model(quickstart_sweep):
-    """4 trials with fixed cycle-0 settings: one cycle-0 fine-tune and one extraction of its
-    activations, counted from the artifact store (not from logs). The store is where the
+    """4 trials with fixed cycle-0 settings: one cycle-0 fine-tune, one extraction of its
+    activations and one SAE fit training every point's SAE on them, counted from the
+    artifact store (not from logs). The store is where the
     YAML's relative `./runs` says, in the folder the user launched from."""
     from sae_ray.storage.artifacts import DONE
 
@@ -290,9 +291,18 @@ def test_quickstart_shares_the_cycle0_model(quickstart_sweep):
     # plus one cycle-1 model per trial; the 3 strategies' paired λ = 0 models are the
     # control trial's own (shared artifacts), not 3 more
     assert len(models) == 1 + 4
-    activations = specs("activations").values()
-    assert sum(spec["parent"] == cycle0[0] for spec in activations) == 1
+    activations = specs("activations")
+    (acts0,) = [key for key, spec in activations.items() if spec["parent"] == cycle0[0]]
     assert len(activations) == 1 + 4
+    # the points' 3 SAE settings read the cycle-0 activations: one fit trained all 3
+    fits = [k for k, spec in specs("sae").items() if spec["parent"] == acts0]
+    assert len(fits) == 3
+    for key in fits:
+        metrics = json.loads((artifacts / f"sae-{key}" / "train_metrics.json").read_text())
+        assert metrics["co_trained"] == 3
+    # each (model, SAE) evaluated once: cycle 0's 3, cycle 1's 4 models and the 2 control
+    # SAEs of the settings the control trial does not have (11 evaluations without sharing)
+    assert len(specs("evaluation")) == 3 + 4 + 2
     # each artifact was computed by exactly one trial, and the trials say so in results.csv
     results = pd.read_csv(quickstart_sweep / "results.csv")
     stored = sum(1 for p in artifacts.iterdir() if (p / DONE).exists())

@@ -64,7 +64,7 @@ def test_artifacts_and_tune_state_are_in_the_bucket(s3_sweep, s3_server):
     sweep, cache = s3_sweep
     names = storage.listdir(f"{sweep}/artifacts")
     kinds = {n.split("-")[0] for n in names}
-    assert kinds == {"model", "activations", "sae", "targets"}, names
+    assert kinds == {"model", "activations", "sae", "targets", "evaluation"}, names
     for name in names:
         assert storage.is_file(f"{sweep}/artifacts/{name}/{DONE}"), name
     # cycle 0 shared by both trials, then one retrained model per strategy
@@ -97,8 +97,9 @@ def test_a_train_worker_killed_mid_fit_resumes_where_it_was(s3_sweep, s3_server)
     sweep, _ = s3_sweep
     results = pd.read_csv(pa.BufferReader(storage.read_bytes(f"{sweep}/results.csv")))
     cycle1 = results[results["cycle"] == 1].set_index("sharpening.strategy")
-    # its own SAE (resumed), then its pair's model, activations and SAE
-    assert cycle1.loc["per_class", "artifacts/computed"] == 4, cycle1["artifacts/computed"]
+    # its own SAE (resumed) and evaluation, then its pair's model, activations, SAE and
+    # evaluation
+    assert cycle1.loc["per_class", "artifacts/computed"] == 6, cycle1["artifacts/computed"]
     assert cycle1.loc["none", "artifacts/computed"] == 0  # all built as per_class's pair
     paired, control = cycle1.loc["per_class", "control/interp/u"], cycle1.loc["none", "interp/u"]
     assert paired == pytest.approx(control, rel=1e-6)  # the same model, SAE and evaluation

@@ -24,7 +24,7 @@ from sae_ray.config.metrics import PAIRED
 from sae_ray.lm.extraction import iter_tokens, load_sequences
 from sae_ray.lm.models import hookpoint, load_classifier, resolve_layer
 from sae_ray.lm.text_data import TextData
-from sae_ray.method import stages
+from sae_ray.method import sae_fit, stages
 from sae_ray.method.evaluate import (
     accuracy,
     f1_macro,
@@ -185,11 +185,18 @@ def _cycle(
     with _timed(times, "activations"):
         acts = stages.activations(trial, clf, model, layer)
     with _timed(times, "sae"):
-        sae_art = stages.sae(trial, acts, hp, cycle)
+        sae_art = sae_fit.sae(trial, acts, hp, cycle)
     metrics: dict[str, Any] = {}
     if evaluate and rank_world()[0] == 0:
         with _timed(times, "evaluate"):
-            metrics = _cycle_metrics(trial, clf, model, sae_art, acts, hp, cycle)
+            metrics = _evaluation(trial, clf, model, sae_art, acts, hp)
+        metrics.update(
+            {
+                "cycle": cycle,
+                "strategy_effective": trial.strategy,
+                "is_control": trial.strategy == CONTROL,
+            }
+        )
     del clf
     targets = None
     if cfg.is_lm:  # online targets: topk_sharp's next cycle reads this SAE
@@ -202,21 +209,45 @@ def _cycle(
     return metrics, targets
 
 
-def _cycle_metrics(
-    trial: Trial, clf, model: Artifact, sae_art: Artifact, acts: Artifact, hp: str, cycle: int
+EVALUATION = "metrics.json"  # an evaluation artifact's one file
+
+
+def _evaluation(
+    trial: Trial, clf, model: Artifact, sae_art: Artifact, acts: Artifact, hp: str
+) -> dict[str, Any]:
+    """The metrics of a model and its SAE, an artifact computed once per sweep: every trial
+    evaluates the cycle-0 model through an SAE of its settings, and pairs with the λ = 0
+    model of its seed and cycle through the same SAE, which the control trial and every
+    trial of those settings evaluate too. For a large model its forward passes over
+    validation and test are the cost."""
+    cfg = trial.cfg
+    spec: dict[str, Any] = {
+        "parent": sae_art.key,
+        "model": model.key,
+        "activations": acts.key,
+        "dataset": cfg.dataset.model_dump(),
+        "max_length": cfg.model.max_length,
+        "seed": cfg.experiment.seed,  # the clustering's and the null's streams
+    }
+    if cfg.is_lm:  # the sharpened perplexity's k_sharp
+        spec["sharpening"] = cfg.sharpening.model_dump(include={"k_sharp", "keep_frac"})
+
+    def compute(out: Path) -> None:
+        metrics = _model_metrics(trial, clf, model, sae_art, acts, hp)
+        (out / EVALUATION).write_text(json.dumps(metrics, default=float))
+
+    art = trial.store.get_or_compute("evaluation", spec, compute)
+    return json.loads((art.local() / EVALUATION).read_text())
+
+
+def _model_metrics(
+    trial: Trial, clf, model: Artifact, sae_art: Artifact, acts: Artifact, hp: str
 ) -> dict[str, Any]:
     sae = SparseAutoencoder.load(sae_art.local())
     if clf.is_lm:
         metrics = _evaluate_lm(trial.cfg, trial.data, clf, sae, acts, hp)
     else:
         metrics = _evaluate(trial.cfg, trial.data, clf, sae, acts, hp)
-    metrics.update(
-        {
-            "cycle": cycle,
-            "strategy_effective": trial.strategy,
-            "is_control": trial.strategy == CONTROL,
-        }
-    )
     train_stats = json.loads((sae_art.local() / "train_metrics.json").read_text())
     if "tokens_per_s" in train_stats:
         metrics["sae/train_tokens_per_s"] = train_stats["tokens_per_s"]

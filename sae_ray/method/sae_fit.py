@@ -1,17 +1,35 @@
-"""The SAE fit as a stage of a trial's Train run: each rank's share of the token rows,
-and where its checkpoints go (with the fault point the chaos tests kill it at)."""
+"""The SAE fit as a stage of a trial's Train run: the artifact, each rank's share of the
+token rows, the planned peers it co-trains (`cofit.py`), and where its checkpoints go (with
+the fault point the chaos tests kill it at)."""
 
 from __future__ import annotations
 
+import contextlib
+import json
+import logging
 import os
 import signal
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from sae_ray.method.ranks import barrier, broadcast, rank_world
-from sae_ray.sae.checkpoints import save_checkpoint, store_checkpoint
+from sae_ray import storage, telemetry
+from sae_ray.config import Config, Sae
+from sae_ray.lm.extraction import read_manifest
+from sae_ray.method import cofit
+from sae_ray.method.ranks import barrier, broadcast, rank_world, shared_artifact
+from sae_ray.method.seeds import stream
+from sae_ray.sae.checkpoints import save_checkpoint, store_checkpoint, stored_checkpoint
 from sae_ray.sae.feeds import activation_dataset
-from sae_ray.sae.trainer import Fit
+from sae_ray.sae.fit_config import SaeTrainConfig
+from sae_ray.sae.model import SparseAutoencoder
+from sae_ray.sae.trainer import Fit, fit_metrics, fit_saes
+from sae_ray.storage.artifacts import Artifact
+
+if TYPE_CHECKING:
+    from sae_ray.method.stages import Trial
+
+log = logging.getLogger(__name__)
 
 
 def feed_split(tokens: str, hp: str):
@@ -45,3 +63,122 @@ def keep_checkpoint(fit: Fit, location: str, fault_point: str) -> None:
         barrier()  # the checkpoint is stored
         if fit.rank == rank_world()[1] - 1:
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+def sae_train_config(
+    cfg: Config, hp: str, d_in: int, cycle: int, variants: list[dict[str, Any]] | None = None
+) -> SaeTrainConfig:
+    """The sweep's `sae` section is the trainer's config; the fit adds where it runs (and
+    the peers it co-trains, `cofit.py`)."""
+    return SaeTrainConfig(
+        **cfg.sae.model_dump(),
+        hookpoints=[hp],
+        d_in=d_in,
+        init_seed=stream(cfg.experiment.seed, cycle, "sae"),
+        progress=False,  # Tune reports
+        run_name=f"sae-c{cycle}",
+        sweep=cfg.experiment.name,
+        variants=variants or [],
+    )
+
+
+def sae_spec(trial: Trial, acts: Artifact, cycle: int, section: Sae) -> dict[str, Any]:
+    """What determines an SAE artifact: its activations, its `sae` section, seed and ranks."""
+    spec = {
+        "parent": acts.key,
+        "sae": section.model_dump(exclude={"save_every", "num_latents"}),
+        "seed": stream(trial.seed, cycle, "sae"),
+        "workers": trial.cfg.resources.num_workers,
+    }
+    if section.num_latents is not None:  # keys of sweeps without it stay as they were
+        spec["sae"]["num_latents"] = section.num_latents
+    return spec
+
+
+def sae(trial: Trial, acts: Artifact, hp: str, cycle: int) -> Artifact:
+    """The cycle's SAE, fitted by every rank on its split of the train token rows, with
+    the planned peers that read the same activations (`cofit.py`). Its checkpoints go to
+    `<train_runs>/sae-<key>`, named after the artifact, so a restarted worker group or
+    sweep continues the fit from the last one."""
+    cfg, store = trial.cfg, trial.store
+    spec = sae_spec(trial, acts, cycle, cfg.sae)
+    checkpoints = storage.join(trial.train_runs, f"sae-{store.key('sae', spec)}")
+
+    def make(out: str, lead: bool) -> None:
+        tokens = acts.uri("train", "tokens")
+        d_in = read_manifest(tokens).d
+        peers = [(s, sae_spec(trial, acts, cycle, s)) for s in _fitting_peers(trial, cycle, d_in)]
+        try:
+            _fit(trial, hp, cycle, tokens, Path(out), lead, checkpoints, peers)
+        except FloatingPointError:
+            if not peers:
+                raise
+            # one diverging peer must not fail this trial: fit alone (the peers' own
+            # trials will meet their divergence themselves)
+            log.warning("a co-trained SAE diverged: fitting %s's alone", hp)
+            if lead:
+                storage.remove(checkpoints)
+            barrier()
+            _fit(trial, hp, cycle, tokens, Path(out), lead, checkpoints, [])
+
+    art = shared_artifact(store, "sae", spec, make, everyone=True)
+    if rank_world()[0] == 0:
+        storage.remove(checkpoints)  # the SAE is in the store; its checkpoints are disk
+    return art
+
+
+def _fitting_peers(trial: Trial, cycle: int, d_in: int) -> list[Sae]:
+    peers = cofit.peer_saes(trial.cfg, trial.plan, trial.strategy, cycle)
+    out = []
+    for section in peers:
+        with contextlib.suppress(ValueError):  # a point its own trial refuses
+            section.check_fits(d_in)
+            out.append(section)
+    return out
+
+
+def _fit(
+    trial: Trial,
+    hp: str,
+    cycle: int,
+    tokens: str,
+    out: Path,
+    lead: bool,
+    checkpoints: str,
+    peers: list[tuple[Sae, dict[str, Any]]],
+) -> None:
+    """Train this trial's SAE (and the peers rank 0 claims) and, on rank 0, write each
+    one's artifact: its own into `out`, each claimed peer into its scratch."""
+    cfg = trial.cfg
+    manifest = read_manifest(tokens)
+    with contextlib.ExitStack() as stack:
+        claimed = cofit.Group()
+        if lead and peers:
+            claimed = cofit.claim_peers(stack, trial.store, peers, cfg.sae, checkpoints)
+        overrides = broadcast(claimed.overrides if lead else None)
+        fit_cfg = sae_train_config(cfg, hp, manifest.d, cycle, cofit.Group(overrides).variants)
+        fit = fit_saes(
+            {"cfg": fit_cfg.model_dump(), "rows": manifest.rows},
+            feed_split(tokens, hp),
+            stored_checkpoint(checkpoints),
+            lambda f: keep_checkpoint(f, checkpoints, f"{cycle}:{{}}:{trial.strategy}"),
+        )
+        if not lead:
+            return
+        metrics = fit_metrics(fit)
+        metrics["tokens_per_s"] = metrics.pop("run_tokens") / max(metrics.pop("elapsed_s"), 1e-9)
+        if not overrides:
+            _save_sae(fit.saes[hp], metrics, out)
+        # each SAE of a co-fit from its variant; a claimed peer's scratch is published, and
+        # its lock released, when `stack` closes
+        places = {cofit.OWN: out, **claimed.scratches}
+        for name, place in places.items() if overrides else ():
+            if place is not None:
+                _save_sae(fit.saes[f"{name}/{hp}"], cofit.member_metrics(metrics, name, hp), place)
+    # The workers report it live, but a short fit ends before their last export.
+    telemetry.sae_tokens_per_s(cfg.experiment.name, hp, metrics["tokens_per_s"])
+
+
+def _save_sae(model: SparseAutoencoder, metrics: dict[str, Any], out: Path) -> None:
+    model.save(out)
+    (out / "train_metrics.json").write_text(json.dumps(metrics))

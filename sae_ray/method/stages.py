@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from sae_ray import storage, telemetry
+from sae_ray import telemetry
 from sae_ray.config import CONTROL, Config, ConfigError
 from sae_ray.lm.batching import packed
 from sae_ray.lm.extraction import (
@@ -38,14 +38,10 @@ from sae_ray.method.ranks import (
     rank_world,
     shared_artifact,
 )
-from sae_ray.method.sae_fit import feed_split, keep_checkpoint
 from sae_ray.method.seeds import stream
 from sae_ray.method.targets import TARGET_STATS, TARGETS, TargetTable, sharpen
 from sae_ray.raytrain import worker_device as device
-from sae_ray.sae.checkpoints import stored_checkpoint
-from sae_ray.sae.fit_config import SaeTrainConfig
 from sae_ray.sae.model import SparseAutoencoder
-from sae_ray.sae.trainer import fit_metrics, fit_saes
 from sae_ray.storage.artifacts import Artifact, ArtifactStore
 
 EXTRACT_BATCH = 64  # a rank's slice starts on a batch boundary: the same batches as one rank
@@ -62,6 +58,9 @@ class Trial:
     store: ArtifactStore
     train_runs: str
     strategy: str
+    # the sweep's points known ahead (a grid, points_to_evaluate): whose SAEs this trial's
+    # fits may co-train (`cofit.py`)
+    plan: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def seed(self) -> int:
@@ -295,60 +294,6 @@ def _write_merged(parts: list[dict[str, dict]], out: Path, lead: bool) -> None:
             if tables:
                 (out / split / kind).mkdir(parents=True, exist_ok=True)
                 write_manifest(out / split / kind, merge_manifests(tables))
-
-
-def sae_train_config(cfg: Config, hp: str, d_in: int, cycle: int) -> SaeTrainConfig:
-    """The sweep's `sae` section is the trainer's config; the fit adds where it runs."""
-    return SaeTrainConfig(
-        **cfg.sae.model_dump(),
-        hookpoints=[hp],
-        d_in=d_in,
-        init_seed=stream(cfg.experiment.seed, cycle, "sae"),
-        progress=False,  # Tune reports
-        run_name=f"sae-c{cycle}",
-        sweep=cfg.experiment.name,
-    )
-
-
-def sae(trial: Trial, acts: Artifact, hp: str, cycle: int) -> Artifact:
-    """The cycle's SAE, fitted by every rank on its split of the train token rows. Its
-    checkpoints go to `<train_runs>/sae-<key>`, named after the artifact, so a restarted
-    worker group or sweep continues the fit from the last one."""
-    cfg, store = trial.cfg, trial.store
-    spec = {
-        "parent": acts.key,
-        "sae": cfg.sae.model_dump(exclude={"save_every", "num_latents"}),
-        "seed": stream(trial.seed, cycle, "sae"),
-        "workers": cfg.resources.num_workers,
-    }
-    if cfg.sae.num_latents is not None:  # keys of sweeps without it stay as they were
-        spec["sae"]["num_latents"] = cfg.sae.num_latents
-    checkpoints = storage.join(trial.train_runs, f"sae-{store.key('sae', spec)}")
-
-    def make(out: str, lead: bool) -> None:
-        tokens = acts.uri("train", "tokens")
-        manifest = read_manifest(tokens)
-        fit_cfg = sae_train_config(cfg, hp, manifest.d, cycle)
-        fit = fit_saes(
-            {"cfg": fit_cfg.model_dump(), "rows": manifest.rows},
-            feed_split(tokens, hp),
-            stored_checkpoint(checkpoints),
-            lambda f: keep_checkpoint(f, checkpoints, f"{cycle}:{{}}:{trial.strategy}"),
-        )
-        if lead:
-            fit.saes[hp].save(Path(out))
-            metrics = fit_metrics(fit)
-            metrics["tokens_per_s"] = metrics.pop("run_tokens") / max(
-                metrics.pop("elapsed_s"), 1e-9
-            )
-            (Path(out) / "train_metrics.json").write_text(json.dumps(metrics))
-            # The workers report it live, but a short fit ends before their last export.
-            telemetry.sae_tokens_per_s(cfg.experiment.name, hp, metrics["tokens_per_s"])
-
-    art = shared_artifact(store, "sae", spec, make, everyone=True)
-    if rank_world()[0] == 0:
-        storage.remove(checkpoints)  # the SAE is in the store; its checkpoints are disk
-    return art
 
 
 def targets(trial: Trial, sae_art: Artifact, acts: Artifact, hp: str, cycle: int) -> Artifact:

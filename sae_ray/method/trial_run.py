@@ -37,7 +37,7 @@ __all__ = ["TrialFailed", "run_trial", "trial_loop"]
 REPORTED = "reported.json"  # the run's checkpoint: how many cycles Tune has
 
 
-def open_trial(cfg: Config, trial_id: str) -> Trial:
+def open_trial(cfg: Config, trial_id: str, plan: list[dict[str, Any]] | None = None) -> Trial:
     # The worker's stack, imported here: the Tune trial that only drives the run never
     # loads it (seconds of imports per trial).
     from sae_ray.lm.text_data import load_text_data
@@ -46,7 +46,7 @@ def open_trial(cfg: Config, trial_id: str) -> Trial:
 
     root, train_runs = cfg.trial_dirs(trial_id)
     data = load_text_data(cfg.dataset, documents=cfg.is_lm)
-    return Trial(cfg, data, ArtifactStore(root), train_runs, cfg.strategy)
+    return Trial(cfg, data, ArtifactStore(root), train_runs, cfg.strategy, plan or [])
 
 
 def trial_loop(config: dict[str, Any]) -> None:
@@ -66,7 +66,7 @@ def trial_loop(config: dict[str, Any]) -> None:
             reported = json.loads((Path(directory) / REPORTED).read_text())["cycles"]
     cfg, trial_id = config["cfg"], config["trial_id"]
     report = functools.partial(_report_cycle, seeds_file(cfg, trial_id))
-    run_cycles(open_trial(cfg, trial_id), report, reported)
+    run_cycles(open_trial(cfg, trial_id, config.get("plan")), report, reported)
 
 
 def seeds_file(cfg: Config, trial_id: str) -> str:
@@ -110,9 +110,15 @@ def _refuse_known_failures(cfg: Config) -> None:
         raise TrialFailed(f"ValueError: {err}") from None
 
 
-def run_trial(cfg: Config, report: Callable[[dict[str, Any]], None], trial_id: str = "run"):
+def run_trial(
+    cfg: Config,
+    report: Callable[[dict[str, Any]], None],
+    trial_id: str = "run",
+    plan: list[dict[str, Any]] | None = None,
+):
     """Start the trial's Train run and call `report` with each cycle's metrics, in this
-    thread (Tune's report, or a list's append), while the run goes on in another."""
+    thread (Tune's report, or a list's append), while the run goes on in another. `plan`:
+    the sweep's points known ahead, whose SAEs this trial's fits may co-train."""
     from ray.util.queue import Empty, Queue
 
     _refuse_known_failures(cfg)
@@ -121,7 +127,7 @@ def run_trial(cfg: Config, report: Callable[[dict[str, Any]], None], trial_id: s
     name = f"trial-{trial_id}-{uuid.uuid4().hex[:8]}"  # a Tune retry starts a fresh run
     trainer = torch_trainer(
         trial_loop,
-        {"cfg": cfg, "trial_id": trial_id},
+        {"cfg": cfg, "trial_id": trial_id, "plan": plan or []},
         cfg.resources,
         name,
         train_runs,

@@ -29,6 +29,8 @@ class Progress:
     epoch: int = 0
     batches_in_epoch: int = 0  # micro-batches of `epoch` already consumed
     fvu_curve: list[float] = field(default_factory=list)  # the first SAE's FVU, per step
+    # with several SAEs on the stream, each one's FVU per step (its own steps_to_fvu)
+    fvu_curves: dict[str, list[float]] = field(default_factory=dict)
 
 
 def _flatten_optimizer(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:

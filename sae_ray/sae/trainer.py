@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import shutil
 import tempfile
 import time
@@ -151,7 +152,8 @@ def _backward(fit: Fit, feed, batch, world: int, device: torch.device) -> bool:
                 stack.enter_context(model.no_sync())
         stack.enter_context(torch.autocast(device.type, torch.bfloat16, enabled=use_autocast))
         loss, fit.stats = feed.losses(fit.models, fit.saes, batch, fit.trackers)
-        if not torch.isfinite(loss):
+        # the FVUs are all-reduced: a non-finite one stops every rank at the same step
+        if not torch.isfinite(loss) or not all(math.isfinite(s["fvu"]) for s in fit.stats.values()):
             raise FloatingPointError(
                 f"SAE loss is {loss.item()} at step {fit.progress.step} "
                 f"({', '.join(cfg.hookpoints)}): the fit diverged or its activations "
@@ -188,6 +190,9 @@ def _epoch(fit: Fit, feed, shard, log: RunLog, world: int, device: torch.device)
             optimizer_step(sae, fit.opts[hp])
         progress.step += 1
         progress.fvu_curve.append(round(first["fvu"], 6))
+        if len(fit.stats) > 1:
+            for key, stats in fit.stats.items():
+                progress.fvu_curves.setdefault(key, []).append(round(stats["fvu"], 6))
         done = fit.done()
         if fit.rank == 0 and (progress.step % cfg.log_every == 0 or done):
             log.row(fit, epoch)
@@ -261,6 +266,7 @@ def fit_metrics(fit: Fit) -> dict[str, Any]:
         "run_tokens": progress.tokens - fit.started_tokens,
         "elapsed_s": time.perf_counter() - fit.started,
         "steps_to_fvu": steps_to_fvu(progress.fvu_curve),
+        **{f"steps_to_fvu/{h}": steps_to_fvu(c) for h, c in progress.fvu_curves.items()},
         **{f"{k}/{h}": v for h, s in fit.stats.items() for k, v in s.items() if k != "tokens"},
     }
 

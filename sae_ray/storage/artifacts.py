@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from filelock import FileLock
+from filelock import FileLock, Timeout
 
 from sae_ray import storage
 
@@ -107,17 +107,22 @@ class ArtifactStore:
 
     @contextlib.contextmanager
     def building(
-        self, kind: str, spec: dict[str, Any], adopt: bool = True
+        self, kind: str, spec: dict[str, Any], adopt: bool = True, wait: bool = True
     ) -> Iterator[tuple[Artifact, Path | None]]:
         """Hold the artifact's lock; yield it with a scratch directory to build it in (None
         when another trial finished it while we waited), and publish what the scratch holds
         when the block ends without an error.
 
         With `adopt` false the scratch is not made the node's cached copy of a bucket
-        artifact: other processes (Train ranks) uploaded parts of it beside the scratch's."""
+        artifact: other processes (Train ranks) uploaded parts of it beside the scratch's.
+        With `wait` false a lock someone holds is not waited for: the scratch is None (they
+        are building it), which is how a fit takes on its peers' SAEs (`method/cofit.py`)."""
         key = self.key(kind, spec)
         art = self.artifact(kind, key)
-        with self._lock(f"{kind}-{key}"):
+        with self._lock(f"{kind}-{key}", wait) as held:
+            if not held:
+                yield art, None
+                return
             if self.exists(kind, key):  # another trial made it while we waited
                 damage = self._damage(art)
                 if not damage:
@@ -164,12 +169,25 @@ class ArtifactStore:
             if n.startswith(f"{kind}-") and storage.is_file(storage.join(self.root, n, DONE))
         )
 
-    def _lock(self, name: str):
+    @contextlib.contextmanager
+    def _lock(self, name: str, wait: bool = True) -> Iterator[bool]:
+        """Hold `name`'s lock (True), or, without `wait`, False at once if it is held."""
         if self.remote:
             from sae_ray.storage.leases import lease
 
-            return lease(self.root, name)
-        return FileLock(str(Path(self.root) / f".{name}.lock"))
+            with lease(self.root, name, wait=wait) as held:
+                yield held
+            return
+        lock = FileLock(str(Path(self.root) / f".{name}.lock"), timeout=-1 if wait else 0)
+        try:
+            lock.acquire()
+        except Timeout:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            lock.release()
 
     def _scratch(self, name: str) -> Path:
         """A fresh build directory; with the lock held, any earlier one for the same artifact

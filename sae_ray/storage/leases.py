@@ -63,10 +63,16 @@ def lease_table(root: str):
 
 
 @contextlib.contextmanager
-def lease(root: str, key: str, ttl: float = 60.0, poll: float = 1.0) -> Iterator[None]:
+def lease(
+    root: str, key: str, ttl: float = 60.0, poll: float = 1.0, wait: bool = True
+) -> Iterator[bool]:
+    """Hold `key`'s lease (True); without `wait`, False at once while another holds it."""
     table = lease_table(root)
     holder = uuid.uuid4().hex
     while not ray.get(table.acquire.remote(key, holder, ttl)):
+        if not wait:
+            yield False
+            return
         time.sleep(poll)
     stop = threading.Event()
 
@@ -78,7 +84,7 @@ def lease(root: str, key: str, ttl: float = 60.0, poll: float = 1.0) -> Iterator
     renewer = threading.Thread(target=renew, daemon=True, name=f"lease-{key}")
     renewer.start()
     try:
-        yield
+        yield True
     finally:
         stop.set()
         renewer.join()

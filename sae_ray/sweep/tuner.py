@@ -12,6 +12,7 @@ describes).
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 import math
 import os
@@ -227,7 +228,26 @@ def objective_reporter(search: Search, report):
     return wrapped
 
 
-def _trainable(params: dict[str, Any], base: dict[str, Any]) -> None:
+def planned_points(cfg: Config) -> list[dict[str, Any]]:
+    """The points the sweep will run, known before it starts: a grid's every combination,
+    or the `points_to_evaluate` that set every parameter they sample (the rest are sampled
+    as the search goes). Trials co-train these points' SAEs where they share activations
+    (`method/cofit.py`); none without shared artifacts."""
+    space = cfg.search.space
+    if not cfg.experiment.share_artifacts:
+        return []
+    if cfg.search.algorithm == "grid":
+        names = list(space)
+        combos = itertools.product(*(grid_values(space[n]) for n in names))
+        return [dict(zip(names, combo, strict=True)) for combo in combos]
+    return [
+        p
+        for p in cfg.search.points_to_evaluate[: cfg.search.num_samples]  # those that run
+        if all(name in p for name, entry in space.items() if entry.allows(p))
+    ]
+
+
+def _trainable(params: dict[str, Any], base: dict[str, Any], plan: list[dict[str, Any]]) -> None:
     """One trial. A trial that failed deterministically (`TrialFailed`: bad settings at a
     stage, NaN or Inf) fails again at once when Tune retries it (`resources.trial_retries`
     are for lost nodes and killed drivers), without starting a worker group to repeat it."""
@@ -237,7 +257,8 @@ def _trainable(params: dict[str, Any], base: dict[str, Any]) -> None:
     if storage.is_file(failed):
         raise TrialFailed(storage.read_bytes(failed).decode())
     try:
-        run_trial(cfg, report=objective_reporter(cfg.search, tune.report), trial_id=trial_id)
+        report = objective_reporter(cfg.search, tune.report)
+        run_trial(cfg, report=report, trial_id=trial_id, plan=plan)
     except TrialFailed as err:
         storage.write_bytes(failed, str(err).encode())
         raise
@@ -315,7 +336,8 @@ def check_resumable(cfg: Config) -> None:
 
 def _tuner(cfg: Config, resume: bool) -> tune.Tuner:
     trainable = tune.with_resources(
-        tune.with_parameters(_trainable, base=cfg.model_dump()), DRIVER_RESOURCES
+        tune.with_parameters(_trainable, base=cfg.model_dump(), plan=planned_points(cfg)),
+        DRIVER_RESOURCES,
     )
     callbacks = _callbacks(cfg)
     if resume:

@@ -1,0 +1,153 @@
+"""Across a sweep's trials, SAE fits on the same activations train together: which planned
+points are a fit's peers (Ray-free), and on the test cluster, a trial's fit publishing its
+peers' SAEs, each bit for bit the SAE its own trial fits alone."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sae_ray import config as C
+from sae_ray.method.cofit import peer_saes
+from sae_ray.sweep.tuner import planned_points, with_control
+from tests.conftest import QUICKSTART
+
+GRID = [
+    "search.algorithm=grid",
+    "search.points_to_evaluate=[]",
+    "search.space={sae.k: {type: choice, values: [4, 8]}, "
+    "sharpening.strategy: {type: choice, values: [per_class, random]}}",
+]
+
+
+def _sweep(*overrides: str) -> C.Config:
+    return with_control(C.load(QUICKSTART, [*GRID, *overrides]))
+
+
+def _ks(peers) -> list[int]:
+    return sorted(p.k for p in peers)
+
+
+def test_a_grid_plans_every_combination_the_control_included():
+    plan = planned_points(_sweep())
+    assert len(plan) == 2 * 3  # k x (per_class, random, none)
+    assert {"sae.k": 4, "sharpening.strategy": "none"} in plan
+    assert planned_points(_sweep("experiment.share_artifacts=false")) == []
+
+
+def test_points_to_evaluate_are_planned_when_they_set_what_they_sample():
+    cfg = with_control(C.load(QUICKSTART))  # the quickstart's four points, control first
+    plan = planned_points(cfg)
+    assert len(plan) == 4 and plan[1]["sharpening.strategy"] == "none"
+    partial = C.load(QUICKSTART, ["search.points_to_evaluate=[{sae.k: 4}]"])
+    assert planned_points(partial) == []  # its expansion and strategy are sampled
+    fewer = C.load(QUICKSTART, ["search.num_samples=2"])
+    assert planned_points(fewer) == cfg.search.points_to_evaluate[:2]  # only those that run
+
+
+def test_peers_read_the_same_activations_and_only_those():
+    """Cycle 0 and the λ = 0 chain have no SAE upstream: every planned SAE setting reads
+    them. Later cycles of an SAE-shaped strategy read activations of their own; an
+    SAE-free one's (random) are its same-strategy points'."""
+    cfg = _sweep()
+    plan = planned_points(cfg)
+    mine = C.apply_params(cfg, {"sae.k": 8, "sharpening.strategy": "per_class"})
+    assert _ks(peer_saes(mine, plan, "per_class", 0)) == [4]
+    assert _ks(peer_saes(mine, plan, C.CONTROL, 1)) == [4]
+    assert peer_saes(mine, plan, "per_class", 1) == []
+    rand = C.apply_params(cfg, {"sae.k": 8, "sharpening.strategy": "random"})
+    assert _ks(peer_saes(rand, plan, "random", 1)) == [4]
+    stronger = [{"sae.k": 4, "sharpening.strategy": "random", "cycles.aux_weight": 1.0}]
+    assert peer_saes(rand, stronger, "random", 1) == []  # another λ: another cycle-1 model
+    assert _ks(peer_saes(rand, stronger, "random", 0)) == [4]  # the same cycle-0 model
+    assert _ks(peer_saes(rand, stronger, C.CONTROL, 1)) == [4]  # and λ = 0 chain
+
+
+def test_a_searched_layer_or_expansion_is_a_peer_only_on_its_own_activations():
+    cfg = with_control(
+        C.load(
+            QUICKSTART,
+            [
+                "search.algorithm=grid",
+                "search.points_to_evaluate=[]",
+                "search.space={sae.expansion_factor: {type: choice, values: [2, 4]}, "
+                "model.layer: {type: choice, values: [0, 1]}}",
+            ],
+        )
+    )
+    plan = planned_points(cfg)
+    mine = C.apply_params(cfg, {"sae.expansion_factor": 2, "model.layer": 0})
+    peers = peer_saes(mine, plan, "per_class", 0)
+    assert [p.expansion_factor for p in peers] == [4]  # layer 1's activations are others
+
+
+# ---------------------------------------------------------------- on the test cluster
+
+
+def _acts(root, rows: int = 1500, d: int = 16):
+    """A trial's activations artifact as the extraction writes its train token rows."""
+    from sae_ray.storage.artifacts import Artifact
+    from tests.test_ray_e2e import _write_tokens
+
+    x = np.random.default_rng(0).standard_normal((rows, d)).astype(np.float32)
+    _write_tokens(root / "train" / "tokens", x, shard_rows=600)
+    return Artifact(str(root), "acts")
+
+
+def _trial(cfg, store_root, plan):
+    from sae_ray.method.stages import Trial
+    from sae_ray.storage.artifacts import ArtifactStore
+
+    store = ArtifactStore(store_root / "artifacts")
+    return Trial(cfg, None, store, str(store_root / "train_runs"), cfg.strategy, plan)
+
+
+@pytest.mark.ray
+def test_a_fit_publishes_its_peers_each_equal_to_its_own_trials_fit_alone(ray_cluster, tmp_path):
+    from sae_ray.method import sae_fit
+
+    acts = _acts(tmp_path / "acts")
+    cfg = C.load(
+        QUICKSTART,
+        [
+            "search.points_to_evaluate=[]",
+            "sae.epochs=2",
+            "sae.batch_size=256",
+            "sae.save_every=3",
+            "resources.num_workers=1",
+        ],
+    )
+    points = [
+        {"sae.k": 8, "sae.expansion_factor": 4, "sharpening.strategy": "per_class"},
+        {"sae.k": 4, "sae.expansion_factor": 2, "sharpening.strategy": "per_example"},
+        {"sae.k": 64, "sae.expansion_factor": 2, "sharpening.strategy": "random"},  # k > 32
+    ]
+    first = _trial(C.apply_params(cfg, points[0]), tmp_path / "sweep", points)
+    own = sae_fit.sae(first, acts, "x", 0)
+    assert first.store.computed == 2  # its own and the one peer that fits the dictionary
+    second_cfg = C.apply_params(cfg, points[1])
+    second = _trial(second_cfg, tmp_path / "sweep", points)
+    peer_spec = sae_fit.sae_spec(second, acts, 0, second_cfg.sae)
+    found = second.store.find("sae", peer_spec)
+    assert found is not None and sae_fit.sae(second, acts, "x", 0) == found
+    assert second.store.computed == 0  # found: its trial computes nothing
+    alone = _trial(second_cfg, tmp_path / "alone", [])
+    solo = sae_fit.sae(alone, acts, "x", 0)
+    ours, theirs = (load_file(f"{a.location}/sae.safetensors") for a in (found, solo))
+    assert ours.keys() == theirs.keys()
+    for name in ours:
+        assert torch.equal(ours[name], theirs[name]), name
+    metrics = [
+        json.loads((Path(a.location) / "train_metrics.json").read_text()) for a in (found, solo)
+    ]
+    assert metrics[0]["co_trained"] == 2 and "co_trained" not in metrics[1]
+    assert metrics[0]["steps_to_fvu"] == metrics[1]["steps_to_fvu"]
+    own_metrics = json.loads((Path(own.location) / "train_metrics.json").read_text())
+    assert own_metrics["co_trained"] == 2 and not list(
+        (tmp_path / "sweep" / "train_runs").iterdir()
+    )
