@@ -11,6 +11,7 @@ time (Ray's start, each trial's and its worker group's start, reporting). Two sw
 trials: tens of minutes on 2 CPUs.
 
     python -m benchmarks.sweep_sharing
+    python -m benchmarks.sweep_sharing --examples 4800                 # 4x the work per stage
     python -m benchmarks.sweep_sharing --sweep sweeps/quickstart.yaml   # another sweep
 """
 
@@ -47,7 +48,9 @@ def stage_seconds(results: Path, wall_s: float) -> dict[str, float]:
     return {k: round(v, 1) for k, v in stages.items()}
 
 
-def run_side(sweep: Path, storage: Path, shared: bool) -> tuple[float, dict[str, int], dict]:
+def run_side(
+    sweep: Path, storage: Path, shared: bool, overrides: list[str]
+) -> tuple[float, dict[str, int], dict]:
     cmd = [
         sys.executable,
         "-m",
@@ -56,6 +59,7 @@ def run_side(sweep: Path, storage: Path, shared: bool) -> tuple[float, dict[str,
         str(sweep),
         f"experiment.storage_path={storage}",
         f"experiment.share_artifacts={str(shared).lower()}",
+        *overrides,
     ]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a local cluster
     started = time.perf_counter()
@@ -67,13 +71,21 @@ def run_side(sweep: Path, storage: Path, shared: bool) -> tuple[float, dict[str,
     return seconds, computed(name / "artifacts"), stage_seconds(name / "results.csv", seconds)
 
 
+def _work(stages: dict[str, float]) -> float:
+    return sum(v for k, v in stages.items() if k != "outside_stages")
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sweep", type=Path, default=HERE / "sweep_sharing.yaml")
+    parser.add_argument(
+        "--examples", type=int, default=None, help="dataset.num_examples (the YAML's: 1200)"
+    )
     args = parser.parse_args(argv)
+    extra = [f"dataset.num_examples={args.examples}"] if args.examples else []
     with tempfile.TemporaryDirectory() as tmp:
-        shared_s, shared_n, shared_t = run_side(args.sweep, Path(tmp) / "shared", shared=True)
-        alone_s, alone_n, alone_t = run_side(args.sweep, Path(tmp) / "unshared", shared=False)
+        shared_s, shared_n, shared_t = run_side(args.sweep, Path(tmp) / "shared", True, extra)
+        alone_s, alone_n, alone_t = run_side(args.sweep, Path(tmp) / "unshared", False, extra)
     return emit(
         "sweep_sharing_wall_s",
         shared_s,
@@ -84,6 +96,10 @@ def main(argv: list[str] | None = None) -> dict:
         sides=("artifacts shared", "every trial computes its own"),
         config={
             "sweep": str(args.sweep),
+            "overrides": extra,
+            # the work sharing saves, without what every trial pays alike (Ray's start,
+            # each trial's worker group): the ratio a sweep of longer stages tends to
+            "stage_ratio": round(_work(shared_t) / max(_work(alone_t), 1e-9), 3),
             "computed_shared": shared_n,
             "computed_unshared": alone_n,
             "stage_s_shared": shared_t,

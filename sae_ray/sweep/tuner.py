@@ -354,6 +354,7 @@ def _tuner(cfg: Config, resume: bool) -> tune.Tuner:
             max_concurrent_trials=max_concurrent_trials(cfg, ray.cluster_resources()),
             trial_name_creator=_trial_name,
             trial_dirname_creator=_trial_name,
+            reuse_actors=True,
         ),
         run_config=tune.RunConfig(
             name=cfg.experiment.name,
