@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from sae_ray import config as C
 from sae_ray.method.cofit import peer_saes
-from sae_ray.sweep.tuner import planned_points, with_control
+from sae_ray.sweep.tuner import drawn_ahead, planned_points, with_control
 from tests.conftest import QUICKSTART
 
 GRID = [
@@ -48,6 +48,32 @@ def test_points_to_evaluate_are_planned_when_they_set_what_they_sample():
     assert planned_points(partial) == []  # its expansion and strategy are sampled
     fewer = C.load(QUICKSTART, ["search.num_samples=2"])
     assert planned_points(fewer) == cfg.search.points_to_evaluate[:2]  # only those that run
+
+
+def test_a_random_search_draws_its_points_ahead_and_plans_them_all():
+    """Random search does not adapt: its points are drawn up front (seeded), run as
+    points_to_evaluate after the control, and every trial knows them."""
+    space = (
+        "search.space={sae.k: {type: choice, values: [4, 8, 16]}, "
+        "sae.expansion_factor: {type: intlog, low: 2, high: 8}, "
+        "sharpening.strategy: {type: choice, values: [per_class, random]}, "
+        "sharpening.keep_frac: {type: uniform, low: 0.2, high: 0.8, "
+        "when: {sharpening.strategy: per_class}}}"
+    )
+    overrides = ["search.algorithm=random", "search.num_samples=6", "search.points_to_evaluate=[]"]
+    cfg = drawn_ahead(with_control(C.load(QUICKSTART, [*overrides, space])))
+    points = cfg.search.points_to_evaluate
+    assert len(points) == 7 and points[0]["sharpening.strategy"] == "none"  # the control
+    for point in points[1:]:
+        assert set(point) >= {"sae.k", "sae.expansion_factor", "sharpening.strategy"}
+        assert ("sharpening.keep_frac" in point) == (point["sharpening.strategy"] == "per_class")
+        assert all(cfg.search.space[k].contains(v) for k, v in point.items())
+    assert len({tuple(sorted(p.items())) for p in points}) > 3  # drawn, not one point
+    again = drawn_ahead(with_control(C.load(QUICKSTART, [*overrides, space])))
+    assert again.search.points_to_evaluate == points  # seeded by experiment.seed
+    assert planned_points(cfg) == points
+    tpe = with_control(C.load(QUICKSTART, [*overrides[1:], space]))
+    assert drawn_ahead(tpe) == tpe  # an adaptive search samples as results come
 
 
 def test_peers_read_the_same_activations_and_only_those():

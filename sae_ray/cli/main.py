@@ -111,6 +111,7 @@ def _sweep_file_command(args: argparse.Namespace) -> int:
     if args.command == "sweep":
         from sae_ray.sweep.tuner import (
             check_resumable,
+            drawn_ahead,
             max_concurrent_trials,
             run_sweep,
             search_space,
@@ -118,7 +119,7 @@ def _sweep_file_command(args: argparse.Namespace) -> int:
         )
 
         search_space(cfg)  # refuse an empty space before starting Ray
-        cfg = with_control(cfg)
+        cfg = drawn_ahead(with_control(cfg))
         plan = preflight.check(cfg)
         if args.resume:
             check_resumable(cfg)

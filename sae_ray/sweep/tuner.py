@@ -87,8 +87,8 @@ def grid_values(entry: SpaceEntry) -> list[Any]:
     return list(range(int(entry.low), int(entry.high) + 1, entry.step or 1))
 
 
-def suggest(space: dict[str, SpaceEntry], trial: optuna.Trial) -> None:
-    """Define-by-run: each active entry asks the Optuna trial for a value."""
+def suggest(space: dict[str, SpaceEntry], trial: optuna.Trial) -> dict[str, Any]:
+    """Define-by-run: each active entry asks the Optuna trial for a value (returned too)."""
     params: dict[str, Any] = {}
     for dotted, entry in space.items():
         if not entry.allows(params):
@@ -104,6 +104,27 @@ def suggest(space: dict[str, SpaceEntry], trial: optuna.Trial) -> None:
             )
         else:
             params[dotted] = trial.suggest_float(dotted, low, high, log=entry.type == "loguniform")
+    return params
+
+
+def drawn_ahead(cfg: Config) -> Config:
+    """A random search with its points drawn before the sweep starts (Optuna's
+    RandomSampler seeded by `experiment.seed`, the distribution the searcher draws from)
+    and run as its `points_to_evaluate` (a given point's open parameters drawn too). A
+    random search does not adapt to results, so nothing is lost, and every trial then knows
+    every point (`planned_points`: SAE fits on shared activations train together)."""
+    search = cfg.search
+    if search.algorithm != "random":
+        return cfg
+    space = search_space(cfg)
+    sampler = optuna.samplers.RandomSampler(seed=cfg.experiment.seed)
+    study = optuna.create_study(sampler=sampler)
+    for given in search.points_to_evaluate:  # what a given point leaves open is drawn
+        study.enqueue_trial(given)
+    points = [suggest(space, study.ask()) for _ in range(search.num_samples)]
+    return cfg.model_copy(
+        update={"search": search.model_copy(update={"points_to_evaluate": points})}
+    )
 
 
 class ConstrainedOptunaSearch(OptunaSearch):
