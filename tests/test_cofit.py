@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 
 from sae_ray import config as C
 from sae_ray.method.cofit import peer_saes
-from sae_ray.sweep.tuner import drawn_ahead, planned_points, with_control
+from sae_ray.sweep.space import drawn_ahead, planned_points
+from sae_ray.sweep.tuner import with_control
 from tests.conftest import QUICKSTART
 
 GRID = [

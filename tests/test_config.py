@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 
 from sae_ray import config as C
-from sae_ray.sweep.tuner import max_concurrent_trials, search_space
+from sae_ray.sweep.space import search_space
+from sae_ray.sweep.tuner import max_concurrent_trials
 from tests.conftest import QUICKSTART
 
 

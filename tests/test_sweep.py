@@ -9,14 +9,12 @@ import pytest
 
 from sae_ray import config as C
 from sae_ray.sweep.results import best_summary, pareto_front, write_outputs
+from sae_ray.sweep.space import make_sampler, search_space, suggest
 from sae_ray.sweep.tuner import (
     VIOLATION,
-    make_sampler,
     make_searcher,
     num_trials,
     objective_reporter,
-    search_space,
-    suggest,
     violation,
 )
 from tests.conftest import QUICKSTART

@@ -109,12 +109,11 @@ def _sweep_file_command(args: argparse.Namespace) -> int:
         return commands.plan(cfg)
     _warn_if_inside_job(cfg)
     if args.command == "sweep":
+        from sae_ray.sweep.space import drawn_ahead, search_space
         from sae_ray.sweep.tuner import (
             check_resumable,
-            drawn_ahead,
             max_concurrent_trials,
             run_sweep,
-            search_space,
             with_control,
         )
 

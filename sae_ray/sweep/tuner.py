@@ -12,7 +12,6 @@ describes).
 from __future__ import annotations
 
 import functools
-import itertools
 import logging
 import math
 import os
@@ -37,6 +36,13 @@ from sae_ray.config import (
 from sae_ray.method.trial_run import TrialFailed, run_trial
 from sae_ray.sweep.progress import SweepProgress
 from sae_ray.sweep.results import collect_results, write_config, write_outputs
+from sae_ray.sweep.space import (
+    grid_values,
+    make_sampler,
+    planned_points,
+    search_space,
+    suggest,
+)
 
 log = logging.getLogger(__name__)
 DRIVER_RESOURCES = {"cpu": 0, "memory": 1 << 20}  # an empty request is refused
@@ -72,61 +78,6 @@ def with_control(cfg: Config) -> Config:
     return cfg.model_copy(update={"search": search.model_copy(update=update)})
 
 
-def search_space(cfg: Config) -> dict[str, SpaceEntry]:
-    """The searched entries, parents before the entries conditional on them."""
-    if not cfg.search.space:
-        raise ConfigError("search.space: a sweep needs at least one searched parameter")
-    if cfg.search.algorithm == "grid" and cfg.search.points_to_evaluate:
-        raise ConfigError("search.points_to_evaluate: a grid runs every point already")
-    return dict(sorted(cfg.search.space.items(), key=lambda item: item[1].when is not None))
-
-
-def grid_values(entry: SpaceEntry) -> list[Any]:
-    if entry.type == "choice":
-        return list(entry.values or [])
-    return list(range(int(entry.low), int(entry.high) + 1, entry.step or 1))
-
-
-def suggest(space: dict[str, SpaceEntry], trial: optuna.Trial) -> dict[str, Any]:
-    """Define-by-run: each active entry asks the Optuna trial for a value (returned too)."""
-    params: dict[str, Any] = {}
-    for dotted, entry in space.items():
-        if not entry.allows(params):
-            continue
-        low, high = entry.low, entry.high
-        if entry.type == "choice":
-            params[dotted] = trial.suggest_categorical(dotted, entry.values)
-        elif entry.type in ("int", "intlog"):
-            log_scale = entry.type == "intlog"
-            step = 1 if log_scale else entry.step or 1
-            params[dotted] = trial.suggest_int(
-                dotted, int(low), int(high), step=step, log=log_scale
-            )
-        else:
-            params[dotted] = trial.suggest_float(dotted, low, high, log=entry.type == "loguniform")
-    return params
-
-
-def drawn_ahead(cfg: Config) -> Config:
-    """A random search with its points drawn before the sweep starts (Optuna's
-    RandomSampler seeded by `experiment.seed`, the distribution the searcher draws from)
-    and run as its `points_to_evaluate` (a given point's open parameters drawn too). A
-    random search does not adapt to results, so nothing is lost, and every trial then knows
-    every point (`planned_points`: SAE fits on shared activations train together)."""
-    search = cfg.search
-    if search.algorithm != "random":
-        return cfg
-    space = search_space(cfg)
-    sampler = optuna.samplers.RandomSampler(seed=cfg.experiment.seed)
-    study = optuna.create_study(sampler=sampler)
-    for given in search.points_to_evaluate:  # what a given point leaves open is drawn
-        study.enqueue_trial(given)
-    points = [suggest(space, study.ask()) for _ in range(search.num_samples)]
-    return cfg.model_copy(
-        update={"search": search.model_copy(update={"points_to_evaluate": points})}
-    )
-
-
 class ConstrainedOptunaSearch(OptunaSearch):
     """OptunaSearch that hands each finished trial's constraint violation to Optuna
     (`Trial.set_constraint`, which TPE and NSGA-II read) before telling the study."""
@@ -136,16 +87,6 @@ class ConstrainedOptunaSearch(OptunaSearch):
         if ot_trial is not None and result and VIOLATION in result:
             ot_trial.set_constraint("violation", float(result[VIOLATION]))
         super().on_trial_complete(trial_id, result, error)
-
-
-def make_sampler(search: Search, seed: int, space: dict[str, SpaceEntry]):
-    if search.algorithm == "tpe":
-        return optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True)
-    if search.algorithm == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=seed)
-    if search.algorithm == "grid":
-        return optuna.samplers.GridSampler({k: grid_values(e) for k, e in space.items()}, seed)
-    return optuna.samplers.RandomSampler(seed=seed)
 
 
 def make_searcher(cfg: Config) -> OptunaSearch:
@@ -247,25 +188,6 @@ def objective_reporter(search: Search, report):
         report(metrics)
 
     return wrapped
-
-
-def planned_points(cfg: Config) -> list[dict[str, Any]]:
-    """The points the sweep will run, known before it starts: a grid's every combination,
-    or the `points_to_evaluate` that set every parameter they sample (the rest are sampled
-    as the search goes). Trials co-train these points' SAEs where they share activations
-    (`method/cofit.py`); none without shared artifacts."""
-    space = cfg.search.space
-    if not cfg.experiment.share_artifacts:
-        return []
-    if cfg.search.algorithm == "grid":
-        names = list(space)
-        combos = itertools.product(*(grid_values(space[n]) for n in names))
-        return [dict(zip(names, combo, strict=True)) for combo in combos]
-    return [
-        p
-        for p in cfg.search.points_to_evaluate[: cfg.search.num_samples]  # those that run
-        if all(name in p for name, entry in space.items() if entry.allows(p))
-    ]
 
 
 def _trainable(params: dict[str, Any], base: dict[str, Any], plan: list[dict[str, Any]]) -> None:
