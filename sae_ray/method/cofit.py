@@ -104,7 +104,8 @@ def claim_peers(
         recorded = json.loads(storage.read_bytes(recorded_at))
     group = Group()
     for sae, spec in peers:
-        name, change = variant_name(override(own, sae)), override(own, sae)
+        change = override(own, sae)
+        name = variant_name(change)
         if recorded is not None and name not in recorded:
             continue
         _, scratch = stack.enter_context(store.building("sae", spec, wait=False))

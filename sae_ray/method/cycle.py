@@ -222,9 +222,7 @@ def _evaluation(
     validation and test are the cost."""
     cfg = trial.cfg
     spec: dict[str, Any] = {
-        "parent": sae_art.key,
-        "model": model.key,
-        "activations": acts.key,
+        "parent": sae_art.key,  # which names its activations, which name their model
         "dataset": cfg.dataset.model_dump(),
         "max_length": cfg.model.max_length,
         "seed": cfg.experiment.seed,  # the clustering's and the null's streams

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from sae_ray import storage, telemetry
 from sae_ray.config import Config, Sae
-from sae_ray.lm.extraction import read_manifest
+from sae_ray.lm.extraction import Manifest, read_manifest
 from sae_ray.method import cofit
 from sae_ray.method.ranks import barrier, broadcast, rank_world, shared_artifact
 from sae_ray.method.seeds import stream
@@ -106,10 +106,11 @@ def sae(trial: Trial, acts: Artifact, hp: str, cycle: int) -> Artifact:
 
     def make(out: str, lead: bool) -> None:
         tokens = acts.uri("train", "tokens")
-        d_in = read_manifest(tokens).d
-        peers = [(s, sae_spec(trial, acts, cycle, s)) for s in _fitting_peers(trial, cycle, d_in)]
+        manifest = read_manifest(tokens)
+        fitting = _fitting_peers(trial, cycle, manifest.d)
+        peers = [(s, sae_spec(trial, acts, cycle, s)) for s in fitting]
         try:
-            _fit(trial, hp, cycle, tokens, Path(out), lead, checkpoints, peers)
+            _fit(trial, hp, cycle, (tokens, manifest), Path(out), lead, checkpoints, peers)
         except FloatingPointError:
             if not peers:
                 raise
@@ -119,7 +120,7 @@ def sae(trial: Trial, acts: Artifact, hp: str, cycle: int) -> Artifact:
             if lead:
                 storage.remove(checkpoints)
             barrier()
-            _fit(trial, hp, cycle, tokens, Path(out), lead, checkpoints, [])
+            _fit(trial, hp, cycle, (tokens, manifest), Path(out), lead, checkpoints, [])
 
     art = shared_artifact(store, "sae", spec, make, everyone=True)
     if rank_world()[0] == 0:
@@ -141,16 +142,16 @@ def _fit(
     trial: Trial,
     hp: str,
     cycle: int,
-    tokens: str,
+    rows: tuple[str, Manifest],
     out: Path,
     lead: bool,
     checkpoints: str,
     peers: list[tuple[Sae, dict[str, Any]]],
 ) -> None:
-    """Train this trial's SAE (and the peers rank 0 claims) and, on rank 0, write each
-    one's artifact: its own into `out`, each claimed peer into its scratch."""
-    cfg = trial.cfg
-    manifest = read_manifest(tokens)
+    """Train this trial's SAE (and the peers rank 0 claims) on the token rows (`rows`: where
+    they are and their manifest) and, on rank 0, write each one's artifact: its own into
+    `out`, each claimed peer into its scratch."""
+    cfg, (tokens, manifest) = trial.cfg, rows
     with contextlib.ExitStack() as stack:
         claimed = cofit.Group()
         if lead and peers:
@@ -169,12 +170,11 @@ def _fit(
         metrics["tokens_per_s"] = metrics.pop("run_tokens") / max(metrics.pop("elapsed_s"), 1e-9)
         if not overrides:
             _save_sae(fit.saes[hp], metrics, out)
-        # each SAE of a co-fit from its variant; a claimed peer's scratch is published, and
-        # its lock released, when `stack` closes
-        places = {cofit.OWN: out, **claimed.scratches}
-        for name, place in places.items() if overrides else ():
-            if place is not None:
-                _save_sae(fit.saes[f"{name}/{hp}"], cofit.member_metrics(metrics, name, hp), place)
+        else:  # a claimed peer's scratch is published, its lock released, as `stack` closes
+            for name, place in {cofit.OWN: out, **claimed.scratches}.items():
+                if place is not None:
+                    member = cofit.member_metrics(metrics, name, hp)
+                    _save_sae(fit.saes[f"{name}/{hp}"], member, place)
     # The workers report it live, but a short fit ends before their last export.
     telemetry.sae_tokens_per_s(cfg.experiment.name, hp, metrics["tokens_per_s"])
 
