@@ -1,6 +1,7 @@
 """The cluster files parse and pass the checks Ray offers offline; none opens the dashboard,
 GCS or client ports to the world."""
 
+import os
 import subprocess
 from pathlib import Path
 
@@ -57,3 +58,29 @@ def test_no_cluster_file_opens_ports_to_the_world():
             text = "\n".join(line.split("#")[0] for line in path.read_text().splitlines())
             assert "0.0.0.0/0" not in text, path
             assert "LoadBalancer" not in text and "NodePort" not in text, path
+
+
+@pytest.mark.parametrize(
+    ("address", "env", "nodes", "expected"),
+    [
+        (None, {}, 1, "0"),  # a cluster started here, one machine: no watcher
+        (None, {}, 3, None),  # joined a cluster of several machines: Ray's default
+        ("10.0.0.1:6379", {}, 1, None),  # an address: someone else's cluster
+        (None, {"RAY_ADDRESS": "10.0.0.1:6379"}, 1, None),
+        (None, {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "1"}, 1, "1"),  # the user's value wins
+    ],
+)
+def test_preemption_watcher_only_off_on_a_local_cluster(monkeypatch, address, env, nodes, expected):
+    import ray
+
+    from sae_ray.cli import ray_session
+
+    for key in ("RAY_ADDRESS", ray_session.PREEMPTION_WATCHER):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kwargs: None)
+    monkeypatch.setattr(ray, "nodes", lambda: [{}] * nodes)
+    ray_session.connect(address, verbose=True)  # verbose: no console settings to undo
+    assert os.environ.get(ray_session.PREEMPTION_WATCHER) == expected

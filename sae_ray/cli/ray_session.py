@@ -7,6 +7,12 @@ import logging
 import os
 import warnings
 
+# Ray Train watches for nodes being drained (spot preemption) with one more actor per run:
+# a process start, about a second of a trial on 2 CPUs (measured), for nothing on the one
+# machine of a local cluster, which cannot lose a node and keep the run. Off on a cluster
+# started here (its processes inherit this environment; a value the user sets wins).
+PREEMPTION_WATCHER = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
+
 
 def connect(address: str | None, verbose: bool = False) -> None:
     """Start or join Ray. Unless `verbose`, the workers' and Ray's own output (worker-group
@@ -19,12 +25,17 @@ def connect(address: str | None, verbose: bool = False) -> None:
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         _raylet_notes_to_log()
     if not ray.is_initialized():
+        ours = address is None and not {"RAY_ADDRESS", PREEMPTION_WATCHER} & set(os.environ)
+        if ours:
+            os.environ[PREEMPTION_WATCHER] = "0"
         ray.init(
             address=address,
             log_to_driver=verbose,
             configure_logging=False,
             logging_config=ray.LoggingConfig(log_level="INFO" if verbose else "WARNING"),
         )
+        if ours and len(ray.nodes()) > 1:
+            del os.environ[PREEMPTION_WATCHER]  # joined a cluster of several machines
     if not verbose:
         import ray.data  # configures its loggers: keep their files, quiet their console
 
