@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from sae_ray import config as C
-from sae_ray.method.cofit import peer_saes
+from sae_ray.method.cofit import peer_saes, running, running_points
 from sae_ray.sweep.space import drawn_ahead, planned_points
 from sae_ray.sweep.tuner import with_control
 from tests.conftest import QUICKSTART
@@ -113,6 +113,44 @@ def test_a_searched_layer_or_expansion_is_a_peer_only_on_its_own_activations():
     assert [p.expansion_factor for p in peers] == [4]  # layer 1's activations are others
 
 
+def test_a_running_trials_point_is_on_record_until_it_ends(tmp_path):
+    runs = str(tmp_path / "train_runs")
+    assert running_points(runs) == []
+    with running(runs, "a", {"sae.k": 4}), running(runs, "b", {"sae.k": 8}):
+        assert sorted(p["sae.k"] for p in running_points(runs)) == [4, 8]
+        with pytest.raises(RuntimeError), running(runs, "c", {"sae.k": 2}):
+            raise RuntimeError("a failed trial")
+        assert len(running_points(runs)) == 2  # c's record went with it
+    assert running_points(runs) == []
+
+
+def test_a_sweep_trial_is_on_record_while_it_runs(tmp_path, monkeypatch):
+    """What a Tune trial does around its Train run (`tuner._trainable`): its point is there
+    for the fits of the trials beside it, then gone; with `share_artifacts: false` its
+    record is in its own folder, which no other trial reads."""
+    from types import SimpleNamespace
+
+    from sae_ray.sweep import tuner
+
+    point = {"sae.k": 4, "sharpening.strategy": "random"}
+    seen = {}
+
+    def run_trial(cfg, report, trial_id, plan):
+        seen["own"] = running_points(cfg.trial_dirs(trial_id)[1])
+        seen["shared"] = running_points(cfg.trial_dirs("another")[1])
+
+    context = SimpleNamespace(get_trial_id=lambda: "t1")
+    monkeypatch.setattr(tuner.tune, "get_context", lambda: context)
+    monkeypatch.setattr(tuner, "run_trial", run_trial)
+    for shared in (True, False):
+        where = f"experiment.storage_path={tmp_path / str(shared)}"
+        cfg = C.load(QUICKSTART, [where, f"experiment.share_artifacts={str(shared).lower()}"])
+        tuner._trainable(point, cfg.model_dump(), [])
+        assert seen["own"] == [point]
+        assert seen["shared"] == ([point] if shared else [])
+        assert running_points(cfg.trial_dirs("t1")[1]) == []
+
+
 # ---------------------------------------------------------------- on the test cluster
 
 
@@ -154,9 +192,14 @@ def test_a_fit_publishes_its_peers_each_equal_to_its_own_trials_fit_alone(ray_cl
         {"sae.k": 4, "sae.expansion_factor": 2, "sharpening.strategy": "per_example"},
         {"sae.k": 64, "sae.expansion_factor": 2, "sharpening.strategy": "random"},  # k > 32
     ]
+    sampled = {"sae.k": 2, "sae.expansion_factor": 2, "sharpening.strategy": "random"}
     first = _trial(C.apply_params(cfg, points[0]), tmp_path / "sweep", points)
-    own = sae_fit.sae(first, acts, "x", 0)
-    assert first.store.computed == 2  # its own and the one peer that fits the dictionary
+    # a trial running beside it (an adaptive search's point, in no plan)
+    with running(first.train_runs, "sampled", sampled):
+        own = sae_fit.sae(first, acts, "x", 0)
+    # its own, the planned peer that fits the dictionary and the running trial's
+    assert first.store.computed == 3
+    assert running_points(first.train_runs) == []  # the trial ended
     second_cfg = C.apply_params(cfg, points[1])
     second = _trial(second_cfg, tmp_path / "sweep", points)
     peer_spec = sae_fit.sae_spec(second, acts, 0, second_cfg.sae)
@@ -172,9 +215,8 @@ def test_a_fit_publishes_its_peers_each_equal_to_its_own_trials_fit_alone(ray_cl
     metrics = [
         json.loads((Path(a.location) / "train_metrics.json").read_text()) for a in (found, solo)
     ]
-    assert metrics[0]["co_trained"] == 2 and "co_trained" not in metrics[1]
+    assert metrics[0]["co_trained"] == 3 and "co_trained" not in metrics[1]
     assert metrics[0]["steps_to_fvu"] == metrics[1]["steps_to_fvu"]
     own_metrics = json.loads((Path(own.location) / "train_metrics.json").read_text())
-    assert own_metrics["co_trained"] == 2 and not list(
-        (tmp_path / "sweep" / "train_runs").iterdir()
-    )
+    assert own_metrics["co_trained"] == 3
+    assert not list((tmp_path / "sweep" / "train_runs").glob("sae-*"))  # checkpoints removed

@@ -1,17 +1,20 @@
-"""Many trials' SAEs on one stream: the SAE fits a sweep has planned on the same activations
+"""Many trials' SAEs on one stream: the SAE fits of a sweep's points on the same activations
 are trained together, in one pass over the stream, by the first trial that needs one.
 
 A sweep knows many of its points before it starts (a grid's every combination, the
-`points_to_evaluate`): the driver hands them to every trial as its `plan`. At a cycle's SAE
-stage, the planned points whose SAE reads the same activations as this trial's are its
-*peers*: every point at cycle 0 and on the λ = 0 chain (no SAE upstream of them: only the
-SAE's own settings differ), and points of the same SAE-free strategy (random, centroid, l1)
-later on. The fit trains its own SAE and every peer SAE that is neither published nor being
-built by another trial (whose lock it takes without waiting), each with its own optimizer,
-dead-latent window and seed, and publishes each as that peer's artifact: the artifact the
-peer's trial would have computed alone (same batches, same steps; `train-sae`'s co-training
-is bit for bit the solo fit). A sweep's SAE fits then cost one stream per activations, not
-one per trial.
+`points_to_evaluate`, a random search's draws): the driver hands them to every trial as its
+`plan`. An adaptive search (TPE, NSGA-II) knows a point only when its trial starts, so each
+trial's point is on record while it runs (`running`): trials that run together reach their
+SAE stages together (they wait on the same cycle-0 model and activations) and find each
+other's points. At a cycle's SAE stage, the planned and running points whose SAE reads the
+same activations as this trial's are its *peers*: every point at cycle 0 and on the λ = 0
+chain (no SAE upstream of them: only the SAE's own settings differ), and points of the same
+SAE-free strategy (random, centroid, l1) later on. The fit trains its own SAE and every
+peer SAE that is neither published nor being built by another trial (whose lock it takes
+without waiting), each with its own optimizer, dead-latent window and seed, and publishes
+each as that peer's artifact: the artifact the peer's trial would have computed alone (same
+batches, same steps; `train-sae`'s co-training is bit for bit the solo fit). A sweep's SAE
+fits then cost one stream per activations, not one per trial.
 """
 
 from __future__ import annotations
@@ -43,6 +46,33 @@ def _upstream(cfg: Config, sae_free_only: bool) -> dict[str, Any]:
         tree.pop("sharpening")
         tree["cycles"].pop("aux_weight")
     return tree
+
+
+POINTS = "points"  # under a sweep's train_runs: one file per running trial, its point
+
+
+@contextlib.contextmanager
+def running(train_runs: str, trial_id: str, params: dict[str, Any]):
+    """A trial's point (its searched parameters) on record while the trial runs, for the
+    SAE fits of the trials that run beside it to co-train its SAEs. With
+    `share_artifacts: false` every trial's `train_runs` is its own: nobody else reads it."""
+    location = storage.join(train_runs, POINTS, f"{trial_id}.json")
+    storage.write_bytes(location, json.dumps(params, default=str).encode())
+    try:
+        yield
+    finally:
+        storage.remove(location)
+
+
+def running_points(train_runs: str) -> list[dict[str, Any]]:
+    """The points of the sweep's trials running now (one that ends as they are read is
+    left out)."""
+    folder, out = storage.join(train_runs, POINTS), []
+    for name in storage.listdir(folder):
+        if name.endswith(".json"):
+            with contextlib.suppress(FileNotFoundError):
+                out.append(json.loads(storage.read_bytes(storage.join(folder, name))))
+    return out
 
 
 def peer_saes(cfg: Config, plan: list[dict[str, Any]], strategy: str, cycle: int) -> list[Sae]:

@@ -107,7 +107,8 @@ def sae(trial: Trial, acts: Artifact, hp: str, cycle: int) -> Artifact:
     def make(out: str, lead: bool) -> None:
         tokens = acts.uri("train", "tokens")
         manifest = read_manifest(tokens)
-        fitting = _fitting_peers(trial, cycle, manifest.d)
+        # rank 0 reads the running trials' points (they come and go): one list for every rank
+        fitting = broadcast(_fitting_peers(trial, cycle, manifest.d) if lead else None)
         peers = [(s, sae_spec(trial, acts, cycle, s)) for s in fitting]
         try:
             _fit(trial, hp, cycle, (tokens, manifest), Path(out), lead, checkpoints, peers)
@@ -129,7 +130,8 @@ def sae(trial: Trial, acts: Artifact, hp: str, cycle: int) -> Artifact:
 
 
 def _fitting_peers(trial: Trial, cycle: int, d_in: int) -> list[Sae]:
-    peers = cofit.peer_saes(trial.cfg, trial.plan, trial.strategy, cycle)
+    points = trial.plan + cofit.running_points(trial.train_runs)
+    peers = cofit.peer_saes(trial.cfg, points, trial.strategy, cycle)
     out = []
     for section in peers:
         with contextlib.suppress(ValueError):  # a point its own trial refuses

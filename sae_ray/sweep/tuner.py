@@ -33,6 +33,7 @@ from sae_ray.config import (
     apply_params,
     effective_strategy,
 )
+from sae_ray.method.cofit import running
 from sae_ray.method.trial_run import TrialFailed, run_trial
 from sae_ray.sweep.progress import SweepProgress
 from sae_ray.sweep.results import collect_results, write_config, write_outputs
@@ -196,12 +197,14 @@ def _trainable(params: dict[str, Any], base: dict[str, Any], plan: list[dict[str
     are for lost nodes and killed drivers), without starting a worker group to repeat it."""
     cfg = apply_params(Config.model_validate(base), params)
     trial_id = tune.get_context().get_trial_id()
-    failed = storage.join(cfg.trial_dirs(trial_id)[1], f"failed-{trial_id}.txt")
+    train_runs = cfg.trial_dirs(trial_id)[1]
+    failed = storage.join(train_runs, f"failed-{trial_id}.txt")
     if storage.is_file(failed):
         raise TrialFailed(storage.read_bytes(failed).decode())
     try:
         report = objective_reporter(cfg.search, tune.report)
-        run_trial(cfg, report=report, trial_id=trial_id, plan=plan)
+        with running(train_runs, trial_id, params):  # trials beside it may co-train its SAEs
+            run_trial(cfg, report=report, trial_id=trial_id, plan=plan)
     except TrialFailed as err:
         storage.write_bytes(failed, str(err).encode())
         raise
