@@ -100,6 +100,9 @@ def main(argv: list[str] | None = None) -> dict:
             # the work sharing saves, without what every trial pays alike (Ray's start,
             # each trial's worker group): the ratio a sweep of longer stages tends to
             "stage_ratio": round(_work(shared_t) / max(_work(alone_t), 1e-9), 3),
+            # the ratio if sharing left the shared side no stage work at all: what both sides
+            # pay alike bounds the wall ratio from below at this size
+            "ratio_if_stages_were_free": round(shared_t["outside_stages"] / alone_s, 3),
             "computed_shared": shared_n,
             "computed_unshared": alone_n,
             "stage_s_shared": shared_t,

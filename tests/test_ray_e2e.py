@@ -300,6 +300,8 @@ def test_quickstart_shares_the_cycle0_model(quickstart_sweep):
     for key in fits:
         metrics = json.loads((artifacts / f"sae-{key}" / "train_metrics.json").read_text())
         assert metrics["co_trained"] == 3
+    # each trial's point was on record only while it ran
+    assert not list((quickstart_sweep / "train_runs").glob("point-*"))
     # each (model, SAE) evaluated once: cycle 0's 3, cycle 1's 4 models and the 2 control
     # SAEs of the settings the control trial does not have (11 evaluations without sharing)
     assert len(specs("evaluation")) == 3 + 4 + 2

@@ -48,7 +48,7 @@ def _upstream(cfg: Config, sae_free_only: bool) -> dict[str, Any]:
     return tree
 
 
-POINTS = "points"  # under a sweep's train_runs: one file per running trial, its point
+POINT = "point-{}.json"  # in a sweep's train_runs, beside its failed-<trial>.txt files
 
 
 @contextlib.contextmanager
@@ -56,7 +56,7 @@ def running(train_runs: str, trial_id: str, params: dict[str, Any]):
     """A trial's point (its searched parameters) on record while the trial runs, for the
     SAE fits of the trials that run beside it to co-train its SAEs. With
     `share_artifacts: false` every trial's `train_runs` is its own: nobody else reads it."""
-    location = storage.join(train_runs, POINTS, f"{trial_id}.json")
+    location = storage.join(train_runs, POINT.format(trial_id))
     storage.write_bytes(location, json.dumps(params, default=str).encode())
     try:
         yield
@@ -67,11 +67,12 @@ def running(train_runs: str, trial_id: str, params: dict[str, Any]):
 def running_points(train_runs: str) -> list[dict[str, Any]]:
     """The points of the sweep's trials running now (one that ends as they are read is
     left out)."""
-    folder, out = storage.join(train_runs, POINTS), []
-    for name in storage.listdir(folder):
-        if name.endswith(".json"):
+    prefix, suffix = POINT.split("{}")
+    out = []
+    for name in storage.listdir(train_runs):
+        if name.startswith(prefix) and name.endswith(suffix):
             with contextlib.suppress(FileNotFoundError):
-                out.append(json.loads(storage.read_bytes(storage.join(folder, name))))
+                out.append(json.loads(storage.read_bytes(storage.join(train_runs, name))))
     return out
 
 
