@@ -4,15 +4,22 @@ checks a real one)."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 
+from sae_ray import storage
 from sae_ray.config import Config
 from sae_ray.sweep.results import write_config, write_outputs
 
 STRATEGIES = ["per_class", "none", "per_example", "random", "per_class", "per_example"]
 
 
-def fake_sweep(storage_path: str, name: str = "fake", failed: bool = True) -> Config:
+def fake_sweep(
+    storage_path: str, name: str = "fake", failed: bool = True, seeds: int = 0
+) -> Config:
+    """`seeds`: that many per-seed rows per trial and cycle (the workers' seed files, each
+    seed's metrics off the trial's by a little), as `search.seeds` makes."""
     cfg = Config.model_validate(
         {
             "experiment": {"name": name, "storage_path": storage_path},
@@ -73,6 +80,15 @@ def fake_sweep(storage_path: str, name: str = "fake", failed: bool = True) -> Co
                 "error": "ValueError: model.layer: 5 is out of range",
             }
         )
+    for row in rows if seeds else []:
+        if row["status"] != "COMPLETE":
+            continue
+        per_seed = [
+            {"seed": s, **{m: row[m] + rng.normal(0, 0.005) for m in ("interp/u", "val/accuracy")}}
+            for s in range(seeds)
+        ]
+        where = storage.join(cfg.seeds_uri, f"{row['trial_id']}-c{row['cycle']}.json")
+        storage.write_bytes(where, json.dumps(per_seed).encode())
     write_config(cfg)
     write_outputs(rows, cfg)
     return cfg

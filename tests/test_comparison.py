@@ -77,3 +77,33 @@ def test_holm_adjusts_step_down_and_stays_monotone():
 def test_a_sweep_without_a_control_compares_nothing():
     assert comparison([r for r in ROWS if r["strategy_effective"] != "none"], 0).empty
     assert isinstance(comparison([], 0), pd.DataFrame)
+
+
+def test_a_point_run_twice_at_one_seed_counts_once():
+    """TPE re-suggests a point of a discrete space; its rerun finds every stage and reports
+    the same numbers. Counted twice, the copies would narrow the interval."""
+    params = ["sae.k", "sharpening.strategy"]
+
+    def point(row, k):
+        return {**row, "sae.k": k, "sharpening.strategy": row["strategy_effective"]}
+
+    rows = [point(r, 8) for r in ROWS]
+    again = [point(r, 8) | {"trial_id": f"{r['trial_id']}-again"} for r in ROWS[4:8]]
+    other_k = [point(r, 4) | {"trial_id": f"{r['trial_id']}-k4"} for r in ROWS[4:8]]
+    once = comparison(rows, 0, params).set_index(["strategy", "metric"])
+    twice = comparison(rows + again, 0, params).set_index(["strategy", "metric"])
+    pd.testing.assert_frame_equal(once, twice)
+    assert twice.loc[("per_class", "interp/u"), "n"] == 4
+    # another setting of the SAE is another experiment; without params every trial is one
+    assert (
+        comparison(rows + other_k, 0, params)
+        .set_index(["strategy", "metric"])
+        .loc[("per_class", "interp/u"), "n"]
+        == 8
+    )
+    assert (
+        comparison(rows + again, 0)
+        .set_index(["strategy", "metric"])
+        .loc[("per_class", "interp/u"), "n"]
+        == 8
+    )

@@ -16,7 +16,7 @@ from PIL import Image
 
 from sae_ray import storage
 from sae_ray.cli import main as cli
-from sae_ray.sweep.report import build_report, load_sweep, strategy_table
+from sae_ray.sweep.report import build_report, comparison_table, load_sweep, strategy_table
 from tests.report_fixture import fake_sweep
 from tests.wandb_records import run_contents
 
@@ -67,6 +67,17 @@ def test_trials_are_sorted_by_the_objective_and_strategies_compared_with_the_con
     assert table.loc["per_class", "trials"] == 2 and np.isnan(
         table.loc["none"].get("Δ interp/u vs control", np.nan)
     )
+
+
+def test_the_reports_comparison_is_comparison_csv(tmp_path):
+    """Both pair each trial's seeds at its last cycle (n = trials x seeds), not the trials'
+    seed means."""
+    cfg = fake_sweep(str(tmp_path), seeds=3)
+    written = pd.read_csv(cfg.sweep_dir / "comparison.csv")
+    shown = comparison_table(load_sweep(cfg.sweep_uri, tmp_path))
+    pd.testing.assert_frame_equal(shown, written, check_dtype=False)
+    per_class = written.set_index(["strategy", "metric"]).loc[("per_class", "interp/u")]
+    assert per_class["n"] == 2 * 3
 
 
 def test_report_command_reads_and_writes_a_bucket(s3_server, tmp_path, capsys):

@@ -3,12 +3,17 @@ intervals, so that "X beats the control" is a claim with its uncertainty, not tw
 
 A strategy's trial is paired with the control of the same experiment seed at its last
 cycle (a trial's own `delta/<metric>`, when it reports one, is that difference already).
+A point run more than once at one seed is one experiment, not several: an adaptive search
+re-suggests points of a discrete space, and with shared artifacts the rerun finds every
+stage and reports the same numbers. Its runs count once (their mean), or the intervals
+would narrow on copies.
 For each strategy and metric: n pairs, the mean difference, its 95 % t-interval and
 p-value (scipy's one-sample t-test of the differences), Cohen's d_z (mean / sd of the
 differences), and the p-value Holm-adjusted over every comparison in the file."""
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Any
 
@@ -19,15 +24,19 @@ from sae_ray.config.metrics import PAIRED as COMPARED
 
 SEEDS = ("seed", "experiment.seed")  # a seeds.csv row's own, or a trial's sampled one
 COLUMNS = ["strategy", "metric", "n", "mean", "ci_low", "ci_high", "p", "effect_size", "p_holm"]
+DIFF_COLUMNS = ["strategy", "seed", "trial_id", "metric", "diff"]
 
 
-def paired_differences(final: list[dict[str, Any]], seed: int) -> pd.DataFrame:
-    """One row per (strategy trial, metric): its difference to the control of its seed
-    (`seed`: the sweep's, for trials that did not sample one). `final`: each trial's last
-    cycle (`results.final_rows`)."""
+def paired_differences(
+    final: list[dict[str, Any]], seed: int, params: list[str] | None = None
+) -> pd.DataFrame:
+    """One row per (strategy point, seed, metric): its difference to the control of its
+    seed (`seed`: the sweep's, for trials that did not sample one). `final`: each trial's
+    last cycle (`results.final_rows`), or its seeds' rows; `params`: the searched keys that
+    name a point (None: every trial is a point of its own)."""
     done = [r for r in final if r.get("status") == "COMPLETE"]
     if not done:
-        return pd.DataFrame(columns=["strategy", "seed", "trial_id", "metric", "diff"])
+        return pd.DataFrame(columns=DIFF_COLUMNS)
     frame = pd.DataFrame(done)
     column = next((c for c in SEEDS if c in frame), None)
     frame["seed"] = frame[column].fillna(seed) if column else seed
@@ -36,6 +45,8 @@ def paired_differences(final: list[dict[str, Any]], seed: int) -> pd.DataFrame:
     controls = frame[is_control].groupby("seed")[[m for m in metrics if m in frame]].mean()
     out = []
     for _, row in frame[~is_control].iterrows():
+        point = row["trial_id"] if params is None else _point(row, params)
+        key = (row.get("strategy_effective"), row["seed"], point)
         for metric in metrics:
             if f"delta/{metric}" in row and _finite(row[f"delta/{metric}"]):
                 diff = row[f"delta/{metric}"]
@@ -43,8 +54,15 @@ def paired_differences(final: list[dict[str, Any]], seed: int) -> pd.DataFrame:
                 diff = row[metric] - controls.loc[row["seed"], metric]
             else:
                 continue
-            out.append((row["strategy_effective"], row["seed"], row["trial_id"], metric, diff))
-    return pd.DataFrame(out, columns=["strategy", "seed", "trial_id", "metric", "diff"])
+            out.append((*key, metric, diff, row["trial_id"]))
+    diffs = pd.DataFrame(out, columns=["strategy", "seed", "point", "metric", "diff", "trial_id"])
+    once = diffs.groupby(["strategy", "seed", "point", "metric"], sort=False, as_index=False)
+    return once.agg(trial_id=("trial_id", "first"), diff=("diff", "mean"))[DIFF_COLUMNS]
+
+
+def _point(row: pd.Series, params: list[str]) -> str:
+    """A point's name: its searched values (NaN for a conditional key it does not set)."""
+    return json.dumps([row.get(p) for p in params], default=str)
 
 
 def summarize(diffs: np.ndarray) -> dict[str, float]:
@@ -76,10 +94,12 @@ def holm(p: np.ndarray) -> np.ndarray:
     return adjusted
 
 
-def comparison(final: list[dict[str, Any]], seed: int) -> pd.DataFrame:
+def comparison(
+    final: list[dict[str, Any]], seed: int, params: list[str] | None = None
+) -> pd.DataFrame:
     """The comparison table (COLUMNS), one row per (strategy, metric), of each trial's last
-    cycle (`final`)."""
-    diffs = paired_differences(final, seed)
+    cycle (`final`); `params` name a point (`paired_differences`)."""
+    diffs = paired_differences(final, seed, params)
     table = [
         {"strategy": strategy, "metric": metric, **summarize(group["diff"].to_numpy())}
         for (strategy, metric), group in diffs.groupby(["strategy", "metric"], sort=True)

@@ -59,6 +59,7 @@ class Sweep:
     study_path: Path | None
     goals: list = field(default_factory=list)
     params: list[str] = field(default_factory=list)
+    seeds: pd.DataFrame | None = None  # seeds.csv: each trial x cycle's rows per seed
 
     @property
     def task_metrics(self) -> list[str]:

@@ -38,7 +38,15 @@ from sae_ray.sweep.figures import (  # noqa: E402
     strategy_of,
     strategy_table,
 )
-from sae_ray.sweep.results import BEST, CONFIG, RESULTS, STUDY, final_rows  # noqa: E402
+from sae_ray.sweep.results import (  # noqa: E402
+    BEST,
+    CONFIG,
+    RESULTS,
+    SEEDS,
+    STUDY,
+    final_rows,
+    final_seed_rows,
+)
 
 log = logging.getLogger(__name__)
 REPORT = "report"
@@ -62,7 +70,8 @@ def _config(data: bytes) -> Config:
 
 
 def _results(data: bytes) -> pd.DataFrame:
-    rows = pd.read_csv(io.BytesIO(data))
+    # a trial id is text: "00000123" is no number, nor "1e234567" infinity
+    rows = pd.read_csv(io.BytesIO(data), dtype={"trial_id": str})
     missing = {"trial_id", "cycle", "status"} - set(rows.columns)
     if missing:
         raise ValueError(f"no {sorted(missing)[0]} column")
@@ -85,6 +94,9 @@ def load_sweep(location: str, scratch: Path) -> Sweep:
     if storage.is_file(storage.join(location, STUDY)):
         study = scratch / STUDY
         study.write_bytes(storage.read_bytes(storage.join(location, STUDY)))
+    seeds = None
+    if storage.is_file(storage.join(location, SEEDS)):
+        seeds = _read(location, SEEDS, _results)
     rows["strategy_effective"] = rows.apply(strategy_of, axis=1)
     if "is_control" not in rows:
         rows["is_control"] = rows["strategy_effective"] == CONTROL
@@ -97,6 +109,7 @@ def load_sweep(location: str, scratch: Path) -> Sweep:
         study,
         cfg.search.goals(),
         list(cfg.search.space),
+        seeds,
     )
 
 
@@ -198,7 +211,7 @@ def _write_pages(location: str, pages: Path) -> str:
             "trials minus the control of the same seed at the last cycle: mean, 95 % "
             "t-interval, p-value (Holm-adjusted over the table) and d<sub>z</sub>. A claim "
             "needs an interval that excludes 0 over several seeds (comparison.csv).</p>",
-            _html_table(_comparison(sweep)),
+            _html_table(comparison_table(sweep).round(4)),
         ]
         sections.append("<h2>Parameter importance</h2>")
         for i, (metric, values) in enumerate(importances(sweep).items()):
@@ -222,9 +235,11 @@ def _write_pages(location: str, pages: Path) -> str:
     return "index.html"
 
 
-def _comparison(sweep: Sweep) -> pd.DataFrame:
-    final = final_rows(sweep.rows.to_dict("records"))
-    return comparison(final, sweep.cfg.experiment.seed).round(4)
+def comparison_table(sweep: Sweep) -> pd.DataFrame:
+    """comparison.csv's table, from the same rows: each trial's seeds at its last cycle."""
+    seeds = [] if sweep.seeds is None else sweep.seeds.to_dict("records")
+    final = final_seed_rows(sweep.rows.to_dict("records"), seeds)
+    return comparison(final, sweep.cfg.experiment.seed, sweep.params)
 
 
 def _img(name: str) -> str:

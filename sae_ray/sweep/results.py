@@ -321,7 +321,8 @@ def write_outputs(rows: list[dict[str, Any]], cfg: Config) -> None:
         seeds = seed_rows(rows, cfg)
         if seeds:
             write_results(seeds, staged / SEEDS)
-        table = comparison(final_seed_rows(rows, seeds), cfg.experiment.seed)
+        final = final_seed_rows(rows, seeds)
+        table = comparison(final, cfg.experiment.seed, list(cfg.search.space))
         table.to_csv(staged / COMPARISON, index=False)
         # config.yaml: written when the sweep starts
         for name in (RESULTS, SEEDS, BEST, STUDY, COMPARISON):
