@@ -268,6 +268,36 @@ def test_results_columns_are_the_metrics_objectives_may_name(quickstart_sweep):
     assert sorted(c for c in columns if c not in rest) == sorted(known_metrics(lm=False))
 
 
+def test_a_point_the_sweep_ran_replays_without_a_train_run(quickstart_sweep, monkeypatch):
+    """TPE re-suggests points: a trial at a point that ran to its end reports the same
+    numbers from its record, computing nothing and starting no Ray Train run."""
+    from sae_ray import config as C
+    from sae_ray.method import trial_run
+
+    def no_train_run(*args, **kwargs):
+        raise AssertionError("a replay started a Train run")
+
+    monkeypatch.setattr(trial_run, "torch_trainer", no_train_run)
+    cfg = C.load(quickstart_sweep / "config.yaml")
+    results = pd.read_csv(quickstart_sweep / "results.csv", dtype={"trial_id": str})
+    ran = results[results["sharpening.strategy"] == "per_class"]
+    point = ran.iloc[0][list(cfg.search.space)]
+    params = {k: v.item() if hasattr(v, "item") else v for k, v in point.items()}
+    reported: list[dict] = []
+    trial_run.run_trial(C.apply_params(cfg, params), reported.append, "again")
+    assert [r["cycle"] for r in reported] == list(ran["cycle"])
+    for row, (_, earlier) in zip(reported, ran.iterrows(), strict=True):
+        for name in ("interp/u", "val/accuracy", "delta/interp/u", "sae/fvu"):
+            assert row[name] == pytest.approx(earlier[name], rel=1e-12), name
+        assert row["artifacts/computed"] == 0 and row["time/sae_s"] == 0.0
+    seeds = quickstart_sweep / "seeds"
+    for cycle in ran["cycle"]:  # its seeds' rows, where this trial's go
+        again = json.loads((seeds / f"again-c{cycle}.json").read_text())
+        first = json.loads((seeds / f"{ran.iloc[0]['trial_id']}-c{cycle}.json").read_text())
+        assert again == first
+        (seeds / f"again-c{cycle}.json").unlink()  # the session's sweep stays as it was
+
+
 def test_quickstart_shares_the_cycle0_model(quickstart_sweep):
     """4 trials with fixed cycle-0 settings: one cycle-0 fine-tune, one extraction of its
     activations and one SAE fit training every point's SAE on them, counted from the
@@ -307,7 +337,10 @@ def test_quickstart_shares_the_cycle0_model(quickstart_sweep):
     assert len(specs("evaluation")) == 3 + 4 + 2
     # each artifact was computed by exactly one trial, and the trials say so in results.csv
     results = pd.read_csv(quickstart_sweep / "results.csv")
-    stored = sum(1 for p in artifacts.iterdir() if (p / DONE).exists())
+    stored = sum(
+        1 for p in artifacts.iterdir() if (p / DONE).exists() and not p.name.startswith("trial-")
+    )
+    assert len(list(artifacts.glob("trial-*"))) == 4  # each trial's record (method/replay.py)
     assert results["artifacts/computed"].sum() == stored
     for stage in ("model", "activations", "sae", "evaluate"):
         assert (results[f"time/{stage}_s"] > 0).all(), stage

@@ -64,7 +64,7 @@ def test_artifacts_and_tune_state_are_in_the_bucket(s3_sweep, s3_server):
     sweep, cache = s3_sweep
     names = storage.listdir(f"{sweep}/artifacts")
     kinds = {n.split("-")[0] for n in names}
-    assert kinds == {"model", "activations", "sae", "targets", "evaluation"}, names
+    assert kinds == {"model", "activations", "sae", "targets", "evaluation", "trial"}, names
     for name in names:
         assert storage.is_file(f"{sweep}/artifacts/{name}/{DONE}"), name
     # cycle 0 shared by both trials, then one retrained model per strategy

@@ -7,7 +7,8 @@ of work in a small stage), so a trial pays it once, not once per stage. The driv
 orchestrates: it never builds a model (`models.forbidden`). A killed worker restarts the
 group (`resources.max_failures`); the restarted ranks find every finished stage in the
 artifact store, resume the SAE fit from its checkpoint, and report only the cycles not
-yet reported (the run's checkpoint says how many were).
+yet reported (the run's checkpoint says how many were). A trial at a point that ran to its
+end before starts no run: it reports that trial's record again (`replay.py`).
 """
 
 from __future__ import annotations
@@ -26,9 +27,11 @@ from typing import TYPE_CHECKING, Any
 from sae_ray import storage
 from sae_ray.config import Config, sharpens
 from sae_ray.lm.models import check_layer_index, config_of, forbidden
+from sae_ray.method import replay
 from sae_ray.method.outcome import FAILED, Forward, TrialFailed
 from sae_ray.method.ranks import rank_world
 from sae_ray.raytrain import torch_trainer
+from sae_ray.storage.artifacts import ArtifactStore
 
 if TYPE_CHECKING:
     from sae_ray.method.stages import Trial
@@ -42,7 +45,6 @@ def open_trial(cfg: Config, trial_id: str, plan: list[dict[str, Any]] | None = N
     # loads it (seconds of imports per trial).
     from sae_ray.lm.text_data import load_text_data
     from sae_ray.method.stages import Trial
-    from sae_ray.storage.artifacts import ArtifactStore
 
     root, train_runs = cfg.trial_dirs(trial_id)
     data = load_text_data(cfg.dataset, documents=cfg.is_lm)
@@ -122,7 +124,12 @@ def run_trial(
     from ray.util.queue import Empty, Queue
 
     _refuse_known_failures(cfg)
-    _, train_runs = cfg.trial_dirs(trial_id)
+    root, train_runs = cfg.trial_dirs(trial_id)
+    store, seeds = ArtifactStore(root), seeds_file(cfg, trial_id)
+    earlier = replay.recorded(store, cfg)
+    if earlier is not None:  # this point ran to its end before: the same numbers
+        replay.report_again(earlier, report, seeds)
+        return
     sink = Queue(actor_options={"num_cpus": 0})
     name = f"trial-{trial_id}-{uuid.uuid4().hex[:8]}"  # a Tune retry starts a fresh run
     trainer = torch_trainer(
@@ -142,7 +149,7 @@ def run_trial(
             outcome["error"] = err
 
     runner = threading.Thread(target=fit, name=f"train-{name}", daemon=True)
-    failed = None
+    failed, reported = None, []
     try:
         with forbidden("a trial's driver"):
             runner.start()
@@ -154,6 +161,7 @@ def run_trial(
                 if FAILED in item:
                     failed = item[FAILED]
                 else:
+                    reported.append(dict(item))
                     report(item)
         runner.join()
     finally:
@@ -163,3 +171,4 @@ def run_trial(
         raise TrialFailed(failed) from None
     if "error" in outcome:
         raise outcome["error"]
+    replay.keep(store, cfg, reported, seeds)
