@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 import queue
 import tempfile
@@ -37,6 +38,7 @@ if TYPE_CHECKING:
     from sae_ray.method.stages import Trial
 
 __all__ = ["TrialFailed", "run_trial", "trial_loop"]
+log = logging.getLogger(__name__)
 REPORTED = "reported.json"  # the run's checkpoint: how many cycles Tune has
 
 
@@ -171,4 +173,7 @@ def run_trial(
         raise TrialFailed(failed) from None
     if "error" in outcome:
         raise outcome["error"]
-    replay.keep(store, cfg, reported, seeds)
+    try:
+        replay.keep(store, cfg, reported, seeds)
+    except OSError as err:  # the trial's results are in Tune: a rerun would only recompute
+        log.warning("trial %s: its record for replays was not kept (%s)", trial_id, err)
