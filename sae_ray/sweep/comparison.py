@@ -56,7 +56,8 @@ def paired_differences(
                 continue
             out.append((*key, metric, diff, row["trial_id"]))
     diffs = pd.DataFrame(out, columns=["strategy", "seed", "point", "metric", "diff", "trial_id"])
-    once = diffs.groupby(["strategy", "seed", "point", "metric"], sort=False, as_index=False)
+    by = ["strategy", "seed", "point", "metric"]
+    once = diffs.groupby(by, sort=False, as_index=False, dropna=False)
     return once.agg(trial_id=("trial_id", "first"), diff=("diff", "mean"))[DIFF_COLUMNS]
 
 
