@@ -107,3 +107,37 @@ def test_a_point_run_twice_at_one_seed_counts_once():
         .loc[("per_class", "interp/u"), "n"]
         == 8
     )
+
+
+def test_the_breakdown_compares_within_each_searched_setting():
+    """TopK gains, JumpReLU does not: the pooled row mixes them, the breakdown tells them
+    apart, each row the pooled computation on that setting's pairs."""
+    from sae_ray import config as C
+    from sae_ray.sweep.comparison import comparison_by_setting, settings
+
+    space = {
+        "sae.architecture": C.SpaceEntry(type="choice", values=["topk", "jumprelu"]),
+        "sharpening.strategy": C.SpaceEntry(type="choice", values=["per_class", "none"]),
+        "sae.lr": C.SpaceEntry(type="loguniform", low=1e-4, high=1e-2),
+    }
+    assert settings(space) == ["sae.architecture"]  # a continuous key names no setting
+    rows = []
+    for arch, gain in (("topk", 0.05), ("jumprelu", 0.0)):
+        for r in ROWS:
+            if r["status"] != "COMPLETE":
+                continue
+            strategy = r["strategy_effective"]
+            u = r["interp/u"] + (gain if strategy == "per_class" else 0.0)
+            point = {"sae.architecture": arch, "sharpening.strategy": strategy}
+            rows.append(r | point | {"trial_id": f"{arch}-{r['trial_id']}", "interp/u": u})
+    params = list(space)
+    split = comparison_by_setting(rows, 0, params, settings(space))
+    split = split.set_index(["sae.architecture", "strategy", "metric"])
+    for arch, gain in (("topk", 0.05), ("jumprelu", 0.0)):
+        d = np.array([PER_CLASS_U[s] + gain - CONTROL_U[s] for s in range(4)])
+        row = split.loc[(arch, "per_class", "interp/u")]
+        assert row["n"] == 4 and row["mean"] == pytest.approx(d.mean())
+        assert row["p"] == pytest.approx(stats.ttest_1samp(d, 0).pvalue)
+    pooled = comparison(rows, 0, params).set_index(["strategy", "metric"])
+    assert pooled.loc[("per_class", "interp/u"), "n"] == 8
+    assert (split["p_holm"].dropna() >= split["p"].dropna()).all()

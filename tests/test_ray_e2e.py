@@ -238,6 +238,10 @@ def test_quickstart_sweep_end_to_end(quickstart_sweep):
     assert results.loc[results["sharpening.strategy"] == "none", "is_control"].all()
     assert (results["val/accuracy"] > 0.5).all()  # the task is learnt (chance is 0.25)
     assert (results["sae/fvu"] < 1).all()
+    # each strategy against the control within each searched SAE setting: one pair each
+    by = pd.read_csv(quickstart_sweep / "comparison_by_setting.csv")
+    assert list(by.columns[:3]) == ["sae.k", "sae.expansion_factor", "strategy"]
+    assert set(by["strategy"]) == {"per_class", "per_example", "random"} and (by["n"] == 1).all()
 
 
 def test_quickstart_targets_sharpen_the_reconstruction(quickstart_sweep):

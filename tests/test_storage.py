@@ -102,7 +102,13 @@ def test_sweep_outputs_land_in_the_bucket(s3_server, tmp_path):
     )
     assert cfg.sweep_uri == "s3://sae-ray-test/runs/outs"
     write_outputs(_rows(), cfg)
-    written = ["best.json", "comparison.csv", "optuna.db", "results.csv"]
+    written = [
+        "best.json",
+        "comparison.csv",
+        "comparison_by_setting.csv",  # sae.k is a choice
+        "optuna.db",
+        "results.csv",
+    ]
     assert storage.listdir(cfg.sweep_uri) == written
     results = pd.read_csv(pa.BufferReader(storage.read_bytes(f"{cfg.sweep_uri}/results.csv")))
     assert len(results) == 4 and set(results["trial_id"]) == {"t0", "t1"}

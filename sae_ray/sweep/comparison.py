@@ -20,23 +20,27 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from sae_ray.config import SpaceEntry
 from sae_ray.config.metrics import PAIRED as COMPARED
 
 SEEDS = ("seed", "experiment.seed")  # a seeds.csv row's own, or a trial's sampled one
 COLUMNS = ["strategy", "metric", "n", "mean", "ci_low", "ci_high", "p", "effect_size", "p_holm"]
 DIFF_COLUMNS = ["strategy", "seed", "trial_id", "metric", "diff"]
+STRATEGY = "sharpening.strategy"
 
 
 def paired_differences(
     final: list[dict[str, Any]], seed: int, params: list[str] | None = None
 ) -> pd.DataFrame:
     """One row per (strategy point, seed, metric): its difference to the control of its
-    seed (`seed`: the sweep's, for trials that did not sample one). `final`: each trial's
-    last cycle (`results.final_rows`), or its seeds' rows; `params`: the searched keys that
-    name a point (None: every trial is a point of its own)."""
+    seed (`seed`: the sweep's, for trials that did not sample one), with the point's
+    `params` values. `final`: each trial's last cycle (`results.final_rows`), or its seeds'
+    rows; `params`: the searched keys that name a point (None: every trial is a point of
+    its own)."""
+    keys = params or []
     done = [r for r in final if r.get("status") == "COMPLETE"]
     if not done:
-        return pd.DataFrame(columns=DIFF_COLUMNS)
+        return pd.DataFrame(columns=[*DIFF_COLUMNS, *keys])
     frame = pd.DataFrame(done)
     column = next((c for c in SEEDS if c in frame), None)
     frame["seed"] = frame[column].fillna(seed) if column else seed
@@ -54,11 +58,13 @@ def paired_differences(
                 diff = row[metric] - controls.loc[row["seed"], metric]
             else:
                 continue
-            out.append((*key, metric, diff, row["trial_id"]))
-    diffs = pd.DataFrame(out, columns=["strategy", "seed", "point", "metric", "diff", "trial_id"])
-    by = ["strategy", "seed", "point", "metric"]
-    once = diffs.groupby(by, sort=False, as_index=False, dropna=False)
-    return once.agg(trial_id=("trial_id", "first"), diff=("diff", "mean"))[DIFF_COLUMNS]
+            out.append((*key, metric, diff, row["trial_id"], *(row.get(p) for p in keys)))
+    columns = ["strategy", "seed", "point", "metric", "diff", "trial_id", *keys]
+    once = pd.DataFrame(out, columns=columns).groupby(
+        ["strategy", "seed", "point", "metric"], sort=False, as_index=False, dropna=False
+    )
+    first = {k: (k, "first") for k in ["trial_id", *keys]}
+    return once.agg(diff=("diff", "mean"), **first)[[*DIFF_COLUMNS, *keys]]
 
 
 def _point(row: pd.Series, params: list[str]) -> str:
@@ -100,12 +106,30 @@ def comparison(
 ) -> pd.DataFrame:
     """The comparison table (COLUMNS), one row per (strategy, metric), of each trial's last
     cycle (`final`); `params` name a point (`paired_differences`)."""
-    diffs = paired_differences(final, seed, params)
+    return _table(paired_differences(final, seed, params), ["strategy", "metric"])
+
+
+def settings(space: dict[str, SpaceEntry]) -> list[str]:
+    """The searched keys a strategy's gain may depend on and that take a few values (SAE
+    architecture, k, expansion, layer...): the choices besides the strategy."""
+    return [k for k, entry in space.items() if entry.type == "choice" and k != STRATEGY]
+
+
+def comparison_by_setting(
+    final: list[dict[str, Any]], seed: int, params: list[str], by: list[str]
+) -> pd.DataFrame:
+    """comparison.csv within each combination of the `by` keys' values (`settings`): at
+    which architecture, k or expansion a strategy beats the control. Holm-adjusted over
+    this table, a family of its own."""
+    return _table(paired_differences(final, seed, params), [*by, "strategy", "metric"])
+
+
+def _table(diffs: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
     table = [
-        {"strategy": strategy, "metric": metric, **summarize(group["diff"].to_numpy())}
-        for (strategy, metric), group in diffs.groupby(["strategy", "metric"], sort=True)
+        {**dict(zip(keys, group, strict=True)), **summarize(rows["diff"].to_numpy())}
+        for group, rows in diffs.groupby(keys, sort=True, dropna=False)
     ]
-    frame = pd.DataFrame(table, columns=COLUMNS[:-1])
+    frame = pd.DataFrame(table, columns=[*keys, *COLUMNS[2:-1]])
     frame["p_holm"] = holm(frame["p"].to_numpy()) if len(frame) else []
     return frame
 

@@ -27,7 +27,11 @@ from pydantic import ValidationError  # noqa: E402
 
 from sae_ray import storage  # noqa: E402
 from sae_ray.config import CONTROL, Config, ConfigError, one_line  # noqa: E402
-from sae_ray.sweep.comparison import comparison  # noqa: E402
+from sae_ray.sweep.comparison import (  # noqa: E402
+    comparison,
+    comparison_by_setting,
+    settings,
+)
 from sae_ray.sweep.figures import (  # noqa: E402
     Sweep,
     importances,
@@ -213,6 +217,12 @@ def _write_pages(location: str, pages: Path) -> str:
             "needs an interval that excludes 0 over several seeds (comparison.csv).</p>",
             _html_table(comparison_table(sweep).round(4)),
         ]
+        if settings(sweep.cfg.search.space):
+            sections += [
+                "<p class=note>The same within each searched setting (architecture, k, "
+                "...; comparison_by_setting.csv, Holm-adjusted over that table).</p>",
+                _html_table(comparison_table(sweep, by_setting=True).round(4)),
+            ]
         sections.append("<h2>Parameter importance</h2>")
         for i, (metric, values) in enumerate(importances(sweep).items()):
             if isinstance(values, dict) and values:
@@ -235,11 +245,15 @@ def _write_pages(location: str, pages: Path) -> str:
     return "index.html"
 
 
-def comparison_table(sweep: Sweep) -> pd.DataFrame:
-    """comparison.csv's table, from the same rows: each trial's seeds at its last cycle."""
+def comparison_table(sweep: Sweep, by_setting: bool = False) -> pd.DataFrame:
+    """comparison.csv's table (comparison_by_setting.csv's with `by_setting`), from the same
+    rows: each trial's seeds at its last cycle."""
     seeds = [] if sweep.seeds is None else sweep.seeds.to_dict("records")
     final = final_seed_rows(sweep.rows.to_dict("records"), seeds)
-    return comparison(final, sweep.cfg.experiment.seed, sweep.params)
+    seed = sweep.cfg.experiment.seed
+    if by_setting:
+        return comparison_by_setting(final, seed, sweep.params, settings(sweep.cfg.search.space))
+    return comparison(final, seed, sweep.params)
 
 
 def _img(name: str) -> str:

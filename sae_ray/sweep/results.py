@@ -21,7 +21,7 @@ from tabulate import tabulate
 
 from sae_ray import storage
 from sae_ray.config.metrics import headline as metrics_headline
-from sae_ray.sweep.comparison import comparison
+from sae_ray.sweep.comparison import comparison, comparison_by_setting, settings
 
 if TYPE_CHECKING:
     from sae_ray.config import Config, Objective, SpaceEntry
@@ -30,6 +30,7 @@ LEAD = ["trial_id", "cycle"]
 TAIL = ["status", "error"]
 RESULTS, BEST, STUDY, CONFIG = "results.csv", "best.json", "optuna.db", "config.yaml"
 COMPARISON, SEEDS = "comparison.csv", "seeds.csv"
+BY_SETTING = "comparison_by_setting.csv"
 # Tune's own bookkeeping columns that say nothing about the science.
 _TUNE_COLUMNS = {
     "timestamp",
@@ -321,11 +322,15 @@ def write_outputs(rows: list[dict[str, Any]], cfg: Config) -> None:
         seeds = seed_rows(rows, cfg)
         if seeds:
             write_results(seeds, staged / SEEDS)
-        final = final_seed_rows(rows, seeds)
-        table = comparison(final, cfg.experiment.seed, list(cfg.search.space))
+        final, params = final_seed_rows(rows, seeds), list(cfg.search.space)
+        table = comparison(final, cfg.experiment.seed, params)
         table.to_csv(staged / COMPARISON, index=False)
+        by = settings(cfg.search.space)
+        if by:
+            split = comparison_by_setting(final, cfg.experiment.seed, params, by)
+            split.to_csv(staged / BY_SETTING, index=False)
         # config.yaml: written when the sweep starts
-        for name in (RESULTS, SEEDS, BEST, STUDY, COMPARISON):
+        for name in (RESULTS, SEEDS, BEST, STUDY, COMPARISON, BY_SETTING):
             if (staged / name).is_file():
                 storage.upload(staged / name, storage.join(cfg.sweep_uri, name))
 
