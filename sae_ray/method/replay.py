@@ -46,10 +46,11 @@ def report_again(
     (`seeds`: a location with `{}` for the cycle)."""
     for cycle, entry in enumerate(cycles):
         storage.write_bytes(seeds.format(cycle), json.dumps(entry["seeds"]).encode())
-        metrics = {k: v for k, v in entry["metrics"].items() if k not in NO_WORKER}
-        for key in metrics:
-            if key.startswith("time/"):
-                metrics[key] = 0.0
+        metrics = {
+            k: 0.0 if k.startswith("time/") else v
+            for k, v in entry["metrics"].items()
+            if k not in NO_WORKER
+        }
         metrics["artifacts/computed"] = 0
         report(metrics)
 

@@ -26,7 +26,7 @@ from sae_ray.config.metrics import PAIRED as COMPARED
 SEEDS = ("seed", "experiment.seed")  # a seeds.csv row's own, or a trial's sampled one
 COLUMNS = ["strategy", "metric", "n", "mean", "ci_low", "ci_high", "p", "effect_size", "p_holm"]
 DIFF_COLUMNS = ["strategy", "seed", "trial_id", "metric", "diff"]
-STRATEGY = "sharpening.strategy"
+STRATEGY = "sharpening.strategy"  # the searched key every comparison is about
 
 
 def paired_differences(

@@ -35,6 +35,7 @@ from sae_ray.config import (
 )
 from sae_ray.method.cofit import running
 from sae_ray.method.trial_run import TrialFailed, run_trial
+from sae_ray.sweep.comparison import STRATEGY
 from sae_ray.sweep.progress import SweepProgress
 from sae_ray.sweep.results import collect_results, write_config, write_outputs
 from sae_ray.sweep.space import (
@@ -47,7 +48,6 @@ from sae_ray.sweep.space import (
 
 log = logging.getLogger(__name__)
 DRIVER_RESOURCES = {"cpu": 0, "memory": 1 << 20}  # an empty request is refused
-STRATEGY = "sharpening.strategy"
 VIOLATION = "constraint/violation"
 
 
