@@ -196,6 +196,31 @@ CASES = [
         ["dataset.name=./no/such.csv"],
         "dataset.name: ./no/such.csv: no such file",
     ),
+    ("negative seed", None, ["experiment.seed=-1"], "experiment.seed: must be at least 0"),
+    ("negative split seed", None, ["dataset.split_seed=-2"], "dataset.split_seed: must be"),
+    ("override value not YAML", None, ["sae.k=[1,"], "sae.k=[1,: the value is not valid YAML"),
+    ("override without a key", None, ["=5"], "=5: an override needs a key"),
+    ("override with an empty part", None, ["sae..k=5"], "sae..k=5: an override needs a key"),
+    ("no model", None, ["model.name=not a model!"], "model.name: 'not a model!' is neither"),
+    ("no model, slashes", None, ["model.name=a/b/c"], "model.name: 'a/b/c' is neither"),
+    (
+        "primary contrast on an unpaired metric",
+        None,
+        ["analysis.primary={strategy: per_class, metric: sae/l0}"],
+        "analysis.primary.metric: 'sae/l0' has no paired difference",
+    ),
+    (
+        "primary contrast past the last cycle",
+        None,
+        ["analysis.primary={strategy: per_class, metric: interp/u, cycle: 2}"],
+        "analysis.primary.cycle: 2 is past the last cycle (1)",
+    ),
+    (
+        "a contrast of a strategy with itself",
+        None,
+        ["analysis.contrasts=[{strategy: centroid, against: centroid}]"],
+        "analysis.contrasts.0.against: centroid against itself",
+    ),
 ]
 
 
@@ -211,12 +236,13 @@ def test_bad_sweep_exits_2_with_one_line(
     assert not (tmp_path / "runs").exists()  # a refused sweep leaves nothing behind
 
 
-def _one_line(capsys, expected: str) -> None:
+def _one_line(capsys, expected: str) -> str:
     err = capsys.readouterr().err
     lines = err.strip().splitlines()
     assert len(lines) == 1, err
     assert lines[0].startswith("error: ") and expected in lines[0], lines[0]
     assert "Traceback" not in err
+    return lines[0]
 
 
 def test_missing_sweep_file(tmp_path, capsys):
@@ -329,6 +355,43 @@ def test_degenerate_datasets_are_refused(tmp_path, capsys, name):
     args = ["sweep", str(QUICKSTART), f"dataset.name={data}", f"experiment.storage_path={tmp_path}"]
     assert cli.main(args) == 2
     _one_line(capsys, expected)
+
+
+def _damaged(path, kind):
+    rows = [f'"words about topic {i % 3} number {i}",{i % 3}' for i in range(60)]
+    if kind == "empty":
+        path.write_text("")
+    elif kind == "header only":
+        path.write_text("text,label\n")
+    elif kind == "latin-1":
+        lines = [f'"café {i}",{i % 3}' for i in range(60)]
+        path.write_bytes(("text,label\n" + "\n".join(lines) + "\n").encode("latin-1"))
+    elif kind == "extra fields":
+        path.write_text("text,label\n" + "\n".join([*rows[:9], '"x",1,2,3', *rows[9:]]) + "\n")
+    elif kind == "truncated line":
+        lines = [f'{{"text": "words {i}", "label": {i % 3}}}' for i in range(60)]
+        path.write_text("\n".join([*lines[:30], '{"text": "half a li', *lines[30:]]) + "\n")
+    else:  # text named .parquet
+        path.write_text("text,label\n" + "\n".join(rows) + "\n")
+
+
+DAMAGED = [  # (kind, file name, what the line says)
+    ("empty", "data.csv", "data.csv is empty"),
+    ("header only", "data.csv", "data.csv: has no data rows"),
+    ("latin-1", "data.csv", "data.csv: not UTF-8 text (byte 0xe9 at offset 15, line 2)"),
+    ("extra fields", "data.csv", "data.csv: cannot be read as CSV (Error tokenizing data. C "),
+    ("truncated line", "data.jsonl", "data.jsonl: cannot be read as JSON lines (JSON parse "),
+    ("text named .parquet", "data.parquet", "data.parquet: is not a Parquet file"),
+]
+
+
+@pytest.mark.parametrize("kind, name, expected", DAMAGED, ids=[d[0] for d in DAMAGED])
+def test_a_damaged_data_file_is_one_line_naming_it(tmp_path, capsys, kind, name, expected):
+    _damaged(tmp_path / name, kind)
+    args = ["sweep", str(QUICKSTART), f"dataset.name={tmp_path / name}"]
+    assert cli.main([*args, f"experiment.storage_path={tmp_path / 'runs'}"]) == 2
+    line = _one_line(capsys, f"dataset.name: {tmp_path}/")
+    assert expected in line
 
 
 def test_integral_float_labels_are_classes(tmp_path):

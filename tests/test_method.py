@@ -130,3 +130,49 @@ def test_seeds_vary_training_not_the_split_and_models_are_keyed_on_their_ranks()
         for c in range(3)
     }
     assert len(seeds) == 9  # seed s at cycle 1 no longer replays seed s+1 at cycle 0
+
+
+def _analytic_aux_grad(h, t, form, c):
+    """d aux / d h written out: MSE 2(h − t)/(n·d); the cosine about c,
+    −(v/(|u||v|) − (u·v) u/(|u|³|v|)) / n with u = h − c, v = t − c."""
+    n, d = h.shape
+    if form == "mse":
+        return 2 * (h - t) / (n * d)
+    u, v = h - c, t - c
+    nu, nv = u.norm(dim=1, keepdim=True), v.norm(dim=1, keepdim=True)
+    dot = (u * v).sum(1, keepdim=True)
+    return -(v / (nu * nv) - dot * u / (nu**3 * nv)) / n
+
+
+@pytest.mark.parametrize("form,centered", [("mse", False), ("cosine", False), ("cosine", True)])
+def test_the_aux_forms_gradients_equal_their_formulas(form, centered):
+    """cycles.aux_loss: mse and cycles.aux_center change the loss a classifier trains on
+    (they were once accepted and ignored): autograd's gradient equals the written-out one."""
+    from sae_ray.method.finetune import aux_loss
+
+    g = torch.Generator().manual_seed(0)
+    mean = 3.0 * torch.randn(24, generator=g, dtype=torch.float64)
+    h = (mean + torch.randn(8, 24, generator=g, dtype=torch.float64)).requires_grad_(True)
+    t = mean + torch.randn(8, 24, generator=g, dtype=torch.float64)
+    c = mean if centered else torch.zeros(24, dtype=torch.float64)
+    aux_loss(h, t, form, c if centered else None).backward()
+    want = _analytic_aux_grad(h.detach(), t, form, c)
+    torch.testing.assert_close(h.grad.double(), want, rtol=1e-4, atol=1e-7)
+
+
+def test_the_classifiers_aux_form_is_the_configured_one(clf, topics):
+    train = topics.splits["train"]
+    d = clf.model.config.hidden_size
+    targets = TargetTable(train.ids.copy(), torch.randn(len(train), d), torch.randn(d))
+    batch = next(batches(clf, train, 16, 32))
+    with torch.no_grad(), hooked(clf.model, 0) as store:
+        clf.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    h = pooled(store["h"], batch["attention_mask"], clf.pooling).float()
+    t = targets.lookup(batch["ids"].numpy())
+    with torch.no_grad():
+        _, mse = loss_on_batch(clf, batch, 0, 1.0, targets, aux_form="mse")
+        _, cos = loss_on_batch(clf, batch, 0, 1.0, targets)
+    assert mse["aux"] == pytest.approx(float(((h - t) ** 2).mean()), rel=1e-4)
+    u, v = h - targets.center, t - targets.center
+    want = 1 - torch.nn.functional.cosine_similarity(u, v, dim=-1).mean()
+    assert cos["aux"] == pytest.approx(float(want), rel=1e-4)

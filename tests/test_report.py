@@ -70,20 +70,20 @@ def test_trials_are_sorted_by_the_objective_and_strategies_compared_with_the_con
 
 
 def test_the_reports_comparison_is_comparison_csv(tmp_path):
-    """Both pair each trial's seeds at its last cycle (n = trials x seeds), not the trials'
-    seed means."""
+    """Both pair the seeds (each seed's points averaged: n = seeds), from the same rows."""
     cfg = fake_sweep(str(tmp_path), seeds=3)
     build_report(cfg.sweep_uri)
     written = pd.read_csv(cfg.sweep_dir / "comparison.csv")
     shown = comparison_table(load_sweep(cfg.sweep_uri, tmp_path))
     pd.testing.assert_frame_equal(shown, written, check_dtype=False)
     per_class = written.set_index(["strategy", "metric"]).loc[("per_class", "interp/u")]
-    assert per_class["n"] == 2 * 3
+    assert per_class["n"] == 3 and per_class["n_points"] == 2  # 2 trials at each of 3 seeds
     by = pd.read_csv(cfg.sweep_dir / "comparison_by_setting.csv")
     shown = comparison_table(load_sweep(cfg.sweep_uri, tmp_path), by_setting=True)
     pd.testing.assert_frame_equal(shown, by, check_dtype=False)
     assert list(by.columns[:2]) == ["sae.k", "sae.expansion_factor"]  # the searched choices
     assert by[(by["strategy"] == "per_class") & (by["metric"] == "interp/u")]["n"].sum() == 6
+    assert set(by["n_points"]) == {1}  # one point per setting and seed
     assert "comparison_by_setting.csv" in (cfg.sweep_dir / "report" / "index.html").read_text()
 
 

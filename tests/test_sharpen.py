@@ -31,9 +31,10 @@ def _decode(sae, codes) -> np.ndarray:
     return codes @ w_dec + b_dec  # x_hat = z W_dec + b_dec, written out
 
 
-def _run(strategy, sae, x, labels, rule=HALF, seed=0, ids=None):
+def _run(strategy, sae, x, labels, rule=HALF, seed=0, ids=None, **kwargs):
     ids = np.arange(len(x)) if ids is None else ids
-    return sharpen(strategy, sae, ids, labels, x, int(labels.max()) + 1, rule, seed, cycle=0)
+    classes = int(labels.max()) + 1
+    return sharpen(strategy, sae, ids, labels, x, classes, rule, seed, cycle=0, **kwargs)
 
 
 @pytest.mark.parametrize("rule,keep", [(PCT10, 4), (HALF, 4), (Sharpening(keep_frac=0.25), 2)])
@@ -89,16 +90,16 @@ def test_shuffled_is_the_sharpened_targets_permuted_across_examples():
     sae, x = _sae(), _x(50, 5)
     labels, ids = np.repeat([0, 1], 25), np.arange(50)
     sharp = _run("per_example", sae, x, labels).table.lookup(ids).numpy()
-    shuffled = _run("shuffled", sae, x, labels, seed=7).table.lookup(ids).numpy()
+    of = {"shuffle_of": "per_example"}
+    shuffled = _run("shuffled", sae, x, labels, seed=7, **of).table.lookup(ids).numpy()
     # the same rows (the same target distribution), paired with other examples
     order = [int(np.flatnonzero((sharp == row).all(1))[0]) for row in shuffled]
     assert sorted(order) == list(range(50))
     assert sum(i != j for i, j in enumerate(order)) > 40
-    class_rule = Sharpening(shuffle_of="per_class")
-    of_class = _run("shuffled", sae, x, labels, class_rule, seed=7).table.lookup(ids).numpy()
+    of_class = _run("shuffled", sae, x, labels, seed=7).table.lookup(ids).numpy()  # default
     per_class = _run("per_class", sae, x, labels).table.lookup(ids).numpy()
     np.testing.assert_array_equal(np.sort(of_class, 0), np.sort(per_class, 0))
-    again = _run("shuffled", sae, x, labels, seed=7).table.lookup(ids).numpy()
+    again = _run("shuffled", sae, x, labels, seed=7, **of).table.lookup(ids).numpy()
     np.testing.assert_array_equal(again, shuffled)  # seeded
 
 
@@ -215,3 +216,41 @@ def test_per_class_of_a_varying_l0_sae_keeps_what_an_example_keeps_on_average():
     np.testing.assert_allclose(
         made.table.lookup(np.arange(60)).numpy(), _decode(sae, hand), atol=1e-5
     )
+
+
+def test_recon_cos_is_taken_about_b_dec_whatever_the_activations_mean():
+    """The audit's case: a random SAE (d 64, k 16), per_class. Both the target and the
+    reconstruction contain b_dec (about the activations' mean), so the raw cosine reads
+    near 1 whatever sharpening did (.216 at zero mean, .80 at |mean|/|dev| 1.2, .96 at 3);
+    the centred one does not move."""
+    torch.manual_seed(0)
+    sae = SparseAutoencoder(SaeConfig(64, 256, 16))
+    dev = np.random.default_rng(0).standard_normal((200, 64)).astype(np.float32)
+    labels, ids = np.repeat([0, 1, 2, 3], 50), np.arange(200)
+    mean = np.random.default_rng(1).standard_normal(64).astype(np.float32)
+    mean *= 3.0 * np.linalg.norm(dev, axis=1).mean() / np.linalg.norm(mean)
+    with torch.no_grad():
+        sae.b_dec.zero_()
+    at_zero = target_metrics(_run("per_class", sae, dev, labels).table, sae, ids, dev)
+    x = dev + mean
+    with torch.no_grad():
+        sae.b_dec.copy_(torch.from_numpy(mean))  # the same codes of x − b_dec
+    table = _run("per_class", sae, x, labels).table
+    shifted = target_metrics(table, sae, ids, x)
+    assert shifted["targets/recon_cos"] == pytest.approx(at_zero["targets/recon_cos"], abs=1e-4)
+    assert at_zero["targets/recon_cos"] < 0.5
+    recon = sae(torch.from_numpy(x))[0].detach().numpy().astype(np.float64)
+    t = table.lookup(ids).numpy().astype(np.float64)
+    raw = (t * recon).sum(1) / (np.linalg.norm(t, axis=1) * np.linalg.norm(recon, axis=1))
+    assert raw.mean() > 0.9  # what the uncentred figure read
+
+
+def test_centred_targets_carry_their_centre_and_random_ones_move_about_it():
+    sae, x = _sae(), _x(40, 2) + 5.0
+    labels, ids = np.repeat([0, 1], 20), np.arange(40)
+    made = _run("per_class", sae, x, labels, centered=True).table
+    np.testing.assert_allclose(made.center.numpy(), x.mean(0), rtol=1e-5)
+    assert _run("per_class", sae, x, labels).table.center is None
+    rand = _run("random", None, x, labels, seed=3, centered=True).table
+    unit = random_targets(ids, 16, stream(3, 0, "random_targets"))
+    np.testing.assert_allclose(rand.lookup(ids).numpy() - x.mean(0), unit, atol=1e-5)

@@ -102,6 +102,11 @@ def check_model(cfg: Config) -> None:
     path = Path(name).expanduser()
     if name.startswith(("./", "../", "/", "~")) and not path.exists():
         raise ConfigError(f"model.name: {name}: no such model folder")
+    if not path.exists() and not is_model_name(name):
+        raise ConfigError(
+            f"model.name: {name!r} is neither a preset, a local model folder nor a hub id "
+            "(owner/name)"
+        )
     if path.is_dir() and model_shape(name) is None:
         raise ConfigError(f"model.name: {name} holds no model (no readable config.json)")
     from sae_ray.lm.models import FIRST_TOKEN_TYPES
@@ -115,6 +120,21 @@ def check_model(cfg: Config) -> None:
     start = cfg.cycles.start_from
     if start not in ("finetune", "pretrained") and not (Path(start) / "config.json").is_file():
         raise ConfigError(f"cycles.start_from: {start} holds no saved classifier (no config.json)")
+
+
+def is_model_name(name: str) -> bool:
+    """A preset, or what the hub could hold (its own rule for repository ids)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    from sae_ray.lm.models import MODEL_PRESETS, TINY_PRESETS
+
+    if name in (*MODEL_PRESETS, *TINY_PRESETS, "minilm"):
+        return True
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
 
 
 def check_layer(cfg: Config) -> None:

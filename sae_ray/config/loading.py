@@ -27,8 +27,9 @@ def one_line(err: ValidationError, spell: Callable[[str], str] = str) -> str:
         msg = "unknown key"
     elif first["type"] == "greater_than_equal":
         msg = f"must be at least {first['ctx']['ge']}"
-    if not field and ": " in msg:  # a model-level check names its field first ("k: ...")
-        field, msg = msg.split(": ", 1)
+    head, colon, rest = msg.partition(": ")
+    if colon and " " not in head:  # a model-level check names its field first ("k: ...")
+        field, msg = ".".join(p for p in (field, head) if p), rest
     return f"{spell(field or 'config')}: {msg}"
 
 
@@ -49,7 +50,14 @@ def parse_override(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise ConfigError(f"{text}: an override must look like section.key=value")
     key, raw = text.split("=", 1)
-    return key.strip(), yaml.safe_load(raw) if raw else ""
+    key = key.strip()
+    if not key or not all(key.split(".")):
+        raise ConfigError(f"{text}: an override needs a key before '=' (section.key=value)")
+    try:
+        return key, yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError as err:
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{text}: the value is not valid YAML ({problem})") from None
 
 
 def validate(raw: dict[str, Any]) -> Config:

@@ -23,6 +23,9 @@ INTERP = [
     "u",
     "u_null",
     "u_excess",
+    "u_top",
+    "u_top_null",
+    "u_top_excess",
     "alive_frac",
     "csi",
     "ari",
@@ -47,7 +50,16 @@ TARGETS = ["kept_latents", "recon_cos", "initial_aux"]
 # Reported beside each trial's own value for the λ = 0 model of its seed and cycle, through
 # an SAE of the trial's settings: `control/<metric>` and `delta/<metric>` (own - control).
 PAIRED_TASK = {
-    False: ["interp/u", "interp/u_excess", "test/interp/u", "val/accuracy", "test/accuracy"],
+    False: [
+        "interp/u",
+        "interp/u_excess",
+        "interp/u_top_excess",
+        "test/interp/u",
+        "test/interp/u_excess",
+        "test/interp/u_top_excess",
+        "val/accuracy",
+        "test/accuracy",
+    ],
     True: ["val/perplexity", "test/perplexity", "sae/ce_loss_score"],
 }
 PAIRED = [*PAIRED_TASK[False], *PAIRED_TASK[True], "sae/fvu"]

@@ -5,13 +5,21 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Literal, get_args
+from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
 from sae_ray import storage
+from sae_ray.config.analysis import Analysis
 from sae_ray.config.base import Section
 from sae_ray.config.search import Search
+from sae_ray.config.strategies import (
+    CONTROL,
+    SHUFFLABLE,
+    TASK_STRATEGIES,
+    Strategy,
+    effective_strategy,
+)
 
 
 class Experiment(Section):
@@ -22,7 +30,9 @@ class Experiment(Section):
         description="local directory (relative: to where the sweep is launched), or "
         "s3://bucket/prefix, gs://bucket/prefix",
     )
-    seed: int = 0
+    seed: int = Field(
+        0, ge=0, description="the first experiment seed (numpy's seed sequences take no negatives)"
+    )
     share_artifacts: bool = Field(
         True,
         description="false: each trial computes every stage itself (for measuring what "
@@ -72,11 +82,24 @@ class Dataset(Section):
     max_examples: int | None = Field(None, ge=10, description="cap on the loaded train split")
     val_fraction: float = Field(0.1, gt=0, lt=0.5)
     test_fraction: float = Field(0.1, gt=0, lt=0.5)
-    split_seed: int = Field(
+    split_seed: int | Literal["per_seed"] = Field(
         0,
-        description="draws the train / validation / test split: fixed across experiment seeds, "
-        "so seeds vary the training, not which examples are held out",
+        description="draws the train / validation / test split: a number fixes it across "
+        "experiment seeds (seeds vary the training, not which examples are held out); "
+        "per_seed draws it from each experiment seed, so seed-to-seed variance includes "
+        "which examples were held out",
     )
+
+    @field_validator("split_seed")
+    @classmethod
+    def _non_negative(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and value < 0:
+            raise ValueError("must be at least 0 (or per_seed)")
+        return value
+
+    def split_for(self, seed: int) -> int:
+        """The split seed of experiment seed `seed`."""
+        return seed if self.split_seed == "per_seed" else self.split_seed
 
 
 class Cycles(Section):
@@ -88,8 +111,15 @@ class Cycles(Section):
     aux_weight: float = Field(0.1, ge=0, description="λ in CE + λ·aux(h, t)")
     aux_loss: Literal["cosine", "mse"] | None = Field(
         None,
-        description="aux(h, t): 1 − cos(h, t) or MSE(h, t); default cosine for "
-        "classification, mse (the seed's CPT) for causal_lm",
+        description="aux(h, t): 1 − cos(h, t) or MSE(h, t) (mean over examples and "
+        "dimensions); default cosine for classification, mse (the seed's CPT) for causal_lm",
+    )
+    aux_center: bool = Field(
+        False,
+        description="classification's cosine aux: 1 − cos(h − c, t − c), c the mean of the "
+        "training examples' activations the targets were built from. Both vectors share "
+        "that mean, which makes any two look alike (the uncentred cosine reads near 1 and "
+        "its gradient fades); false: the uncentred 1 − cos(h, t) of the seed",
     )
     lr: float = Field(1e-4, gt=0)
     batch_size: int = Field(32, ge=1, description="examples per step, over all workers")
@@ -208,35 +238,10 @@ PER_SAE = (
     "matryoshka_widths",
 )
 
-CONTROL = "none"  # the λ = 0, equal-compute control strategy
-Strategy = Literal[
-    "per_class",
-    "per_class_complement",
-    "per_example",
-    "centroid",
-    "shuffled",
-    "random",
-    "none",
-    "topk_sharp",
-    "l1",
-]
-# Which strategies each task runs: the LM ones build their targets online, per token.
-LM_ONLY = ("topk_sharp", "l1")
-TASK_STRATEGIES = {
-    "classification": tuple(s for s in get_args(Strategy) if s not in LM_ONLY),
-    "causal_lm": (*LM_ONLY, "random", CONTROL),
-}
-
 
 def sharpens(cfg: Config) -> bool:
     """Whether the config builds targets at all: a strategy with λ > 0, and a next cycle."""
     return cfg.strategy != CONTROL and cfg.cycles.count > 1
-
-
-def effective_strategy(strategy: str, aux_weight: float) -> str:
-    """The one λ = 0 rule: with no aux term any strategy is the control (and shares its
-    artifacts), so `none` and λ = 0 mean the same trial."""
-    return CONTROL if aux_weight == 0 else strategy
 
 
 DEFAULT_KEEP_FRAC = 0.5
@@ -257,8 +262,11 @@ class Sharpening(Section):
     top_k_pct: float | None = Field(
         None, gt=0, le=100, description="the seed's rule instead: this % of all latents"
     )
-    shuffle_of: Literal["per_class", "per_example"] = Field(
-        "per_example", description="shuffled: whose targets are permuted across examples"
+    shuffle_of: Literal["per_class", "per_example"] | None = Field(
+        None,
+        description="shuffled: whose targets are permuted across examples (default: the "
+        "primary contrast's strategy when it sharpens SAE codes, else per_class), so "
+        "X − shuffled compares X with its own targets unpaired",
     )
     k_sharp: int | None = Field(
         None,
@@ -337,6 +345,7 @@ class Config(Section):
     sae: Sae = Field(default_factory=Sae)
     sharpening: Sharpening = Field(default_factory=Sharpening)
     search: Search = Field(default_factory=Search)
+    analysis: Analysis = Field(default_factory=Analysis)
     resources: Resources = Field(default_factory=Resources)
     wandb: Wandb = Field(default_factory=Wandb)
 
@@ -348,6 +357,18 @@ class Config(Section):
                 f"sharpening.strategy: {self.sharpening.strategy!r} is not a "
                 f"{self.model.task} strategy (one of {', '.join(allowed)})"
             )
+        primary = self.analysis.primary
+        if primary is not None:
+            for side in (primary.strategy, primary.against):
+                if side not in allowed:
+                    raise ValueError(
+                        f"analysis.primary: {side!r} is not a {self.model.task} strategy"
+                    )
+            if isinstance(primary.cycle, int) and primary.cycle >= self.cycles.count:
+                raise ValueError(
+                    f"analysis.primary.cycle: {primary.cycle} is past the last cycle "
+                    f"({self.cycles.count - 1})"
+                )
         if self.sae.target_l0 is not None and self.sae.architecture != "jumprelu":
             raise ValueError(
                 f"sae.target_l0: only a jumprelu has an L0 penalty, not "
@@ -364,6 +385,15 @@ class Config(Section):
     def aux_loss(self) -> str:
         """The aux term's form: as set, else the task's (cosine / the seed's MSE)."""
         return self.cycles.aux_loss or ("mse" if self.is_lm else "cosine")
+
+    @property
+    def shuffle_base(self) -> str:
+        """Whose targets `shuffled` permutes: as set, else the primary contrast's strategy
+        when it sharpens SAE codes (X − shuffled then tests X's pairing), else per_class."""
+        primary = self.analysis.primary
+        if self.sharpening.shuffle_of:
+            return self.sharpening.shuffle_of
+        return primary.strategy if primary and primary.strategy in SHUFFLABLE else "per_class"
 
     @property
     def strategy(self) -> str:

@@ -6,6 +6,8 @@ travel with every row (tokens, activations, targets) from then on.
 
 from __future__ import annotations
 
+import codecs
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -137,8 +139,55 @@ def _read_local(path: Path):
         files, kind = {"train": str(path)}, kinds[path.suffix]
     else:
         raise ConfigError(f"dataset.name: {path} is not a .parquet, .csv, .jsonl or .txt file")
+    for file in files.values():
+        _check_file(Path(file), kind)
     extra = {"sample_by": "paragraph"} if kind == "text" else {}
-    return datasets.load_dataset(kind, data_files=files, **extra)
+    where = path if path.is_dir() else Path(files["train"])
+    quiet = logging.getLogger("datasets")  # it logs each failed read before raising
+    level = quiet.level
+    quiet.setLevel(logging.CRITICAL)
+    try:
+        return datasets.load_dataset(kind, data_files=files, **extra)
+    except Exception as err:  # a damaged file: one line naming it and what is wrong
+        raise ConfigError(f"dataset.name: {where}: {_read_error(err, kind)}") from None
+    finally:
+        quiet.setLevel(level)
+
+
+def _check_file(path: Path, kind: str) -> None:
+    """What a data file must be before a reader sees it: not empty, and text files UTF-8
+    (the readers' own errors for these are tracebacks that name neither file nor line)."""
+    if path.stat().st_size == 0:
+        raise ConfigError(f"dataset.name: {path} is empty")
+    if kind == "parquet":
+        return
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    line, offset = 1, 0
+    with path.open("rb") as fh:
+        while chunk := fh.read(1 << 24):
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as err:
+                line += chunk[: err.start].count(b"\n")
+                raise ConfigError(
+                    f"dataset.name: {path}: not UTF-8 text (byte 0x{chunk[err.start]:02x} "
+                    f"at offset {offset + err.start}, line {line}); save it as UTF-8"
+                ) from None
+            line += chunk.count(b"\n")
+            offset += len(chunk)
+
+
+def _read_error(err: BaseException, kind: str) -> str:
+    """The reader's own reason (under `datasets`' wrappers), in words a user can act on."""
+    while type(err).__module__.startswith("datasets") and (err.__cause__ or err.__context__):
+        err = err.__cause__ or err.__context__
+    reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    if "corresponds to no data" in reason:
+        return "has no data rows (a header alone?)"
+    if "magic bytes" in reason:
+        return "is not a Parquet file (its footer has no Parquet magic bytes)"
+    name = {"csv": "CSV", "json": "JSON lines", "text": "text", "parquet": "Parquet"}[kind]
+    return f"cannot be read as {name} ({reason})"
 
 
 # Short names for the seed experiments' datasets -> (hub id, subset).

@@ -1,4 +1,5 @@
-"""Fine-tune the classifier: cross-entropy, plus λ·(1 − cos(h, t)) from cycle 1 on.
+"""Fine-tune the classifier: cross-entropy, plus λ·aux(h, t) from cycle 1 on (1 − cos,
+about the activations' mean with `cycles.aux_center`, or the MSE).
 
 h is the hooked block's output at the pooled position, with gradient; t is the example's
 sharpened target, looked up by example id so any batch order pairs correctly.
@@ -42,8 +43,21 @@ log = logging.getLogger(__name__)
 HISTORY = "history.json"
 
 
-def aux_loss(h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return (1 - F.cosine_similarity(h.float(), targets.to(h.device, torch.float32), dim=-1)).mean()
+def aux_loss(
+    h: torch.Tensor,
+    targets: torch.Tensor,
+    form: str = "cosine",
+    center: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """aux(h, t) over a batch: 1 − cos(h − c, t − c) (c: `center`, else 0), or the MSE
+    (mean over examples and dimensions)."""
+    h, t = h.float(), targets.to(h.device, torch.float32)
+    if form == "mse":
+        return F.mse_loss(h, t)
+    if center is not None:
+        c = center.to(h.device, torch.float32)
+        h, t = h - c, t - c
+    return (1 - F.cosine_similarity(h, t, dim=-1)).mean()
 
 
 def loss_on_batch(
@@ -53,8 +67,10 @@ def loss_on_batch(
     aux_weight: float,
     targets: TargetTable | LmAux | None,
     forward: torch.nn.Module | None = None,
+    aux_form: str = "cosine",
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """CE + λ·aux for one batch; the aux term is skipped (not zeroed) when λ = 0.
+    `aux_form`: a classifier's aux (`aux_loss`), about the target table's centre if any.
 
     `forward` is what runs the batch (a DDP wrapper of `clf.model` on a worker); the hook
     sits on the wrapped model's block either way. A causal LM's CE is next-token CE over
@@ -77,7 +93,7 @@ def loss_on_batch(
     if not use_aux:
         return ce, parts
     h = pooled(store["h"], mask, clf.pooling)
-    aux = aux_loss(h, targets.lookup(batch["ids"].numpy()))
+    aux = aux_loss(h, targets.lookup(batch["ids"].numpy()), aux_form, targets.center)
     parts["aux"] = aux.item()
     return ce + aux_weight * aux, parts
 
@@ -197,7 +213,9 @@ def finetune(
         for rows, global_n in epoch_rows(len(train), cfg.batch_size, seed, epoch, rank, world):
             batch = encode(clf, train, rows, max_length)
             with autocast:
-                loss, parts = loss_on_batch(clf, batch, layer, aux_weight, targets, forward)
+                loss, parts = loss_on_batch(
+                    clf, batch, layer, aux_weight, targets, forward, cfg.aux_loss or "cosine"
+                )
             # DDP averages gradients over ranks: weight each rank's mean by its share so the
             # step is the global batch's mean even when the split is uneven.
             (loss * (len(rows) * world / global_n)).backward()

@@ -85,8 +85,8 @@ def model_spec(cfg: Config) -> dict[str, Any]:
         "start_from": cfg.cycles.start_from,
     }
     if cfg.cycles.start_from == "finetune":
-        spec["train"] = cfg.cycles.model_dump(
-            exclude={"count", "aux_weight", "train_layers", "start_from"}
+        spec["train"] = cfg.cycles.model_dump(  # cycle 0 trains without the aux term
+            exclude={"count", "aux_weight", "aux_loss", "aux_center", "train_layers", "start_from"}
         )
         spec["select"] = "best_val_perplexity" if cfg.is_lm else "best_val_accuracy"
         spec["ranks"] = _ranks(cfg)
@@ -196,13 +196,14 @@ def retrain(trial: Trial, parent: Artifact, targets: Artifact | None, cycle: int
     the same epochs and steps either way (equal compute)."""
     cfg, strategy = trial.cfg, trial.strategy
     aux_weight = 0.0 if strategy == CONTROL else cfg.cycles.aux_weight
-    train = cfg.cycles.model_dump(exclude={"count", "start_from", "aux_loss"})
+    # the aux term's form only where there is one (its centre is the targets' own key)
+    train = cfg.cycles.model_dump(exclude={"count", "start_from", "aux_loss", "aux_center"})
     train["aux_weight"] = aux_weight
     lm_aux = None
     if cfg.is_lm:
         sae_at = targets.location if targets is not None else None
         lm_aux = aux_spec(cfg, strategy, trial.seed, sae_at, cycle)
-    if cfg.aux_loss != "cosine" or cfg.is_lm:  # classification keys stay as they were
+    if aux_weight > 0 and (cfg.aux_loss != "cosine" or cfg.is_lm):
         train["aux_loss"] = cfg.aux_loss
     spec = {
         "parent": parent.key,
@@ -310,13 +311,26 @@ def targets(trial: Trial, sae_art: Artifact, acts: Artifact, hp: str, cycle: int
     else:
         spec.update(parent=sae_art.key, keep=rule.model_dump(include={"keep_frac", "top_k_pct"}))
         if strategy == "shuffled":
-            spec.update(of=rule.shuffle_of, seed=stream(trial.seed, cycle, "shuffle"))
+            spec.update(of=cfg.shuffle_base, seed=stream(trial.seed, cycle, "shuffle"))
+    centered = cfg.aux_loss == "cosine" and cfg.cycles.aux_center
+    if centered:  # the table carries its centre (random targets move about it)
+        spec["center"] = "train_mean"
 
     def compute(out: str, lead: bool) -> None:
         ids, labels, x = load_sequences(acts.local("train", "sequences"), hp)
         sae_model = None if spec["parent"] == acts.key else _load_sae(sae_art)
         made = sharpen(
-            strategy, sae_model, ids, labels, x, trial.data.num_classes, rule, trial.seed, cycle
+            strategy,
+            sae_model,
+            ids,
+            labels,
+            x,
+            trial.data.num_classes,
+            rule,
+            trial.seed,
+            cycle,
+            shuffle_of=cfg.shuffle_base,
+            centered=centered,
         )
         made.table.save(Path(out) / TARGETS)
         (Path(out) / TARGET_STATS).write_text(json.dumps({"kept_latents": made.kept_latents}))

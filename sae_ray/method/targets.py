@@ -40,10 +40,12 @@ TARGETS, TARGET_STATS = "targets.safetensors", "stats.json"  # a targets artifac
 
 @dataclass
 class TargetTable:
-    """Sharpened targets keyed by example id (sorted ids + one row each)."""
+    """Sharpened targets keyed by example id (sorted ids + one row each), and the centre
+    the aux cosine is taken about (`cycles.aux_center`; None: the uncentred cosine)."""
 
     ids: np.ndarray
     vectors: torch.Tensor
+    center: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         order = np.argsort(self.ids)
@@ -60,13 +62,16 @@ class TargetTable:
         return self.vectors[torch.as_tensor(rows)]
 
     def save(self, path: Path) -> None:
-        save_file({"ids": torch.from_numpy(self.ids), "vectors": self.vectors.contiguous()}, path)
+        tensors = {"ids": torch.from_numpy(self.ids), "vectors": self.vectors.contiguous()}
+        if self.center is not None:
+            tensors["center"] = self.center.contiguous()
+        save_file(tensors, path)
 
     @classmethod
     def load(cls, location: str | Path) -> TargetTable:
         """From a local path or a bucket URI (one small file: read, never cached)."""
         tensors = safetensors.torch.load(storage.read_bytes(str(location)))
-        return cls(tensors["ids"].numpy(), tensors["vectors"])
+        return cls(tensors["ids"].numpy(), tensors["vectors"], tensors.get("center"))
 
 
 def class_masks(
@@ -169,24 +174,32 @@ def sharpen(
     seed: int,
     cycle: int,
     device: torch.device | str = "cpu",
+    shuffle_of: str = "per_class",
+    centered: bool = False,
 ) -> Sharpened:
     """Targets in the model's activation space for each training example (none for
-    'none'); `seed` and `cycle` pick the random and shuffling streams."""
+    'none'); `seed` and `cycle` pick the random and shuffling streams, `shuffle_of` whose
+    targets `shuffled` permutes. `centered`: the table carries the centre of the aux
+    cosine, the mean of `x`, and a random target is a random direction about it."""
     if strategy == CONTROL:
         return Sharpened(None)
+    center = torch.from_numpy(x.astype(np.float64).mean(0).astype(np.float32))
+    kept = None
     if strategy == "random":
         vectors = random_targets(ids, x.shape[1], stream(seed, cycle, "random_targets"))
-        return Sharpened(TargetTable(ids.copy(), torch.from_numpy(vectors)))
-    if strategy == "centroid":
+        if centered:
+            vectors = vectors + center.numpy()
+    elif strategy == "centroid":
         vectors = centroid_targets(labels, x, num_classes)
-        return Sharpened(TargetTable(ids.copy(), torch.from_numpy(vectors)))
-    assert sae is not None
-    base = rule.shuffle_of if strategy == "shuffled" else strategy
-    vectors, kept = sharpen_codes(base, sae, labels, x, num_classes, rule, device)
-    if strategy == "shuffled":
-        order = np.random.default_rng(stream(seed, cycle, "shuffle")).permutation(len(ids))
-        vectors = vectors[order]
-    return Sharpened(TargetTable(ids.copy(), torch.from_numpy(vectors)), kept)
+    else:
+        assert sae is not None
+        base = shuffle_of if strategy == "shuffled" else strategy
+        vectors, kept = sharpen_codes(base, sae, labels, x, num_classes, rule, device)
+        if strategy == "shuffled":
+            order = np.random.default_rng(stream(seed, cycle, "shuffle")).permutation(len(ids))
+            vectors = vectors[order]
+    table = TargetTable(ids.copy(), torch.from_numpy(vectors), center if centered else None)
+    return Sharpened(table, kept)
 
 
 def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -204,17 +217,20 @@ def target_metrics(
     device: torch.device | str = "cpu",
 ) -> dict[str, float]:
     """Whether the targets ask for anything: their mean cosine to the SAE's own
-    reconstruction of each example (1: sharpening changed nothing), and the aux loss
-    1 − cos(h, t) at the start of retraining (h: the model's activation now)."""
+    reconstruction of each example (1: sharpening changed nothing), both taken about
+    `b_dec` (each contains it, and an activation mean shared by two vectors makes any two
+    look alike), and the cosine aux 1 − cos(h, t) at the start of retraining (h: the
+    model's activation now; about the table's centre when it has one)."""
     t = table.lookup(ids).float().numpy()
     values, indices = active_codes(sae, x, device)
     recon = sae.decode_sparse(
         torch.from_numpy(values).to(device), torch.from_numpy(indices).to(device)
     )
-    recon = (recon + sae.b_dec).float().cpu().numpy()
+    b_dec = sae.b_dec.detach().float().cpu().numpy()
+    center = 0.0 if table.center is None else table.center.float().numpy()
     return {
-        "targets/recon_cos": float(_cosine(t, recon).mean()),
-        "targets/initial_aux": float((1 - _cosine(x, t)).mean()),
+        "targets/recon_cos": float(_cosine(t - b_dec, recon.float().cpu().numpy()).mean()),
+        "targets/initial_aux": float((1 - _cosine(x - center, t - center)).mean()),
     }
 
 

@@ -27,11 +27,7 @@ from pydantic import ValidationError  # noqa: E402
 
 from sae_ray import storage  # noqa: E402
 from sae_ray.config import CONTROL, Config, ConfigError, one_line  # noqa: E402
-from sae_ray.sweep.comparison import (  # noqa: E402
-    comparison,
-    comparison_by_setting,
-    settings,
-)
+from sae_ray.sweep.comparison import Design, comparison, settings  # noqa: E402
 from sae_ray.sweep.figures import (  # noqa: E402
     Sweep,
     importances,
@@ -48,8 +44,8 @@ from sae_ray.sweep.results import (  # noqa: E402
     RESULTS,
     SEEDS,
     STUDY,
+    comparison_rows,
     final_rows,
-    final_seed_rows,
 )
 
 log = logging.getLogger(__name__)
@@ -249,11 +245,8 @@ def comparison_table(sweep: Sweep, by_setting: bool = False) -> pd.DataFrame:
     """comparison.csv's table (comparison_by_setting.csv's with `by_setting`), from the same
     rows: each trial's seeds at its last cycle."""
     seeds = [] if sweep.seeds is None else sweep.seeds.to_dict("records")
-    final = final_seed_rows(sweep.rows.to_dict("records"), seeds)
-    seed = sweep.cfg.experiment.seed
-    if by_setting:
-        return comparison_by_setting(final, seed, sweep.params, settings(sweep.cfg.search.space))
-    return comparison(final, seed, sweep.params)
+    rows = comparison_rows(sweep.rows.to_dict("records"), seeds)
+    return comparison(rows, Design.of(sweep.cfg, by_setting=by_setting))
 
 
 def _img(name: str) -> str:

@@ -21,7 +21,7 @@ from tabulate import tabulate
 
 from sae_ray import storage
 from sae_ray.config.metrics import headline as metrics_headline
-from sae_ray.sweep.comparison import comparison, comparison_by_setting, settings
+from sae_ray.sweep.comparison import Design, comparison, settings
 
 if TYPE_CHECKING:
     from sae_ray.config import Config, Objective, SpaceEntry
@@ -322,12 +322,10 @@ def write_outputs(rows: list[dict[str, Any]], cfg: Config) -> None:
         seeds = seed_rows(rows, cfg)
         if seeds:
             write_results(seeds, staged / SEEDS)
-        final, params = final_seed_rows(rows, seeds), list(cfg.search.space)
-        table = comparison(final, cfg.experiment.seed, params)
-        table.to_csv(staged / COMPARISON, index=False)
-        by = settings(cfg.search.space)
-        if by:
-            split = comparison_by_setting(final, cfg.experiment.seed, params, by)
+        compared = comparison_rows(rows, seeds)
+        comparison(compared, Design.of(cfg)).to_csv(staged / COMPARISON, index=False)
+        if settings(cfg.search.space):
+            split = comparison(compared, Design.of(cfg, by_setting=True))
             split.to_csv(staged / BY_SETTING, index=False)
         # config.yaml: written when the sweep starts
         for name in (RESULTS, SEEDS, BEST, STUDY, COMPARISON, BY_SETTING):
@@ -350,13 +348,11 @@ def seed_rows(rows: list[dict[str, Any]], cfg: Config) -> list[dict[str, Any]]:
     return out
 
 
-def final_seed_rows(
+def comparison_rows(
     rows: list[dict[str, Any]], seeds: list[dict[str, Any]]
 ) -> list[dict[str, Any]]:
-    """Each trial's last cycle, one row per seed (each trial's final row when no trial
-    wrote seed rows): what comparison.csv pairs."""
-    final = final_rows(rows)
-    if not seeds:
-        return final
-    last = {(r["trial_id"], r.get("cycle")) for r in final if r.get("status") == "COMPLETE"}
-    return [r for r in seeds if (r["trial_id"], r.get("cycle")) in last]
+    """What comparison.csv pairs: every trial's seed rows (each cycle), and the result rows
+    of trials that wrote none (a trial that failed before its first cycle is counted as
+    stopped)."""
+    seeded = {r["trial_id"] for r in seeds}
+    return [*seeds, *(r for r in rows if r["trial_id"] not in seeded)]
