@@ -121,7 +121,7 @@ def test_topk_sharp_target_is_the_hand_computation_and_trains_no_sae():
     torch.testing.assert_close(loss, F.mse_loss(x, torch.stack(expected)), rtol=1e-5, atol=1e-6)
 
 
-def test_l1_is_lambda_times_the_l1_norm_over_real_tokens_only(lm):
+def test_l1_is_lambda_times_the_mean_abs_over_real_tokens_and_dims(lm):
     clf, data = lm
     batch = _padded_batch(clf, data.splits["train"])
     lam = 0.3
@@ -132,8 +132,8 @@ def test_l1_is_lambda_times_the_l1_norm_over_real_tokens_only(lm):
         ).logits
     keep = batch["attention_mask"].bool()
     h = store["h"]
-    expected_l1 = float(h[keep].abs().sum() / keep.sum())
-    with_pads = float(h.abs().sum() / h.shape[0] / h.shape[1])
+    expected_l1 = float(h[keep].abs().sum() / keep.sum() / h.shape[-1])  # per token and dim
+    with_pads = float(h.abs().mean())
     assert parts["aux"] == pytest.approx(expected_l1, rel=1e-5)
     assert abs(expected_l1 - with_pads) > 1e-4 * expected_l1  # the pads would change it
     ce_sum, n = next_token_ce(logits, batch["input_ids"], batch["attention_mask"])

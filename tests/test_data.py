@@ -90,3 +90,21 @@ def test_sst2_preset_uses_validation_as_test_when_test_labels_are_hidden(monkeyp
     assert asked == [("nyu-mll/glue", "sst2")]
     assert set(data.splits["test"].texts) == {f"doc {500 + i}" for i in range(30)}
     assert len(data.splits["validation"]) == 20 and data.num_classes == 2
+
+
+@pytest.mark.parametrize("split_seed", [0, "per_seed"])
+def test_a_per_seed_split_follows_the_experiment_seed(tmp_path, split_seed):
+    """`dataset.split_seed: per_seed`: each experiment seed holds out other examples, so
+    the seeds' spread includes which examples were held out; a number keeps one split."""
+    from sae_ray.config import Config
+    from sae_ray.method.stages import Trial
+    from sae_ray.storage.artifacts import ArtifactStore
+
+    cfg = Config.model_validate(
+        {"experiment": {"name": "x"}, "dataset": {"num_examples": 200, "split_seed": split_seed}}
+    )
+    data = load_text_data(cfg.dataset, cfg.dataset.split_for(0))
+    trial = Trial(cfg, data, ArtifactStore(str(tmp_path)), str(tmp_path), "per_class")
+    same = trial.with_seed(0).data.splits["test"].texts == data.splits["test"].texts
+    other = trial.with_seed(1).data.splits["test"].texts == data.splits["test"].texts
+    assert same and other == (split_seed == 0)

@@ -39,8 +39,13 @@ def check_page(index: str, read) -> list[str]:
     return links
 
 
-def test_report_links_only_real_non_blank_figures(tmp_path):
+def test_report_links_only_real_non_blank_figures(tmp_path, monkeypatch):
+    from sae_ray.sweep import figures
+
     cfg = fake_sweep(str(tmp_path))
+    page = Path(build_report(cfg.sweep_uri)[0]).read_text()
+    assert "importance_0.png" not in page and "needs 20 completed trials, has 6" in page
+    monkeypatch.setattr(figures, "IMPORTANCE_TRIALS", 2)  # drawn where the trials support it
     index, pages = build_report(cfg.sweep_uri)
     assert Path(index) == cfg.sweep_dir / "report" / "index.html" and pages == Path(index).parent
     links = check_page(index, lambda p: Path(p).read_bytes())

@@ -16,7 +16,7 @@ from typing import Any, Literal, get_args, get_origin
 
 from pydantic import ValidationError
 
-from sae_ray.config import PER_SAE, ConfigError, Sae, one_line
+from sae_ray.config import PER_SAE, SHUFFLE_BUFFER_TOKENS, ConfigError, Sae, one_line
 
 
 def _bool(text: str) -> bool:
@@ -126,7 +126,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--label_column", default="label", help="the dataset's label column (--loss_fn ce)"
     )
     g.add_argument("--shuffle_seed", type=int, default=42, help="seed of the token shuffle")
-    g.add_argument("--shuffle_buffer", type=int, default=16384, help="tokens; 0: no shuffle")
+    g.add_argument(
+        "--shuffle_buffer",
+        type=int,
+        default=SHUFFLE_BUFFER_TOKENS,
+        help="tokens of each worker's shuffle buffer; 0: the stored order",
+    )
     g.add_argument("--init_seeds", type=int, default=42, help="seed of the SAE's init")
     g.add_argument("--data_preprocessing_num_proc", type=int, default=1, help="tokeniser threads")
     g = p.add_argument_group("saving and logging")

@@ -21,6 +21,7 @@ from sae_ray.config.loading import (
 from sae_ray.config.schema import (
     CONTROL,
     PER_SAE,
+    SHUFFLE_BUFFER_TOKENS,
     Config,
     Cycles,
     Dataset,
@@ -38,6 +39,7 @@ from sae_ray.config.search import Constraint, Objective, Search, SpaceEntry
 __all__ = [
     "CONTROL",
     "PER_SAE",
+    "SHUFFLE_BUFFER_TOKENS",
     "Config",
     "ConfigError",
     "Constraint",

@@ -220,6 +220,10 @@ class Sae(Section):
             )
 
 
+# Rows of each worker's local shuffle buffer in a sweep's SAE fits (and train-sae's default):
+# stored rows come example by example, a run of consecutive tokens of one text.
+SHUFFLE_BUFFER_TOKENS = 16384
+
 # The settings that make one SAE differ from another on the same stream (co-trained SAEs,
 # `train-sae --k 16 32`); the rest (batch, budget, epochs, checkpoints) is the stream's.
 PER_SAE = (

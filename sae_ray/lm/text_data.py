@@ -321,7 +321,8 @@ def load_text_data(
 ) -> TextData:
     """Train / validation / test. A labelled test split from the source is the held-out test;
     otherwise the source's validation split is, and validation is carved from train, drawn
-    by `seed` (default: `dataset.split_seed`, the same for every experiment seed).
+    by `seed` (default: `dataset.split_seed`; a trial passes its experiment seed's,
+    `Dataset.split_for`).
 
     `need_labels=False` (SAE training) accepts unlabelled text: every label is then 0.
     `documents` (causal_lm) reads plain text: the splits draw whole documents, which the
@@ -343,7 +344,7 @@ def load_text_data(
     if len(label_values) < 2 and need_labels:  # one label seen, whatever its number
         raise ConfigError(f"dataset.label_column: {cfg.name} has fewer than two classes")
 
-    rng = np.random.default_rng(cfg.split_seed if seed is None else seed)
+    rng = np.random.default_rng(cfg.split_for(0) if seed is None else seed)
     train_t, train_y = raw["train"]
     order = rng.permutation(len(train_t))
     test = raw.get("test") or raw.get("validation")

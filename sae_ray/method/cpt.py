@@ -7,7 +7,8 @@ The aux term's target is built online from the current hooked output `h`:
   the target into `h`: it is a fixed point for this step);
 - `random`: fixed, seeded random unit directions per block position, scaled to the norm of
   the token's own activation (a target with no SAE and no structure);
-- `l1`: no target: `λ·‖h‖₁` per token (the seed's L1 baseline);
+- `l1`: no target: `λ·‖h‖₁ / d` per token (the seed's L1 baseline, averaged over the
+  dimensions as the MSE is: the seed's sum over d made it d times stronger at one λ);
 - `none`: no aux term (λ = 0, equal compute).
 `h` itself always keeps its graph: the aux gradient reaches the hooked block.
 """
@@ -90,8 +91,8 @@ class LmAux:
     def term(self, h: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         """aux over the real tokens (`keep`), with `h`'s graph."""
         x = h[keep].float()
-        if self.strategy == "l1":
-            return x.abs().sum(-1).mean()
+        if self.strategy == "l1":  # per dimension, as the MSE: one λ means the same to both
+            return x.abs().mean()
         t = self.targets(h, keep)
         if self.loss == "cosine":
             return (1 - F.cosine_similarity(x, t, dim=-1)).mean()

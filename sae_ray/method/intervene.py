@@ -75,7 +75,7 @@ def curves(cfg: Config, ks: list[int], cycle: int = 0) -> list[dict[str, Any]]:
     """One intervention curve per SAE of the cycle, as CSV rows."""
     if not cfg.is_lm:
         raise ConfigError("model.task: the intervention curve is for causal_lm sweeps")
-    data = load_text_data(cfg.dataset, documents=True)
+    data = load_text_data(cfg.dataset, cfg.dataset.split_for(cfg.experiment.seed), documents=True)
     rows: list[dict[str, Any]] = []
     for fit in fitted_saes(cfg, cycle):
         clf = load_classifier(fit.model.local())

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sae_ray import storage, telemetry
-from sae_ray.config import Config, Sae
+from sae_ray.config import SHUFFLE_BUFFER_TOKENS, Config, Sae
 from sae_ray.lm.extraction import Manifest, read_manifest
 from sae_ray.method import cofit
 from sae_ray.method.ranks import barrier, broadcast, rank_world, shared_artifact
@@ -75,6 +75,8 @@ def sae_train_config(
         hookpoints=[hp],
         d_in=d_in,
         init_seed=stream(cfg.experiment.seed, cycle, "sae"),
+        shuffle_buffer_tokens=SHUFFLE_BUFFER_TOKENS,
+        shuffle_seed=stream(cfg.experiment.seed, cycle, "sae_order"),
         progress=False,  # Tune reports
         run_name=f"sae-c{cycle}",
         sweep=cfg.experiment.name,
@@ -89,6 +91,7 @@ def sae_spec(trial: Trial, acts: Artifact, cycle: int, section: Sae) -> dict[str
         "sae": section.model_dump(exclude={"save_every", "num_latents"}),
         "seed": stream(trial.seed, cycle, "sae"),
         "workers": trial.cfg.resources.num_workers,
+        "shuffle_buffer_tokens": SHUFFLE_BUFFER_TOKENS,
     }
     if section.num_latents is not None:  # keys of sweeps without it stay as they were
         spec["sae"]["num_latents"] = section.num_latents

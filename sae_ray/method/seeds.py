@@ -12,7 +12,7 @@ from typing import Literal
 
 import numpy as np
 
-Purpose = Literal["init", "finetune", "sae", "random_targets", "shuffle"]
+Purpose = Literal["init", "finetune", "sae", "random_targets", "shuffle", "sae_order"]
 
 
 def stream(seed: int, cycle: int, purpose: Purpose) -> int:

@@ -28,7 +28,7 @@ from sae_ray.lm.extraction import (
     write_manifest,
 )
 from sae_ray.lm.models import Classifier, load_classifier, save_classifier
-from sae_ray.lm.text_data import TextData
+from sae_ray.lm.text_data import TextData, load_text_data
 from sae_ray.method import sharding
 from sae_ray.method.cpt import LmAux, aux_spec, build_aux
 from sae_ray.method.finetune import HISTORY, finetune, initial_classifier
@@ -67,8 +67,15 @@ class Trial:
         return self.cfg.experiment.seed
 
     def with_seed(self, seed: int) -> Trial:
+        """The trial under experiment seed `seed`: its data split too, when the split
+        follows the seed (`dataset.split_seed: per_seed`)."""
         experiment = self.cfg.experiment.model_copy(update={"seed": seed})
-        return replace(self, cfg=self.cfg.model_copy(update={"experiment": experiment}))
+        cfg = self.cfg.model_copy(update={"experiment": experiment})
+        data = self.data
+        split = cfg.dataset.split_for(seed)
+        if split != self.cfg.dataset.split_for(self.seed):
+            data = load_text_data(cfg.dataset, split, documents=cfg.is_lm)
+        return replace(self, cfg=cfg, data=data)
 
     def as_control(self) -> Trial:
         """The same trial at λ = 0: its models are the control trial's (shared artifacts)."""

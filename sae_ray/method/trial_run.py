@@ -49,7 +49,8 @@ def open_trial(cfg: Config, trial_id: str, plan: list[dict[str, Any]] | None = N
     from sae_ray.method.stages import Trial
 
     root, train_runs = cfg.trial_dirs(trial_id)
-    data = load_text_data(cfg.dataset, documents=cfg.is_lm)
+    split = cfg.dataset.split_for(cfg.experiment.seed)
+    data = load_text_data(cfg.dataset, split, documents=cfg.is_lm)
     return Trial(cfg, data, ArtifactStore(root), train_runs, cfg.strategy, plan or [])
 
 

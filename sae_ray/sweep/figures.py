@@ -213,6 +213,9 @@ def plot_front(sweep: Sweep, out: Path) -> str | None:
     return _save(fig, out / "front.png")
 
 
+IMPORTANCE_TRIALS = 20  # fewer, and one trial's noise decides the ranking
+
+
 def importances(sweep: Sweep) -> dict[str, dict[str, float] | str]:
     """Optuna's fANOVA importances per objective on the exported study, or why there are none."""
     if sweep.study_path is None:
@@ -224,8 +227,11 @@ def importances(sweep: Sweep) -> dict[str, dict[str, float] | str]:
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     out: dict[str, dict[str, float] | str] = {}
     for i, goal in enumerate(sweep.goals):
-        if len(complete) < 2:
-            out[goal.key] = f"needs 2 completed trials, has {len(complete)}"
+        if len(complete) < IMPORTANCE_TRIALS:
+            out[goal.key] = (
+                f"needs {IMPORTANCE_TRIALS} completed trials, has {len(complete)}: fANOVA's "
+                "forest on a handful of trials ranks noise"
+            )
             continue
         try:
             with warnings.catch_warnings():
@@ -274,20 +280,41 @@ def strategy_table(sweep: Sweep) -> pd.DataFrame:
 
 
 def plot_control(sweep: Sweep, table: pd.DataFrame, out: Path) -> str | None:
-    deltas = [c for c in table.columns if c.startswith("Δ ")]
-    rows = table[table["strategy"] != CONTROL]
-    if not deltas or rows.empty:
+    """comparison.csv's paired differences at the compared cycle, with their intervals:
+    one panel per metric (the primary's first, then the objectives' and the task's), one
+    bar per strategy against the control and per contrast, with its n seeds."""
+    from sae_ray.config.metrics import PAIRED
+
+    rows = table[table["n"] > 0] if not table.empty else table
+    if rows.empty:
         return None
-    fig, axes = plt.subplots(1, len(deltas), figsize=(4.2 * len(deltas), 3.8), squeeze=False)
-    for ax, col in zip(axes.flat, deltas, strict=True):
-        values = rows[col].to_numpy(dtype=float)
-        ax.bar(rows["strategy"], values, color=[COLORS.get(s, "#7f7f7f") for s in rows["strategy"]])
+    wanted = [m for m in table.loc[table["primary"].astype(bool), "metric"]]
+    wanted += [g.metric for g in sweep.goals] + sweep.task_metrics
+    metrics = [m for m in dict.fromkeys(wanted) if m in PAIRED and m in set(rows["metric"])]
+    metrics = metrics or list(dict.fromkeys(rows["metric"]))[:3]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.6 * len(metrics), 4.2), squeeze=False)
+    for ax, metric in zip(axes.flat, metrics, strict=True):
+        part = rows[rows["metric"] == metric]
+        names = [
+            f"{s}{'' if a == CONTROL else f' − {a}'}\nn={n}"
+            for s, a, n in zip(part["strategy"], part["against"], part["n"], strict=True)
+        ]
+        mean = part["mean"].to_numpy(dtype=float)
+        low = np.nan_to_num(mean - part["ci_low"].to_numpy(dtype=float))
+        high = np.nan_to_num(part["ci_high"].to_numpy(dtype=float) - mean)
+        colors = [COLORS.get(str(s).split("(")[0], "#7f7f7f") for s in part["strategy"]]
+        bars = ax.bar(names, mean, yerr=[low, high], capsize=4, color=colors, alpha=0.85)
+        for bar, against in zip(bars, part["against"], strict=True):
+            bar.set_hatch("" if against == CONTROL else "//")
         ax.axhline(0, color="black", linewidth=1)
-        ax.set_title(col.removeprefix("Δ ").removesuffix(" vs control"), fontsize=10)
-        ax.set_ylabel("final cycle, strategy − control")
-        ax.tick_params(axis="x", labelrotation=20)
+        primary = part["primary"].astype(bool).any()
+        ax.set_title(f"{metric}{' (primary)' if primary else ''}", fontsize=10)
+        ax.set_ylabel(f"paired difference, cycle {int(part['cycle'].max())}")
+        ax.tick_params(axis="x", labelrotation=20, labelsize=8)
         ax.grid(axis="y", alpha=0.3)
-    fig.suptitle(f"{sweep.name}: each strategy against the λ = 0 control (same compute)")
+    fig.suptitle(
+        f"{sweep.name}: paired differences by seed, 95 % intervals (hatched: between strategies)"
+    )
     fig.tight_layout()
     return _save(fig, out / "control.png")
 

@@ -198,20 +198,26 @@ def _write_pages(location: str, pages: Path) -> str:
         if front:
             against = "perplexity" if sweep.cfg.is_lm else "accuracy"
             sections += [f"<h2>Interpretability against {against}</h2>", _img(front)]
-        table = strategy_table(sweep)
-        sections += ["<h2>Strategies against the λ = 0 control</h2>"]
-        control = plot_control(sweep, table, pages)
+        compared = comparison_table(sweep)
+        sections += [
+            "<h2>Strategies against the λ = 0 control</h2><p class=note>comparison.csv: each "
+            "strategy minus the control of the same seed (and each contrast between "
+            "strategies), its points averaged within each seed first, so n counts seeds; "
+            "mean, 95 % t-interval, p-value (the primary contrast unadjusted, the rest "
+            "Holm-adjusted together), d<sub>z</sub> and the minimum detectable effect at "
+            "80 % power. <i>underpowered</i>: the interval cannot rule out an effect of "
+            "that size.</p>"
+        ]
+        control = plot_control(sweep, compared, pages)
         if control:
             sections.append(_img(control))
         else:
             sections.append("<p class=note>No control trial finished: nothing to compare.</p>")
-        sections.append(_html_table(table))
+        sections.append(_html_table(compared.round(4)))
         sections += [
-            "<h2>Paired differences against the control</h2><p class=note>Each strategy's "
-            "trials minus the control of the same seed at the last cycle: mean, 95 % "
-            "t-interval, p-value (Holm-adjusted over the table) and d<sub>z</sub>. A claim "
-            "needs an interval that excludes 0 over several seeds (comparison.csv).</p>",
-            _html_table(comparison_table(sweep).round(4)),
+            "<p class=note>Each strategy's trials' final-cycle means against the control "
+            "trials' (not paired: context for the table above).</p>",
+            _html_table(strategy_table(sweep)),
         ]
         if settings(sweep.cfg.search.space):
             sections += [
