@@ -70,8 +70,9 @@ def _config(data: bytes) -> Config:
 
 
 def _results(data: bytes) -> pd.DataFrame:
-    # a trial id is text: "00000123" is no number, nor "1e234567" infinity
-    rows = pd.read_csv(io.BytesIO(data), dtype={"trial_id": str})
+    # a trial id is text ("00000123" is no number, nor "1e234567" infinity); the copy
+    # holds a block per dtype, not one per column (hundreds: pandas warns on the console)
+    rows = pd.read_csv(io.BytesIO(data), dtype={"trial_id": str}).copy()
     missing = {"trial_id", "cycle", "status"} - set(rows.columns)
     if missing:
         raise ValueError(f"no {sorted(missing)[0]} column")
