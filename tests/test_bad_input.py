@@ -203,6 +203,13 @@ CASES = [
     ("override with an empty part", None, ["sae..k=5"], "sae..k=5: an override needs a key"),
     ("no model", None, ["model.name=not a model!"], "model.name: 'not a model!' is neither"),
     ("no model, slashes", None, ["model.name=a/b/c"], "model.name: 'a/b/c' is neither"),
+    ("a step smaller than the workers", None, ["cycles.batch_size=1"], "cycles.batch_size: 1"),
+    (
+        "longer than the model's positions",
+        None,
+        ["model.name=gpt2", "model.max_length=2048"],
+        "model.max_length: 2048 tokens is more than gpt2's 1024 positions",
+    ),
     (
         "primary contrast on an unpaired metric",
         None,

@@ -117,9 +117,30 @@ def check_model(cfg: Config) -> None:
             f"model.name: {name} is a {config.model_type} encoder, not a causal LM "
             "(model.task: causal_lm)"
         )
+    check_positions(cfg, config)
     start = cfg.cycles.start_from
     if start not in ("finetune", "pretrained") and not (Path(start) / "config.json").is_file():
         raise ConfigError(f"cycles.start_from: {start} holds no saved classifier (no config.json)")
+
+
+def check_positions(cfg: Config, config) -> None:
+    """A max_length beyond the model's position embeddings fails in a worker's first
+    forward (an index error); the tiny presets are built to fit whatever it is."""
+    from sae_ray.lm.models import TINY_PRESETS
+
+    if config is None or cfg.model.name in TINY_PRESETS:
+        return
+    limit = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+    longest = max(_values(cfg, "model.max_length", cfg.model.max_length))
+    if isinstance(limit, int) and longest > limit:
+        field = (
+            "search.space.model.max_length"
+            if "model.max_length" in cfg.search.space
+            else ("model.max_length")
+        )
+        raise ConfigError(
+            f"{field}: {longest} tokens is more than {cfg.model.name}'s {limit} positions"
+        )
 
 
 def is_model_name(name: str) -> bool:

@@ -361,6 +361,11 @@ class Config(Section):
                 f"sharpening.strategy: {self.sharpening.strategy!r} is not a "
                 f"{self.model.task} strategy (one of {', '.join(allowed)})"
             )
+        if self.cycles.batch_size < self.resources.num_workers:
+            raise ValueError(
+                f"cycles.batch_size: {self.cycles.batch_size} examples per step cannot be "
+                f"split over {self.resources.num_workers} workers (every step would be dropped)"
+            )
         primary = self.analysis.primary
         if primary is not None:
             for side in (primary.strategy, primary.against):
