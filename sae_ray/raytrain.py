@@ -55,6 +55,7 @@ def torch_trainer(
             num_workers=resources.num_workers,
             use_gpu=resources.use_gpu,
             resources_per_worker={"CPU": resources.cpus_per_worker},
+            placement_strategy=resources.placement.upper(),
         ),
         run_config=ray.train.RunConfig(
             name=name,

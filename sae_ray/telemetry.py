@@ -29,6 +29,14 @@ def _emit(kind: str, name: str, description: str, value: float, tags: dict[str, 
         metric.set(value, tags=tags)
 
 
+def node() -> str:
+    """This process's Ray node, short (its id's first 12 hex digits: what the dashboard's
+    Cluster page shows), or "local" outside Ray."""
+    if not ray.is_initialized():
+        return "local"
+    return ray.get_runtime_context().get_node_id()[:12]
+
+
 def trial_ended(sweep: str, outcome: str) -> None:
     """outcome: 'finished' or 'errored'."""
     _emit(
@@ -54,9 +62,9 @@ def sae_tokens_per_s(sweep: str, hookpoint: str, value: float) -> None:
     _emit(
         "Gauge",
         "sae_ray_sae_tokens_per_s",
-        "SAE training throughput, all workers",
+        "SAE training throughput, all workers (node: rank 0's)",
         value,
-        {"sweep": sweep, "hookpoint": hookpoint},
+        {"sweep": sweep, "hookpoint": hookpoint, "node": node()},
     )
 
 
@@ -64,7 +72,7 @@ def extraction_rows_per_s(sweep: str, value: float) -> None:
     _emit(
         "Gauge",
         "sae_ray_extraction_rows_per_s",
-        "token rows extracted and written per second",
+        "token rows extracted and written per second (node: rank 0's)",
         value,
-        {"sweep": sweep},
+        {"sweep": sweep, "node": node()},
     )

@@ -84,3 +84,51 @@ def test_preemption_watcher_only_off_on_a_local_cluster(monkeypatch, address, en
     monkeypatch.setattr(ray, "nodes", lambda: [{}] * nodes)
     ray_session.connect(address, verbose=True)  # verbose: no console settings to undo
     assert os.environ.get(ray_session.PREEMPTION_WATCHER) == expected
+
+
+def _node(cpu: float, gpu: float = 0, alive: bool = True) -> dict:
+    return {"Alive": alive, "Resources": {"CPU": cpu, **({"GPU": gpu} if gpu else {})}}
+
+
+def test_a_local_storage_path_on_several_machines_is_refused(tmp_path):
+    """Each node would write its own disk: results, artifacts and checkpoints scattered."""
+    from sae_ray.cli.preflight import check_cluster
+    from sae_ray.config import Config, ConfigError
+
+    def cfg(**experiment):
+        return Config.model_validate(
+            {"experiment": {"name": "x", "storage_path": str(tmp_path), **experiment}}
+        )
+
+    check_cluster(cfg(), [_node(2), _node(2, alive=False)])  # one machine alive
+    with pytest.raises(ConfigError, match=r"^experiment.storage_path: .* has 2 nodes"):
+        check_cluster(cfg(), [_node(1), _node(2)])
+    check_cluster(cfg(shared_filesystem=True), [_node(1), _node(2)])  # NFS on every node
+    check_cluster(cfg(storage_path="s3://bucket/runs"), [_node(1), _node(2)])
+
+
+def test_a_worker_larger_than_every_node_is_refused(tmp_path):
+    from sae_ray.cli.preflight import check_cluster
+    from sae_ray.config import Config, ConfigError
+
+    def cfg(**resources):
+        return Config.model_validate(
+            {"experiment": {"name": "x", "storage_path": "s3://b/r"}, "resources": resources}
+        )
+
+    nodes = [_node(0), _node(2), _node(2)]  # a CPU-less head, two 2-CPU workers: 4 in all
+    check_cluster(cfg(num_workers=2, cpus_per_worker=2), nodes)  # one per node
+    with pytest.raises(ConfigError, match=r"^resources.cpus_per_worker: 3 CPUs per worker"):
+        check_cluster(cfg(num_workers=1, cpus_per_worker=3), nodes)
+    with pytest.raises(ConfigError, match=r"^resources.use_gpu: no node"):
+        check_cluster(cfg(use_gpu=True), nodes)
+    check_cluster(cfg(use_gpu=True), [*nodes, _node(8, gpu=1)])
+
+
+@pytest.mark.parametrize("placement", ["pack", "spread"])
+def test_placement_is_ray_trains_placement_strategy(placement, tmp_path):
+    from sae_ray.config import Resources
+    from sae_ray.raytrain import torch_trainer
+
+    trainer = torch_trainer(lambda c: None, {}, Resources(placement=placement), "t", tmp_path)
+    assert trainer.scaling_config.placement_strategy == placement.upper()

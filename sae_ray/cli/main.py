@@ -126,11 +126,15 @@ def _sweep_file_command(args: argparse.Namespace) -> int:
         _connect(args.address, args.verbose)
         import ray
 
+        preflight.check_cluster(cfg, ray.nodes())
         max_concurrent_trials(cfg, ray.cluster_resources())
         rows = run_sweep(cfg, resume=args.resume)
     else:
         _print_plan(preflight.check(cfg))
         _connect(args.address, args.verbose)
+        import ray
+
+        preflight.check_cluster(cfg, ray.nodes())
         rows = _run_one(cfg)
     commands.print_outcome(cfg, rows)
     if args.command == "sweep":

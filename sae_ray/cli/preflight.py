@@ -30,6 +30,32 @@ def check(cfg: Config) -> Plan | None:
     return plan
 
 
+def check_cluster(cfg: Config, nodes: list[dict]) -> None:
+    """What the joined cluster rules out, before any trial starts: a local storage path on
+    several machines (each would write its own disk: results, artifacts and checkpoints
+    scattered and lost with the node), and a worker larger than every node. `nodes`:
+    `ray.nodes()`."""
+    alive = [n for n in nodes if n.get("Alive")]
+    local = not storage.is_remote(cfg.sweep_uri) and not cfg.experiment.shared_filesystem
+    if len(alive) > 1 and local:
+        raise ConfigError(
+            f"experiment.storage_path: {cfg.experiment.storage_path} is a local folder and "
+            f"this Ray cluster has {len(alive)} nodes, each writing its own disk: use a "
+            "bucket (s3://..., gs://...), or experiment.shared_filesystem=true for a "
+            "filesystem mounted on every node (NFS, EFS, Lustre)"
+        )
+    res = cfg.resources
+    largest = max((n.get("Resources", {}).get("CPU", 0.0) for n in alive), default=0.0)
+    if res.cpus_per_worker > largest:
+        raise ConfigError(
+            f"resources.cpus_per_worker: {res.cpus_per_worker:g} CPUs per worker, and no "
+            f"node has more than {largest:g}"
+        )
+    gpus = max((n.get("Resources", {}).get("GPU", 0.0) for n in alive), default=0.0)
+    if res.use_gpu and gpus < 1:
+        raise ConfigError("resources.use_gpu: no node of this Ray cluster has a GPU")
+
+
 def _first_missing(location: str) -> str | None:
     """The outermost folder of a local location that does not exist yet (None: all do)."""
     path, missing = Path(location), None

@@ -70,7 +70,12 @@ def validate(raw: dict[str, Any]) -> Config:
 
 
 # The sweep's own settings: where it writes, how it searches, what it runs on.
-UNSEARCHABLE = ("experiment.name", "experiment.storage_path", "experiment.share_artifacts")
+UNSEARCHABLE = (
+    "experiment.name",
+    "experiment.storage_path",
+    "experiment.shared_filesystem",
+    "experiment.share_artifacts",
+)
 UNSEARCHABLE_SECTIONS = ("search", "resources", "wandb")
 
 

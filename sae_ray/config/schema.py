@@ -33,6 +33,11 @@ class Experiment(Section):
     seed: int = Field(
         0, ge=0, description="the first experiment seed (numpy's seed sequences take no negatives)"
     )
+    shared_filesystem: bool = Field(
+        False,
+        description="a local storage_path is a filesystem mounted on every node (NFS, EFS, "
+        "Lustre): accepted on a cluster of several machines, where a plain local path is not",
+    )
     share_artifacts: bool = Field(
         True,
         description="false: each trial computes every stage itself (for measuring what "
@@ -322,6 +327,11 @@ class Resources(Section):
     use_gpu: bool = False
     cpus_per_worker: float = Field(0.5, gt=0)
     max_failures: int = Field(2, ge=0, description="worker-group restarts of a Train run")
+    placement: Literal["pack", "spread"] = Field(
+        "pack",
+        description="a trial's workers on as few nodes as fit (pack: NCCL's fast path within "
+        "a node), or one per node where it can (spread)",
+    )
     trial_retries: int = Field(1, ge=0, description="re-runs of a failed trial (artifacts kept)")
     strategy: Literal["ddp", "fsdp"] = Field(
         "ddp",

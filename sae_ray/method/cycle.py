@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from sae_ray import telemetry
 from sae_ray.config import CONTROL, Config
 from sae_ray.config.metrics import PAIRED
 from sae_ray.lm.extraction import iter_tokens, load_sequences
@@ -73,12 +74,14 @@ def run_cycles(trial: Trial, report: Report, reported: int = 0) -> None:
         rows = [_seed_cycle(chain, cycle, times, evaluate) for chain in chains]
         if not evaluate:
             continue
-        peaks = gather(_peak_rss_mb())  # every rank's high-water mark: a collective
+        # every rank's high-water mark and node: a collective
+        peaks, nodes = zip(*gather((_peak_rss_mb(), telemetry.node())), strict=True)
         metrics: dict[str, Any] = {}
         if rank_world()[0] == 0:
             metrics = mean_over_seeds(rows)
             metrics.update(times, **{"artifacts/computed": trial.store.computed - computed})
             metrics["memory/worker_peak_mb"] = max(peaks)
+            metrics["nodes"] = ",".join(sorted(set(nodes)))  # which machines ran this trial
             metrics[SEED_ROWS] = rows
         times, computed = {}, trial.store.computed
         report(cycle, metrics)

@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import shutil
+import socket
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ from sae_ray import storage
 
 DONE = ".complete"
 CHECKSUMS = "checksums.json"
+BUILT = "built.json"  # the node that built it
 # Bigger files (a 20B model's weight shards) are checked by size only: hashing 40 GB per
 # trial would cost minutes, and safetensors refuses a truncated file by itself.
 HASH_LIMIT = 1 << 30
@@ -42,6 +44,15 @@ def _checksums(root: Path) -> dict[str, tuple[int, str]]:
         for p in sorted(root.rglob("*"))
         if p.is_file()
     }
+
+
+def _builder() -> dict[str, str]:
+    """Which machine built an artifact (its Ray node and host): on a cluster, where a
+    stage ran, and that others found it rather than built it again."""
+    import ray
+
+    node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+    return {"node": node, "host": socket.gethostname()}
 
 
 def key_of(spec: dict[str, Any]) -> str:
@@ -137,6 +148,7 @@ class ArtifactStore:
                 (scratch / "spec.json").write_text(
                     json.dumps(spec, indent=1, sort_keys=True, default=str)
                 )
+                (scratch / BUILT).write_text(json.dumps(_builder()))
                 (scratch / CHECKSUMS).write_text(json.dumps(_checksums(scratch), indent=1))
                 self._publish(scratch, art, adopt)
                 self.computed += 1
