@@ -132,3 +132,30 @@ def test_placement_is_ray_trains_placement_strategy(placement, tmp_path):
 
     trainer = torch_trainer(lambda c: None, {}, Resources(placement=placement), "t", tmp_path)
     assert trainer.scaling_config.placement_strategy == placement.upper()
+
+
+def test_an_autoscaling_cluster_is_sized_by_what_it_may_grow_to(monkeypatch, tmp_path):
+    """A cluster that scales from zero (the launcher YAMLs: a CPU-less head) has no worker
+    when the sweep starts: sized by its nodes then, the sweep would refuse to run."""
+    import ray
+    from ray.core.generated import autoscaler_pb2
+
+    from sae_ray.cli.preflight import check_cluster
+    from sae_ray.config import Config, ConfigError
+    from sae_ray.sweep import cluster
+    from sae_ray.sweep.tuner import max_concurrent_trials
+
+    group = autoscaler_pb2.NodeGroupConfig(resources={"CPU": 2}, max_count=3, name="cpu2")
+    config = autoscaler_pb2.ClusterConfig(node_group_configs=[group])
+    monkeypatch.setattr(ray._private.state.state, "get_cluster_config", lambda: config)
+    monkeypatch.setattr(ray, "nodes", lambda: [_node(0)])
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 0.0})
+    assert cluster.capacity()["CPU"] == 6  # three 2-CPU nodes at most
+    cfg = Config.model_validate({"experiment": {"name": "x", "storage_path": "s3://b/r"}})
+    assert max_concurrent_trials(cfg, cluster.capacity()) == 5  # (6 - 1) / 1 CPU a trial
+    check_cluster(cfg, cluster.nodes())  # its workers fit the node type to come
+    local = cfg.model_copy(
+        update={"experiment": cfg.experiment.model_copy(update={"storage_path": str(tmp_path)})}
+    )
+    with pytest.raises(ConfigError, match="1 nodes \\(more from the autoscaler\\)"):
+        check_cluster(local, cluster.nodes())

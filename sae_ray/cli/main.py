@@ -124,17 +124,17 @@ def _sweep_file_command(args: argparse.Namespace) -> int:
             check_resumable(cfg)
         _print_plan(plan)  # every check passed: what follows is the sweep
         _connect(args.address, args.verbose)
-        import ray
+        from sae_ray.sweep import cluster
 
-        preflight.check_cluster(cfg, ray.nodes())
-        max_concurrent_trials(cfg, ray.cluster_resources())
+        preflight.check_cluster(cfg, cluster.nodes())
+        max_concurrent_trials(cfg, cluster.capacity())
         rows = run_sweep(cfg, resume=args.resume)
     else:
         _print_plan(preflight.check(cfg))
         _connect(args.address, args.verbose)
-        import ray
+        from sae_ray.sweep import cluster
 
-        preflight.check_cluster(cfg, ray.nodes())
+        preflight.check_cluster(cfg, cluster.nodes())
         rows = _run_one(cfg)
     commands.print_outcome(cfg, rows)
     if args.command == "sweep":

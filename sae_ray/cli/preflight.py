@@ -34,13 +34,15 @@ def check_cluster(cfg: Config, nodes: list[dict]) -> None:
     """What the joined cluster rules out, before any trial starts: a local storage path on
     several machines (each would write its own disk: results, artifacts and checkpoints
     scattered and lost with the node), and a worker larger than every node. `nodes`:
-    `ray.nodes()`."""
+    `ray.nodes()`, with one node of each type an autoscaler may add (`sweep.cluster`)."""
     alive = [n for n in nodes if n.get("Alive")]
     local = not storage.is_remote(cfg.sweep_uri) and not cfg.experiment.shared_filesystem
     if len(alive) > 1 and local:
+        now = sum(not n.get("autoscaled") for n in alive)
+        grows = " (more from the autoscaler)" if now < len(alive) else ""
         raise ConfigError(
             f"experiment.storage_path: {cfg.experiment.storage_path} is a local folder and "
-            f"this Ray cluster has {len(alive)} nodes, each writing its own disk: use a "
+            f"this Ray cluster has {now} nodes{grows}, each writing its own disk: use a "
             "bucket (s3://..., gs://...), or experiment.shared_filesystem=true for a "
             "filesystem mounted on every node (NFS, EFS, Lustre)"
         )

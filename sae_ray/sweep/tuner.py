@@ -18,7 +18,6 @@ import os
 from typing import Any
 
 import optuna
-import ray
 from ray import tune
 from ray.tune.search.optuna import OptunaSearch
 
@@ -35,6 +34,7 @@ from sae_ray.config import (
 )
 from sae_ray.method.cofit import running
 from sae_ray.method.trial_run import TrialFailed, run_trial
+from sae_ray.sweep.cluster import capacity
 from sae_ray.sweep.comparison import STRATEGY
 from sae_ray.sweep.progress import SweepProgress
 from sae_ray.sweep.results import collect_results, write_config, write_outputs
@@ -297,7 +297,7 @@ def _tuner(cfg: Config, resume: bool) -> tune.Tuner:
             search_alg=make_searcher(cfg),
             scheduler=make_scheduler(cfg),
             num_samples=num_trials(cfg),
-            max_concurrent_trials=max_concurrent_trials(cfg, ray.cluster_resources()),
+            max_concurrent_trials=max_concurrent_trials(cfg, capacity()),
             trial_name_creator=_trial_name,
             trial_dirname_creator=_trial_name,
             reuse_actors=True,
