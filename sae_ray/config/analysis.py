@@ -20,7 +20,7 @@ from sae_ray.config.strategies import CONTROL, Strategy
 class Contrast(Section):
     """`strategy` minus `against`, each seed's points averaged first, paired by seed."""
 
-    strategy: Strategy
+    strategy: Strategy = Field(description="the strategy tested")
     against: Strategy = Field(CONTROL, description="the other side (default: the λ = 0 control)")
 
     @model_validator(mode="after")

@@ -23,7 +23,11 @@ from sae_ray.config.strategies import (
 
 
 class Experiment(Section):
-    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")
+    name: str = Field(
+        min_length=1,
+        pattern=r"^[A-Za-z0-9_.\-]+$",
+        description="the sweep's name: its folder under storage_path, its W&B group",
+    )
     storage_path: str = Field(
         "./runs",
         min_length=1,
@@ -64,7 +68,10 @@ Task = Literal["classification", "causal_lm"]
 
 class Model(Section):
     name: str = Field(
-        "tiny-gpt2", description="hub id, local path, or a preset (see models.MODEL_PRESETS)"
+        "tiny-gpt2",
+        description="a preset (tiny-gpt2, tiny-bert, tiny-neox, random-gpt2: random weights "
+        "built offline; gpt2, pythia-70m, gpt-neox-20b; minilm: real MiniLM weights from "
+        "the minilm extra), a local model folder, or a hub id",
     )
     task: Task = Field(
         "classification",
@@ -73,20 +80,35 @@ class Model(Section):
         "λ·aux on every real token; max_length is then the packed block's length)",
     )
     layer: int = Field(-1, description="hooked block index; negative counts from the end")
-    max_length: int = Field(64, ge=4)
+    max_length: int = Field(
+        64, ge=4, description="tokens per example (causal_lm: per packed block)"
+    )
     dtype: Literal["float32", "bfloat16"] = Field(
         "float32", description="weights as loaded (bfloat16 halves a large model's memory)"
     )
 
 
 class Dataset(Section):
-    name: str = "synthetic:topics"
-    text_column: str = "text"
-    label_column: str = "label"
+    name: str = Field(
+        "synthetic:topics",
+        description="synthetic:topics (synthetic:text for causal_lm), a local .parquet / "
+        ".csv / .jsonl / .txt file or a folder of train / validation / test files, a hub "
+        "id with an optional :subset, or a preset (glue/sst2, ag_news, wikitext-2, "
+        "wikitext-103, pile)",
+    )
+    text_column: str = Field("text", description="the column holding each example's text")
+    label_column: str = Field("label", description="the column holding its class")
     num_examples: int = Field(2000, ge=40, description="size of the synthetic task")
     max_examples: int | None = Field(None, ge=10, description="cap on the loaded train split")
-    val_fraction: float = Field(0.1, gt=0, lt=0.5)
-    test_fraction: float = Field(0.1, gt=0, lt=0.5)
+    val_fraction: float = Field(
+        0.1, gt=0, lt=0.5, description="validation carved from train (selection reads it)"
+    )
+    test_fraction: float = Field(
+        0.1,
+        gt=0,
+        lt=0.5,
+        description="held-out test carved from train when the source has no test split",
+    )
     split_seed: int | Literal["per_seed"] = Field(
         0,
         description="draws the train / validation / test split: a number fixes it across "
@@ -111,7 +133,7 @@ class Cycles(Section):
     """The classifier's training: the seed's recipe (AdamW 1e-4, weight decay 0.01, 100
     warm-up steps then linear decay, gradient clip 1.0) as defaults."""
 
-    count: int = Field(2, ge=1)
+    count: int = Field(2, ge=1, description="SAE-ception cycles (cycle 0 is the fine-tune)")
     epochs: int = Field(1, ge=1, description="epochs of every fine-tune (equal compute)")
     aux_weight: float = Field(0.1, ge=0, description="λ in CE + λ·aux(h, t)")
     aux_loss: Literal["cosine", "mse"] | None = Field(
@@ -126,9 +148,9 @@ class Cycles(Section):
         "that mean, which makes any two look alike (the uncentred cosine reads near 1 and "
         "its gradient fades); false: the uncentred 1 − cos(h, t) of the seed",
     )
-    lr: float = Field(1e-4, gt=0)
+    lr: float = Field(1e-4, gt=0, description="AdamW's learning rate")
     batch_size: int = Field(32, ge=1, description="examples per step, over all workers")
-    weight_decay: float = Field(0.01, ge=0)
+    weight_decay: float = Field(0.01, ge=0, description="AdamW's weight decay")
     warmup_steps: int = Field(100, ge=0, description="linear warm-up, then linear decay to 0")
     grad_clip: float = Field(1.0, gt=0, description="max global gradient norm")
     start_from: str = Field(
@@ -264,7 +286,12 @@ class Sharpening(Section):
     label supervision without an SAE, sharpened targets without their pairing, any target
     at all, and λ = 0."""
 
-    strategy: Strategy = "per_class"
+    strategy: Strategy = Field(
+        "per_class",
+        description="how targets are built: per_class, per_class_complement, per_example "
+        "(from the SAE's codes); centroid, shuffled, random, none (controls); topk_sharp, "
+        "l1 (causal_lm, online)",
+    )
     keep_frac: float | None = Field(
         None, gt=0, le=1, description="latents kept: this fraction of each example's k (0.5)"
     )
@@ -323,9 +350,9 @@ class Sharpening(Section):
 
 
 class Resources(Section):
-    num_workers: int = Field(2, ge=1)
-    use_gpu: bool = False
-    cpus_per_worker: float = Field(0.5, gt=0)
+    num_workers: int = Field(2, ge=1, description="Ray Train workers of each trial")
+    use_gpu: bool = Field(False, description="one GPU per worker")
+    cpus_per_worker: float = Field(0.5, gt=0, description="CPUs each worker reserves")
     max_failures: int = Field(2, ge=0, description="worker-group restarts of a Train run")
     placement: Literal["pack", "spread"] = Field(
         "pack",
@@ -347,8 +374,10 @@ class Resources(Section):
 
 
 class Wandb(Section):
-    mode: Literal["offline", "online", "disabled"] = "disabled"
-    project: str = "sae-ray"
+    mode: Literal["offline", "online", "disabled"] = Field(
+        "disabled", description="offline: runs under the sweep's folder, `wandb sync` later"
+    )
+    project: str = Field("sae-ray", description="the W&B project")
 
 
 class Config(Section):

@@ -16,12 +16,16 @@ class SpaceEntry(Section):
     named parameter has (one of) the given value(s), e.g. top_k_pct only for strategies that
     use it; otherwise the trial keeps the YAML's value."""
 
-    type: Literal["choice", "int", "intlog", "uniform", "loguniform"]
-    values: list[Any] | None = None
-    low: float | None = None
-    high: float | None = None
-    step: int | None = Field(None, ge=1)
-    when: dict[str, Any] | None = None
+    type: Literal["choice", "int", "intlog", "uniform", "loguniform"] = Field(
+        description="the distribution (intlog: integers uniform in log scale)"
+    )
+    values: list[Any] | None = Field(None, description="choice: the values")
+    low: float | None = Field(None, description="the lowest value (int, uniform, log)")
+    high: float | None = Field(None, description="the highest value")
+    step: int | None = Field(None, ge=1, description="int: the step between values")
+    when: dict[str, Any] | None = Field(
+        None, description="sampled only when these searched keys take (one of) these values"
+    )
 
     @model_validator(mode="after")
     def _check(self) -> SpaceEntry:
@@ -54,14 +58,14 @@ class SpaceEntry(Section):
 
 
 class Objective(Section):
-    metric: str = Field(min_length=1)
+    metric: str = Field(min_length=1, description="a reported metric, not a test/ one")
 
     @field_validator("metric")
     @classmethod
     def _reported(cls, value: str) -> str:
         return check_selectable(value)
 
-    mode: Literal["max", "min"] = "max"
+    mode: Literal["max", "min"] = Field("max", description="maximise or minimise it")
     at: Literal["last", "best"] = Field(
         "last", description="the last cycle's value, or the best cycle's"
     )
@@ -82,17 +86,19 @@ class Constraint(Section):
     `max_drop` below its cycle-0 value (accuracy may drop at most 0.005 = 0.5 points), or
     `max_rise_pct` above it in percent (the seed's tax check: perplexity may rise 2 %)."""
 
-    metric: str = Field(min_length=1)
-    min: float | None = None
+    metric: str = Field(min_length=1, description="the bounded metric, at the last cycle")
+    min: float | None = Field(None, description="its lowest feasible value")
 
     @field_validator("metric")
     @classmethod
     def _reported(cls, value: str) -> str:
         return check_selectable(value)
 
-    max: float | None = None
-    max_drop: float | None = Field(None, ge=0)
-    max_rise_pct: float | None = Field(None, ge=0)
+    max: float | None = Field(None, description="its highest feasible value")
+    max_drop: float | None = Field(None, ge=0, description="how far below cycle 0 it may fall")
+    max_rise_pct: float | None = Field(
+        None, ge=0, description="how far above cycle 0 it may rise, in percent"
+    )
 
     @model_validator(mode="after")
     def _one_bound(self) -> Constraint:
@@ -105,7 +111,9 @@ class Constraint(Section):
 
 
 class Search(Section):
-    algorithm: Literal["tpe", "random", "grid", "nsga2"] = "tpe"
+    algorithm: Literal["tpe", "random", "grid", "nsga2"] = Field(
+        "tpe", description="Optuna's sampler (grid: every combination of the choices)"
+    )
     num_samples: int = Field(4, ge=1, description="trials (grid: ignored, one per point)")
     seeds: int = Field(
         1,
@@ -113,8 +121,8 @@ class Search(Section):
         description="experiment seeds each point runs under (seed, seed+1, ...): a trial "
         "reports their mean, seeds.csv each one",
     )
-    metric: str = "interp/u"
-    mode: Literal["max", "min"] = "max"
+    metric: str = Field("interp/u", description="the one objective (see objectives)")
+    mode: Literal["max", "min"] = Field("max", description="maximise or minimise metric")
 
     @field_validator("metric")
     @classmethod
@@ -124,15 +132,23 @@ class Search(Section):
     objectives: list[Objective] = Field(
         default_factory=list, description="several objectives: a Pareto front (overrides metric)"
     )
-    constraints: list[Constraint] = Field(default_factory=list)
+    constraints: list[Constraint] = Field(
+        default_factory=list, description="feasibility bounds (infeasible trials are never best)"
+    )
     scheduler: Literal["none", "asha"] = Field(
         "none", description="ASHA stops weak trials after a cycle (one objective only)"
     )
     grace_cycles: int = Field(1, ge=1, description="ASHA: cycles every trial runs")
-    reduction_factor: float = Field(2.0, gt=1)
-    space: dict[str, SpaceEntry] = Field(default_factory=dict)
-    points_to_evaluate: list[dict[str, Any]] = Field(default_factory=list)
-    max_concurrent_trials: int | None = Field(None, ge=1)
+    reduction_factor: float = Field(2.0, gt=1, description="ASHA: 1 / the share kept per rung")
+    space: dict[str, SpaceEntry] = Field(
+        default_factory=dict, description="dotted keys (sae.k, ...) -> their distribution"
+    )
+    points_to_evaluate: list[dict[str, Any]] = Field(
+        default_factory=list, description="points run first, as given"
+    )
+    max_concurrent_trials: int | None = Field(
+        None, ge=1, description="cap on trials at once (default: what the CPUs hold)"
+    )
     control: bool = Field(
         True,
         description="run the λ = 0 control (strategy none) as the first trial, at the first "
