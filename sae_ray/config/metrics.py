@@ -108,7 +108,7 @@ def check_metric(name: str) -> str:
     if name in known_metrics() or _SPARSE.match(name):
         return name
     near = difflib.get_close_matches(name, known_metrics(), n=3)
-    hint = f"; did you mean {' or '.join(near)}?" if near else " (see the README's Outputs)"
+    hint = f"; did you mean {' or '.join(near)}?" if near else " (see docs/outputs.md)"
     raise ValueError(f"{name!r} is not a metric a trial reports{hint}")
 
 

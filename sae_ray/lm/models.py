@@ -45,7 +45,7 @@ TINY_PRESETS = ("tiny-gpt2", "tiny-bert", "tiny-neox", "random-gpt2")
 TINY_WIDTH = 64  # every tiny preset's hidden size
 TINY_BLOCKS = 2  # and their blocks
 # The seed experiments' models by short name -> hub id. gpt-neox-20b needs ~41 GB in bf16
-# for the weights alone: see the README's "Large models" before using it.
+# for the weights alone: see docs/models-and-data.md "Large models" before using it.
 MODEL_PRESETS = {
     "gpt2": "openai-community/gpt2",
     "pythia-70m": "EleutherAI/pythia-70m",
