@@ -41,15 +41,59 @@ def watch(stop: threading.Event, seen: list[tuple[float, int, float]], start: fl
         stop.wait(2.0)
 
 
-def main() -> int:
-    import ray
+# The fake provider's cluster config (`AutoscalingCluster` reads an example.yaml that Ray's
+# wheels do not ship): what `ray up` would read, with the node types below.
+BASE = {
+    "cluster_name": "fake_multinode",
+    "max_workers": 8,
+    "provider": {
+        "type": "fake_multinode",
+        "use_node_id_as_ip": True,
+        "disable_node_updaters": True,
+        "disable_launch_config_check": True,
+    },
+    "head_node_type": "ray.head.default",
+    "upscaling_speed": 1.0,
+    "docker": {},
+    "auth": {"ssh_user": "ubuntu"},
+    **{k: [] for k in ("initialization_commands", "setup_commands", "head_setup_commands")},
+    **{k: [] for k in ("worker_setup_commands", "head_start_ray_commands")},
+    **{k: [] for k in ("worker_start_ray_commands", "cluster_synced_files")},
+    **{k: [] for k in ("rsync_exclude", "rsync_filter")},
+    "file_mounts": {},
+    "file_mounts_sync_continuously": False,
+}
+
+
+def fake_cluster():
     from ray.cluster_utils import AutoscalingCluster
 
-    cluster = AutoscalingCluster(
+    class Fake(AutoscalingCluster):
+        def _generate_config(self, head_resources, worker_node_types, **kwargs):
+            config = {**BASE, **kwargs}
+            config["available_node_types"] = {
+                **worker_node_types,
+                "ray.head.default": {
+                    "resources": dict(head_resources),
+                    "node_config": {},
+                    "max_workers": 0,
+                },
+            }
+            return config
+
+    return Fake(
         head_resources={"CPU": 1},
         worker_node_types={"cpu2": WORKER},
         idle_timeout_minutes=0.5,
     )
+
+
+def main() -> int:
+    import ray
+
+    # the fake provider starts nodes with the `ray` command: this environment's
+    os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
+    cluster = fake_cluster()
     cluster.start()
     seen: list[tuple[float, int, float]] = []
     stop = threading.Event()

@@ -30,11 +30,11 @@ def _emit(kind: str, name: str, description: str, value: float, tags: dict[str, 
 
 
 def node() -> str:
-    """This process's Ray node, short (its id's first 12 hex digits: what the dashboard's
-    Cluster page shows), or "local" outside Ray."""
+    """This process's Ray node id (as the dashboard's Cluster page lists it), or "local"
+    outside Ray."""
     if not ray.is_initialized():
         return "local"
-    return ray.get_runtime_context().get_node_id()[:12]
+    return ray.get_runtime_context().get_node_id()
 
 
 def trial_ended(sweep: str, outcome: str) -> None:

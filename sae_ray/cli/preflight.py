@@ -47,6 +47,8 @@ def check_cluster(cfg: Config, nodes: list[dict]) -> None:
             "filesystem mounted on every node (NFS, EFS, Lustre)"
         )
     res = cfg.resources
+    if any(n.get("Resources") is None for n in alive):  # node types the autoscaler keeps
+        return
     largest = max((n.get("Resources", {}).get("CPU", 0.0) for n in alive), default=0.0)
     if res.cpus_per_worker > largest:
         raise ConfigError(

@@ -1,11 +1,14 @@
-"""What the joined Ray cluster can hold: its nodes now and, on an autoscaling cluster, the
-node types the autoscaler may add (from the cluster config the autoscaler publishes in the
-GCS, which Ray Train reads the same way). A cluster that scales from zero has no worker
-node when the sweep starts: sized by what it has then, it would refuse to run at all."""
+"""What the joined Ray cluster can hold: its nodes now and, on an autoscaling cluster, what
+the autoscaler may add. A cluster that scales from zero has no worker node when the sweep
+starts: sized by what it has then, it would refuse to run at all. The autoscaler's node
+types come from the cluster config it publishes in the GCS (autoscaler v2; Ray Train reads
+it the same way); a v1 autoscaler publishes only its status, so the cluster is then known
+to grow, not how far (None)."""
 
 from __future__ import annotations
 
 import logging
+import math
 import sys
 
 import ray
@@ -30,15 +33,33 @@ def node_groups() -> list[dict[str, float]]:
     ]
 
 
+def autoscaled() -> bool:
+    """Whether an autoscaler watches this cluster (its status is in the GCS)."""
+    from ray._private import ray_constants
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    try:
+        return _internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS) is not None
+    except Exception:
+        return False
+
+
 def nodes() -> list[dict]:
-    """`ray.nodes()`, plus one node of each type the autoscaler may add (`autoscaled`)."""
-    grown = [{"Alive": True, "Resources": r, "autoscaled": True} for r in node_groups()]
+    """`ray.nodes()`, plus one node of each type the autoscaler may add (`autoscaled`;
+    `Resources` None when the autoscaler does not say)."""
+    groups = node_groups()
+    grown = [{"Alive": True, "Resources": r, "autoscaled": True} for r in groups]
+    if not groups and autoscaled():
+        grown = [{"Alive": True, "Resources": None, "autoscaled": True}]
     return [*ray.nodes(), *grown]
 
 
 def capacity() -> dict[str, float]:
-    """Each resource: what the cluster has now, or what the autoscaler may grow it to."""
+    """Each resource: what the cluster has now, or what the autoscaler may grow it to
+    (CPU infinite when it grows by an amount it does not publish)."""
     now = dict(ray.cluster_resources())
+    if not node_groups() and autoscaled():
+        return {**now, "CPU": math.inf}
     try:
         most = ray._private.state.state.get_max_resources_from_cluster_config() or {}
     except Exception:

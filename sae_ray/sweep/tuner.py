@@ -126,9 +126,12 @@ def make_scheduler(cfg: Config):
 
 
 def max_concurrent_trials(cfg: Config, cluster: dict[str, float]) -> int:
-    """Trials that fit with one CPU left for Ray Data: driver CPU(0) + n·workers·cpu ≤ CPUs − 1."""
+    """Trials that fit with one CPU left for Ray Data: driver CPU(0) + n·workers·cpu ≤ CPUs − 1
+    (CPUs: what the cluster may grow to, `sweep.cluster.capacity`)."""
     per_trial = cfg.resources.num_workers * cfg.resources.cpus_per_worker
     spare = cluster.get("CPU", 0) - 1
+    if math.isinf(spare):  # an autoscaler adds nodes as trials wait for them
+        return cfg.search.max_concurrent_trials or 0  # 0: Tune's "no limit"
     if per_trial > spare:
         raise ConfigError(
             f"resources.num_workers: {cfg.resources.num_workers} workers x "
