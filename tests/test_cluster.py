@@ -159,3 +159,25 @@ def test_an_autoscaling_cluster_is_sized_by_what_it_may_grow_to(monkeypatch, tmp
     )
     with pytest.raises(ConfigError, match="1 nodes \\(more from the autoscaler\\)"):
         check_cluster(local, cluster.nodes())
+
+
+@pytest.mark.parametrize(
+    "types, grows",
+    [
+        ({"ab12": "node_ab12"}, False),  # every head's monitor, read-only: no node types
+        ({"ab12": "ray.head.default", "cd34": "cpu2"}, True),  # launched from a config
+    ],
+)
+def test_only_an_autoscaler_with_node_types_makes_the_cluster_grow(monkeypatch, types, grows):
+    """Every Ray head runs the autoscaler's monitor and publishes its status, also a
+    local cluster that can never grow: that one must still be sized by what it has."""
+    import json
+
+    import ray.experimental.internal_kv as kv
+
+    from sae_ray.sweep import cluster
+
+    status = {"autoscaler_report": {"node_type_mapping": types, "active_nodes": {}}}
+    monkeypatch.setattr(kv, "_internal_kv_get", lambda key: json.dumps(status).encode())
+    monkeypatch.setattr(cluster, "node_groups", lambda: [])
+    assert cluster.autoscaled() is grows

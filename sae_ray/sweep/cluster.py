@@ -7,6 +7,7 @@ to grow, not how far (None)."""
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import sys
@@ -34,14 +35,22 @@ def node_groups() -> list[dict[str, float]]:
 
 
 def autoscaled() -> bool:
-    """Whether an autoscaler watches this cluster (its status is in the GCS)."""
+    """Whether an autoscaler with node types of its own watches this cluster. Every head
+    runs the autoscaler's monitor and publishes its status; without a cluster config it
+    runs read-only, where each node's type is `node_<id>`: a type named otherwise comes
+    from an `available_node_types` the autoscaler launches from."""
     from ray._private import ray_constants
     from ray.experimental.internal_kv import _internal_kv_get
 
     try:
-        return _internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS) is not None
+        status = json.loads(_internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS) or "{}")
     except Exception:
         return False
+    report = status.get("autoscaler_report") or {}
+    types = set((report.get("node_type_mapping") or {}).values()) | set(
+        report.get("active_nodes") or {}
+    )
+    return any(not str(t).startswith("node_") for t in types)
 
 
 def nodes() -> list[dict]:
