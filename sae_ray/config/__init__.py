@@ -2,9 +2,10 @@
 `sae.k: ...` and not a pydantic traceback. Every layer above reads it; it reads only
 `storage` (to check a location).
 
-`schema` holds the sections (the `sae` section is the one SAE config, also train-sae's
-flags and the trainer's), `search` the search section, `loading` the YAML, the dotted
-overrides and the one-line errors."""
+`schema` holds the sections and the whole config, `sae` the one SAE config (also
+train-sae's flags and the trainer's), `sharpening` and `strategies` the targets' rules,
+`search` and `analysis` what is searched and what is tested, `loading` the YAML, the dotted
+overrides and the one-line errors, `reference` the generated docs/configuration.md."""
 
 from sae_ray.config.base import ConfigError, Section
 from sae_ray.config.loading import (
@@ -18,23 +19,20 @@ from sae_ray.config.loading import (
     set_dotted,
     validate,
 )
+from sae_ray.config.sae import PER_SAE, SHUFFLE_BUFFER_TOKENS, Sae
 from sae_ray.config.schema import (
-    CONTROL,
-    PER_SAE,
-    SHUFFLE_BUFFER_TOKENS,
     Config,
     Cycles,
     Dataset,
     Experiment,
     Model,
     Resources,
-    Sae,
-    Sharpening,
     Wandb,
-    effective_strategy,
     sharpens,
 )
 from sae_ray.config.search import Constraint, Objective, Search, SpaceEntry
+from sae_ray.config.sharpening import Sharpening
+from sae_ray.config.strategies import CONTROL, effective_strategy
 
 __all__ = [
     "CONTROL",

@@ -3,7 +3,6 @@ loudly instead of silently running the default."""
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Literal
 
@@ -12,12 +11,13 @@ from pydantic import Field, field_validator, model_validator
 from sae_ray import storage
 from sae_ray.config.analysis import Analysis
 from sae_ray.config.base import Section
+from sae_ray.config.sae import Sae
 from sae_ray.config.search import Search
+from sae_ray.config.sharpening import Sharpening
 from sae_ray.config.strategies import (
     CONTROL,
     SHUFFLABLE,
     TASK_STRATEGIES,
-    Strategy,
     effective_strategy,
 )
 
@@ -176,178 +176,9 @@ class Cycles(Section):
         return value
 
 
-class Sae(Section):
-    """The one SAE config: the sweep's `sae` section, `sae-ray train-sae`'s flags (the same
-    names; `--dead_window_tokens` spells `dead_tokens`, and its defaults follow the saetrain
-    tool: see cli/train_sae.py) and the trainer's (`sae.fit_config.SaeTrainConfig` adds only
-    where and how a fit runs)."""
-
-    architecture: Literal["topk", "batchtopk", "jumprelu", "matryoshka"] = Field(
-        "topk",
-        description="topk: k per token; batchtopk: k per token on average over the batch "
-        "(a threshold at inference); jumprelu: learned per-latent thresholds and an L0 "
-        "penalty; matryoshka: batchtopk with nested prefix reconstructions",
-    )
-    k: int = Field(32, ge=1, description="active latents per token")
-    expansion_factor: int = Field(8, ge=1, description="latents = d_in x this")
-    num_latents: int | None = Field(None, ge=1, description="latents (overrides expansion_factor)")
-    epochs: int = Field(1, ge=1, description="passes over the activations (without max_tokens)")
-    batch_size: int = Field(1024, ge=1, description="tokens per SAE step, all workers")
-    lr: float | None = Field(
-        None, gt=0, description="learning rate (default: 2e-4 / sqrt(latents / 2^14))"
-    )
-    auxk_alpha: float = Field(1 / 32, ge=0, description="weight of the AuxK loss on dead latents")
-    l0_coefficient: float = Field(
-        1e-3, ge=0, description="jumprelu: L0 penalty per active latent, in FVU units"
-    )
-    target_l0: float | None = Field(
-        None, gt=0, description="jumprelu: hold L0 near T by l0_coefficient x 2/T x (L0 - T)^2"
-    )
-    matryoshka_widths: list[int] | None = Field(
-        None, description="matryoshka: the nested prefixes' widths (default: latents/8, /4, /2)"
-    )
-    dead_tokens: int = Field(
-        100_000, ge=1, description="window of tokens over which firing is counted"
-    )
-    dead_percentage_threshold: float = Field(
-        0.0, ge=0, le=1, description="dead: fires on fewer than this fraction of the window"
-    )
-    optimizer: Literal["adam", "adamw", "sgd"] = Field("adam", description="SAE optimizer")
-    weight_decay: float = Field(0.0, ge=0, description="optimizer weight decay")
-    grad_acc_steps: int = Field(1, ge=1, description="micro-batches per optimizer step")
-    max_tokens: int | None = Field(None, ge=1, description="global token budget; else epochs")
-    activation_dtype: Literal["float32", "float16"] = Field(
-        "float32", description="how stored activations are kept"
-    )
-    save_every: int = Field(
-        1000, ge=1, description="SAE steps between checkpoints (a worker fault resumes there)"
-    )
-
-    def latents_for(self, d_in: int) -> int:
-        return self.num_latents or d_in * self.expansion_factor
-
-    def check_fits(self, d_in: int) -> None:
-        """The one place k and the prefixes are checked against the dictionary (ValueError
-        naming the field)."""
-        latents = self.latents_for(d_in)
-        if self.k > latents:
-            raise ValueError(f"k: {self.k} is larger than the {latents} latents")
-        if self.target_l0 is not None and self.architecture != "jumprelu":
-            raise ValueError(
-                f"target_l0: only a jumprelu has an L0 penalty, not {self.architecture}"
-            )
-        if self.target_l0 is not None and self.target_l0 > latents:
-            raise ValueError(f"target_l0: {self.target_l0:g} is more than the {latents} latents")
-        widths = self.matryoshka_widths or []
-        if widths and (
-            widths != sorted(set(widths)) or widths[0] < self.k or widths[-1] >= latents
-        ):
-            raise ValueError(
-                f"matryoshka_widths: {widths} must increase, from at least k ({self.k}) to "
-                f"below the {latents} latents (the whole dictionary is the last level)"
-            )
-
-
-# Rows of each worker's local shuffle buffer in a sweep's SAE fits (and train-sae's default):
-# stored rows come example by example, a run of consecutive tokens of one text.
-SHUFFLE_BUFFER_TOKENS = 16384
-
-# The settings that make one SAE differ from another on the same stream (co-trained SAEs,
-# `train-sae --k 16 32`); the rest (batch, budget, epochs, checkpoints) is the stream's.
-PER_SAE = (
-    "architecture",
-    "k",
-    "expansion_factor",
-    "num_latents",
-    "lr",
-    "auxk_alpha",
-    "dead_tokens",
-    "dead_percentage_threshold",
-    "optimizer",
-    "weight_decay",
-    "l0_coefficient",
-    "target_l0",
-    "matryoshka_widths",
-)
-
-
 def sharpens(cfg: Config) -> bool:
     """Whether the config builds targets at all: a strategy with λ > 0, and a next cycle."""
     return cfg.strategy != CONTROL and cfg.cycles.count > 1
-
-
-DEFAULT_KEEP_FRAC = 0.5
-
-
-class Sharpening(Section):
-    """How each cycle's targets are built. `per_class` / `per_example` keep `keep_frac` of
-    the latents active in each example's code (its k); `top_k_pct` instead keeps that
-    percentage of the whole dictionary (the seed repo's rule, which keeps every active
-    latent whenever it reaches k). `centroid`, `shuffled`, `random` and `none` are controls:
-    label supervision without an SAE, sharpened targets without their pairing, any target
-    at all, and λ = 0."""
-
-    strategy: Strategy = Field(
-        "per_class",
-        description="how targets are built: per_class, per_class_complement, per_example "
-        "(from the SAE's codes); centroid, shuffled, random, none (controls); topk_sharp, "
-        "l1 (causal_lm, online)",
-    )
-    keep_frac: float | None = Field(
-        None, gt=0, le=1, description="latents kept: this fraction of each example's k (0.5)"
-    )
-    top_k_pct: float | None = Field(
-        None, gt=0, le=100, description="the seed's rule instead: this % of all latents"
-    )
-    shuffle_of: Literal["per_class", "per_example"] | None = Field(
-        None,
-        description="shuffled: whose targets are permuted across examples (default: the "
-        "primary contrast's strategy when it sharpens SAE codes, else per_class), so "
-        "X − shuffled compares X with its own targets unpaired",
-    )
-    k_sharp: int | None = Field(
-        None,
-        ge=1,
-        description="topk_sharp: active latents each token's online target keeps "
-        "(default keep_frac of k)",
-    )
-
-    @model_validator(mode="after")
-    def _one_rule(self) -> Sharpening:
-        if self.top_k_pct is not None and self.keep_frac is not None:
-            raise ValueError("keep_frac and top_k_pct are two rules for one count: set one")
-        return self
-
-    @property
-    def rule(self) -> str:
-        """The field that sets the kept count (named by refusals)."""
-        if self.strategy == "topk_sharp":
-            return "sharpening.k_sharp" if self.k_sharp is not None else "sharpening.keep_frac"
-        return "sharpening.top_k_pct" if self.top_k_pct is not None else "sharpening.keep_frac"
-
-    def kept(self, k: int, num_latents: int) -> int:
-        """Latents a sharpened target keeps: of each code's k (per_example, topk_sharp), or
-        of the class's mean code (per_class)."""
-        if self.strategy == "topk_sharp":  # per token, of its k active latents
-            return self.k_sharp or max(1, int((self.keep_frac or DEFAULT_KEEP_FRAC) * k))
-        if self.top_k_pct is not None:
-            return max(1, math.ceil(num_latents * self.top_k_pct / 100))
-        return max(1, int((self.keep_frac or DEFAULT_KEEP_FRAC) * k))
-
-    def check_changes_targets(self, k: int, num_latents: int) -> None:
-        """A setting that provably leaves every target equal to the SAE's reconstruction
-        (or empty) would run a sweep that sharpens nothing: a ValueError naming the field."""
-        keep, strategy = self.kept(k, num_latents), self.strategy
-        if strategy in ("per_example", "topk_sharp") and keep >= k:
-            raise ValueError(
-                f"{self.rule}: keeps {keep} latents of k={k}, so {strategy} targets equal "
-                "the SAE's own reconstruction (sharpening changes nothing)"
-            )
-        if strategy in ("per_class", "per_class_complement") and keep >= num_latents:
-            raise ValueError(
-                f"{self.rule}: keeps {keep} latents of the {num_latents} in the dictionary, "
-                f"so {strategy} targets are the reconstruction (or nothing)"
-            )
 
 
 class Resources(Section):
