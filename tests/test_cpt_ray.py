@@ -70,7 +70,7 @@ def test_cpt_sweep_reports_lm_metrics_for_every_trial_and_cycle(cpt_sweep):
     from sae_ray.config.metrics import known_metrics
 
     rest = ["trial_id", "cycle", "sharpening.strategy", "strategy_effective", "is_control"]
-    rest += ["n_seeds", "feasible", "constraint/violation", "status", "error"]
+    rest += ["n_seeds", "nodes", "feasible", "constraint/violation", "status", "error"]
     rest += ["features/log10_density_hist"]
     written = sorted(c for c in rows.columns if c not in rest)
     assert written == sorted(known_metrics(lm=True))

@@ -189,7 +189,7 @@ def test_sparse_codes_give_every_metric_the_dense_reference_gives():
     assert np.array_equal(sp_tr.toarray(), de_tr) and sp_tr.nnz <= 6 * 400
     sparse = interp_metrics((sp_tr, y_tr), (sp_ev, y_ev), 4)
     dense = interp_metrics((de_tr, y_tr), (de_ev, y_ev), 4)
-    assert sparse.keys() == dense.keys() and len(sparse) == 13
+    assert sparse.keys() == dense.keys() and len(sparse) == 16
     for name, value in dense.items():
         assert sparse[name] == pytest.approx(value, rel=1e-6, abs=1e-9), name
     streamed = sae_quality(sae, (x_ev[i : i + 64] for i in range(0, len(x_ev), 64)))
@@ -251,6 +251,25 @@ def test_evaluation_of_20000_sequences_at_16384_latents_stays_under_300_mb():
     )
     assert done.returncode == 0, done.stderr[-2000:]
     grew_mb, names, nnz = map(int, done.stdout.split())
-    assert names == 13 and nnz <= 20000 * 32
+    assert names == 16 and nnz <= 20000 * 32
     assert grew_mb < 300, f"evaluation grew peak memory by {grew_mb} MB"
     print(f"peak memory growth: {grew_mb} MB")
+
+
+def test_u_top_does_not_move_when_uninformative_latents_wake():
+    """Mean U over the alive latents falls as label-free latents wake; U over the 16 most
+    informative on train does not, and its null sits near 0."""
+    from sae_ray.method.evaluate import interp_metrics
+
+    def codes(n, noise, seed):
+        r = np.random.default_rng(seed)
+        y = np.arange(n) % 4
+        signal = np.stack([(y == c) * r.uniform(0.5, 1, n) for c in range(4)], 1)
+        signal = np.repeat(signal, 4, axis=1) * (r.random((n, 16)) < 0.9)  # 16 informative
+        return np.hstack([signal, r.random((n, noise)) * (r.random((n, noise)) < 0.3)]), y
+
+    few = interp_metrics(codes(400, 20, 1), codes(400, 20, 2), 4)
+    many = interp_metrics(codes(400, 300, 1), codes(400, 300, 2), 4)
+    assert many["u"] < 0.5 * few["u"]  # the mean over alive latents moves
+    assert many["u_top"] == pytest.approx(few["u_top"], rel=1e-6)  # this one does not
+    assert few["u_top_excess"] > 0.3 and abs(few["u_top_null"]) < 0.05

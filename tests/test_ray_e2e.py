@@ -267,7 +267,7 @@ def test_results_columns_are_the_metrics_objectives_may_name(quickstart_sweep):
 
     columns = list(pd.read_csv(quickstart_sweep / "results.csv").columns)
     searched = ["sae.k", "sae.expansion_factor", "sharpening.strategy"]
-    rest = ["trial_id", "cycle", *searched, "strategy_effective", "is_control", "n_seeds"]
+    rest = ["trial_id", "cycle", *searched, "strategy_effective", "is_control", "n_seeds", "nodes"]
     rest += ["status", "error"]
     assert sorted(c for c in columns if c not in rest) == sorted(known_metrics(lm=False))
 

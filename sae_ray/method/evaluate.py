@@ -133,19 +133,18 @@ U_TOP = 16  # latents `interp_u_top` averages: a fixed count, whatever is alive
 
 
 def interp_u_top(
-    train: tuple[Matrix, np.ndarray],
+    ranking: np.ndarray,
     evaluate: tuple[Matrix, np.ndarray],
     num_classes: int,
     seed: int = 0,
     top: int = U_TOP,
 ) -> dict[str, float]:
-    """U over a fixed number of latents: the `top` with the highest U on train, scored on
-    the evaluation split, with its null (the same latents against permuted evaluation
-    labels). Mean U over the alive latents moves when uninformative latents die or wake
-    (the denominator changes); this one does not, and choosing on train keeps the choice
-    from flattering the evaluation split."""
-    (x_tr, y_tr), (x_ev, y_ev) = train, evaluate
-    ranking = np.argsort(-uncertainty_coefficients(_fires(x_tr), y_tr, num_classes), kind="stable")
+    """U over a fixed number of latents: the first `top` of `ranking` (highest U on train
+    first), scored on the evaluation split, with its null (the same latents against
+    permuted evaluation labels). Mean U over the alive latents moves when uninformative
+    latents die or wake (its denominator changes); this one does not, and choosing on
+    train keeps the choice from flattering the evaluation split."""
+    x_ev, y_ev = evaluate
     fires = _fires(x_ev[:, ranking[: min(top, x_ev.shape[1])]])
     u = float(uncertainty_coefficients(fires, y_ev, num_classes).mean())
     rng = np.random.default_rng(seed)
@@ -314,11 +313,11 @@ def interp_metrics(
     out.update(cluster_metrics(x_ev, y_ev, num_classes, seed))
     if len(np.unique(y_tr)) < 2:
         return out
-    out.update(interp_u_top(train, evaluate, num_classes, seed))
+    u_train = uncertainty_coefficients(_fires(x_tr), y_tr, num_classes)
+    ranking = np.argsort(-u_train, kind="stable")  # the latents most informative on train
+    out.update(interp_u_top(ranking, evaluate, num_classes, seed))
     out["probe_accuracy"] = probe_accuracy(x_tr, y_tr, x_ev, y_ev, seed, center=dense)
     if not dense:
-        u_train = uncertainty_coefficients(_fires(x_tr), y_tr, num_classes)
-        ranking = np.argsort(-u_train, kind="stable")
         for k in sparse_ks:
             keep = ranking[: min(k, x_tr.shape[1])]
             out[f"sparse_probe_accuracy@{k}"] = probe_accuracy(
