@@ -598,3 +598,48 @@ def test_selection_never_reads_the_test_split_and_sharpening_must_sharpen(tmp_pa
         assert cli.main(args) == 2
         _one_line(capsys, expected)
     assert not (tmp_path / "runs").exists()
+
+
+def test_an_unreachable_hub_answers_at_once(tmp_path):
+    """No network or a firewall: the hub's loaders retry every file five times (20+ s of
+    warnings). A plan answers within seconds with its note; a sweep in one line, exit 2."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()  # nothing listens there: every connection is refused at once
+    env = {**os.environ, "HF_ENDPOINT": f"http://127.0.0.1:{port}", "HF_HUB_OFFLINE": "0"}
+    sweep = str(QUICKSTART.parent / "sst2_gpt2.yaml")
+    for command, code in (("plan", 0), ("sweep", 2)):
+        started = time.perf_counter()
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "sae_ray",
+                command,
+                sweep,
+                f"experiment.storage_path={tmp_path}",
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        took = time.perf_counter() - started
+        assert done.returncode == code, done.stdout + done.stderr
+        assert took < 20, took
+        assert "Retrying" not in done.stderr and "Traceback" not in done.stderr
+        said = (done.stdout if command == "plan" else done.stderr).strip().splitlines()
+        reason = "cannot reach the Hugging Face hub"
+        if command == "sweep":
+            assert (
+                len(said) == 1 and said[0].startswith("error: dataset.name: ") and reason in said[0]
+            )
+        else:
+            assert reason in said[0] and "HF_HUB_OFFLINE=1" in said[0] and said[-1] == "fits"

@@ -3,6 +3,7 @@ import pandas as pd
 import pytest
 
 from sae_ray.config import ConfigError, Dataset
+from sae_ray.lm import hub
 from sae_ray.lm.text_data import load_text_data, synthetic_topics
 
 
@@ -61,6 +62,7 @@ def _fake_hub(monkeypatch, splits):
         return datasets.DatasetDict({k: datasets.Dataset.from_dict(v) for k, v in splits.items()})
 
     monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    monkeypatch.setattr(hub, "unreachable", lambda repo_id, kind: None)  # the hub answers
     return asked
 
 

@@ -571,3 +571,35 @@ def test_a_sweeps_sae_stream_is_shuffled_seeded_and_whole(ray_cluster, tmp_path)
     assert runs < 0.05, runs
     np.testing.assert_array_equal(first, order(0, 0))
     assert not np.array_equal(first, order(0, 1)) and not np.array_equal(first, order(1, 0))
+
+
+def test_a_local_start_says_nothing_of_token_auth():
+    """Ray's token-auth note opens every local start's console; it asks nothing of the user:
+    it goes to Ray's log with the rest."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+
+    # a user's shell: no RAY_ADDRESS, and RAY_AUTH_MODE unset (Ray then turns token auth
+    # on by itself, and says so)
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
+    code = (  # the console the CLI sets up (main.py), then its start of Ray
+        "import logging; logging.basicConfig(level=logging.WARNING); "
+        "from sae_ray.cli.ray_session import connect; import ray; "
+        "connect(None); print('joined', len(ray.nodes())); ray.shutdown()"
+    )
+    short = tempfile.mkdtemp(prefix="sr-", dir="/tmp")  # Ray's socket paths live under it
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", code],
+            env={**env, "TMPDIR": short},
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    finally:
+        shutil.rmtree(short, ignore_errors=True)
+    assert done.returncode == 0 and "joined 1" in done.stdout, done.stderr[-2000:]
+    assert "Token authentication" not in done.stdout + done.stderr

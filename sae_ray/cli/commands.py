@@ -93,8 +93,19 @@ def export_saelens(run_dir: str, out: str) -> int:
 
 
 def plan(cfg: Config) -> int:
-    """`sae-ray plan`: the whole memory plan, then its verdict (exit 2 when a stage won't fit)."""
-    memory = preflight.memory_plan(cfg, preflight.check_dataset(cfg))
+    """`sae-ray plan`: the whole memory plan, then its verdict (exit 2 when a stage won't fit).
+    Only evaluation's codes and pooled activations depend on the dataset's size: a dataset
+    that does not load (the hub unreachable) is planned at its configured size, said so."""
+    try:
+        examples, assumed = preflight.check_dataset(cfg), None
+    except ConfigError as err:
+        examples = cfg.dataset.max_examples or cfg.dataset.num_examples
+        assumed = (
+            f"note: evaluation planned for {examples} examples; the dataset did not load ({err})"
+        )
+    memory = preflight.memory_plan(cfg, examples)
+    if assumed:
+        print(assumed)
     if memory is None:
         print(f"{cfg.model.name}: its config cannot be read offline, so its size is unknown")
         return 0

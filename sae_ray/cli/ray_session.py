@@ -24,6 +24,8 @@ def connect(address: str | None, verbose: bool = False) -> None:
         os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the engine that honours verbose=0
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         _raylet_notes_to_log()
+        # "Token authentication is enabled ...": a note on every local start, nothing to do
+        logging.getLogger("ray._private.authentication").setLevel(logging.ERROR)
     if not ray.is_initialized():
         ours = address is None and not {"RAY_ADDRESS", PREEMPTION_WATCHER} & set(os.environ)
         if ours:

@@ -25,6 +25,8 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
+from sae_ray.lm import hub
+
 # Every worker loads and saves models: their per-file progress bars drown the sweep's output.
 hf_logging.disable_progress_bar()
 
@@ -92,10 +94,17 @@ def config_of(name: str):
     config = preset_config(name)
     if config is not None:
         return config
-    try:
-        from transformers import AutoConfig
+    from transformers import AutoConfig
 
-        return AutoConfig.from_pretrained(resolve_model(name))
+    where = resolve_model(name)
+    try:  # the cache (or a local folder) first: no network
+        return AutoConfig.from_pretrained(where, local_files_only=True)
+    except Exception:
+        pass
+    if hub.unreachable(where, "model") is not None:
+        return None
+    try:
+        return AutoConfig.from_pretrained(where)
     except Exception:
         return None
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from sae_ray.config import ConfigError, Dataset
+from sae_ray.lm import hub
 
 SPLITS = ("train", "validation", "test")
 
@@ -232,6 +233,7 @@ def _load_raw(cfg: Dataset, need_labels: bool = True) -> dict[str, tuple[list[st
         import datasets
 
         hub_id, subset = hub_dataset(cfg.name)
+        hub.check("dataset.name", cfg.name, hub_id, "dataset")
         datasets.disable_progress_bars()
         try:
             dd = datasets.load_dataset(hub_id, subset)
