@@ -47,3 +47,20 @@ def check(field: str, name: str, repo_id: str, kind: Literal["model", "dataset"]
     reason = unreachable(repo_id, kind)
     if reason is not None:
         raise ConfigError(f"{field}: cannot load {name!r}: {reason}")
+
+
+def model_config(where: str):
+    """A model's config from a local folder or the cache, else from the hub when it answers
+    (None when neither can say)."""
+    from transformers import AutoConfig
+
+    try:  # no network
+        return AutoConfig.from_pretrained(where, local_files_only=True)
+    except Exception:
+        pass
+    if unreachable(where, "model") is not None:
+        return None
+    try:
+        return AutoConfig.from_pretrained(where)
+    except Exception:
+        return None

@@ -92,21 +92,7 @@ def config_of(name: str):
     folder's or a cached hub model's config.json is read. None when it cannot be read
     offline (no network, a gated repo...): whoever loads the model will say."""
     config = preset_config(name)
-    if config is not None:
-        return config
-    from transformers import AutoConfig
-
-    where = resolve_model(name)
-    try:  # the cache (or a local folder) first: no network
-        return AutoConfig.from_pretrained(where, local_files_only=True)
-    except Exception:
-        pass
-    if hub.unreachable(where, "model") is not None:
-        return None
-    try:
-        return AutoConfig.from_pretrained(where)
-    except Exception:
-        return None
+    return config if config is not None else hub.model_config(resolve_model(name))
 
 
 def check_layer_index(layer: int, blocks: int) -> None:
