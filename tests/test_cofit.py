@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from sae_ray import config as C
+from sae_ray.lm.extraction import read_manifest
 from sae_ray.method.cofit import peer_saes, running, running_points
 from sae_ray.sweep.space import drawn_ahead, planned_points
 from sae_ray.sweep.tuner import with_control
@@ -202,7 +203,8 @@ def test_a_fit_publishes_its_peers_each_equal_to_its_own_trials_fit_alone(ray_cl
     assert running_points(first.train_runs) == []  # the trial ended
     second_cfg = C.apply_params(cfg, points[1])
     second = _trial(second_cfg, tmp_path / "sweep", points)
-    peer_spec = sae_fit.sae_spec(second, acts, 0, second_cfg.sae)
+    manifest = read_manifest(acts.uri("train", "tokens"))
+    peer_spec = sae_fit.sae_spec(second, acts, 0, second_cfg.sae, manifest)
     found = second.store.find("sae", peer_spec)
     assert found is not None and sae_fit.sae(second, acts, "x", 0) == found
     assert second.store.computed == 0  # found: its trial computes nothing

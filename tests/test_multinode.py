@@ -10,11 +10,13 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pandas as pd
 import pytest
 
-from sae_ray.storage.artifacts import BUILT
+from sae_ray.method.sae_fit import HOLD_NOTE, HOLD_SAE_FIT_AT
+from sae_ray.storage.artifacts import BUILT, DONE
 from tests.conftest import QUICKSTART, ROOT, ray_cli
 
 pytestmark = pytest.mark.ray
@@ -30,15 +32,16 @@ SMALLER = [
 
 @pytest.fixture(scope="module")
 def cluster(s3_endpoint):
-    """A one-CPU head (the drivers) and two two-CPU worker nodes; the nodes' processes see
-    the bucket's variables (as instances with an IAM role would)."""
+    """A head with no CPU for work (the drivers, as Ray advises for a cluster's head) and two
+    two-CPU worker nodes; the nodes' processes see the bucket's variables (as instances
+    with an IAM role would)."""
     from ray.cluster_utils import Cluster
 
     ray_cli("get-auth-token", "--generate", timeout=60, check=True)
     with pytest.MonkeyPatch.context() as env:
         for key, value in s3_endpoint.items():
             env.setenv(key, value)
-        made = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+        made = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
         try:
             workers = [made.add_node(num_cpus=2, resources={f"node_{n}": 1}) for n in "ab"]
             made.wait_for_nodes()
@@ -106,25 +109,101 @@ def spread_sweep(cluster, s3_endpoint):
 def test_trials_run_on_several_nodes_and_find_what_another_node_built(
     spread_sweep, s3_endpoint, monkeypatch
 ):
-    from sae_ray import storage
 
     for key, value in s3_endpoint.items():
         monkeypatch.setenv(key, value)
-    results = pd.read_csv(io.BytesIO(storage.read_bytes(f"{BUCKET}/quickstart/results.csv")))
-    assert len(results) == 4 * 2 and set(results["status"]) == {"COMPLETE"}
+    results, built, specs = _each_row_and_stage_once(f"{BUCKET}/quickstart")
     nodes = {n for cell in results["nodes"] for n in cell.split(",")}
     assert len(nodes) >= 2, results[["trial_id", "cycle", "nodes"]]
-    root = f"{BUCKET}/quickstart/artifacts"
+    (first,) = [n for n in built if n.startswith("model-") and "parent" not in specs[n]]
+    # the cycle-0 model every trial starts from: built on one node, found on another
+    elsewhere = [c for c in results[results["cycle"] == 0]["nodes"] if built[first] not in c]
+    assert elsewhere, (built[first], list(results["nodes"]))
+
+
+def _each_row_and_stage_once(sweep: str, lost: bool = False) -> tuple[pd.DataFrame, dict, dict]:
+    """results.csv with every trial's cycles once, complete, and every stage's artifact
+    computed once in the whole sweep: the trials' counts add up to the artifacts built
+    (the trials' own records, which a rerun of a point replays, are the drivers'), or, when
+    a node was `lost`, to no more than that (a dead group's count died with it). The
+    results, and each artifact's node and spec."""
+    from sae_ray import storage
+
+    results = pd.read_csv(io.BytesIO(storage.read_bytes(f"{sweep}/results.csv")))
+    assert len(results) == 4 * 2 and set(results["status"]) == {"COMPLETE"}
+    assert not results.duplicated(["trial_id", "cycle"]).any()
+    root = f"{sweep}/artifacts"
     built, specs = {}, {}
     for name in storage.listdir(root):
         if storage.is_file(f"{root}/{name}/{BUILT}"):
             built[name] = json.loads(storage.read_bytes(f"{root}/{name}/{BUILT}"))["node"]
             specs[name] = json.loads(storage.read_bytes(f"{root}/{name}/spec.json"))
-    # every stage's artifact computed once in the whole sweep: the trials' counts add up to
-    # it (the trials' own records, which a rerun of a point replays, are the drivers')
     stages = [n for n in built if not n.startswith("trial-")]
-    assert results["artifacts/computed"].sum() == len(stages)
-    (first,) = [n for n in built if n.startswith("model-") and "parent" not in specs[n]]
-    # the cycle-0 model every trial starts from: built on one node, found on another
-    elsewhere = [c for c in results[results["cycle"] == 0]["nodes"] if built[first] not in c]
-    assert elsewhere, (built[first], list(results["nodes"]))
+    computed = results["artifacts/computed"].sum()
+    assert computed <= len(stages) if lost else computed == len(stages), (computed, len(stages))
+    return results, built, specs
+
+
+HELD_AT = 3  # the step whose checkpoint the first cycle-0 SAE fit holds at
+
+
+def test_a_node_lost_mid_fit_and_the_sweep_completes(cluster, s3_endpoint, tmp_path, monkeypatch):
+    """The first cycle-0 SAE fit stores its step-3 checkpoint and holds; its node is then
+    killed as a lost machine dies. Its trial's Train run restarts the group on the node
+    left, resumes the fit from the bucket, and the sweep completes: each trial-cycle row
+    once, nothing published computed again. Runs last: the cluster has one node less."""
+    from sae_ray import storage
+
+    made, workers = cluster
+    for key, value in s3_endpoint.items():
+        monkeypatch.setenv(key, value)
+    note, sweep = tmp_path / "held-on", "s3://sae-ray-test/multinode-lost/quickstart"
+    faults = {HOLD_SAE_FIT_AT: f"0:{HELD_AT}", HOLD_NOTE: str(note)}
+    args = ["sweep", str(QUICKSTART), f"experiment.storage_path={sweep.rsplit('/', 1)[0]}"]
+    running = subprocess.Popen(
+        [sys.executable, "-m", "sae_ray", *args, *SMALLER, f"sae.save_every={HELD_AT}"]
+        + [f"--address={made.address}"],
+        cwd=ROOT,
+        env={**os.environ, **s3_endpoint, **faults, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 600
+        while not note.is_file():
+            assert running.poll() is None and time.monotonic() < deadline, "no fit held"
+            time.sleep(0.5)
+        (lost,) = [w for w in workers if w.node_id == note.read_text()]
+        published = _published(sweep)
+        made.remove_node(lost, allow_graceful=False)
+        out, _ = running.communicate(timeout=900)
+    finally:
+        running.kill()
+    assert running.returncode == 0, out[-4000:]
+    _each_row_and_stage_once(sweep, lost=True)
+    after = _published(sweep)
+    # what was published before the loss was found, not built again (its record unchanged)
+    assert published and {k: after.get(k) for k in published} == published
+    assert len(after) > len(published)
+    resumed = [
+        json.loads(storage.read_bytes(f"{sweep}/artifacts/{name}/train_metrics.json"))
+        for name in storage.listdir(f"{sweep}/artifacts")
+        if name.startswith("sae-")
+    ]
+    # the held fit went on from its checkpoint in the bucket, not from step 0
+    assert HELD_AT in [m["resumed_from_step"] for m in resumed]
+
+
+def _published(sweep: str) -> dict[str, bytes]:
+    """Each finished artifact's record of the process that built it."""
+    from sae_ray import storage
+
+    root = f"{sweep}/artifacts"
+    if not storage.is_dir(root):
+        return {}
+    return {
+        name: storage.read_bytes(f"{root}/{name}/{BUILT}")
+        for name in storage.listdir(root)
+        if storage.is_file(f"{root}/{name}/{DONE}")
+    }

@@ -226,6 +226,26 @@ def test_a_lease_is_renewed_while_held_and_expires_when_its_holder_is_gone(ray_c
 
 
 @pytest.mark.ray
+def test_a_trial_takes_back_the_lease_its_dead_worker_group_left(ray_cluster):
+    """A group on a lost node never releases its lease; the trial's restarted group (the
+    same holder) takes it at once, anyone else only once it has expired."""
+    import ray
+
+    from sae_ray.storage.leases import lease, lease_table
+
+    root = f"s3://leases/{uuid.uuid4().hex}"
+    table = lease_table(root)
+    assert ray.get(table.acquire.remote("sae-1", "sweep/trial_a", 30.0))  # then it died
+    with lease(root, "sae-1", wait=False, holder="sweep/trial_b") as held:
+        assert not held  # the stale lease is live for 30 s more
+    started = time.monotonic()
+    with lease(root, "sae-1", holder="sweep/trial_a") as held:
+        assert held and time.monotonic() - started < 5
+    with lease(root, "sae-1", wait=False, holder="sweep/trial_b") as held:
+        assert held  # released when the restarted group's block ended
+
+
+@pytest.mark.ray
 def test_the_lease_table_outlives_the_placement_group_of_the_trial_that_started_it(ray_cluster):
     """Trials run in Tune's placement groups, which capture child actors by default."""
     import ray

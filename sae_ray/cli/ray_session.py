@@ -20,6 +20,8 @@ def connect(address: str | None, verbose: bool = False) -> None:
     Ray's log files (`/tmp/ray/session_latest/logs`, the dashboard's Logs page)."""
     import ray
 
+    from sae_ray.method.sae_fit import HOLD_NOTE, HOLD_SAE_FIT_AT, KILL_SAE_FIT_AT
+
     if not verbose:
         os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the engine that honours verbose=0
         warnings.filterwarnings("ignore", category=DeprecationWarning)
@@ -30,8 +32,13 @@ def connect(address: str | None, verbose: bool = False) -> None:
         ours = address is None and not {"RAY_ADDRESS", PREEMPTION_WATCHER} & set(os.environ)
         if ours:
             os.environ[PREEMPTION_WATCHER] = "0"
+        # The chaos tests' fault points, set in the CLI's environment: a cluster joined
+        # with --address started its workers before, so they reach them through the job.
+        wanted = (KILL_SAE_FIT_AT, HOLD_SAE_FIT_AT, HOLD_NOTE)
+        faults = {name: os.environ[name] for name in wanted if name in os.environ}
         ray.init(
             address=address,
+            runtime_env={"env_vars": faults} if faults else None,
             log_to_driver=verbose,
             configure_logging=False,
             logging_config=ray.LoggingConfig(log_level="INFO" if verbose else "WARNING"),

@@ -10,8 +10,11 @@ import logging
 import os
 import signal
 import tempfile
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+import ray
 
 from sae_ray import storage, telemetry
 from sae_ray.config import SHUFFLE_BUFFER_TOKENS, Config, Sae
@@ -20,7 +23,7 @@ from sae_ray.method import cofit
 from sae_ray.method.ranks import barrier, broadcast, rank_world, shared_artifact
 from sae_ray.method.seeds import stream
 from sae_ray.sae.checkpoints import save_checkpoint, store_checkpoint, stored_checkpoint
-from sae_ray.sae.feeds import activation_dataset
+from sae_ray.sae.feeds import ArrayFeed, activation_dataset, held, read_rows
 from sae_ray.sae.fit_config import SaeTrainConfig
 from sae_ray.sae.model import SparseAutoencoder
 from sae_ray.sae.trainer import Fit, fit_metrics, fit_saes
@@ -32,15 +35,24 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def feed_split(tokens: str, hp: str):
-    """This rank's equal share of the token rows, from one Ray Dataset split across the
-    ranks (rank 0 plans it; each rank receives its iterator)."""
+def feed_split(tokens: str, manifest: Manifest, hp: str) -> tuple[Any, Any]:
+    """This rank's equal share of the token rows, as (shard, feed factory) for `fit_saes`.
+
+    A set that fits in memory (`feeds.held`) is read once, each rank its contiguous share
+    by pyarrow in its own process, and permuted whole each epoch: no Ray task, so the fit
+    needs no CPU beyond its workers' (a cluster that lost a node has none to spare) and no
+    epoch after the first reads Parquet. A larger set streams from one Ray Dataset split
+    across the ranks (rank 0 plans it; each rank receives its iterator)."""
     rank, world = rank_world()
+    if held(manifest):
+        per = manifest.rows // world
+        columns = {hp: read_rows(tokens, manifest, hp, rank * per, (rank + 1) * per)}
+        return None, lambda c, w, device: ArrayFeed(c, w, device, columns)
     splits = None
     if rank == 0:
         dataset, _ = activation_dataset(tokens, [hp])
         splits = dataset.streaming_split(world, equal=True)
-    return broadcast(splits)[rank]
+    return broadcast(splits)[rank], None
 
 
 # Fault injection for chaos tests, "CYCLE:STEP[:STRATEGY]": the last rank of every SAE fit
@@ -48,21 +60,43 @@ def feed_split(tokens: str, hp: str):
 # SIGKILLs itself once the step-STEP checkpoint is stored. A restarted group resumes the
 # fit from that checkpoint, past STEP, so each fit is killed once.
 KILL_SAE_FIT_AT = "SAE_RAY_KILL_SAE_FIT_AT"
+# The same point for a lost machine: the first fit to reach it (one in the whole sweep)
+# writes its last rank's node id to the file HOLD_NOTE names, then waits there for the
+# test to kill that node.
+HOLD_SAE_FIT_AT, HOLD_NOTE = "SAE_RAY_HOLD_SAE_FIT_AT", "SAE_RAY_HOLD_NOTE"
 
 
 def keep_checkpoint(fit: Fit, location: str, fault_point: str) -> None:
     """Store the fit's checkpoint (rank 0); `fault_point` ("CYCLE:{}:STRATEGY") is where
-    this fit stands for KILL_SAE_FIT_AT."""
+    this fit stands for the fault points above."""
     if fit.rank == 0:
         with tempfile.TemporaryDirectory() as tmp:
             save_checkpoint(Path(tmp), fit.saes, fit.opts, fit.trackers, fit.progress)
             store_checkpoint(Path(tmp), location)
     here = fault_point.format(fit.progress.step)
-    wanted = os.environ.get(KILL_SAE_FIT_AT, "")
-    if wanted and (here == wanted or here.startswith(f"{wanted}:")):
-        barrier()  # the checkpoint is stored
-        if fit.rank == rank_world()[1] - 1:
-            os.kill(os.getpid(), signal.SIGKILL)
+    for variable, fault in ((KILL_SAE_FIT_AT, _kill), (HOLD_SAE_FIT_AT, _hold)):
+        wanted = os.environ.get(variable, "")
+        if wanted and (here == wanted or here.startswith(f"{wanted}:")):
+            barrier()  # the checkpoint is stored
+            if fit.rank == rank_world()[1] - 1:
+                fault()
+
+
+def _kill() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _hold() -> None:
+    note = os.environ[HOLD_NOTE]
+    mine = f"{note}.{os.getpid()}"
+    Path(mine).write_text(ray.get_runtime_context().get_node_id())
+    try:
+        os.link(mine, note)  # whole, and only the first fit's: a link fails if it exists
+    except FileExistsError:
+        return
+    finally:
+        os.remove(mine)
+    time.sleep(3600)
 
 
 def sae_train_config(
@@ -84,14 +118,18 @@ def sae_train_config(
     )
 
 
-def sae_spec(trial: Trial, acts: Artifact, cycle: int, section: Sae) -> dict[str, Any]:
-    """What determines an SAE artifact: its activations, its `sae` section, seed and ranks."""
+def sae_spec(
+    trial: Trial, acts: Artifact, cycle: int, section: Sae, manifest: Manifest
+) -> dict[str, Any]:
+    """What determines an SAE artifact: its activations, its `sae` section, seed and ranks,
+    and the order its rows come in (held and permuted whole, or a streamed shuffle)."""
     spec = {
         "parent": acts.key,
         "sae": section.model_dump(exclude={"save_every", "num_latents"}),
         "seed": stream(trial.seed, cycle, "sae"),
         "workers": trial.cfg.resources.num_workers,
         "shuffle_buffer_tokens": SHUFFLE_BUFFER_TOKENS,
+        "order": "held" if held(manifest) else "streamed",
     }
     if section.num_latents is not None:  # keys of sweeps without it stay as they were
         spec["sae"]["num_latents"] = section.num_latents
@@ -104,15 +142,15 @@ def sae(trial: Trial, acts: Artifact, hp: str, cycle: int) -> Artifact:
     `<train_runs>/sae-<key>`, named after the artifact, so a restarted worker group or
     sweep continues the fit from the last one."""
     cfg, store = trial.cfg, trial.store
-    spec = sae_spec(trial, acts, cycle, cfg.sae)
+    tokens = acts.uri("train", "tokens")
+    manifest = read_manifest(tokens)
+    spec = sae_spec(trial, acts, cycle, cfg.sae, manifest)
     checkpoints = storage.join(trial.train_runs, f"sae-{store.key('sae', spec)}")
 
     def make(out: str, lead: bool) -> None:
-        tokens = acts.uri("train", "tokens")
-        manifest = read_manifest(tokens)
         # rank 0 reads the running trials' points (they come and go): one list for every rank
         fitting = broadcast(_fitting_peers(trial, cycle, manifest.d) if lead else None)
-        peers = [(s, sae_spec(trial, acts, cycle, s)) for s in fitting]
+        peers = [(s, sae_spec(trial, acts, cycle, s, manifest)) for s in fitting]
         try:
             _fit(trial, hp, cycle, (tokens, manifest), Path(out), lead, checkpoints, peers)
         except FloatingPointError:
@@ -163,9 +201,10 @@ def _fit(
             claimed = cofit.claim_peers(stack, trial.store, peers, cfg.sae, checkpoints)
         overrides = broadcast(claimed.overrides if lead else None)
         fit_cfg = sae_train_config(cfg, hp, manifest.d, cycle, cofit.Group(overrides).variants)
+        shard, feed = feed_split(tokens, manifest, hp)
         fit = fit_saes(
-            {"cfg": fit_cfg.model_dump(), "rows": manifest.rows},
-            feed_split(tokens, hp),
+            {"cfg": fit_cfg.model_dump(), "rows": manifest.rows, "feed": feed},
+            shard,
             stored_checkpoint(checkpoints),
             lambda f: keep_checkpoint(f, checkpoints, f"{cycle}:{{}}:{trial.strategy}"),
         )

@@ -51,7 +51,8 @@ def open_trial(cfg: Config, trial_id: str, plan: list[dict[str, Any]] | None = N
     root, train_runs = cfg.trial_dirs(trial_id)
     split = cfg.dataset.split_for(cfg.experiment.seed)
     data = load_text_data(cfg.dataset, split, documents=cfg.is_lm)
-    return Trial(cfg, data, ArtifactStore(root), train_runs, cfg.strategy, plan or [])
+    store = ArtifactStore(root, holder=f"{cfg.experiment.name}/{trial_id}")
+    return Trial(cfg, data, store, train_runs, cfg.strategy, plan or [])
 
 
 def trial_loop(config: dict[str, Any]) -> None:

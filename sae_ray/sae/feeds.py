@@ -7,10 +7,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import ray
 import torch
 
-from sae_ray.lm.extraction import column_of, read_manifest
+from sae_ray import storage
+from sae_ray.lm.extraction import Manifest, arrow_to_vectors, column_of, read_manifest
 from sae_ray.sae.fit_config import SaeTrainConfig
 from sae_ray.sae.model import SparseAutoencoder
 from sae_ray.sae.training import sae_loss
@@ -62,8 +64,9 @@ class ActivationFeed:
 
 
 class ArrayFeed(ActivationFeed):
-    """Rows held in memory (one tensor per hookpoint), for a fit without Ray: the stream in
-    order, or each epoch's rows permuted whole (seeded) when the fit shuffles."""
+    """Rows held in memory (one tensor per hookpoint: this rank's share, or all of them for
+    a fit without Ray): the stream in order, or each epoch's rows permuted whole (seeded)
+    when the fit shuffles."""
 
     def __init__(self, cfg: SaeTrainConfig, world: int, device, columns: dict[str, torch.Tensor]):
         super().__init__(cfg, world, device)
@@ -76,11 +79,40 @@ class ArrayFeed(ActivationFeed):
         if cfg.shuffle_buffer_tokens:
             gen = torch.Generator().manual_seed(cfg.shuffle_seed + epoch)
             order = torch.randperm(rows, generator=gen)
-        for start in range(0, rows, cfg.batch_size):
-            pick = slice(start, start + cfg.batch_size)
+        size = max(1, cfg.batch_size // self.world)
+        for start in range(0, rows, size):
+            pick = slice(start, start + size)
             if order is not None:
                 pick = order[pick]
             yield {hp: x[pick].float().to(self.device) for hp, x in self.columns.items()}
+
+
+def held(manifest: Manifest, columns: int = 1) -> bool:
+    """Whether a fit holds these activations in memory (read once, each rank its share)
+    rather than streaming them through Ray Data every epoch."""
+    nbytes = manifest.rows * manifest.d * np.dtype(manifest.dtype).itemsize * columns
+    return nbytes <= MATERIALIZE_BYTES
+
+
+def read_rows(tokens_dir: str, manifest: Manifest, column: str, start: int, stop: int):
+    """Rows [start, stop) of one vector column as a tensor (the stored dtype), read with
+    pyarrow in this process from only the shards that hold them.
+
+    No Ray task is involved: a rank reads its share with the CPU it already holds, so a fit
+    never waits for a free CPU that a cluster which lost a node may not have."""
+    parts, first = [], 0
+    for entry in manifest.files:
+        last = first + entry["rows"]
+        if last > start and first < stop:
+            fs, path = storage.filesystem(storage.join(tokens_dir, entry["path"]))
+            with fs.open_input_file(path) as f:
+                table = pq.read_table(f, columns=[column])
+            lo, hi = max(start, first) - first, min(stop, last) - first
+            parts.append(arrow_to_vectors(table[column], manifest.d)[lo:hi])
+        first = last
+    if not parts:
+        return torch.empty(0, manifest.d)
+    return torch.from_numpy(np.concatenate(parts))  # one writable copy
 
 
 def quiet_ordered_data() -> None:

@@ -16,8 +16,10 @@ import contextlib
 import hashlib
 import json
 import logging
+import os
 import shutil
 import socket
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -46,13 +48,13 @@ def _checksums(root: Path) -> dict[str, tuple[int, str]]:
     }
 
 
-def _builder() -> dict[str, str]:
-    """Which machine built an artifact (its Ray node and host): on a cluster, where a
-    stage ran, and that others found it rather than built it again."""
+def _builder() -> dict[str, Any]:
+    """Which process built an artifact (its Ray node, host, pid, and when): on a cluster,
+    where a stage ran, and that others found it rather than built it again."""
     import ray
 
     node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
-    return {"node": node, "host": socket.gethostname()}
+    return {"node": node, "host": socket.gethostname(), "pid": os.getpid(), "at": time.time()}
 
 
 def key_of(spec: dict[str, Any]) -> str:
@@ -80,8 +82,9 @@ class Artifact:
 
 
 class ArtifactStore:
-    def __init__(self, root: str | Path):
+    def __init__(self, root: str | Path, holder: str | None = None):
         self.root = storage.resolve(str(root))
+        self.holder = holder  # who holds its leases in a bucket (`leases.lease`)
         self.remote = storage.is_remote(self.root)
         self.computed = 0  # artifacts this process computed (the rest were found)
         if not self.remote:
@@ -187,7 +190,7 @@ class ArtifactStore:
         if self.remote:
             from sae_ray.storage.leases import lease
 
-            with lease(self.root, name, wait=wait) as held:
+            with lease(self.root, name, wait=wait, holder=self.holder) as held:
                 yield held
             return
         lock = FileLock(str(Path(self.root) / f".{name}.lock"), timeout=-1 if wait else 0)

@@ -64,11 +64,20 @@ def lease_table(root: str):
 
 @contextlib.contextmanager
 def lease(
-    root: str, key: str, ttl: float = 60.0, poll: float = 1.0, wait: bool = True
+    root: str,
+    key: str,
+    ttl: float = 60.0,
+    poll: float = 1.0,
+    wait: bool = True,
+    holder: str | None = None,
 ) -> Iterator[bool]:
-    """Hold `key`'s lease (True); without `wait`, False at once while another holds it."""
+    """Hold `key`'s lease (True); without `wait`, False at once while another holds it.
+
+    `holder` names who holds it across processes (a trial): a worker group restarted after
+    its node died takes its own leases back at once, instead of waiting out the `ttl` of
+    the dead group's, and resumes its fits before another trial starts them over."""
     table = lease_table(root)
-    holder = uuid.uuid4().hex
+    holder = holder or uuid.uuid4().hex
     while not ray.get(table.acquire.remote(key, holder, ttl)):
         if not wait:
             yield False
