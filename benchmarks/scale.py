@@ -33,7 +33,7 @@ def one_trial(examples: int, model: str, cpus: int) -> dict:
     import ray
 
     from sae_ray import config as C
-    from sae_ray.method.trial_run import run_trial
+    from sae_ray.trial.driver import run_trial
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = C.load(

@@ -24,7 +24,7 @@ import ray
 
 from benchmarks.common import device_name, emit
 from sae_ray import config as C
-from sae_ray.method.trial_run import run_trial
+from sae_ray.trial.driver import run_trial
 
 QUICKSTART = Path(__file__).parents[1] / "sweeps" / "quickstart.yaml"
 STAGES = ("model", "activations", "sae", "evaluate", "targets")

@@ -128,7 +128,7 @@ def test_a_worker_larger_than_every_node_is_refused(tmp_path):
 @pytest.mark.parametrize("placement", ["pack", "spread"])
 def test_placement_is_ray_trains_placement_strategy(placement, tmp_path):
     from sae_ray.config import Resources
-    from sae_ray.raytrain import torch_trainer
+    from sae_ray.distributed.trainer import torch_trainer
 
     trainer = torch_trainer(lambda c: None, {}, Resources(placement=placement), "t", tmp_path)
     assert trainer.scaling_config.placement_strategy == placement.upper()

@@ -14,9 +14,9 @@ from safetensors.torch import load_file
 
 from sae_ray import config as C
 from sae_ray.lm.extraction import read_manifest
-from sae_ray.method.cofit import peer_saes, running, running_points
 from sae_ray.sweep.space import drawn_ahead, planned_points
 from sae_ray.sweep.tuner import with_control
+from sae_ray.trial.cofit import peer_saes, running, running_points
 from tests.conftest import QUICKSTART
 
 GRID = [
@@ -166,8 +166,8 @@ def _acts(root, rows: int = 1500, d: int = 16):
 
 
 def _trial(cfg, store_root, plan):
-    from sae_ray.method.stages import Trial
     from sae_ray.storage.artifacts import ArtifactStore
+    from sae_ray.trial.stages import Trial
 
     store = ArtifactStore(store_root / "artifacts")
     return Trial(cfg, None, store, str(store_root / "train_runs"), cfg.strategy, plan)
@@ -175,7 +175,7 @@ def _trial(cfg, store_root, plan):
 
 @pytest.mark.ray
 def test_a_fit_publishes_its_peers_each_equal_to_its_own_trials_fit_alone(ray_cluster, tmp_path):
-    from sae_ray.method import sae_fit
+    from sae_ray.trial import sae_fit
 
     acts = _acts(tmp_path / "acts")
     cfg = C.load(

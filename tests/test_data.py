@@ -99,8 +99,8 @@ def test_a_per_seed_split_follows_the_experiment_seed(tmp_path, split_seed):
     """`dataset.split_seed: per_seed`: each experiment seed holds out other examples, so
     the seeds' spread includes which examples were held out; a number keeps one split."""
     from sae_ray.config import Config
-    from sae_ray.method.stages import Trial
     from sae_ray.storage.artifacts import ArtifactStore
+    from sae_ray.trial.stages import Trial
 
     cfg = Config.model_validate(
         {"experiment": {"name": "x"}, "dataset": {"num_examples": 200, "split_seed": split_seed}}

@@ -116,9 +116,9 @@ def test_a_cycles_evaluation_reports_every_metric(tmp_path, topics):
     from sae_ray.config import Config
     from sae_ray.lm.extraction import extract
     from sae_ray.lm.models import build_classifier, hookpoint
-    from sae_ray.method.cycle import _evaluate
     from sae_ray.sae.model import SaeConfig, SparseAutoencoder
     from sae_ray.storage.artifacts import Artifact
+    from sae_ray.trial.cycle import _evaluate
 
     clf = build_classifier("tiny-gpt2", 4, topics.splits["train"].texts, seed=0, max_length=32)
     for split in ("train", "validation", "test"):

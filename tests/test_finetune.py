@@ -112,7 +112,7 @@ def _config(tmp_path, **cycles):
 def test_start_from_pretrained_keeps_the_untrained_model(tmp_path, topics):
     from sae_ray.lm.models import load_classifier
     from sae_ray.method.seeds import stream
-    from sae_ray.method.stages import make_cycle0
+    from sae_ray.trial.stages import make_cycle0
 
     cfg = _config(tmp_path, start_from="pretrained")
     data = load_text_data(cfg.dataset, seed=0)
@@ -127,7 +127,7 @@ def test_start_from_pretrained_keeps_the_untrained_model(tmp_path, topics):
 
 def test_start_from_a_model_directory_checks_it(tmp_path, topics):
     from sae_ray.lm.models import save_classifier
-    from sae_ray.method.stages import make_cycle0
+    from sae_ray.trial.stages import make_cycle0
 
     with pytest.raises(ValueError, match="start_from"):
         Cycles(start_from=str(tmp_path / "nowhere"))

@@ -19,9 +19,9 @@ TOLERANCE = 1e-4  # relative, on every epoch's loss and on every weight (float r
 
 def _rank(rank: int, world: int, port: int, strategy: str, out: str, checkpointing: bool):
     from sae_ray.config import Cycles, Dataset
+    from sae_ray.distributed import sharding
     from sae_ray.lm.models import build_classifier, save_classifier
     from sae_ray.lm.text_data import load_text_data
-    from sae_ray.method import sharding
     from sae_ray.method.finetune import finetune
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from sae_ray.lm.extraction import ShardWriter, vectors_to_arrow
-from sae_ray.method import sae_fit
 from sae_ray.sae import feeds
 from sae_ray.sae.fit_config import SaeTrainConfig
 from sae_ray.sae.trainer import fit_saes
+from sae_ray.trial import sae_fit
 
 
 def _tokens(root, n=1000, d=8, per_shard=300):

@@ -9,7 +9,7 @@ from sae_ray import config as config_mod
 from sae_ray.cli import main as cli
 from sae_ray.cli import preflight
 from sae_ray.lm.models import preset_config
-from sae_ray.method.memory import GB, Shape
+from sae_ray.trial.memory import GB, Shape
 from tests.conftest import QUICKSTART
 
 NEOX = QUICKSTART.parent / "sst2_neox20b.yaml"

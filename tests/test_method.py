@@ -109,8 +109,8 @@ def test_seeds_vary_training_not_the_split_and_models_are_keyed_on_their_ranks()
     draws them); a fine-tuned model's key names the worker count and strategy it ran on."""
     from sae_ray import config as C
     from sae_ray.lm.text_data import load_text_data
-    from sae_ray.method.sae_fit import sae_train_config
-    from sae_ray.method.stages import model_spec
+    from sae_ray.trial.sae_fit import sae_train_config
+    from sae_ray.trial.stages import model_spec
     from tests.conftest import QUICKSTART
 
     def cfg(*overrides):

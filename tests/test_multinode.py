@@ -15,8 +15,8 @@ import time
 import pandas as pd
 import pytest
 
-from sae_ray.method.sae_fit import HOLD_NOTE, HOLD_SAE_FIT_AT
 from sae_ray.storage.artifacts import BUILT, DONE
+from sae_ray.trial.sae_fit import HOLD_NOTE, HOLD_SAE_FIT_AT
 from tests.conftest import QUICKSTART, ROOT, ray_cli
 
 pytestmark = pytest.mark.ray

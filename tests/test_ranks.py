@@ -17,8 +17,8 @@ from sae_ray.config import Config
 from sae_ray.lm.extraction import read_manifest
 from sae_ray.lm.models import build_classifier, forbidden, load_classifier
 from sae_ray.lm.text_data import load_text_data
-from sae_ray.method import stages
 from sae_ray.storage.artifacts import Artifact, ArtifactStore
+from sae_ray.trial import stages
 from tests.test_ddp import _free_port
 
 SPLITS = ("train", "validation", "test")
@@ -113,7 +113,7 @@ def test_settings_the_models_config_rules_out_fail_before_a_worker_group(overrid
     model lacks or a k above the dictionary fails the trial with the worker's message,
     without starting a worker group (Ray is not even initialised here)."""
     from sae_ray import config as C
-    from sae_ray.method.trial_run import TrialFailed, run_trial
+    from sae_ray.trial.driver import TrialFailed, run_trial
     from tests.conftest import QUICKSTART
 
     cfg = C.load(QUICKSTART, [override])

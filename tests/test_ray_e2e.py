@@ -276,7 +276,7 @@ def test_a_point_the_sweep_ran_replays_without_a_train_run(quickstart_sweep, mon
     """TPE re-suggests points: a trial at a point that ran to its end reports the same
     numbers from its record, computing nothing and starting no Ray Train run."""
     from sae_ray import config as C
-    from sae_ray.method import trial_run
+    from sae_ray.trial import driver as trial_run
 
     def no_train_run(*args, **kwargs):
         raise AssertionError("a replay started a Train run")
@@ -466,9 +466,9 @@ def test_sae_ray_run_evaluates_on_the_workers_as_one_process_would(ray_cluster, 
     from sae_ray import config as C
     from sae_ray.lm.models import hookpoint, load_classifier, resolve_layer
     from sae_ray.lm.text_data import load_text_data
-    from sae_ray.method.cycle import _evaluate
     from sae_ray.sae.model import SparseAutoencoder
     from sae_ray.storage.artifacts import Artifact
+    from sae_ray.trial.cycle import _evaluate
     from tests.conftest import QUICKSTART, ROOT
 
     overrides = [
@@ -544,8 +544,8 @@ def test_a_sweeps_sae_stream_is_shuffled_seeded_and_whole(ray_cluster, tmp_path)
     SAE fit draws them through a seeded shuffle buffer: every row once per epoch, not in
     stored order, the same order for the same seed and epoch (co-fits stay bit for bit)."""
     from sae_ray.config import Config
-    from sae_ray.method.sae_fit import sae_train_config
     from sae_ray.sae.feeds import ActivationFeed, activation_dataset
+    from sae_ray.trial.sae_fit import sae_train_config
 
     n = 6000
     x = np.zeros((n, 4), np.float32)

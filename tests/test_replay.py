@@ -6,8 +6,8 @@ import json
 import pytest
 
 from sae_ray import config as C
-from sae_ray.method import replay
 from sae_ray.storage.artifacts import ArtifactStore
+from sae_ray.trial import replay
 from tests.conftest import QUICKSTART
 
 

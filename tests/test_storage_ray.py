@@ -15,8 +15,8 @@ import pytest
 
 from sae_ray import storage
 from sae_ray.lm.extraction import read_manifest
-from sae_ray.method.sae_fit import KILL_SAE_FIT_AT
 from sae_ray.storage.artifacts import DONE
+from sae_ray.trial.sae_fit import KILL_SAE_FIT_AT
 from tests.conftest import submit_quickstart
 
 pytestmark = pytest.mark.ray

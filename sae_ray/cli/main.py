@@ -38,9 +38,9 @@ def _warn_if_inside_job(cfg: Config) -> None:
 
 
 def _run_one(cfg: Config) -> list[dict[str, Any]]:
-    from sae_ray.method.trial_run import run_trial
     from sae_ray.sweep.results import write_config, write_outputs
     from sae_ray.sweep.tuner import objective_reporter
+    from sae_ray.trial.driver import run_trial
 
     rows: list[dict[str, Any]] = []
 
@@ -84,8 +84,10 @@ def _tool_command(args: argparse.Namespace) -> int:
     if args.command == "train-sae":
         from sae_ray.cli import train_sae
 
-        train_sae.check_flags(args)
-        train_sae.run(args, connect=lambda: _connect(args.address, args.verbose))
+        train_sae.check_flags(args)  # before the work's heavy imports: torch, Ray, transformers
+        from sae_ray.cli import train_sae_run
+
+        train_sae_run.run(args, connect=lambda: _connect(args.address, args.verbose))
         return 0
     if args.command == "intervene":
         return commands.intervene(args)

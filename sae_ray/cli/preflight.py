@@ -13,7 +13,7 @@ from sae_ray import storage
 from sae_ray.config import Config, ConfigError, apply_params, sharpens
 
 if TYPE_CHECKING:
-    from sae_ray.method.memory import Plan
+    from sae_ray.trial.memory import Plan
 
 
 def check(cfg: Config) -> Plan | None:
@@ -108,7 +108,7 @@ def model_shape(model: str) -> tuple[int, int] | None:
 
 def memory_plan(cfg: Config, examples: int) -> Plan | None:
     """Each stage's memory per worker for the largest SAE the sweep may sample."""
-    from sae_ray.method.memory import Shape, plan
+    from sae_ray.trial.memory import Shape, plan
 
     config = model_config(cfg.model.name)
     if config is None:

@@ -20,7 +20,7 @@ def connect(address: str | None, verbose: bool = False) -> None:
     Ray's log files (`/tmp/ray/session_latest/logs`, the dashboard's Logs page)."""
     import ray
 
-    from sae_ray.method.sae_fit import HOLD_NOTE, HOLD_SAE_FIT_AT, KILL_SAE_FIT_AT
+    from sae_ray.trial.sae_fit import HOLD_NOTE, HOLD_SAE_FIT_AT, KILL_SAE_FIT_AT
 
     if not verbose:
         os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the engine that honours verbose=0

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-from collections.abc import Callable
 from typing import Any, Literal, get_args, get_origin
 
 from pydantic import ValidationError
@@ -174,12 +173,3 @@ def check_flags(args: argparse.Namespace) -> tuple[Sae, list[dict[str, Any]]]:
     if args.activations is not None and args.loss_fn in ("ce", "kl"):
         raise ConfigError(f"--loss_fn: {args.loss_fn} needs the model; --activations has none")
     return _sae_from_flags(args)
-
-
-def run(args: argparse.Namespace, connect: Callable[[], None] = lambda: None) -> dict:
-    """Extract (cached) or tokenise, then train; returns the final metrics. The work (and
-    its heavy imports: torch, Ray, transformers) lives in `train_sae_run`, so that `--help`
-    and a refused flag answer at once."""
-    from sae_ray.cli import train_sae_run
-
-    return train_sae_run.run(args, connect)

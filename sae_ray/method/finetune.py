@@ -17,12 +17,13 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from transformers import get_linear_schedule_with_warmup
 
 from sae_ray import storage
 from sae_ray.config import Cycles
+from sae_ray.distributed import sharding
+from sae_ray.distributed.ranks import all_reduce, rank_world
 from sae_ray.lm.batching import batches, encode, lm_batch_rows
 from sae_ray.lm.models import (
     Classifier,
@@ -35,7 +36,6 @@ from sae_ray.lm.models import (
     resolve_layer,
 )
 from sae_ray.lm.text_data import Split, TextData
-from sae_ray.method import sharding
 from sae_ray.method.cpt import LmAux, next_token_ce, perplexity
 from sae_ray.method.targets import TargetTable
 
@@ -134,12 +134,6 @@ def _val_score(record: dict[str, float]) -> float:
     return record["val_accuracy"]
 
 
-def _rank_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def epoch_rows(n: int, batch_size: int, seed: int, epoch: int, rank: int, world: int):
     """This rank's rows of each global batch of one epoch, with the global batch's size.
 
@@ -160,10 +154,7 @@ def steps_per_epoch(n: int, batch_size: int, world: int) -> int:
 
 
 def _sum_over_ranks(values: list[float], device: torch.device) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    if _rank_world()[1] > 1:
-        dist.all_reduce(t)
-    return t.tolist()
+    return all_reduce(torch.tensor(values, dtype=torch.float64, device=device)).tolist()
 
 
 def finetune(
@@ -189,14 +180,14 @@ def finetune(
     `val`, the model ends as its best epoch on validation accuracy (ties: the later epoch),
     never chosen on the held-out test split. `device` is where the model trains (default:
     where it is; a model to shard may still be on the CPU: each block moves as a shard)."""
-    rank, world = _rank_world()
+    rank, world = rank_world()
     model = clf.model
     device = device or next(model.parameters()).device
     select_trainable(model, layer, train_layers)
     if activation_checkpointing:  # recompute each block's activations in backward
         model.activation_checkpointing_enable({"use_reentrant": False})
     bf16 = cfg.autocast and device.type == "cuda"
-    forward = sharding.wrap(model, strategy, device, bf16)
+    forward = sharding.wrap(model, strategy, device, bf16, blocks(model))
     params = [p for p in model.parameters() if p.requires_grad]  # sharded ones under fsdp
     total = cfg.epochs * steps_per_epoch(len(train), cfg.batch_size, world)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -253,7 +244,7 @@ def accuracy_on(clf: Classifier, split: Split, max_length: int, batch_size: int 
     """Accuracy over the whole split; each rank scores its slice and counts add up. Every
     rank runs the same number of forward passes (a sharded model's are collective): one
     whose slice is used up scores a row it does not count."""
-    rank, world = _rank_world()
+    rank, world = rank_world()
     device = next(clf.model.parameters()).device
     idx = np.array_split(np.arange(len(split)), world)[rank]
     longest = -(-len(split) // world)
@@ -291,7 +282,7 @@ def lm_ce_sums(
     scores it all (`everyone=False`: rank 0's evaluation). `splice` (h -> h', at block
     `layer`) replaces the block's output on real tokens: the model with an SAE's
     reconstruction in place of its own activations."""
-    rank, world = _rank_world() if everyone else (0, 1)
+    rank, world = rank_world() if everyone else (0, 1)
     batch_size = batch_size or lm_batch_rows(max_length)
     device = next(clf.model.parameters()).device
     idx = np.array_split(np.arange(len(split)), world)[rank]

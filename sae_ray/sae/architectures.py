@@ -217,7 +217,7 @@ def l0_penalty(l0: torch.Tensor, target: float | None) -> torch.Tensor:
 @torch.no_grad()
 def update_threshold(sae: SparseAutoencoder, z: torch.Tensor) -> None:
     """θ ← (1 − rate)·θ + rate·(smallest positive selected activation, over all workers)."""
-    from sae_ray.sae.training import all_reduce
+    from sae_ray.distributed.ranks import all_reduce
 
     positive = z[z > 0]
     low = positive.min().double() if len(positive) else torch.tensor(torch.inf).to(z.device)

@@ -4,13 +4,10 @@ sparsify's keys (`fvu/<hookpoint>`, `fvu/<variant>/<hookpoint>` for co-trained S
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING
 
 from sae_ray import telemetry
+from sae_ray.sae.fit import Fit
 from sae_ray.sae.model import decoder_absorption
-
-if TYPE_CHECKING:
-    from sae_ray.sae.trainer import Fit
 
 
 class RunLog:

@@ -19,11 +19,12 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
+from sae_ray.distributed.ranks import all_reduce
 from sae_ray.lm.models import block_output, blocks, hooked_many
 from sae_ray.lm.text_data import Split
 from sae_ray.sae.fit_config import SaeTrainConfig
 from sae_ray.sae.model import SparseAutoencoder, auxk_loss
-from sae_ray.sae.training import DeadTracker, all_reduce, global_total_variance
+from sae_ray.sae.training import DeadTracker, global_total_variance
 
 Kind = Literal["lm", "classifier"]
 

@@ -19,7 +19,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,8 @@ import torch
 from ray.train import Checkpoint
 
 from sae_ray.config import Resources
-from sae_ray.raytrain import torch_trainer, worker_device
+from sae_ray.distributed.ranks import rank_world
+from sae_ray.distributed.trainer import torch_trainer, worker_device
 from sae_ray.sae.checkpoints import (
     STATE,
     Progress,
@@ -40,6 +41,7 @@ from sae_ray.sae.checkpoints import (
     truncate_log,
 )
 from sae_ray.sae.feeds import ActivationFeed, quiet_ordered_data
+from sae_ray.sae.fit import Fit
 from sae_ray.sae.fit_config import SaeTrainConfig
 from sae_ray.sae.model import SaeConfig, SparseAutoencoder
 from sae_ray.sae.run_log import RunLog
@@ -54,39 +56,6 @@ class SaeTrainResult:
 
 
 # ---------------------------------------------------------------- worker
-
-
-@dataclass
-class Fit:
-    """One worker's fit: the SAEs (one per hookpoint) with their optimizers and dead-latent
-    windows, where the run is, and this run's clock (for its tokens/s)."""
-
-    cfg: SaeTrainConfig
-    saes: dict[str, SparseAutoencoder]
-    opts: dict[str, torch.optim.Optimizer]
-    trackers: dict[str, DeadTracker]
-    progress: Progress
-    rank: int
-    budget: int
-    save_dir: Path | None
-    started: float = field(default_factory=time.perf_counter)
-    started_tokens: int = 0
-    resumed_from: int = 0
-    restored: bool = False  # from a checkpoint: b_dec comes with it
-    models: dict[str, torch.nn.Module] = field(default_factory=dict)  # DDP-wrapped
-    members: dict[str, SaeTrainConfig] = field(default_factory=dict)  # each SAE's config
-    stats: dict[str, dict[str, float]] = field(default_factory=dict)
-    micro: int = 0
-    # what a checkpoint is handed to: Ray Train's report (`train-sae`), or the trial's
-    # storage when the fit is one stage of a trial's Train run
-    save: Callable[[Fit], None] | None = None
-
-    def done(self) -> bool:
-        p, cfg = self.progress, self.cfg
-        return p.tokens >= self.budget or bool(cfg.max_steps and p.step >= cfg.max_steps)
-
-    def rate(self) -> float:
-        return (self.progress.tokens - self.started_tokens) / (time.perf_counter() - self.started)
 
 
 def _start_fit(
@@ -216,7 +185,7 @@ def fit_saes(
     """Train this rank's share of the fit (from `checkpoint` when given) to its budget,
     handing every checkpoint to `save`. Every rank of the process group calls it."""
     device = worker_device()
-    rank, world = _rank_world()
+    rank, world = rank_world()
     fit = _start_fit(config, device, rank, checkpoint)
     fit.save = save
     log = RunLog(fit, config.get("wandb_dir"))
@@ -237,14 +206,6 @@ def _prepare(sae: SparseAutoencoder, world: int) -> torch.nn.Module:
     """DDP-wrapped across several workers; alone, the SAE itself (Ray Train's prepare_model
     would only move it to the device it is on, and it needs a Train session)."""
     return ray.train.torch.prepare_model(sae) if world > 1 else sae
-
-
-def _rank_world() -> tuple[int, int]:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def train_loop(config: dict[str, Any]) -> None:

@@ -7,20 +7,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 
+from sae_ray.distributed.ranks import all_reduce
 from sae_ray.sae.architectures import prefix_reconstructions
 from sae_ray.sae.model import SparseAutoencoder, auxk_loss
-
-
-def _dist() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def all_reduce(t: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
-    if _dist():
-        dist.all_reduce(t, op=op)
-    return t
 
 
 def global_total_variance(x: torch.Tensor) -> tuple[torch.Tensor, int]:

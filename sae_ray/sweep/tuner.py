@@ -32,8 +32,6 @@ from sae_ray.config import (
     apply_params,
     effective_strategy,
 )
-from sae_ray.method.cofit import running
-from sae_ray.method.trial_run import TrialFailed, run_trial
 from sae_ray.sweep.cluster import capacity
 from sae_ray.sweep.comparison import STRATEGY
 from sae_ray.sweep.progress import SweepProgress
@@ -45,6 +43,8 @@ from sae_ray.sweep.space import (
     search_space,
     suggest,
 )
+from sae_ray.trial.cofit import running
+from sae_ray.trial.driver import TrialFailed, run_trial
 
 log = logging.getLogger(__name__)
 DRIVER_RESOURCES = {"cpu": 0, "memory": 1 << 20}  # an empty request is refused

@@ -13,22 +13,27 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
-from sae_ray.lm.models import blocks
+from sae_ray.distributed.ranks import rank_world
 
 Strategy = Literal["ddp", "fsdp"]
 
 
 def _world() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    return rank_world()[1]
 
 
-def wrap(model: nn.Module, strategy: Strategy, device: torch.device, bf16: bool) -> nn.Module:
+def wrap(
+    model: nn.Module,
+    strategy: Strategy,
+    device: torch.device,
+    bf16: bool,
+    blocks: list[nn.Module],
+) -> nn.Module:
     """The module a training step runs: the model itself on one rank, a DDP wrapper, or the
-    model sharded in place (`fsdp`; weights held in bf16 with float32 gradient reduction
-    when `bf16`)."""
+    model sharded in place (`fsdp`: each of its `blocks`, then the root; weights held in
+    bf16 with float32 gradient reduction when `bf16`)."""
     if _world() == 1 or strategy == "ddp":
         model.to(device)
     if _world() == 1:
@@ -44,7 +49,7 @@ def wrap(model: nn.Module, strategy: Strategy, device: torch.device, bf16: bool)
         param_dtype=torch.bfloat16 if bf16 else None,
         reduce_dtype=torch.float32 if bf16 else None,
     )
-    for block in blocks(model):  # one block at a time: never the whole model on the device
+    for block in blocks:  # one block at a time: never the whole model on the device
         fully_shard(block, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)
     return model

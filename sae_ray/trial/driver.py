@@ -27,15 +27,15 @@ from typing import TYPE_CHECKING, Any
 
 from sae_ray import storage
 from sae_ray.config import Config, sharpens
+from sae_ray.distributed.ranks import rank_world
+from sae_ray.distributed.trainer import torch_trainer
 from sae_ray.lm.models import check_layer_index, config_of, forbidden
-from sae_ray.method import replay
-from sae_ray.method.outcome import FAILED, Forward, TrialFailed
-from sae_ray.method.ranks import rank_world
-from sae_ray.raytrain import torch_trainer
 from sae_ray.storage.artifacts import ArtifactStore
+from sae_ray.trial import replay
+from sae_ray.trial.outcome import FAILED, Forward, TrialFailed
 
 if TYPE_CHECKING:
-    from sae_ray.method.stages import Trial
+    from sae_ray.trial.stages import Trial
 
 __all__ = ["TrialFailed", "run_trial", "trial_loop"]
 log = logging.getLogger(__name__)
@@ -46,7 +46,7 @@ def open_trial(cfg: Config, trial_id: str, plan: list[dict[str, Any]] | None = N
     # The worker's stack, imported here: the Tune trial that only drives the run never
     # loads it (seconds of imports per trial).
     from sae_ray.lm.text_data import load_text_data
-    from sae_ray.method.stages import Trial
+    from sae_ray.trial.stages import Trial
 
     root, train_runs = cfg.trial_dirs(trial_id)
     split = cfg.dataset.split_for(cfg.experiment.seed)
@@ -60,7 +60,7 @@ def trial_loop(config: dict[str, Any]) -> None:
     import ray.train
     import torch
 
-    from sae_ray.method.cycle import run_cycles
+    from sae_ray.trial.cycle import run_cycles
 
     threads = int(os.environ.get("SAE_RAY_TORCH_THREADS", "0"))
     if threads:
@@ -87,7 +87,7 @@ def _report_cycle(seeds: str, cycle: int, metrics: dict[str, Any]) -> None:
     row (a restarted group rewrites the same file)."""
     import ray.train
 
-    from sae_ray.method.cycle import SEED_ROWS
+    from sae_ray.trial.cycle import SEED_ROWS
 
     if rank_world()[0] != 0:
         ray.train.report({})

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
 import torch.distributed as dist
 
 from sae_ray import storage
@@ -26,6 +27,13 @@ def rank_world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def all_reduce(t: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    """`t` reduced over the ranks, in place (and returned)."""
+    if rank_world()[1] > 1:
+        dist.all_reduce(t, op=op)
+    return t
 
 
 def broadcast(obj: Any) -> Any:

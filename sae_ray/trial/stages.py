@@ -19,6 +19,14 @@ import torch
 
 from sae_ray import telemetry
 from sae_ray.config import CONTROL, Config, ConfigError
+from sae_ray.distributed import sharding
+from sae_ray.distributed.ranks import (
+    gather,
+    local_part,
+    rank_world,
+    shared_artifact,
+)
+from sae_ray.distributed.trainer import worker_device as device
 from sae_ray.lm.batching import packed
 from sae_ray.lm.extraction import (
     extract,
@@ -29,18 +37,10 @@ from sae_ray.lm.extraction import (
 )
 from sae_ray.lm.models import Classifier, load_classifier, save_classifier
 from sae_ray.lm.text_data import TextData, load_text_data
-from sae_ray.method import sharding
 from sae_ray.method.cpt import LmAux, aux_spec, build_aux
 from sae_ray.method.finetune import HISTORY, finetune, initial_classifier
-from sae_ray.method.ranks import (
-    gather,
-    local_part,
-    rank_world,
-    shared_artifact,
-)
 from sae_ray.method.seeds import stream
 from sae_ray.method.targets import TARGET_STATS, TARGETS, TargetTable, sharpen
-from sae_ray.raytrain import worker_device as device
 from sae_ray.sae.model import SparseAutoencoder
 from sae_ray.storage.artifacts import Artifact, ArtifactStore
 

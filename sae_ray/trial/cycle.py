@@ -22,10 +22,11 @@ import numpy as np
 from sae_ray import telemetry
 from sae_ray.config import CONTROL, Config
 from sae_ray.config.metrics import PAIRED
+from sae_ray.distributed.ranks import gather, rank_world
+from sae_ray.distributed.trainer import worker_device as device
 from sae_ray.lm.extraction import iter_tokens, load_sequences
 from sae_ray.lm.models import hookpoint, load_classifier, resolve_layer
 from sae_ray.lm.text_data import TextData
-from sae_ray.method import sae_fit, stages
 from sae_ray.method.evaluate import (
     accuracy,
     f1_macro,
@@ -34,12 +35,11 @@ from sae_ray.method.evaluate import (
     sparse_codes,
 )
 from sae_ray.method.finetune import HISTORY, best_epoch, predict
-from sae_ray.method.ranks import gather, rank_world
-from sae_ray.method.stages import Trial
 from sae_ray.method.targets import target_report
-from sae_ray.raytrain import worker_device as device
 from sae_ray.sae.model import SparseAutoencoder, decoder_absorption
 from sae_ray.storage.artifacts import Artifact
+from sae_ray.trial import sae_fit, stages
+from sae_ray.trial.stages import Trial
 
 log = logging.getLogger(__name__)
 Report = Callable[[int, dict[str, Any]], None]

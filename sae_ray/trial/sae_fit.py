@@ -18,19 +18,20 @@ import ray
 
 from sae_ray import storage, telemetry
 from sae_ray.config import SHUFFLE_BUFFER_TOKENS, Config, Sae
+from sae_ray.distributed.ranks import barrier, broadcast, rank_world, shared_artifact
 from sae_ray.lm.extraction import Manifest, read_manifest
-from sae_ray.method import cofit
-from sae_ray.method.ranks import barrier, broadcast, rank_world, shared_artifact
 from sae_ray.method.seeds import stream
 from sae_ray.sae.checkpoints import save_checkpoint, store_checkpoint, stored_checkpoint
 from sae_ray.sae.feeds import ArrayFeed, activation_dataset, held, read_rows
+from sae_ray.sae.fit import Fit
 from sae_ray.sae.fit_config import SaeTrainConfig
 from sae_ray.sae.model import SparseAutoencoder
-from sae_ray.sae.trainer import Fit, fit_metrics, fit_saes
+from sae_ray.sae.trainer import fit_metrics, fit_saes
 from sae_ray.storage.artifacts import Artifact
+from sae_ray.trial import cofit
 
 if TYPE_CHECKING:
-    from sae_ray.method.stages import Trial
+    from sae_ray.trial.stages import Trial
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,49 @@
+"""Where one worker's SAE fit stands (`Fit`): what the trainer's loop advances, its log
+reads and its checkpoints save."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from sae_ray.sae.checkpoints import Progress
+from sae_ray.sae.fit_config import SaeTrainConfig
+from sae_ray.sae.model import SparseAutoencoder
+from sae_ray.sae.training import DeadTracker
+
+
+@dataclass
+class Fit:
+    """One worker's fit: the SAEs (one per hookpoint) with their optimizers and dead-latent
+    windows, where the run is, and this run's clock (for its tokens/s)."""
+
+    cfg: SaeTrainConfig
+    saes: dict[str, SparseAutoencoder]
+    opts: dict[str, torch.optim.Optimizer]
+    trackers: dict[str, DeadTracker]
+    progress: Progress
+    rank: int
+    budget: int
+    save_dir: Path | None
+    started: float = field(default_factory=time.perf_counter)
+    started_tokens: int = 0
+    resumed_from: int = 0
+    restored: bool = False  # from a checkpoint: b_dec comes with it
+    models: dict[str, torch.nn.Module] = field(default_factory=dict)  # DDP-wrapped
+    members: dict[str, SaeTrainConfig] = field(default_factory=dict)  # each SAE's config
+    stats: dict[str, dict[str, float]] = field(default_factory=dict)
+    micro: int = 0
+    # what a checkpoint is handed to: Ray Train's report (`train-sae`), or the trial's
+    # storage when the fit is one stage of a trial's Train run
+    save: Callable[[Fit], None] | None = None
+
+    def done(self) -> bool:
+        p, cfg = self.progress, self.cfg
+        return p.tokens >= self.budget or bool(cfg.max_steps and p.step >= cfg.max_steps)
+
+    def rate(self) -> float:
+        return (self.progress.tokens - self.started_tokens) / (time.perf_counter() - self.started)
