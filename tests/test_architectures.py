@@ -5,15 +5,11 @@ prefix losses on hand cases, checkpoints, and a fit of each."""
 import pytest
 import torch
 
-from sae_ray.sae.architectures import (
-    BANDWIDTH,
-    JumpReLU,
-    Step,
-    levels,
-    prefix_reconstructions,
-)
+from sae_ray.sae.archs.jumprelu import BANDWIDTH, JumpReLU, Step
+from sae_ray.sae.archs.matryoshka import levels, prefix_reconstructions
+from sae_ray.sae.codes import Codes
 from sae_ray.sae.fit_config import SaeTrainConfig
-from sae_ray.sae.model import Codes, SaeConfig, SparseAutoencoder
+from sae_ray.sae.model import SaeConfig, SparseAutoencoder
 from sae_ray.sae.trainer import fit_in_process
 from sae_ray.sae.training import DeadTracker, sae_loss
 
@@ -127,7 +123,7 @@ def test_batch_topk_selects_over_the_batch_and_infers_by_threshold():
 def test_batch_topk_pick_equals_a_topk_over_the_whole_batch():
     """Picked among each row's 4k largest first; a row that holds all its candidates
     (here row 0, 5 of the batch's 5 with k = 1) falls back to the whole matrix."""
-    from sae_ray.sae.architectures import _batch_top
+    from sae_ray.sae.archs.batchtopk import _batch_top
 
     def whole(pre, k):
         return sorted(pre.flatten().topk(k * len(pre)).indices.tolist())
@@ -242,3 +238,65 @@ def test_matryoshka_widths_are_checked_against_k_and_the_dictionary():
         with pytest.raises(ValueError, match="matryoshka_widths"):
             SaeTrainConfig(**base, matryoshka_widths=widths)
     assert SaeTrainConfig(**base, matryoshka_widths=[4, 16]).matryoshka_widths == [4, 16]
+
+
+@pytest.fixture
+def relu_l1():
+    """A test-only architecture, added the way a new one is: one class, `@register`ed.
+    The standard ReLU SAE with an L1 penalty (Bricken et al. 2023), which SAELens calls
+    "standard"."""
+    import torch.nn.functional as F
+
+    from sae_ray.sae.archs import ARCHITECTURES, Architecture, register
+    from sae_ray.sae.codes import dense_codes
+
+    @register
+    class ReluL1(Architecture):
+        name = "test_relu_l1"
+
+        def encode(self, sae, x, dead):
+            z = F.relu(F.linear(x - sae.b_dec, sae.encoder.weight, sae.encoder.bias))
+            codes = dense_codes(z, sae.cfg.k)
+            return codes._replace(penalty=z.sum()) if sae.training else codes
+
+        def saelens(self, sae):
+            return "standard", {}, {}
+
+    yield ReluL1.name
+    del ARCHITECTURES[ReluL1.name]
+
+
+def test_a_registered_architecture_trains_saves_and_exports(relu_l1, tmp_path):
+    from sae_ray.sae.export import export_saelens
+    from sae_ray.sae.training import make_optimizer, train_step
+
+    torch.manual_seed(0)
+    basis = torch.randn(32, 16)
+    x = (torch.rand(2048, 32) * (torch.rand(2048, 32) < 0.1)) @ basis
+    sae = SparseAutoencoder(SaeConfig(16, 64, 4, architecture=relu_l1, l0_coefficient=1e-4))
+    sae.init_b_dec(x[:256])
+    opt = make_optimizer("adam", sae.parameters(), lr=3e-3)
+    tracker = DeadTracker(torch.zeros(64, dtype=torch.long), window=10**9)
+    fvus = [
+        train_step(sae, sae, opt, x[i : i + 256], tracker, 0.0)["fvu"]
+        for _ in range(15)
+        for i in range(0, 2048, 256)
+    ]
+    assert fvus[-1] < 0.5 * fvus[0], fvus[::8]
+    sae.save(tmp_path / "sae")
+    again = SparseAutoencoder.load(tmp_path / "sae")
+    torch.testing.assert_close(again(x[:64])[0], sae.eval()(x[:64])[0])
+    export_saelens(again, tmp_path / "saelens")
+    assert '"architecture": "standard"' in (tmp_path / "saelens" / "cfg.json").read_text()
+    with pytest.raises(ValueError, match="target_l0"):  # the base class's config check
+        SaeConfig(16, 64, 4, architecture=relu_l1, target_l0=3.0)
+
+
+def test_the_schema_offers_every_registered_architecture():
+    import typing
+
+    from sae_ray.config import Sae
+    from sae_ray.sae.archs import ARCHITECTURES
+
+    offered = typing.get_args(Sae.model_fields["architecture"].annotation)
+    assert set(offered) == set(ARCHITECTURES)

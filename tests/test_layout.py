@@ -53,3 +53,18 @@ def test_the_layers_contract_covers_the_whole_package():
         or (p.is_dir() and (p / "__init__.py").exists())
     }
     assert parts == named, (parts - named, named - parts)
+
+
+def test_no_two_modules_import_each_other_even_lazily():
+    """No import cycle anywhere in the package, counting imports inside functions and under
+    TYPE_CHECKING (grimp, import-linter's graph): a cycle hidden behind a lazy import is
+    still two modules that cannot be understood apart."""
+    import grimp
+
+    graph = grimp.build_graph("sae_ray")
+    cycles = set()
+    for module in graph.modules:
+        for imported in graph.find_modules_directly_imported_by(module):
+            if graph.chain_exists(imported, module):
+                cycles.add(tuple(sorted((module, imported))))
+    assert not cycles, sorted(cycles)

@@ -10,6 +10,10 @@ from pydantic import Field
 
 from sae_ray.config.base import Section
 
+# The architectures a config may name: the registry's (`sae/archs/`), spelled here too so
+# that a sweep YAML is checked without importing torch (a test keeps the two equal).
+Architecture = Literal["topk", "batchtopk", "jumprelu", "matryoshka"]
+
 
 class Sae(Section):
     """The one SAE config: the sweep's `sae` section, `sae-ray train-sae`'s flags (the same
@@ -17,7 +21,7 @@ class Sae(Section):
     tool: see cli/train_sae.py) and the trainer's (`sae.fit_config.SaeTrainConfig` adds only
     where and how a fit runs)."""
 
-    architecture: Literal["topk", "batchtopk", "jumprelu", "matryoshka"] = Field(
+    architecture: Architecture = Field(
         "topk",
         description="topk: k per token; batchtopk: k per token on average over the batch "
         "(a threshold at inference); jumprelu: learned per-latent thresholds and an L0 "

@@ -102,7 +102,7 @@ def keep_counts(rule: Sharpening, sae: SparseAutoencoder, values: np.ndarray) ->
     there each row's own active count stands for k: keep_frac is always a fraction of what
     is active in that example."""
     m = sae.cfg.num_latents
-    if sae.cfg.architecture == "topk":
+    if sae.arch.fixed_l0:
         return np.full(len(values), rule.kept(sae.cfg.k, m))
     active = (values > 0).sum(1)
     counts = {a: rule.kept(max(int(a), 1), m) for a in np.unique(active)}

@@ -23,8 +23,9 @@ CFG, WEIGHTS = "cfg.json", "sae_weights.safetensors"
 
 def saelens_config(sae: SparseAutoencoder, metadata: dict[str, Any] | None = None) -> dict:
     cfg = sae.cfg
+    name, extra, _ = sae.arch.saelens(sae)
     out: dict[str, Any] = {
-        "architecture": "topk" if cfg.architecture == "topk" else "jumprelu",
+        "architecture": name,
         "d_in": cfg.d_in,
         "d_sae": cfg.num_latents,
         "dtype": "float32",
@@ -32,9 +33,8 @@ def saelens_config(sae: SparseAutoencoder, metadata: dict[str, Any] | None = Non
         "apply_b_dec_to_input": True,
         "normalize_activations": "none",
         "metadata": metadata or {},
+        **extra,
     }
-    if cfg.architecture == "topk":
-        out["k"] = cfg.k
     return out
 
 
@@ -51,10 +51,7 @@ def export_saelens(
         "W_dec": sae.W_dec,
         "b_dec": sae.b_dec,
     }
-    if sae.cfg.architecture == "jumprelu":
-        state["threshold"] = sae.log_threshold.exp()
-    elif sae.cfg.architecture != "topk":
-        state["threshold"] = torch.full_like(sae.encoder.bias, float(sae.threshold))
+    state.update(sae.arch.saelens(sae)[2])  # a threshold, for all but TopK
     tensors = {k: v.detach().float().contiguous().cpu() for k, v in state.items()}
     save_file(tensors, str(out / WEIGHTS))
     (out / CFG).write_text(json.dumps(saelens_config(sae, metadata), indent=1))

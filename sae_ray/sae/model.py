@@ -1,8 +1,9 @@
-"""The TopK sparse autoencoder (Gao et al. 2024; EleutherAI/sparsify's formulation).
+"""The sparse autoencoder (EleutherAI/sparsify's formulation and tensor names).
 
-z = TopK(W_enc(x − b_dec) + b_enc), x̂ = W_dec z + b_dec, decoder rows unit norm. The
-decode is sparse (embedding_bag over the k active rows), so its cost grows with k and not
-with the number of latents. Metrics (L0, dead) are read off these TopK codes.
+x̂ = W_dec z + b_dec, decoder rows unit norm, z the codes of its architecture (`archs/`:
+TopK, BatchTopK, JumpReLU, Matryoshka), which decides the encoding. The decode is sparse
+(embedding_bag over the active pairs), so its cost grows with the active latents and not
+with the number of latents.
 """
 
 from __future__ import annotations
@@ -11,12 +12,14 @@ import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from sae_ray.sae.archs import architecture
+from sae_ray.sae.codes import Codes
 
 
 @dataclass
@@ -24,7 +27,7 @@ class SaeConfig:
     d_in: int
     num_latents: int
     k: int
-    architecture: str = "topk"  # topk | batchtopk | jumprelu | matryoshka (architectures.py)
+    architecture: str = "topk"  # a name in the registry (`archs/`)
     l0_coefficient: float = 1e-3  # jumprelu's L0 penalty, in FVU units per active latent
     matryoshka_widths: list[int] | None = None  # matryoshka's prefixes (default: n/8, /4, /2)
     target_l0: float | None = None  # jumprelu: a quadratic penalty around this L0 instead
@@ -32,97 +35,7 @@ class SaeConfig:
     def __post_init__(self) -> None:
         if self.k > self.num_latents:
             raise ValueError(f"sae.k: {self.k} is larger than the {self.num_latents} latents")
-
-
-class Codes(NamedTuple):
-    values: torch.Tensor  # (batch, k), >= 0; other architectures: the widest row's count
-    indices: torch.Tensor  # (batch, k)
-    aux_values: torch.Tensor  # (batch, k_aux): top dead latents, for AuxK; k_aux may be 0
-    aux_indices: torch.Tensor  # (batch, k_aux)
-    dense: torch.Tensor | None = None  # (batch, latents): the non-TopK architectures' codes
-    penalty: torch.Tensor | None = None  # jumprelu in training: Σ L0 over the rows
-    # BatchTopK / Matryoshka / JumpReLU in training: values and indices are flat (pairs,),
-    # sorted by row, and row i's pairs start at offsets[i] (CSR; a row may hold any number)
-    offsets: torch.Tensor | None = None
-
-
-def _latent_rows(indices: torch.Tensor, grads: torch.Tensor, x: torch.Tensor, m: int):
-    """Σ_n g_nj x_n for every latent j, touching only the selected (n, j) pairs (each
-    row of `indices` the latents picked for that row of x)."""
-    rows = torch.arange(len(x), device=x.device).repeat_interleave(indices.shape[1])
-    return latent_rows(rows, indices.reshape(-1), grads.reshape(-1), x, m)
-
-
-def latent_rows(
-    rows: torch.Tensor, cols: torch.Tensor, grads: torch.Tensor, x: torch.Tensor, m: int
-) -> torch.Tensor:
-    """Σ_n g_nj x_n for every latent j over the pairs (rows[i], cols[i]) with weight grads[i].
-
-    A transposed embedding_bag: sort the pairs by latent, then bag rows of x per latent.
-    Costs O(pairs·d) instead of the dense O(batch·latents·d) of `pre.T @ x`.
-    """
-    order = cols.argsort()
-    counts = torch.bincount(cols, minlength=m)
-    offsets = counts.cumsum(0) - counts
-    weights = grads[order].to(x.dtype)
-    return F.embedding_bag(rows[order], x, offsets, mode="sum", per_sample_weights=weights)
-
-
-def encoder_pre(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """W_enc x + b_enc, in autocast's dtype when it is on (the encoders' own Functions run
-    outside autocast, which would not see inside them)."""
-    dev = x.device.type
-    dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
-    with torch.autocast(dev, enabled=False):
-        return torch.addmm(bias.to(dt), x.to(dt), weight.to(dt).t())
-
-
-def aux_candidates(pre: torch.Tensor, dead_idx: torch.Tensor | None, k_aux: int):
-    """AuxK's (values, latents): each row's top `k_aux` dead latents (Gao et al. B.1),
-    ReLU'd; none without dead latents."""
-    if dead_idx is None or k_aux == 0:
-        empty = pre.new_zeros(len(pre), 0)
-        return empty, empty.long()
-    araw, pos = pre.index_select(1, dead_idx).topk(k_aux, dim=-1, sorted=False)
-    return araw.clamp_min(0), dead_idx[pos]
-
-
-class _TopKEncode(torch.autograd.Function):
-    """TopK(ReLU(W_enc x + b_enc)) with a backward that scales with k, not with latents.
-
-    Only the selected pre-activations get gradient, so the encoder's backward is sparse
-    (as in sparsify's fused encoder) and the ReLU is applied to the k winners, not to the
-    whole (batch, latents) matrix. The AuxK candidates (top dead latents) are picked in the
-    same pass and share the sparse backward, so AuxK also trains the encoder.
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, k: int, dead_idx, k_aux: int):
-        pre = encoder_pre(x, weight, bias)
-        raw, indices = pre.topk(k, dim=-1, sorted=False)
-        values = raw.clamp_min(0)
-        aux_values, aux_indices = aux_candidates(pre, dead_idx, k_aux)
-        ctx.save_for_backward(x, weight, indices, values, aux_indices, aux_values)
-        ctx.mark_non_differentiable(indices, aux_indices)
-        return values, indices, aux_values, aux_indices
-
-    @staticmethod
-    def backward(ctx, g_values, _g_indices, g_aux, _g_aux_indices):
-        x, weight, indices, values, aux_indices, aux_values = ctx.saved_tensors
-        # ReLU: no gradient where the selected pre-activation was not positive.
-        grads = torch.cat([g_values * (values > 0), g_aux * (aux_values > 0)], 1)
-        grads = grads.to(weight.dtype)
-        picked = torch.cat([indices, aux_indices], 1)
-        grad_x = grad_w = grad_b = None
-        if ctx.needs_input_grad[0]:
-            grad_x = F.embedding_bag(picked, weight, mode="sum", per_sample_weights=grads)
-            grad_x = grad_x.to(x.dtype)
-        if ctx.needs_input_grad[1]:
-            grad_w = _latent_rows(picked, grads, x.to(weight.dtype), weight.shape[0])
-        if ctx.needs_input_grad[2]:
-            grad_b = torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device)
-            grad_b.index_add_(0, picked.reshape(-1), grads.reshape(-1))
-        return grad_x, grad_w, grad_b, None, None, None
+        architecture(self.architecture).check(self)
 
 
 class SparseAutoencoder(nn.Module):
@@ -135,50 +48,21 @@ class SparseAutoencoder(nn.Module):
         self.W_dec = nn.Parameter(self.encoder.weight.data.clone())
         self.b_dec = nn.Parameter(torch.zeros(cfg.d_in))
         self.set_decoder_norm_to_unit_norm()
-        if cfg.architecture in ("batchtopk", "matryoshka"):  # the inference threshold
-            self.register_buffer("threshold", torch.zeros((), dtype=torch.float64))
-        elif cfg.architecture == "jumprelu":
-            self.log_threshold = nn.Parameter(torch.zeros(cfg.num_latents))
-            self.register_buffer("input_scale", torch.ones(()))
-        elif cfg.architecture != "topk":
-            raise ValueError(f"architecture: {cfg.architecture!r} is not an SAE sae-ray knows")
+        self.arch = architecture(cfg.architecture)
+        self.arch.add_parameters(self)
 
     @torch.no_grad()
     def init_b_dec(self, x: torch.Tensor) -> None:
-        """b_dec from the data (mean), so the encoder sees centred inputs from step one; a
-        JumpReLU's thresholds start at a fixed fraction of the input's scale or, with a
-        target L0 T, where this batch's mean L0 is T (BatchTopK's first-batch threshold):
-        Adam moves a log-threshold by about lr a step, too slowly to find T from afar."""
+        """b_dec from the data (mean), so the encoder sees centred inputs from step one; then
+        whatever else the architecture sets from the first batch (a JumpReLU's thresholds)."""
         x = x.float()
         self.b_dec.data.copy_(x.mean(0).to(self.b_dec.dtype))
-        if self.cfg.architecture == "jumprelu":
-            from sae_ray.sae.architectures import INIT_THRESHOLD
-
-            scale = (x - x.mean(0)).pow(2).mean().sqrt().clamp_min(1e-6)
-            self.input_scale.copy_(scale)
-            theta = INIT_THRESHOLD * float(scale)
-            if self.cfg.target_l0 is not None:
-                w = self.encoder.weight.float()
-                pre = F.linear(x - self.b_dec.float(), w, self.encoder.bias.float()).flatten()
-                on = min(max(1, round(self.cfg.target_l0 * len(x))), len(pre))
-                theta = max(float(pre.topk(on).values[-1]), theta)
-            self.log_threshold.data.fill_(math.log(theta))
+        self.arch.init_from_data(self, x)
 
     def encode(self, x: torch.Tensor, dead: torch.Tensor | None = None) -> Codes:
-        """TopK codes (or the architecture's); with a `dead` mask also the AuxK candidates
-        (Gao et al. B.1: the top d/2 dead latents)."""
-        if self.cfg.architecture != "topk":
-            from sae_ray.sae.architectures import dense_encode
-
-            return dense_encode(self, x, dead)
-        dead_idx, k_aux = None, 0
-        if dead is not None and bool(dead.any()):
-            dead_idx = dead.nonzero().squeeze(1)
-            k_aux = min(self.cfg.d_in // 2, len(dead_idx))
-        values, indices, aux_values, aux_indices = _TopKEncode.apply(
-            x - self.b_dec, self.encoder.weight, self.encoder.bias, self.cfg.k, dead_idx, k_aux
-        )
-        return Codes(values, indices, aux_values, aux_indices)
+        """The architecture's codes; with a `dead` mask also the AuxK candidates (Gao et al.
+        B.1: the top d/2 dead latents)."""
+        return self.arch.encode(self, x, dead)
 
     def decode_sparse(
         self, values: torch.Tensor, indices: torch.Tensor, offsets: torch.Tensor | None = None

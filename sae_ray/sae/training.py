@@ -9,7 +9,6 @@ from dataclasses import dataclass
 import torch
 
 from sae_ray.distributed.ranks import all_reduce
-from sae_ray.sae.architectures import prefix_reconstructions
 from sae_ray.sae.model import SparseAutoencoder, auxk_loss
 
 
@@ -95,12 +94,9 @@ def sae_loss(
     dead = tracker.dead()
     x_hat, codes = model(x, dead)
     total_var, n_global = global_total_variance(x)
-    sq_err = (x - x_hat).pow(2).sum()
-    loss_fvu = sq_err / total_var
+    loss_fvu = (x - x_hat).pow(2).sum() / total_var
     aux = auxk_loss(sae, x, x_hat, codes, int(dead.sum()), total_variance=total_var)
-    if sae.cfg.architecture == "matryoshka":  # every prefix reconstructs on its own
-        parts = prefix_reconstructions(sae, codes)
-        sq_err = torch.stack([(x - x_m).pow(2).sum() for x_m in parts]).mean()
+    sq_err = sae.arch.squared_error(sae, x, x_hat, codes)  # Matryoshka: its prefixes'
     main = sq_err / total_var if loss_fn == "fvu" else sq_err / n_global
     if codes.penalty is not None:  # jumprelu: the union batch's mean L0, weighted
         main = main + sae.cfg.l0_coefficient * codes.penalty / n_global
