@@ -16,7 +16,8 @@ from sae_ray import config as C
 from sae_ray.lm.extraction import read_manifest
 from sae_ray.sweep.space import drawn_ahead, planned_points
 from sae_ray.sweep.tuner import with_control
-from sae_ray.trial.cofit import peer_saes, running, running_points
+from sae_ray.trial.cofit import peer_saes
+from sae_ray.trial.record import running, running_points
 from tests.conftest import QUICKSTART
 
 GRID = [
@@ -197,7 +198,7 @@ def test_a_fit_publishes_its_peers_each_equal_to_its_own_trials_fit_alone(ray_cl
     first = _trial(C.apply_params(cfg, points[0]), tmp_path / "sweep", points)
     # a trial running beside it (an adaptive search's point, in no plan)
     with running(first.train_runs, "sampled", sampled):
-        own = sae_fit.sae(first, acts, "x", 0)
+        own = sae_fit.fitted_sae(first, acts, "x", 0)
     # its own, the planned peer that fits the dictionary and the running trial's
     assert first.store.computed == 3
     assert running_points(first.train_runs) == []  # the trial ended
@@ -206,10 +207,10 @@ def test_a_fit_publishes_its_peers_each_equal_to_its_own_trials_fit_alone(ray_cl
     manifest = read_manifest(acts.uri("train", "tokens"))
     peer_spec = sae_fit.sae_spec(second, acts, 0, second_cfg.sae, manifest)
     found = second.store.find("sae", peer_spec)
-    assert found is not None and sae_fit.sae(second, acts, "x", 0) == found
+    assert found is not None and sae_fit.fitted_sae(second, acts, "x", 0) == found
     assert second.store.computed == 0  # found: its trial computes nothing
     alone = _trial(second_cfg, tmp_path / "alone", [])
-    solo = sae_fit.sae(alone, acts, "x", 0)
+    solo = sae_fit.fitted_sae(alone, acts, "x", 0)
     ours, theirs = (load_file(f"{a.location}/sae.safetensors") for a in (found, solo))
     assert ours.keys() == theirs.keys()
     for name in ours:

@@ -118,7 +118,7 @@ def test_a_cycles_evaluation_reports_every_metric(tmp_path, topics):
     from sae_ray.lm.models import build_classifier, hookpoint
     from sae_ray.sae.model import SaeConfig, SparseAutoencoder
     from sae_ray.storage.artifacts import Artifact
-    from sae_ray.trial.cycle import _evaluate
+    from sae_ray.trial.evaluation import classifier_metrics
 
     clf = build_classifier("tiny-gpt2", 4, topics.splits["train"].texts, seed=0, max_length=32)
     for split in ("train", "validation", "test"):
@@ -126,7 +126,8 @@ def test_a_cycles_evaluation_reports_every_metric(tmp_path, topics):
     torch.manual_seed(0)
     sae = SparseAutoencoder(SaeConfig(64, 256, 8))
     cfg = Config.model_validate({"experiment": {"name": "t"}, "model": {"max_length": 32}})
-    out = _evaluate(cfg, topics, clf, sae, Artifact(str(tmp_path), "k"), hookpoint(clf.model, -1))
+    acts, hp = Artifact(str(tmp_path), "k"), hookpoint(clf.model, -1)
+    out = classifier_metrics(cfg, topics, clf, sae, acts, hp)
     names = ["accuracy", "f1_macro"]
     interp = ["u", "alive_frac", "csi", "ari", "silhouette", "davies_bouldin"]
     interp += ["calinski_harabasz", "probe_accuracy"]

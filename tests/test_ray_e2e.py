@@ -468,7 +468,7 @@ def test_sae_ray_run_evaluates_on_the_workers_as_one_process_would(ray_cluster, 
     from sae_ray.lm.text_data import load_text_data
     from sae_ray.sae.model import SparseAutoencoder
     from sae_ray.storage.artifacts import Artifact
-    from sae_ray.trial.cycle import _evaluate
+    from sae_ray.trial.evaluation import classifier_metrics
     from tests.conftest import QUICKSTART, ROOT
 
     overrides = [
@@ -526,7 +526,9 @@ def test_sae_ray_run_evaluates_on_the_workers_as_one_process_would(ray_cluster, 
     clf = load_classifier(model)
     hp = hookpoint(clf.model, resolve_layer(clf.model, cfg.model.layer))
     data = load_text_data(cfg.dataset)
-    here = _evaluate(cfg, data, clf, SparseAutoencoder.load(sae), Artifact(str(acts), "a"), hp)
+    here = classifier_metrics(
+        cfg, data, clf, SparseAutoencoder.load(sae), Artifact(str(acts), "a"), hp
+    )
     assert len(here) > 40 and SparseAutoencoder.load(sae).cfg.architecture == "batchtopk"
     row = seeds[(seeds["cycle"] == 0) & (seeds["seed"] == 0)].iloc[0]
     for name, value in here.items():

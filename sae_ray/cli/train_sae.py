@@ -27,24 +27,25 @@ def _bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
-# The SAE's own flags come from its one config (`config.Sae`): same names and meanings as
-# the sweep's `sae` section, except these spellings and the saetrain tool's defaults.
-FLAG_NAMES = {"dead_tokens": "dead_window_tokens"}
-SAETRAIN_DEFAULTS = {
-    "k": 192,
-    "expansion_factor": 32,
-    "max_tokens": 1_000_000,
-    "dead_percentage_threshold": 0.0005,
-    "dead_tokens": 10_000_000,
-}
-# train-sae's budget is --max_tokens; its batch, sequences; the prefixes keep their default
-NOT_FLAGS = {"epochs", "batch_size", "matryoshka_widths"}
+def _offered(field) -> dict:
+    """How train-sae offers a field of the SAE config (`config.sae.saetrain`)."""
+    return field.json_schema_extra or {}
+
+
+def _flag_fields() -> dict[str, str]:
+    """The SAE config's fields that are flags, and their flag names: the same names and
+    meanings as the sweep's `sae` section, unless the field says otherwise."""
+    out = {}
+    for name, field in Sae.model_fields.items():
+        flag = _offered(field).get("flag", name)
+        if flag is not None:
+            out[name] = flag
+    return out
 
 
 def _sae_flags(group: argparse._ArgumentGroup) -> None:
-    for name, field in Sae.model_fields.items():
-        if name in NOT_FLAGS:
-            continue
+    for name, flag in _flag_fields().items():
+        field = Sae.model_fields[name]
         kind = field.annotation
         options = get_args(kind)
         kwargs: dict = {"help": (field.description or name).replace("%", "%%")}
@@ -52,8 +53,7 @@ def _sae_flags(group: argparse._ArgumentGroup) -> None:
             kwargs["choices"] = list(options)
         else:
             kwargs["type"] = next((t for t in options if t is not type(None)), kind)
-        default = SAETRAIN_DEFAULTS.get(name, field.default)
-        flag = FLAG_NAMES.get(name, name)
+        default = _offered(field).get("saetrain_default", field.default)
         if "type" in kwargs:
             kwargs["metavar"] = flag.upper()
         if name in PER_SAE:  # several values: one SAE each, all co-trained on one stream
@@ -66,7 +66,7 @@ def _sae_from_flags(args: argparse.Namespace) -> tuple[Sae, list[dict[str, Any]]
     """The SAE config the flags describe (each setting's first value) and the co-trained
     variants (the product of the settings given several values), every one validated
     before the model or Ray is touched."""
-    values = {name: getattr(args, name) for name in Sae.model_fields if name not in NOT_FLAGS}
+    values = {name: getattr(args, name) for name in _flag_fields()}
     lists = {n: v if isinstance(v, list) else [v] for n, v in values.items() if n in PER_SAE}
     base = {**values, **{n: v[0] for n, v in lists.items()}}
     several = {n: v for n, v in lists.items() if len(v) > 1}
@@ -92,7 +92,7 @@ def check_fits(sae: Sae, variants: list[dict[str, Any]], d_in: int) -> None:
 
 
 def flag_of(field: str) -> str:
-    return f"--{FLAG_NAMES.get(field, field)}"
+    return f"--{_flag_fields().get(field, field)}"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -10,6 +10,20 @@ from pydantic import Field
 
 from sae_ray.config.base import Section
 
+
+def saetrain(default: object = None, flag: str | None = "", hidden: bool = False) -> dict:
+    """How `sae-ray train-sae` offers a field, kept with the field (`json_schema_extra`):
+    the saetrain tool's own default and spelling where they differ, or no flag at all."""
+    extra: dict = {}
+    if default is not None:
+        extra["saetrain_default"] = default
+    if flag:
+        extra["flag"] = flag
+    if hidden:
+        extra["flag"] = None
+    return {"json_schema_extra": extra}
+
+
 # The architectures a config may name: the registry's (`sae/archs/`), spelled here too so
 # that a sweep YAML is checked without importing torch (a test keeps the two equal).
 Architecture = Literal["topk", "batchtopk", "jumprelu", "matryoshka"]
@@ -17,8 +31,8 @@ Architecture = Literal["topk", "batchtopk", "jumprelu", "matryoshka"]
 
 class Sae(Section):
     """The one SAE config: the sweep's `sae` section, `sae-ray train-sae`'s flags (the same
-    names; `--dead_window_tokens` spells `dead_tokens`, and its defaults follow the saetrain
-    tool: see cli/train_sae.py) and the trainer's (`sae.fit_config.SaeTrainConfig` adds only
+    names, but `--dead_window_tokens` for `dead_tokens` and the saetrain tool's defaults, as
+    each field's `saetrain(...)` says) and the trainer's (`sae.fit_config.SaeTrainConfig` adds only
     where and how a fit runs)."""
 
     architecture: Architecture = Field(
@@ -27,11 +41,21 @@ class Sae(Section):
         "(a threshold at inference); jumprelu: learned per-latent thresholds and an L0 "
         "penalty; matryoshka: batchtopk with nested prefix reconstructions",
     )
-    k: int = Field(32, ge=1, description="active latents per token")
-    expansion_factor: int = Field(8, ge=1, description="latents = d_in x this")
+    k: int = Field(32, ge=1, description="active latents per token", **saetrain(192))
+    expansion_factor: int = Field(8, ge=1, description="latents = d_in x this", **saetrain(32))
     num_latents: int | None = Field(None, ge=1, description="latents (overrides expansion_factor)")
-    epochs: int = Field(1, ge=1, description="passes over the activations (without max_tokens)")
-    batch_size: int = Field(1024, ge=1, description="tokens per SAE step, all workers")
+    epochs: int = Field(
+        1,
+        ge=1,
+        description="passes over the activations (without max_tokens)",
+        **saetrain(hidden=True),  # train-sae's budget is --max_tokens
+    )
+    batch_size: int = Field(
+        1024,
+        ge=1,
+        description="tokens per SAE step, all workers",
+        **saetrain(hidden=True),  # train-sae's batch is sequences x ctx_len
+    )
     lr: float | None = Field(
         None, gt=0, description="learning rate (default: 2e-4 / sqrt(latents / 2^14))"
     )
@@ -43,18 +67,29 @@ class Sae(Section):
         None, gt=0, description="jumprelu: hold L0 near T by l0_coefficient x 2/T x (L0 - T)^2"
     )
     matryoshka_widths: list[int] | None = Field(
-        None, description="matryoshka: the nested prefixes' widths (default: latents/8, /4, /2)"
+        None,
+        description="matryoshka: the nested prefixes' widths (default: latents/8, /4, /2)",
+        **saetrain(hidden=True),
     )
     dead_tokens: int = Field(
-        100_000, ge=1, description="window of tokens over which firing is counted"
+        100_000,
+        ge=1,
+        description="window of tokens over which firing is counted",
+        **saetrain(10_000_000, flag="dead_window_tokens"),
     )
     dead_percentage_threshold: float = Field(
-        0.0, ge=0, le=1, description="dead: fires on fewer than this fraction of the window"
+        0.0,
+        ge=0,
+        le=1,
+        description="dead: fires on fewer than this fraction of the window",
+        **saetrain(0.0005),
     )
     optimizer: Literal["adam", "adamw", "sgd"] = Field("adam", description="SAE optimizer")
     weight_decay: float = Field(0.0, ge=0, description="optimizer weight decay")
     grad_acc_steps: int = Field(1, ge=1, description="micro-batches per optimizer step")
-    max_tokens: int | None = Field(None, ge=1, description="global token budget; else epochs")
+    max_tokens: int | None = Field(
+        None, ge=1, description="global token budget; else epochs", **saetrain(1_000_000)
+    )
     activation_dtype: Literal["float32", "float16"] = Field(
         "float32", description="how stored activations are kept"
     )

@@ -43,8 +43,8 @@ from sae_ray.sweep.space import (
     search_space,
     suggest,
 )
-from sae_ray.trial.cofit import running
 from sae_ray.trial.driver import TrialFailed, run_trial
+from sae_ray.trial.record import TrialRecord
 
 log = logging.getLogger(__name__)
 DRIVER_RESOURCES = {"cpu": 0, "memory": 1 << 20}  # an empty request is refused
@@ -199,17 +199,16 @@ def _trainable(params: dict[str, Any], base: dict[str, Any], plan: list[dict[str
     stage, NaN or Inf) fails again at once when Tune retries it (`resources.trial_retries`
     are for lost nodes and killed drivers), without starting a worker group to repeat it."""
     cfg = apply_params(Config.model_validate(base), params)
-    trial_id = tune.get_context().get_trial_id()
-    train_runs = cfg.trial_dirs(trial_id)[1]
-    failed = storage.join(train_runs, f"failed-{trial_id}.txt")
-    if storage.is_file(failed):
-        raise TrialFailed(storage.read_bytes(failed).decode())
+    record = TrialRecord(cfg, tune.get_context().get_trial_id())
+    earlier = record.failure()
+    if earlier is not None:
+        raise TrialFailed(earlier)
     try:
         report = objective_reporter(cfg.search, tune.report)
-        with running(train_runs, trial_id, params):  # trials beside it may co-train its SAEs
-            run_trial(cfg, report=report, trial_id=trial_id, plan=plan)
+        with record.running(params):  # trials beside it may co-train its SAEs
+            run_trial(cfg, report=report, trial_id=record.trial_id, plan=plan)
     except TrialFailed as err:
-        storage.write_bytes(failed, str(err).encode())
+        record.fail(str(err))
         raise
 
 

@@ -48,34 +48,6 @@ def _upstream(cfg: Config, sae_free_only: bool) -> dict[str, Any]:
     return tree
 
 
-POINT = "point-{}.json"  # in a sweep's train_runs, beside its failed-<trial>.txt files
-
-
-@contextlib.contextmanager
-def running(train_runs: str, trial_id: str, params: dict[str, Any]):
-    """A trial's point (its searched parameters) on record while the trial runs, for the
-    SAE fits of the trials that run beside it to co-train its SAEs. With
-    `share_artifacts: false` every trial's `train_runs` is its own: nobody else reads it."""
-    location = storage.join(train_runs, POINT.format(trial_id))
-    storage.write_bytes(location, json.dumps(params, default=str).encode())
-    try:
-        yield
-    finally:
-        storage.remove(location)
-
-
-def running_points(train_runs: str) -> list[dict[str, Any]]:
-    """The points of the sweep's trials running now (one that ends as they are read is
-    left out)."""
-    prefix, suffix = POINT.split("{}")
-    out = []
-    for name in storage.listdir(train_runs):
-        if name.startswith(prefix) and name.endswith(suffix):
-            with contextlib.suppress(FileNotFoundError):
-                out.append(json.loads(storage.read_bytes(storage.join(train_runs, name))))
-    return out
-
-
 def peer_saes(cfg: Config, plan: list[dict[str, Any]], strategy: str, cycle: int) -> list[Sae]:
     """The `sae` sections of the planned points whose SAE at (`strategy`'s chain, `cycle`)
     reads the activations this trial's does, other than its own."""

@@ -1,5 +1,6 @@
 """One trial's cycles 0..C-1 of fine-tune -> extract -> SAE -> evaluate -> sharpen, as
-every rank of the trial's Train run runs them (`trial_run.py` starts that run).
+every rank of the trial's Train run runs them (`driver.py` starts that run; each stage is
+in `stages.py` and `sae_fit.py`, the evaluation in `evaluation.py`).
 
 `report(cycle, metrics)` is called on every rank after each cycle (rank 0 holds the
 metrics; the others an empty dict): Ray Train's report, which the trial's driver forwards
@@ -9,36 +10,24 @@ to Tune, or a list's append in a single process.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from sae_ray import telemetry
-from sae_ray.config import CONTROL, Config
+from sae_ray.config import CONTROL
 from sae_ray.config.metrics import PAIRED
 from sae_ray.distributed.ranks import gather, rank_world
 from sae_ray.distributed.trainer import worker_device as device
-from sae_ray.lm.extraction import iter_tokens, load_sequences
 from sae_ray.lm.models import hookpoint, load_classifier, resolve_layer
-from sae_ray.lm.text_data import TextData
-from sae_ray.method.evaluate import (
-    accuracy,
-    f1_macro,
-    interp_metrics,
-    sae_quality,
-    sparse_codes,
-)
-from sae_ray.method.finetune import HISTORY, best_epoch, predict
 from sae_ray.method.targets import target_report
-from sae_ray.sae.model import SparseAutoencoder, decoder_absorption
 from sae_ray.storage.artifacts import Artifact
 from sae_ray.trial import sae_fit, stages
+from sae_ray.trial.evaluation import evaluation
 from sae_ray.trial.stages import Trial
 
 log = logging.getLogger(__name__)
@@ -188,11 +177,11 @@ def _cycle(
     with _timed(times, "activations"):
         acts = stages.activations(trial, clf, model, layer)
     with _timed(times, "sae"):
-        sae_art = sae_fit.sae(trial, acts, hp, cycle)
+        sae_art = sae_fit.fitted_sae(trial, acts, hp, cycle)
     metrics: dict[str, Any] = {}
     if evaluate and rank_world()[0] == 0:
         with _timed(times, "evaluate"):
-            metrics = _evaluation(trial, clf, model, sae_art, acts, hp)
+            metrics = evaluation(trial, clf, model, sae_art, acts, hp)
         metrics.update(
             {
                 "cycle": cycle,
@@ -206,56 +195,10 @@ def _cycle(
         return metrics, sae_art if trial.strategy == "topk_sharp" else None
     if cycle + 1 < cfg.cycles.count and trial.strategy != CONTROL:
         with _timed(times, "targets"):
-            targets = stages.targets(trial, sae_art, acts, hp, cycle)
+            targets = stages.sharpened_targets(trial, sae_art, acts, hp, cycle)
             if evaluate and rank_world()[0] == 0:
                 metrics.update(target_report(targets, sae_art, acts, hp, device()))
     return metrics, targets
-
-
-EVALUATION = "metrics.json"  # an evaluation artifact's one file
-
-
-def _evaluation(
-    trial: Trial, clf, model: Artifact, sae_art: Artifact, acts: Artifact, hp: str
-) -> dict[str, Any]:
-    """The metrics of a model and its SAE, an artifact computed once per sweep: every trial
-    evaluates the cycle-0 model through an SAE of its settings, and pairs with the λ = 0
-    model of its seed and cycle through the same SAE, which the control trial and every
-    trial of those settings evaluate too. For a large model its forward passes over
-    validation and test are the cost."""
-    cfg = trial.cfg
-    spec: dict[str, Any] = {
-        "parent": sae_art.key,  # which names its activations, which name their model
-        "dataset": cfg.dataset.model_dump(),
-        "max_length": cfg.model.max_length,
-        "seed": cfg.experiment.seed,  # the clustering's and the null's streams
-    }
-    if cfg.is_lm:  # the sharpened perplexity's k_sharp
-        spec["sharpening"] = cfg.sharpening.model_dump(include={"k_sharp", "keep_frac"})
-
-    def compute(out: Path) -> None:
-        metrics = _model_metrics(trial, clf, model, sae_art, acts, hp)
-        (out / EVALUATION).write_text(json.dumps(metrics, default=float))
-
-    art = trial.store.get_or_compute("evaluation", spec, compute)
-    return json.loads((art.local() / EVALUATION).read_text())
-
-
-def _model_metrics(
-    trial: Trial, clf, model: Artifact, sae_art: Artifact, acts: Artifact, hp: str
-) -> dict[str, Any]:
-    sae = SparseAutoencoder.load(sae_art.local())
-    if clf.is_lm:
-        metrics = _evaluate_lm(trial.cfg, trial.data, clf, sae, acts, hp)
-    else:
-        metrics = _evaluate(trial.cfg, trial.data, clf, sae, acts, hp)
-    train_stats = json.loads((sae_art.local() / "train_metrics.json").read_text())
-    if "tokens_per_s" in train_stats:
-        metrics["sae/train_tokens_per_s"] = train_stats["tokens_per_s"]
-    if "steps_to_fvu" in train_stats:
-        metrics["sae/steps_to_fvu"] = train_stats["steps_to_fvu"]
-    metrics.update(_finetune_stats(model.local()))
-    return metrics
 
 
 def _peak_rss_mb() -> float:
@@ -273,75 +216,3 @@ def _timed(times: dict[str, float], stage: str):
     finally:  # summed over the cycle's seeds and pairs
         key = f"time/{stage}_s"
         times[key] = times.get(key, 0.0) + time.perf_counter() - started
-
-
-def _finetune_stats(model_dir: Path) -> dict[str, float]:
-    """How the cycle's model was trained: steps (equal across strategies and the control),
-    the epoch validation chose, and that epoch's training losses."""
-    history = json.loads((model_dir / HISTORY).read_text())
-    if not history:
-        return {"finetune/steps": 0.0}
-    best = best_epoch(history)
-    out = {"finetune/steps": float(history[-1]["steps"]), "finetune/best_epoch": best["epoch"]}
-    out.update({f"finetune/{k}": best[k] for k in ("ce", "aux") if k in best})
-    return out
-
-
-def _evaluate(
-    cfg: Config, data: TextData, clf, sae: SparseAutoencoder, acts: Artifact, hp: str
-) -> dict[str, Any]:
-    """Selection metrics on validation; the held-out test split is reported, never selected on.
-
-    `interp/...` read the SAE codes at the pooled position, `base/...` the same dense
-    activations without the SAE (what the SAE adds, or loses, is the difference)."""
-    out: dict[str, Any] = {}
-    for split, prefix in (("validation", "val"), ("test", "test")):
-        preds = predict(clf, data.splits[split], cfg.model.max_length)
-        labels = data.splits[split].labels
-        out[f"{prefix}/accuracy"] = accuracy(preds, labels)
-        out[f"{prefix}/f1_macro"] = f1_macro(preds, labels, data.num_classes)
-    on = device()
-    quality = sae_quality(sae, iter_tokens(acts.local("validation") / "tokens", hp), on)
-    out.update({f"sae/{k}": v for k, v in quality.items()})
-    out["sae/absorption"] = decoder_absorption(sae.W_dec.detach())
-
-    def codes_of(x: np.ndarray):
-        return sparse_codes(sae, x, on)
-
-    _, y_train, x_train = load_sequences(acts.local("train", "sequences"), hp)
-    train = {"interp": (codes_of(x_train), y_train), "base": (x_train, y_train)}
-    seed = cfg.experiment.seed
-    for split, head in (("validation", ""), ("test", "test/")):
-        _, labels, x = load_sequences(acts.local(split) / "sequences", hp)
-        for kind, rep in (("interp", codes_of(x)), ("base", x)):
-            metrics = interp_metrics(
-                train[kind], (rep, labels), data.num_classes, seed=seed, dense=kind == "base"
-            )
-            out.update({f"{head}{kind}/{k}": v for k, v in metrics.items()})
-    return {k: float(v) if isinstance(v, (float, np.floating)) else v for k, v in out.items()}
-
-
-def _evaluate_lm(
-    cfg: Config, data: TextData, clf, sae: SparseAutoencoder, acts: Artifact, hp: str
-) -> dict[str, Any]:
-    """A causal LM's cycle: validation / test perplexity (select on validation), the SAE's
-    quality on held-out tokens and spliced into the model, the perplexity with the
-    sharpened reconstruction at the trial's `k_sharp`, and the dictionary's statistics."""
-    from sae_ray.lm.batching import packed
-    from sae_ray.method.evaluate_lm import feature_stats, ppl, splice, splice_scores
-
-    on, block = device(), cfg.model.max_length
-    splits = packed(clf.tokenizer, data, block).splits
-    layer = resolve_layer(clf.model, cfg.model.layer)
-    out: dict[str, Any] = {
-        f"{head}/perplexity": ppl(clf, splits[split], block)
-        for head, split in (("val", "validation"), ("test", "test"))
-    }
-    tokens = acts.local("validation") / "tokens"
-    out.update({f"sae/{k}": v for k, v in sae_quality(sae, iter_tokens(tokens, hp), on).items()})
-    out["sae/absorption"] = decoder_absorption(sae.W_dec.detach())
-    out.update(splice_scores(clf, sae, splits["validation"], block, layer))
-    k_sharp = cfg.sharpening.model_copy(update={"strategy": "topk_sharp"}).kept(sae.cfg.k, 0)
-    out["sae/sharp_perplexity"] = ppl(clf, splits["validation"], block, layer, splice(sae, k_sharp))
-    out.update(feature_stats(sae, iter_tokens(tokens, hp), on))
-    return out

@@ -14,7 +14,6 @@ end before starts no run: it reports that trial's record again (`replay.py`).
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import os
 import queue
@@ -33,13 +32,13 @@ from sae_ray.lm.models import check_layer_index, config_of, forbidden
 from sae_ray.storage.artifacts import ArtifactStore
 from sae_ray.trial import replay
 from sae_ray.trial.outcome import FAILED, Forward, TrialFailed
+from sae_ray.trial.record import TrialRecord, mark_reported, reported_cycles
 
 if TYPE_CHECKING:
     from sae_ray.trial.stages import Trial
 
 __all__ = ["TrialFailed", "run_trial", "trial_loop"]
 log = logging.getLogger(__name__)
-REPORTED = "reported.json"  # the run's checkpoint: how many cycles Tune has
 
 
 def open_trial(cfg: Config, trial_id: str, plan: list[dict[str, Any]] | None = None) -> Trial:
@@ -69,19 +68,13 @@ def trial_loop(config: dict[str, Any]) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
-            reported = json.loads((Path(directory) / REPORTED).read_text())["cycles"]
+            reported = reported_cycles(Path(directory))
     cfg, trial_id = config["cfg"], config["trial_id"]
-    report = functools.partial(_report_cycle, seeds_file(cfg, trial_id))
+    report = functools.partial(_report_cycle, TrialRecord(cfg, trial_id))
     run_cycles(open_trial(cfg, trial_id, config.get("plan")), report, reported)
 
 
-def seeds_file(cfg: Config, trial_id: str) -> str:
-    """Where a trial's per-seed rows go, one JSON list per cycle (`{}` for the cycle),
-    gathered into seeds.csv when the sweep ends."""
-    return storage.join(cfg.seeds_uri, f"{trial_id}-c{{}}.json")
-
-
-def _report_cycle(seeds: str, cycle: int, metrics: dict[str, Any]) -> None:
+def _report_cycle(record: TrialRecord, cycle: int, metrics: dict[str, Any]) -> None:
     """Every rank reports (Ray Train's reports are collective); rank 0's carries the
     metrics and the checkpoint that marks the cycle reported, after writing each seed's
     row (a restarted group rewrites the same file)."""
@@ -92,10 +85,9 @@ def _report_cycle(seeds: str, cycle: int, metrics: dict[str, Any]) -> None:
     if rank_world()[0] != 0:
         ray.train.report({})
         return
-    rows = metrics.pop(SEED_ROWS)
-    storage.write_bytes(seeds.format(cycle), json.dumps(rows, default=float).encode())
+    record.write_seeds(cycle, metrics.pop(SEED_ROWS))
     with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / REPORTED).write_text(json.dumps({"cycles": cycle + 1}))
+        mark_reported(Path(tmp), cycle + 1)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
@@ -129,7 +121,7 @@ def run_trial(
 
     _refuse_known_failures(cfg)
     root, train_runs = cfg.trial_dirs(trial_id)
-    store, seeds = ArtifactStore(root), seeds_file(cfg, trial_id)
+    store, seeds = ArtifactStore(root), TrialRecord(cfg, trial_id).seeds
     earlier = replay.recorded(store, cfg)
     if earlier is not None:  # this point ran to its end before: the same numbers
         replay.report_again(earlier, report, seeds)

@@ -23,7 +23,13 @@ class TrialFailed(RuntimeError):
 class Forward(UserCallback):
     """Hands each cycle's metrics to the driver through `sink`, a Ray queue, and ends the
     run without restarts on a deterministic worker error (raising here fails the
-    controller, which Ray Train does not retry)."""
+    controller, which Ray Train does not retry).
+
+    Not Ray's `ray.tune.integration.ray_train.TuneReportCallback`, which does the first half
+    for a Train run inside a Tune trial: it refuses to start outside a Tune session (`sae-ray
+    run` and the replay of a finished point report to a list), forwards rank 0's metrics
+    (a cycle's come from the rank that has them), and passes no worker's error on. The
+    driver reads `sink` in Tune's own thread and records what it reported for the replay."""
 
     def __init__(self, sink):
         self.sink = sink

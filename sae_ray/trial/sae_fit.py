@@ -29,6 +29,7 @@ from sae_ray.sae.model import SparseAutoencoder
 from sae_ray.sae.trainer import fit_metrics, fit_saes
 from sae_ray.storage.artifacts import Artifact
 from sae_ray.trial import cofit
+from sae_ray.trial.record import running_points
 
 if TYPE_CHECKING:
     from sae_ray.trial.stages import Trial
@@ -132,12 +133,12 @@ def sae_spec(
         "shuffle_buffer_tokens": SHUFFLE_BUFFER_TOKENS,
         "order": "held" if held(manifest) else "streamed",
     }
-    if section.num_latents is not None:  # keys of sweeps without it stay as they were
+    if section.num_latents is not None:  # sized by expansion_factor: no num_latents in it
         spec["sae"]["num_latents"] = section.num_latents
     return spec
 
 
-def sae(trial: Trial, acts: Artifact, hp: str, cycle: int) -> Artifact:
+def fitted_sae(trial: Trial, acts: Artifact, hp: str, cycle: int) -> Artifact:
     """The cycle's SAE, fitted by every rank on its split of the train token rows, with
     the planned peers that read the same activations (`cofit.py`). Its checkpoints go to
     `<train_runs>/sae-<key>`, named after the artifact, so a restarted worker group or
@@ -172,7 +173,7 @@ def sae(trial: Trial, acts: Artifact, hp: str, cycle: int) -> Artifact:
 
 
 def _fitting_peers(trial: Trial, cycle: int, d_in: int) -> list[Sae]:
-    points = trial.plan + cofit.running_points(trial.train_runs)
+    points = trial.plan + running_points(trial.train_runs)
     peers = cofit.peer_saes(trial.cfg, points, trial.strategy, cycle)
     out = []
     for section in peers:

@@ -304,7 +304,9 @@ def _write_merged(parts: list[dict[str, dict]], out: Path, lead: bool) -> None:
                 write_manifest(out / split / kind, merge_manifests(tables))
 
 
-def targets(trial: Trial, sae_art: Artifact, acts: Artifact, hp: str, cycle: int) -> Artifact:
+def sharpened_targets(
+    trial: Trial, sae_art: Artifact, acts: Artifact, hp: str, cycle: int
+) -> Artifact:
     """Cycle `cycle`'s sharpened targets, one per training example id, built by rank 0.
 
     `random` and `centroid` never read the SAE, so their targets hang off the activations."""
