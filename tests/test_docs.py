@@ -24,3 +24,19 @@ def test_the_reference_names_every_key_of_the_quickstart():
     for section, keys in sweep.items():
         for key in keys:
             assert f"`{section}.{key}`" in page, f"{section}.{key}"
+
+
+def test_every_reported_metric_has_a_meaning():
+    from sae_ray.config.glossary import meanings
+    from sae_ray.config.metrics import known_metrics
+
+    known = meanings()
+    assert [m for m in known_metrics() if m not in known] == []
+    assert all(known.values())
+
+
+def test_the_metrics_glossary_is_current():
+    """Regenerate with `python -m sae_ray.config.glossary > docs/metrics.md`."""
+    from sae_ray.config.glossary import glossary
+
+    assert (DOCS / "metrics.md").read_text() == glossary()

@@ -7,46 +7,77 @@ from __future__ import annotations
 import difflib
 import re
 
-TASK = [f"{split}/{m}" for split in ("val", "test") for m in ("accuracy", "f1_macro")]
+# Each family's metrics and what they mean (`python -m sae_ray.config.glossary` writes
+# docs/metrics.md from these; a metric without a meaning fails its test).
+TASK = {
+    "accuracy": "the classifier's accuracy",
+    "f1_macro": "the classifier's F1, macro-averaged over the classes",
+}
 # model.task: causal_lm's (the change is against the seed's cycle-0 model, in percent)
-LM = ["val/perplexity", "test/perplexity", "perplexity_change_pct", "test/perplexity_change_pct"]
-LM_SAE = [
-    "spliced_ce",
-    "spliced_kl",
-    "clean_ce",
-    "zero_ablation_ce",
-    "ce_loss_score",
-    "sharp_perplexity",
-]
-FEATURES = ["density_above_1pct", "density_above_10pct", "max_decoder_cos"]
-INTERP = [
-    "u",
-    "u_null",
-    "u_excess",
-    "u_top",
-    "u_top_null",
-    "u_top_excess",
-    "alive_frac",
-    "csi",
-    "ari",
-    "silhouette",
-    "davies_bouldin",
-    "calinski_harabasz",
-    "probe_accuracy",
-]
+LM = {
+    "val/perplexity": "the causal LM's perplexity on validation blocks",
+    "test/perplexity": "the same on the held-out test blocks",
+    "perplexity_change_pct": "validation perplexity's rise over the seed's cycle-0 model, %",
+    "test/perplexity_change_pct": "the same on test",
+}
+LM_SAE = {
+    "spliced_ce": "next-token CE with the hooked layer replaced by the SAE's reconstruction",
+    "spliced_kl": "KL from the clean model's next-token distribution to the spliced one's",
+    "clean_ce": "next-token CE of the model as it is",
+    "zero_ablation_ce": "next-token CE with the hooked layer's output zeroed",
+    "ce_loss_score": "(zero-ablation CE - spliced CE) / (zero-ablation CE - clean CE): 1 is "
+    "a perfect splice",
+    "sharp_perplexity": "perplexity with the layer replaced by the reconstruction sharpened "
+    "to the trial's k_sharp",
+}
+FEATURES = {
+    "density_above_1pct": "fraction of latents that fire on more than 1 % of tokens",
+    "density_above_10pct": "fraction of latents that fire on more than 10 % of tokens",
+    "max_decoder_cos": "the largest cosine between two distinct decoder rows",
+}
+INTERP = {
+    "u": "uncertainty coefficient I(1[z_j > 0]; Y) / H(Y), averaged over alive latents",
+    "u_null": "u of the same codes against permuted labels (mean of 5): U's small-n bias",
+    "u_excess": "u - u_null: what the labels explain",
+    "u_top": "U over the 16 latents with the highest U on train, scored on the split",
+    "u_top_null": "u_top against permuted labels",
+    "u_top_excess": "u_top - u_top_null",
+    "alive_frac": "fraction of latents that fire on the split",
+    "csi": "class selectivity index, averaged over latents",
+    "ari": "adjusted Rand index of k-means (k = classes) against the labels",
+    "silhouette": "silhouette of the labels' grouping (a seeded sample of 2,000 rows)",
+    "davies_bouldin": "Davies-Bouldin index of the labels' grouping (lower: better separated)",
+    "calinski_harabasz": "Calinski-Harabasz index of the labels' grouping",
+    "probe_accuracy": "a logistic-regression probe fitted on train, scored on the split",
+}
 SPARSE_PROBES = (1, 5, 25)
-SAE = [
-    "fvu",
-    "explained_variance",
-    "l0",
-    "dead_pct",
-    "absorption",
-    "train_tokens_per_s",
-    "steps_to_fvu",
-]
-FINETUNE = ["steps", "best_epoch", "ce", "aux"]
+SPARSE_PROBE = "the same probe on the k latents with the highest U on train"
+SAE = {
+    "fvu": "fraction of variance unexplained on validation tokens",
+    "explained_variance": "1 - fvu",
+    "l0": "active latents per token",
+    "dead_pct": "% of latents that never fire on validation tokens",
+    "absorption": "mean of the top-100 cosines between distinct decoder rows",
+    "train_tokens_per_s": "the SAE fit's training rate",
+    "steps_to_fvu": "steps until the training FVU's trailing mean is within 10 % of its last",
+}
+FINETUNE = {
+    "steps": "optimizer steps of the cycle's fine-tune (equal for every strategy)",
+    "best_epoch": "the epoch validation chose",
+    "ce": "that epoch's training cross-entropy",
+    "aux": "that epoch's auxiliary (target) loss",
+}
 STAGES = ["model", "activations", "sae", "evaluate", "targets"]
-TARGETS = ["kept_latents", "recon_cos", "initial_aux"]
+TARGETS = {
+    "kept_latents": "latents kept per example by the sharpening",
+    "recon_cos": "cosine between each target and the SAE's own reconstruction (1: unchanged)",
+    "initial_aux": "the auxiliary cosine loss as trained, before retraining",
+}
+RUN = {
+    "time/{stage}_s": "seconds the cycle spent on the stage (computing, waiting or loading)",
+    "artifacts/computed": "stages this trial computed this cycle (0: all shared)",
+    "memory/worker_peak_mb": "highest peak resident memory of the trial's Train workers",
+}
 # Reported beside each trial's own value for the λ = 0 model of its seed and cycle, through
 # an SAE of the trial's settings: `control/<metric>` and `delta/<metric>` (own - control).
 PAIRED_TASK = {
@@ -68,13 +99,13 @@ PAIRED = [*PAIRED_TASK[False], *PAIRED_TASK[True], "sae/fvu"]
 def task_metrics(lm: bool) -> list[str]:
     """The model's own quality, validation then held-out test: what the trade-off is
     against (accuracy for a classifier, perplexity for a causal LM)."""
-    return LM[:2] if lm else ["val/accuracy", "test/accuracy"]
+    return list(LM)[:2] if lm else ["val/accuracy", "test/accuracy"]
 
 
 def headline(lm: bool) -> list[str]:
     """The console's and the report's columns beside the objective."""
     if lm:
-        return [*LM[:3], "sae/fvu", "sae/ce_loss_score", "sae/l0", "sae/dead_pct"]
+        return [*list(LM)[:3], "sae/fvu", "sae/ce_loss_score", "sae/l0", "sae/dead_pct"]
     return [*task_metrics(False), "interp/u", "sae/fvu", "sae/l0", "sae/dead_pct"]
 
 
@@ -85,7 +116,7 @@ def known_metrics(lm: bool | None = None) -> list[str]:
         return list(dict.fromkeys(known_metrics(False) + known_metrics(True)))
     names = [*LM, *(f"sae/{m}" for m in LM_SAE), *(f"features/{m}" for m in FEATURES)]
     if not lm:
-        names = list(TASK)
+        names = [f"{split}/{m}" for split in ("val", "test") for m in TASK]
         for head in ("", "test/"):
             for kind in ("interp", "base"):
                 names += [f"{head}{kind}/{m}" for m in INTERP]
