@@ -12,6 +12,7 @@ import warnings
 # machine of a local cluster, which cannot lose a node and keep the run. Off on a cluster
 # started here (its processes inherit this environment; a value the user sets wins).
 PREEMPTION_WATCHER = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
+SUBMITTED_JOB = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set in a `ray job submit` driver's environment
 
 
 def connect(address: str | None, verbose: bool = False) -> None:
@@ -33,9 +34,12 @@ def connect(address: str | None, verbose: bool = False) -> None:
         if ours:
             os.environ[PREEMPTION_WATCHER] = "0"
         # The chaos tests' fault points, set in the CLI's environment: a cluster joined
-        # with --address started its workers before, so they reach them through the job.
+        # with --address started its workers before, so they reach them through the job's
+        # runtime_env (a submitted job's own carries them already; Ray refuses both).
         wanted = (KILL_SAE_FIT_AT, HOLD_SAE_FIT_AT, HOLD_NOTE)
         faults = {name: os.environ[name] for name in wanted if name in os.environ}
+        if SUBMITTED_JOB in os.environ:
+            faults = {}
         ray.init(
             address=address,
             runtime_env={"env_vars": faults} if faults else None,
