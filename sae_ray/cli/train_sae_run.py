@@ -14,6 +14,7 @@ from pydantic import ValidationError
 
 from sae_ray.cli.train_sae import check_fits, check_flags, flag_of, head_kind_of
 from sae_ray.config import ConfigError, Dataset, Resources, Sae, local_path_or_name, one_line
+from sae_ray.config.sae import stored_activation_dtype
 from sae_ray.lm.extraction import extract, read_manifest
 from sae_ray.lm.models import (
     Classifier,
@@ -58,7 +59,7 @@ def run(args: argparse.Namespace, connect: Callable[[], None] = lambda: None) ->
         "layers": layers,
         "ctx_len": args.ctx_len,
         "max_tokens": args.max_tokens,
-        "dtype": args.activation_dtype,
+        "dtype": _stored_dtype(args, clf),
         "seed": args.shuffle_seed,
         "init": args.init_seeds,
     }
@@ -162,6 +163,10 @@ def _layers(args: argparse.Namespace, model) -> list[int]:
         raise ConfigError(f"--layers: {str(err).split(': ', 1)[-1]}") from None
 
 
+def _stored_dtype(args: argparse.Namespace, clf) -> str:
+    return stored_activation_dtype(args.activation_dtype, str(next(clf.model.parameters()).dtype))
+
+
 def _extract(args: argparse.Namespace, clf, split: Split, layers: list[int], out: Path) -> None:
     extract(
         clf,
@@ -169,7 +174,7 @@ def _extract(args: argparse.Namespace, clf, split: Split, layers: list[int], out
         layers,
         out,
         args.ctx_len,
-        dtype=args.activation_dtype,
+        dtype=_stored_dtype(args, clf),
         max_tokens=args.max_tokens,
     )
 

@@ -90,12 +90,19 @@ class Sae(Section):
     max_tokens: int | None = Field(
         None, ge=1, description="global token budget; else epochs", **saetrain(1_000_000)
     )
-    activation_dtype: Literal["float32", "float16"] = Field(
-        "float32", description="how stored activations are kept"
+    activation_dtype: Literal["auto", "float32", "float16"] = Field(
+        "auto",
+        description="how stored activations are kept: auto is float16 for a model that runs "
+        "in bfloat16 or float16 (half the bytes to store and read; the SAE computes in "
+        "float32), else float32",
     )
     save_every: int = Field(
         1000, ge=1, description="SAE steps between checkpoints (a worker fault resumes there)"
     )
+
+    def stored_dtype(self, model_dtype: str) -> str:
+        """The dtype activations are stored in, for a model whose weights are `model_dtype`."""
+        return stored_activation_dtype(self.activation_dtype, model_dtype)
 
     def latents_for(self, d_in: int) -> int:
         return self.num_latents or d_in * self.expansion_factor
@@ -120,6 +127,15 @@ class Sae(Section):
                 f"matryoshka_widths: {widths} must increase, from at least k ({self.k}) to "
                 f"below the {latents} latents (the whole dictionary is the last level)"
             )
+
+
+def stored_activation_dtype(setting: str, model_dtype: str) -> str:
+    """`activation_dtype` resolved: "auto" halves the bytes where the model runs in half
+    precision anyway (a bfloat16 model's activations carry 8 bits of mantissa; float16
+    keeps 10, and the extraction refuses one that overflows it)."""
+    if setting != "auto":
+        return setting
+    return "float16" if model_dtype.removeprefix("torch.") in ("bfloat16", "float16") else "float32"
 
 
 # Rows of each worker's local shuffle buffer in a sweep's SAE fits (and train-sae's default):

@@ -157,6 +157,19 @@ def _check_finite(rows: dict[str, torch.Tensor], ids: torch.Tensor) -> None:
             )
 
 
+def _check_range(rows: dict[str, torch.Tensor], dtype: np.dtype) -> None:
+    """Half-precision storage must hold the values: refuse, never store an Inf."""
+    if dtype != np.float16:
+        return
+    for name, r in rows.items():
+        peak = float(r.abs().max()) if r.numel() else 0.0
+        if peak > float(np.finfo(np.float16).max):
+            raise FloatingPointError(
+                f"{name}: activations reach {peak:.4g}, past float16's 65504: store them as "
+                "float32 (sae.activation_dtype, train-sae's --activation_dtype)"
+            )
+
+
 @torch.no_grad()
 def extract(
     clf: Classifier,
@@ -198,6 +211,7 @@ def extract(
         hidden = {names[ly]: store[ly].float().cpu() for ly in names}
         rows = {name: h[keep] for name, h in hidden.items()}  # every non-pad token
         _check_finite(rows, batch["ids"])
+        _check_range(rows, np_dtype)
         if not writers:
             d = next(iter(hidden.values())).shape[-1]
             kinds = ("tokens", "sequences") if tokens else ("sequences",)

@@ -4,6 +4,7 @@ end-to-end feed, through a frozen model, is `spliced.ModelFeed`."""
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ import ray
 import torch
 
 from sae_ray import storage
-from sae_ray.lm.extraction import Manifest, arrow_to_vectors, column_of, read_manifest
+from sae_ray.lm.extraction import Manifest, column_of, read_manifest
 from sae_ray.sae.fit_config import SaeTrainConfig
 from sae_ray.sae.model import SparseAutoencoder
 from sae_ray.sae.training import sae_loss
@@ -65,26 +66,45 @@ class ActivationFeed:
 
 class ArrayFeed(ActivationFeed):
     """Rows held in memory (one tensor per hookpoint: this rank's share, or all of them for
-    a fit without Ray): the stream in order, or each epoch's rows permuted whole (seeded)
-    when the fit shuffles."""
+    a fit without Ray): the stream in order, or each epoch's rows permuted whole (seeded:
+    `epoch_order`) when the fit shuffles.
 
-    def __init__(self, cfg: SaeTrainConfig, world: int, device, columns: dict[str, torch.Tensor]):
+    `arranged`: the columns are held in epoch 0's order already (`read_rows` wrote them
+    there as it read), so epoch 0's batches are slices (views) and no copy is gathered."""
+
+    def __init__(
+        self,
+        cfg: SaeTrainConfig,
+        world: int,
+        device,
+        columns: dict[str, torch.Tensor],
+        arranged: bool = False,
+    ):
         super().__init__(cfg, world, device)
-        self.columns = columns
+        self.columns, self.arranged = columns, arranged and bool(cfg.shuffle_buffer_tokens)
+        self._where: torch.Tensor | None = None
 
     def batches(self, shard, epoch: int):
         cfg = self.cfg
         rows = len(next(iter(self.columns.values())))
         order = None  # in order: each batch a slice (a view), not a gathered copy
-        if cfg.shuffle_buffer_tokens:
-            gen = torch.Generator().manual_seed(cfg.shuffle_seed + epoch)
-            order = torch.randperm(rows, generator=gen)
+        if cfg.shuffle_buffer_tokens and not (self.arranged and epoch == 0):
+            order = epoch_order(rows, cfg.shuffle_seed, epoch)
+            if self.arranged:  # held[i] is row order₀[i]: row j is at where₀[j]
+                if self._where is None:
+                    self._where = torch.argsort(epoch_order(rows, cfg.shuffle_seed, 0))
+                order = self._where[order]
         size = max(1, cfg.batch_size // self.world)
         for start in range(0, rows, size):
             pick = slice(start, start + size)
             if order is not None:
                 pick = order[pick]
             yield {hp: x[pick].float().to(self.device) for hp, x in self.columns.items()}
+
+
+def epoch_order(rows: int, seed: int, epoch: int) -> torch.Tensor:
+    """The order a shuffled fit visits `rows` held rows in, in `epoch`."""
+    return torch.randperm(rows, generator=torch.Generator().manual_seed(seed + epoch))
 
 
 def held(manifest: Manifest, columns: int = 1) -> bool:
@@ -94,25 +114,45 @@ def held(manifest: Manifest, columns: int = 1) -> bool:
     return nbytes <= MATERIALIZE_BYTES
 
 
-def read_rows(tokens_dir: str, manifest: Manifest, column: str, start: int, stop: int):
+def read_rows(
+    tokens_dir: str,
+    manifest: Manifest,
+    column: str,
+    start: int,
+    stop: int,
+    order: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Rows [start, stop) of one vector column as a tensor (the stored dtype), read with
-    pyarrow in this process from only the shards that hold them.
+    pyarrow in this process from only the shards that hold them; with `order` (a
+    permutation of the range) row `order[i]` of the range is written at position i.
 
     No Ray task is involved: a rank reads its share with the CPU it already holds, so a fit
-    never waits for a free CPU that a cluster which lost a node may not have."""
-    parts, first = [], 0
+    never waits for a free CPU that a cluster which lost a node may not have. Each record
+    batch is copied once, straight to where it goes."""
+    dtype = getattr(torch, np.dtype(manifest.dtype).name)
+    out = torch.empty(max(0, stop - start), manifest.d, dtype=dtype)
+    where = None if order is None else torch.argsort(order)
+    first = 0
     for entry in manifest.files:
         last = first + entry["rows"]
         if last > start and first < stop:
             fs, path = storage.filesystem(storage.join(tokens_dir, entry["path"]))
             with fs.open_input_file(path) as f:
-                table = pq.read_table(f, columns=[column])
-            lo, hi = max(start, first) - first, min(stop, last) - first
-            parts.append(arrow_to_vectors(table[column], manifest.d)[lo:hi])
+                chunks = pq.read_table(f, columns=[column])[column].chunks
+            for chunk in chunks:  # rows [first, first + len) of the table
+                lo, hi = max(start, first), min(stop, first + len(chunk))
+                if lo < hi:
+                    rows = chunk.flatten().to_numpy().reshape(-1, manifest.d)
+                    with warnings.catch_warnings():  # read-only Arrow memory, only read
+                        warnings.simplefilter("ignore", UserWarning)
+                        part = torch.from_numpy(rows[lo - first : hi - first])
+                    if where is None:
+                        out[lo - start : hi - start] = part
+                    else:
+                        out.index_copy_(0, where[lo - start : hi - start], part)
+                first += len(chunk)
         first = last
-    if not parts:
-        return torch.empty(0, manifest.d)
-    return torch.from_numpy(np.concatenate(parts))  # one writable copy
+    return out
 
 
 def quiet_ordered_data() -> None:

@@ -262,7 +262,7 @@ def activations(trial: Trial, clf: Classifier, model: Artifact, layer: int) -> A
                 local / split,
                 cfg.model.max_length,
                 batch_size=EXTRACT_BATCH,
-                dtype=cfg.sae.activation_dtype,
+                dtype=cfg.sae.stored_dtype(cfg.model.dtype),
                 tokens=split != "test",
                 order=rows,
                 part=rank if world > 1 else None,
@@ -278,7 +278,7 @@ def activations(trial: Trial, clf: Classifier, model: Artifact, layer: int) -> A
     spec = {
         "parent": model.key,
         "layer": layer,
-        "dtype": cfg.sae.activation_dtype,
+        "dtype": cfg.sae.stored_dtype(cfg.model.dtype),
         "format": 2,  # one column per hookpoint
     }
     return shared_artifact(trial.store, "activations", spec, make, everyone=True)
