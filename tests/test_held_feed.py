@@ -39,23 +39,23 @@ def test_later_epochs_read_no_parquet_and_each_rank_gets_an_equal_share(tmp_path
         k=2, expansion_factor=2, batch_size=100, epochs=3, hookpoints=["x"], d_in=8,
         progress=False, shuffle_buffer_tokens=1, shuffle_seed=7,
     )  # fmt: skip
-    shard, feed = sae_fit.feed_split(str(tmp_path), manifest, "x", cfg.shuffle_seed)
-    assert shard is None and len(reads) == len(manifest.files)  # every shard once, up front
+    shard, factory = sae_fit.feed_split(str(tmp_path), manifest, "x")
+    assert shard is None and reads == []  # read by each rank's fit, in its own process
+    feed = factory(cfg, 1, "cpu")  # what a rank's fit does first
+    assert len(reads) == len(manifest.files)  # every shard once, up front
     # read straight into epoch 0's order: the batches a permutation of the rows held in order
     plain = feeds.ArrayFeed(cfg, 1, "cpu", {"x": torch.from_numpy(x)})
     for epoch in range(3):
-        for ours, theirs in zip(
-            feed(cfg, 1, "cpu").batches(None, epoch), plain.batches(None, epoch), strict=True
-        ):
-            assert torch.equal(ours["x"], theirs["x"]), epoch
-    config = {"cfg": cfg.model_dump(), "rows": manifest.rows, "feed": feed}
+        pairs = zip(feed.batches(None, epoch), plain.batches(None, epoch), strict=True)
+        assert all(torch.equal(a["x"], b["x"]) for a, b in pairs), epoch
+    config = {"cfg": cfg.model_dump(), "rows": manifest.rows, "feed": factory}
     fit = fit_saes(config, shard, None, None)
     assert fit.progress.step == 30 and fit.progress.tokens == 3 * 1000  # 3 epochs of 10
-    assert len(reads) == len(manifest.files)  # epochs 2 and 3 read nothing
+    assert len(reads) == 2 * len(manifest.files)  # the fit's own read; epochs 2, 3 nothing
 
     # two ranks: equal contiguous shares, each its batch_size / world rows a step
-    monkeypatch.setattr(sae_fit, "rank_world", lambda: (1, 2))
-    _, second = sae_fit.feed_split(str(tmp_path), manifest, "x", None)
+    monkeypatch.setattr(feeds, "rank_world", lambda: (1, 2))
+    _, second = sae_fit.feed_split(str(tmp_path), manifest, "x")
     in_order = cfg.model_copy(update={"shuffle_buffer_tokens": 0})
     batches = list(second(in_order, 2, "cpu").batches(None, 0))
     assert [len(b["x"]) for b in batches] == [50] * 10

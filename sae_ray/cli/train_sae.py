@@ -129,7 +129,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--shuffle_buffer",
         type=int,
         default=SHUFFLE_BUFFER_TOKENS,
-        help="tokens of each worker's shuffle buffer; 0: the stored order",
+        help="tokens of each worker's shuffle buffer (a set that fits in memory, up to "
+        "256 MB, is permuted whole each epoch instead); 0: the stored order",
     )
     g.add_argument("--init_seeds", type=int, default=42, help="seed of the SAE's init")
     g.add_argument("--data_preprocessing_num_proc", type=int, default=1, help="tokeniser threads")

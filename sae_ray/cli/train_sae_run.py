@@ -24,7 +24,7 @@ from sae_ray.lm.models import (
     resolve_layer,
 )
 from sae_ray.lm.text_data import Split, load_text_data
-from sae_ray.sae.feeds import activation_dataset
+from sae_ray.sae.feeds import activation_dataset, held, held_feed
 from sae_ray.sae.fit_config import SaeTrainConfig
 from sae_ray.sae.spliced import load_model, save_for_workers, token_table
 from sae_ray.sae.trainer import train_saes
@@ -68,7 +68,7 @@ def run(args: argparse.Namespace, connect: Callable[[], None] = lambda: None) ->
             "activations", spec, lambda out: _extract(args, clf, split, layers, out)
         ).uri("tokens")
         d_in, e2e = read_manifest(tokens_dir).d, None
-        dataset, tokens_per_epoch = activation_dataset(tokens_dir, hookpoints)
+        dataset, tokens_per_epoch = _activations(tokens_dir, hookpoints)
     else:
         e2e = _end_to_end(args, kind, clf, store, spec, dict(zip(hookpoints, layers, strict=True)))
         d_in = clf.model.config.hidden_size
@@ -78,10 +78,21 @@ def run(args: argparse.Namespace, connect: Callable[[], None] = lambda: None) ->
     return _train(args, dataset, tokens_per_epoch, fit_cfg, save_dir, e2e)
 
 
+def _activations(tokens: str | Path, columns: list[str]):
+    """What the fit reads: a set that fits in memory is read by the workers themselves, each
+    its share, once (`feeds.held_feed`); a larger one streams through Ray Data."""
+    manifest = read_manifest(tokens, verify=True)
+    if held(manifest, len(columns)):
+        return held_feed(str(tokens), manifest, columns), manifest.rows
+    return activation_dataset(tokens, columns)
+
+
 def _train(
-    args: argparse.Namespace, dataset, rows: int, cfg: SaeTrainConfig, save_dir: Path, e2e=None
+    args: argparse.Namespace, data, rows: int, cfg: SaeTrainConfig, save_dir: Path, e2e=None
 ) -> dict:
-    """The one Ray Train run of the SAEs, checkpoints under `<save_dir>/<run_name>`."""
+    """The one Ray Train run of the SAEs, checkpoints under `<save_dir>/<run_name>`; `data`
+    is a Ray Dataset, or a feed factory that reads the rows in the workers."""
+    dataset, feed = (None, data) if callable(data) else (data, None)
     result = train_saes(
         dataset,
         rows,
@@ -96,6 +107,7 @@ def _train(
         resume=args.resume,
         wandb_dir=save_dir,
         e2e=e2e,
+        feed=feed,
     )
     _print_result(save_dir / cfg.run_name, list(cfg.members()), result.metrics)
     return result.metrics
@@ -113,7 +125,7 @@ def _run_on_activations(
     check_fits(sae, variants, manifest.d)
     connect()
     run_name = args.run_name or Path(args.activations).stem
-    dataset, rows = activation_dataset(tokens, manifest.columns)
+    dataset, rows = _activations(tokens, manifest.columns)
     return _train(
         args,
         dataset,

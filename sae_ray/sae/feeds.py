@@ -13,6 +13,7 @@ import ray
 import torch
 
 from sae_ray import storage
+from sae_ray.distributed.ranks import rank_world
 from sae_ray.lm.extraction import Manifest, column_of, read_manifest
 from sae_ray.sae.fit_config import SaeTrainConfig
 from sae_ray.sae.model import SparseAutoencoder
@@ -105,6 +106,24 @@ class ArrayFeed(ActivationFeed):
 def epoch_order(rows: int, seed: int, epoch: int) -> torch.Tensor:
     """The order a shuffled fit visits `rows` held rows in, in `epoch`."""
     return torch.randperm(rows, generator=torch.Generator().manual_seed(seed + epoch))
+
+
+def held_feed(tokens_dir: str, manifest: Manifest, columns: list[str]):
+    """The feed factory (`trainer.fit_saes`'s `feed`) of a set that fits in memory: each rank
+    reads its contiguous equal share of `columns` once, straight into its first epoch's
+    order when the fit shuffles, and holds it (`ArrayFeed`)."""
+
+    def make(cfg: SaeTrainConfig, world: int, device: torch.device) -> ArrayFeed:
+        rank = rank_world()[0]
+        per = manifest.rows // world
+        first = epoch_order(per, cfg.shuffle_seed, 0) if cfg.shuffle_buffer_tokens else None
+        rows = {
+            c: read_rows(tokens_dir, manifest, c, rank * per, (rank + 1) * per, first)
+            for c in columns
+        }
+        return ArrayFeed(cfg, world, device, rows, arranged=first is not None)
+
+    return make
 
 
 def held(manifest: Manifest, columns: int = 1) -> bool:

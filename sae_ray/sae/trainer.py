@@ -318,8 +318,8 @@ def train_saes(
 
     `save_dir` (the run's directory, `<save_dir>/<run_name>`) receives every checkpoint in
     sparsify's layout; with `resume` the run continues from the one there. `feed`, a factory
-    `(cfg, world, device) -> feed` called on each worker, replaces how batches are made (the
-    benchmarks' in-memory baseline, with `dataset` None, and their timed Ray Data feed).
+    `(cfg, world, device) -> feed` called on each worker, replaces how batches are made (a
+    held set's `feeds.held_feed`, with `dataset` None; the benchmarks' baselines).
     """
     quiet_ordered_data()
     resume_from = None

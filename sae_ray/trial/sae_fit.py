@@ -22,7 +22,7 @@ from sae_ray.distributed.ranks import barrier, broadcast, rank_world, shared_art
 from sae_ray.lm.extraction import Manifest, read_manifest
 from sae_ray.method.seeds import stream
 from sae_ray.sae.checkpoints import save_checkpoint, store_checkpoint, stored_checkpoint
-from sae_ray.sae.feeds import ArrayFeed, activation_dataset, epoch_order, held, read_rows
+from sae_ray.sae.feeds import activation_dataset, held, held_feed
 from sae_ray.sae.fit import Fit
 from sae_ray.sae.fit_config import SaeTrainConfig
 from sae_ray.sae.model import SparseAutoencoder
@@ -37,24 +37,17 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def feed_split(
-    tokens: str, manifest: Manifest, hp: str, seed: int | None = None
-) -> tuple[Any, Any]:
+def feed_split(tokens: str, manifest: Manifest, hp: str) -> tuple[Any, Any]:
     """This rank's equal share of the token rows, as (shard, feed factory) for `fit_saes`.
 
     A set that fits in memory (`feeds.held`) is read once, each rank its contiguous share
-    by pyarrow in its own process straight into epoch 0's order (`seed`: the fit's
-    shuffle seed; None, in order), and permuted whole each epoch after: no Ray task, so the fit
-    needs no CPU beyond its workers' (a cluster that lost a node has none to spare) and no
-    epoch after the first reads Parquet. A larger set streams from one Ray Dataset split
-    across the ranks (rank 0 plans it; each rank receives its iterator)."""
-    rank, world = rank_world()
+    by pyarrow in its own process (`feeds.held_feed`): no Ray task, so the fit needs no CPU
+    beyond its workers' (a cluster that lost a node has none to spare) and no epoch after
+    the first reads Parquet. A larger set streams from one Ray Dataset split across the
+    ranks (rank 0 plans it; each rank receives its iterator)."""
     if held(manifest):
-        per = manifest.rows // world
-        first = None if seed is None else epoch_order(per, seed, 0)
-        columns = {hp: read_rows(tokens, manifest, hp, rank * per, (rank + 1) * per, first)}
-        arranged = first is not None
-        return None, lambda c, w, device: ArrayFeed(c, w, device, columns, arranged=arranged)
+        return None, held_feed(tokens, manifest, [hp])
+    rank, world = rank_world()
     splits = None
     if rank == 0:
         dataset, _ = activation_dataset(tokens, [hp])
@@ -208,8 +201,7 @@ def _fit(
             claimed = cofit.claim_peers(stack, trial.store, peers, cfg.sae, checkpoints)
         overrides = broadcast(claimed.overrides if lead else None)
         fit_cfg = sae_train_config(cfg, hp, manifest.d, cycle, cofit.Group(overrides).variants)
-        seed = fit_cfg.shuffle_seed if fit_cfg.shuffle_buffer_tokens else None
-        shard, feed = feed_split(tokens, manifest, hp, seed)
+        shard, feed = feed_split(tokens, manifest, hp)
         fit = fit_saes(
             {"cfg": fit_cfg.model_dump(), "rows": manifest.rows, "feed": feed},
             shard,
