@@ -79,3 +79,58 @@ def test_saelens_loads_each_architecture_and_reproduces_its_codes(tmp_path, caps
         torch.testing.assert_close(theirs.encode(x), codes)
         torch.testing.assert_close(theirs.decode(codes), ours(x)[0])
     assert 0 < (codes > 0).sum(-1).float().mean() < 64
+
+
+def test_the_export_writes_a_model_card_and_pushes_it_to_the_hub(tmp_path, capsys, monkeypatch):
+    """Each SAELens folder gets a README.md model card (the SAELens library tag, settings,
+    training and metrics); `--push` uploads OUT to the repository (the hub call recorded:
+    there is no hub here)."""
+    import json
+
+    from huggingface_hub import HfApi
+
+    from sae_ray.cli.main import main
+
+    sae = SparseAutoencoder(SaeConfig(16, 64, 4, architecture="jumprelu", target_l0=3.0))
+    sae.save(tmp_path / "run" / "h.2")
+    (tmp_path / "run" / "state.json").write_text(json.dumps({"step": 120, "tokens": 491520}))
+    row = {"step": 120, "fvu/h.2": 0.125, "l0/h.2": 3.1, "dead_pct/h.2": 2.0}
+    (tmp_path / "run" / "metrics.jsonl").write_text(json.dumps(row) + "\n")
+    calls = []
+    monkeypatch.setenv("HF_TOKEN", "hf_planted")
+    monkeypatch.setattr(HfApi, "create_repo", lambda self, *a, **k: calls.append(("create", a)))
+    monkeypatch.setattr(HfApi, "upload_folder", lambda self, **k: calls.append(("upload", k)))
+    out = tmp_path / "saelens"
+    assert main(["export-saelens", str(tmp_path / "run"), str(out), "--push", "me/my-saes"]) == 0
+    card = (out / "h.2" / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: saelens\ntags: [sae_lens,")
+    for text in ("# jumprelu SAE: h.2", "| target_l0 | 3 |", "| tokens | 491520 |"):
+        assert text in card, text
+    assert "| fvu/h.2 | 0.125 |" in card
+    assert calls[0] == ("create", ("me/my-saes",))
+    assert calls[1][0] == "upload" and calls[1][1]["folder_path"] == str(out)
+    assert capsys.readouterr().out.splitlines()[-1] == "pushed: https://huggingface.co/me/my-saes"
+
+
+@pytest.mark.parametrize(
+    "repo, token, message",
+    [
+        ("not a repo", "hf_x", "--push: 'not a repo' is not a hub repository id"),
+        ("just-a-name", "hf_x", "--push: 'just-a-name': name it OWNER/NAME"),
+        ("me/my-saes", None, "--push: no Hugging Face token"),
+    ],
+)
+def test_a_push_that_cannot_succeed_is_refused_before_anything_is_written(
+    tmp_path, capsys, monkeypatch, repo, token, message
+):
+    from sae_ray.cli.main import main
+
+    SparseAutoencoder(SaeConfig(8, 16, 2)).save(tmp_path / "run" / "h.0")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # no stored token
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    if token:
+        monkeypatch.setenv("HF_TOKEN", token)
+    assert main(["export-saelens", str(tmp_path / "run"), str(tmp_path / "x"), "--push", repo]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {message}"), err
+    assert not (tmp_path / "x").exists()

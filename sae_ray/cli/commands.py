@@ -75,10 +75,11 @@ def intervene(args: argparse.Namespace) -> int:
     return 0
 
 
-def export_saelens(run_dir: str, out: str) -> int:
-    """`sae-ray export-saelens RUN OUT`: every SAE under RUN (each folder holding
-    `cfg.json` + `sae.safetensors`) as a SAELens folder at the same relative path."""
-    from sae_ray.sae.export import export_run
+def export_saelens(run_dir: str, out: str, push_to: str | None = None) -> int:
+    """`sae-ray export-saelens RUN OUT [--push REPO_ID]`: every SAE under RUN (each folder
+    holding `cfg.json` + `sae.safetensors`) as a SAELens folder with its model card at the
+    same relative path; with `push_to`, uploaded to that hub repository."""
+    from sae_ray.sae.export import export_run, push
 
     source = Path(run_dir)
     if not source.is_dir():
@@ -87,9 +88,29 @@ def export_saelens(run_dir: str, out: str) -> int:
         raise ConfigError(f"{run_dir}: no SAE checkpoint (sae.safetensors) under it")
     if Path(out).resolve().is_relative_to(source.resolve()):
         raise ConfigError(f"{out}: inside {run_dir}; export somewhere else")
+    if push_to is not None:
+        _check_push(push_to)
     for folder in export_run(source, out):
         print(f"SAELens folder: {folder}")
+    if push_to is not None:
+        print(f"pushed: {push(Path(out), push_to)}")
     return 0
+
+
+def _check_push(repo_id: str) -> None:
+    """A repository id the hub accepts and a token to write with, before anything is
+    written (no request is made)."""
+    from huggingface_hub import get_token
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as err:
+        raise ConfigError(f"--push: {repo_id!r} is not a hub repository id ({err})") from None
+    if "/" not in repo_id:
+        raise ConfigError(f"--push: {repo_id!r}: name it OWNER/NAME")
+    if not get_token():
+        raise ConfigError("--push: no Hugging Face token: set HF_TOKEN or run `hf auth login`")
 
 
 def plan(cfg: Config) -> int:

@@ -92,7 +92,7 @@ def _tool_command(args: argparse.Namespace) -> int:
     if args.command == "intervene":
         return commands.intervene(args)
     if args.command == "export-saelens":
-        return commands.export_saelens(args.run_dir, args.out)
+        return commands.export_saelens(args.run_dir, args.out, args.push)
     try:  # report
         commands.report(args.sweep_dir, args.out)
     except FileNotFoundError as err:

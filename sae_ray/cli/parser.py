@@ -62,6 +62,9 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("run_dir", help="a train-sae run (output/NAME) or a sweep's SAE artifact")
     p.add_argument("out", help="the SAELens folders go here, each at its SAE's relative path")
+    p.add_argument(
+        "--push", metavar="REPO_ID", help="then upload OUT to this Hugging Face hub repository"
+    )
     _intervene_flags(sub)
     for name, help_text in (
         ("sweep", "run a Ray Tune + Optuna sweep from a YAML file"),

@@ -10,6 +10,7 @@ bfloat16, so we write its native layout rather than rely on it.)
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ from safetensors.torch import save_file
 
 from sae_ray.sae.model import SparseAutoencoder
 
-CFG, WEIGHTS = "cfg.json", "sae_weights.safetensors"
+CFG, WEIGHTS, CARD = "cfg.json", "sae_weights.safetensors", "README.md"
 
 
 def saelens_config(sae: SparseAutoencoder, metadata: dict[str, Any] | None = None) -> dict:
@@ -66,5 +67,66 @@ def export_run(run_dir: Path | str, out: Path | str) -> list[Path]:
     for weights in sorted(Path(run_dir).rglob("sae.safetensors")):
         folder = weights.parent
         sae = SparseAutoencoder.load(folder)
-        written.append(export_saelens(sae, out / folder.relative_to(run_dir)))
+        target = export_saelens(sae, out / folder.relative_to(run_dir))
+        (target / CARD).write_text(model_card(sae, folder, run_dir))
+        written.append(target)
     return written
+
+
+def _json_near(folder: Path, top: Path, name: str) -> dict[str, Any]:
+    """`name` in the SAE's folder or the nearest folder above it, up to `top`."""
+    for where in [folder, *folder.parents]:
+        if (where / name).is_file():
+            return json.loads((where / name).read_text())
+        if where == top:
+            break
+    return {}
+
+
+def model_card(sae: SparseAutoencoder, folder: Path, top: Path) -> str:
+    """A Hugging Face model card (README.md) for the SAE saved in `folder`: the SAELens
+    library tag, its settings, how it was trained and its last metrics, from what the run
+    left beside it (train-sae's `state.json` and log, a sweep artifact's `spec.json` and
+    `train_metrics.json`)."""
+    cfg = asdict(sae.cfg)
+    progress = _json_near(folder, top, "state.json")
+    metrics = _json_near(folder, top, "train_metrics.json")
+    spec = _json_near(folder, top, "spec.json")
+    log = folder.parent / "metrics.jsonl"
+    if not metrics and log.is_file() and log.read_text().strip():
+        metrics = json.loads(log.read_text().strip().splitlines()[-1])
+    settings = {k: v for k, v in cfg.items() if v is not None}
+    trained = {k: progress[k] for k in ("step", "tokens", "epoch") if k in progress}
+    trained.update({k: spec[k] for k in ("parent", "seed", "workers") if k in spec})
+    scores = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and "/" not in k}
+    scores.update({k: v for k, v in metrics.items() if k.startswith(("fvu/", "l0/", "dead_pct/"))})
+    lines = [
+        "---",
+        "library_name: saelens",
+        "tags: [sae_lens, sparse-autoencoder, sae-ray]",
+        "---",
+        "",
+        f"# {cfg['architecture']} SAE: {folder.name}",
+        "",
+        "A sparse autoencoder trained with sae-ray, in SAELens' layout: "
+        "`sae_lens.SAE.load_from_disk(folder)` (or `SAE.from_pretrained` once on the hub).",
+    ]
+    for title, table in (("Settings", settings), ("Training", trained), ("Metrics", scores)):
+        if table:
+            lines += ["", f"## {title}", "", "| | |", "| --- | --- |"]
+            lines += [f"| {k} | {_cell(v)} |" for k, v in table.items()]
+    return "\n".join(lines) + "\n"
+
+
+def _cell(value: Any) -> str:
+    return f"{value:.6g}" if isinstance(value, float) else str(value)
+
+
+def push(out: Path, repo_id: str) -> str:
+    """Upload the exported folders to the hub repository `repo_id` (made if missing)."""
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    api.create_repo(repo_id, exist_ok=True)
+    api.upload_folder(folder_path=str(out), repo_id=repo_id, commit_message="sae-ray export")
+    return f"https://huggingface.co/{repo_id}"
