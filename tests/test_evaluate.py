@@ -200,6 +200,23 @@ def test_sparse_codes_give_every_metric_the_dense_reference_gives():
         x_hat, _ = sae(x)
     reference = (((x - x_hat) ** 2).sum() / ((x - x.mean(0)) ** 2).sum()).item()
     assert streamed == pytest.approx(whole) and whole["fvu"] == pytest.approx(reference, rel=1e-5)
+    ratio = (x_hat.norm(dim=-1) / x.norm(dim=-1)).mean().item()  # SAEBench's l2_ratio
+    assert whole["l2_ratio"] == pytest.approx(ratio, rel=1e-5)
+
+
+def test_the_l2_ratio_on_hand_cases():
+    """An SAE that halves every input reads 0.5; rows of norm 0 are left out."""
+    import torch
+
+    from sae_ray.method.evaluate import sae_quality
+    from sae_ray.sae.model import SaeConfig, SparseAutoencoder
+
+    sae = SparseAutoencoder(SaeConfig(4, 4, 4))
+    with torch.no_grad():  # z = relu(x), x̂ = z / 2 on non-negative rows
+        sae.encoder.weight.copy_(torch.eye(4))
+        sae.W_dec.copy_(torch.eye(4) / 2)
+    x = np.array([[1.0, 2, 0, 0], [0, 0, 3, 4], [0, 0, 0, 0]], dtype=np.float32)
+    assert sae_quality(sae, x)["l2_ratio"] == pytest.approx(0.5)
 
 
 def test_probes_on_codes_scale_without_centering_and_find_the_same_probe():

@@ -57,6 +57,7 @@ SAE = {
     "explained_variance": "1 - fvu",
     "l0": "active latents per token",
     "dead_pct": "% of latents that never fire on validation tokens",
+    "l2_ratio": "SAEBench's L2 ratio: mean over tokens of ‖x̂‖ / ‖x‖ (below 1: shrinkage)",
     "absorption": "mean of the top-100 cosines between distinct decoder rows",
     "train_tokens_per_s": "the SAE fit's training rate",
     "steps_to_fvu": "steps until the training FVU's trailing mean is within 10 % of its last",

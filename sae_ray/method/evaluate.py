@@ -332,15 +332,16 @@ def sae_quality(
     tokens: np.ndarray | Iterable[np.ndarray],
     device: torch.device | str = "cpu",
 ) -> dict[str, float]:
-    """FVU, explained variance, L0 and dead % over held-out token rows, in one streaming
-    pass: `tokens` is an array or an iterable of row batches (e.g. `iter_tokens`), and only
-    float64 sums are kept (FVU = Σ‖x − x̂‖² / (Σ‖x‖² − n‖x̄‖²))."""
+    """FVU, explained variance, L0, dead % and SAEBench's L2 ratio (the mean over tokens of
+    ‖x̂‖ / ‖x‖: below 1, the SAE shrinks what it reconstructs) over held-out token rows, in
+    one streaming pass: `tokens` is an array or an iterable of row batches (e.g.
+    `iter_tokens`), and only float64 sums are kept (FVU = Σ‖x − x̂‖² / (Σ‖x‖² − n‖x̄‖²))."""
     sae = sae.to(device).eval()
     batch_size = _batch_rows(sae)
     if isinstance(tokens, np.ndarray):
         tokens = [tokens]
     fired = torch.zeros(sae.cfg.num_latents, dtype=torch.bool, device=device)
-    n, l0, err, sq, total = 0, 0, 0.0, 0.0, None
+    n, l0, err, sq, total, ratio, normed = 0, 0, 0.0, 0.0, None, 0.0, 0
     for part in tokens:
         for start in range(0, len(part), batch_size):
             xb = torch.from_numpy(part[start : start + batch_size]).to(device)
@@ -352,6 +353,10 @@ def sae_quality(
             err += float((x64 - x_hat.double()).pow(2).sum())
             sq += float(x64.pow(2).sum())
             total = x64.sum(0) if total is None else total + x64.sum(0)
+            norm = x64.norm(dim=-1)
+            some = norm > 0  # SAEBench leaves out rows of norm 0
+            ratio += float((x_hat.double().norm(dim=-1)[some] / norm[some]).sum())
+            normed += int(some.sum())
             n += len(xb)
     variance = sq - float(total.pow(2).sum()) / n if n else 0.0
     value = err / max(variance, 1e-12)
@@ -360,4 +365,5 @@ def sae_quality(
         "explained_variance": 1.0 - value,
         "l0": l0 / max(n, 1),
         "dead_pct": 100.0 * (1 - fired.float().mean().item()),
+        "l2_ratio": ratio / max(normed, 1),
     }

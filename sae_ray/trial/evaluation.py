@@ -44,6 +44,7 @@ def evaluation(
         "dataset": cfg.dataset.model_dump(),
         "max_length": cfg.model.max_length,
         "seed": cfg.experiment.seed,  # the clustering's and the null's streams
+        "metrics": 2,  # the set of metrics it holds (2: with sae/l2_ratio)
     }
     if cfg.is_lm:  # the sharpened perplexity's k_sharp
         spec["sharpening"] = cfg.sharpening.model_dump(include={"k_sharp", "keep_frac"})
