@@ -35,7 +35,7 @@ from sae_ray.sae.feeds import (
     ArrayFeed,
     activation_dataset,
     epoch_order,
-    read_rows,
+    read_columns,
 )
 from sae_ray.sae.fit_config import SaeTrainConfig
 from sae_ray.sae.trainer import train_saes
@@ -121,10 +121,9 @@ class HeldFeed(ArrayFeed):
             order = None  # the fit's order: shuffled only if it shuffles
             if self.cfg.shuffle_buffer_tokens:
                 order = epoch_order(manifest.rows, self.cfg.shuffle_seed, 0)
-            self.columns = {
-                hp: read_rows(self.tokens_dir, manifest, hp, 0, manifest.rows, order)
-                for hp in self.cfg.hookpoints
-            }
+            self.columns = read_columns(
+                self.tokens_dir, manifest, self.cfg.hookpoints, 0, manifest.rows, order
+            )
         return super().batches(shard, epoch)
 
 

@@ -70,7 +70,7 @@ class ArrayFeed(ActivationFeed):
     a fit without Ray): the stream in order, or each epoch's rows permuted whole (seeded:
     `epoch_order`) when the fit shuffles.
 
-    `arranged`: the columns are held in epoch 0's order already (`read_rows` wrote them
+    `arranged`: the columns are held in epoch 0's order already (`read_columns` wrote them
     there as it read), so epoch 0's batches are slices (views) and no copy is gathered."""
 
     def __init__(
@@ -117,10 +117,7 @@ def held_feed(tokens_dir: str, manifest: Manifest, columns: list[str]):
         rank = rank_world()[0]
         per = manifest.rows // world
         first = epoch_order(per, cfg.shuffle_seed, 0) if cfg.shuffle_buffer_tokens else None
-        rows = {
-            c: read_rows(tokens_dir, manifest, c, rank * per, (rank + 1) * per, first)
-            for c in columns
-        }
+        rows = read_columns(tokens_dir, manifest, columns, rank * per, (rank + 1) * per, first)
         return ArrayFeed(cfg, world, device, rows, arranged=first is not None)
 
     return make
@@ -141,15 +138,27 @@ def read_rows(
     stop: int,
     order: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Rows [start, stop) of one vector column as a tensor (the stored dtype), read with
-    pyarrow in this process from only the shards that hold them; with `order` (a
-    permutation of the range) row `order[i]` of the range is written at position i.
+    """Rows [start, stop) of one vector column (`read_columns`)."""
+    return read_columns(tokens_dir, manifest, [column], start, stop, order)[column]
+
+
+def read_columns(
+    tokens_dir: str,
+    manifest: Manifest,
+    columns: list[str],
+    start: int,
+    stop: int,
+    order: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """Rows [start, stop) of vector columns, a tensor each (the stored dtype), read with
+    pyarrow in this process from only the shards that hold them, each shard once; with
+    `order` (a permutation of the range) row `order[i]` of the range is written at i.
 
     No Ray task is involved: a rank reads its share with the CPU it already holds, so a fit
     never waits for a free CPU that a cluster which lost a node may not have. Each record
     batch is copied once, straight to where it goes."""
     dtype = getattr(torch, np.dtype(manifest.dtype).name)
-    out = torch.empty(max(0, stop - start), manifest.d, dtype=dtype)
+    out = {c: torch.empty(max(0, stop - start), manifest.d, dtype=dtype) for c in columns}
     where = None if order is None else torch.argsort(order)
     first = 0
     for entry in manifest.files:
@@ -157,21 +166,29 @@ def read_rows(
         if last > start and first < stop:
             fs, path = storage.filesystem(storage.join(tokens_dir, entry["path"]))
             with fs.open_input_file(path) as f:
-                chunks = pq.read_table(f, columns=[column])[column].chunks
-            for chunk in chunks:  # rows [first, first + len) of the table
-                lo, hi = max(start, first), min(stop, first + len(chunk))
-                if lo < hi:
-                    rows = chunk.flatten().to_numpy().reshape(-1, manifest.d)
-                    with warnings.catch_warnings():  # read-only Arrow memory, only read
-                        warnings.simplefilter("ignore", UserWarning)
-                        part = torch.from_numpy(rows[lo - first : hi - first])
-                    if where is None:
-                        out[lo - start : hi - start] = part
-                    else:
-                        out.index_copy_(0, where[lo - start : hi - start], part)
-                first += len(chunk)
+                table = pq.read_table(f, columns=columns)
+            for column in columns:
+                _place(table[column].chunks, out[column], first, start, stop, where)
         first = last
     return out
+
+
+def _place(chunks, out: torch.Tensor, first: int, start: int, stop: int, where) -> None:
+    """Copy the chunks' rows (rows `first`.. of the table) that fall in [start, stop) to
+    their places in `out`: in order, or at `where[row - start]`."""
+    d = out.shape[1]
+    for chunk in chunks:
+        lo, hi = max(start, first), min(stop, first + len(chunk))
+        if lo < hi:
+            rows = chunk.flatten().to_numpy().reshape(-1, d)
+            with warnings.catch_warnings():  # read-only Arrow memory, only read
+                warnings.simplefilter("ignore", UserWarning)
+                part = torch.from_numpy(rows[lo - first : hi - first])
+            if where is None:
+                out[lo - start : hi - start] = part
+            else:
+                out.index_copy_(0, where[lo - start : hi - start], part)
+        first += len(chunk)
 
 
 def quiet_ordered_data() -> None:
