@@ -17,14 +17,14 @@ from sae_ray.lm.batching import encode, pack_blocks, packed
 from sae_ray.lm.models import blocks, build_classifier, hooked, load_classifier, save_classifier
 from sae_ray.lm.text_data import load_text_data, synthetic_text, wikitext_documents
 from sae_ray.method.cpt import LmAux, next_token_ce, perplexity, random_directions, sharpened
+from sae_ray.method.dictionary import feature_stats
 from sae_ray.method.evaluate_lm import (
-    feature_stats,
     intervention_curve,
-    max_decoder_cos,
     ppl,
     splice_scores,
 )
 from sae_ray.method.finetune import loss_on_batch, perplexity_on
+from sae_ray.sae.decoder import max_decoder_cos
 from sae_ray.sae.model import SaeConfig, SparseAutoencoder
 from sae_ray.sae.trainer import steps_to_fvu
 from sae_ray.sweep.tuner import violation
@@ -245,7 +245,7 @@ def test_feature_statistics():
     assert sum(hist) == 16 and hist[0] == int((density == 0).sum())
     w = torch.eye(4)
     w[3] = torch.tensor([0.6, 0.8, 0, 0])
-    assert max_decoder_cos(w, chunk=2) == pytest.approx(0.8)
+    assert max_decoder_cos(w) == pytest.approx(0.8)
 
 
 def test_steps_to_fvu():

@@ -135,7 +135,10 @@ def test_a_cycles_evaluation_reports_every_metric(tmp_path, topics):
     want = [f"{s}/{n}" for s in ("val", "test") for n in names]
     want += [f"{h}{kind}/{n}" for h in ("", "test/") for kind in ("interp", "base") for n in interp]
     want += [f"{h}interp/{n}" for h in ("", "test/") for n in sparse]
-    want += [f"sae/{n}" for n in ("fvu", "explained_variance", "l0", "dead_pct", "absorption")]
+    want += [f"sae/{n}" for n in ("fvu", "explained_variance", "l0", "dead_pct", "l2_ratio")]
+    want += [f"features/{n}" for n in ("firing_gini", "mean_max_decoder_cos", "decoder_silhouette")]
+    probes = [f"{r}_top_{k}_accuracy" for r in ("sae", "llm") for k in (1, 2, 5)]
+    want += [f"{h}saebench/{n}" for h in ("", "test/") for n in probes]
     for name in want:
         assert name in out and math.isfinite(out[name]), name
     # and the values are what they claim, computed here another way

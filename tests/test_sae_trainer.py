@@ -1,11 +1,11 @@
-"""The SAE trainer's pieces without Ray: dead-latent window, absorption, checkpoints."""
+"""The SAE trainer's pieces without Ray: dead-latent window, checkpoints."""
 
 import json
 
 import torch
 
 from sae_ray.sae.checkpoints import Progress, load_checkpoint, publish, save_checkpoint
-from sae_ray.sae.model import SaeConfig, SparseAutoencoder, decoder_absorption
+from sae_ray.sae.model import SaeConfig, SparseAutoencoder
 from sae_ray.sae.training import DeadTracker, make_optimizer, train_step
 
 
@@ -27,14 +27,6 @@ def test_dead_threshold_is_a_fraction_of_the_window_tokens():
     # latent 0 fires on 20 of 1000 tokens (2%), latent 1 on 5 (0.5%), latent 2 never
     _fire(tracker, [0] * 20 + [1] * 5, 1000)
     assert tracker.dead().tolist() == [False, True, True]
-
-
-def test_absorption_proxy_known_values():
-    eye = torch.eye(8)
-    assert abs(decoder_absorption(eye, top=5)) < 1e-6  # orthogonal rows share nothing
-    rows = torch.cat([eye, eye[:2]])  # two exact duplicates: the top pairs have cos 1
-    assert abs(decoder_absorption(rows, top=2) - 1.0) < 1e-6
-    assert abs(decoder_absorption(rows, top=4) - 0.5) < 1e-6
 
 
 def _setup(seed=0):

@@ -21,7 +21,22 @@ SECTIONS = [
     ("The causal LM", ["{m}"], M.LM, "`model.task: causal_lm`"),
     ("The SAE", ["sae/{m}"], M.SAE, ""),
     ("The SAE spliced into the LM", ["sae/{m}"], M.LM_SAE, "`model.task: causal_lm`"),
-    ("The dictionary's features", ["features/{m}"], M.FEATURES, "`model.task: causal_lm`"),
+    ("The dictionary's features", ["features/{m}"], M.FEATURES, "on validation tokens"),
+    (
+        "SAEBench's sparse probing",
+        ["saebench/{m}", "test/saebench/{m}"],
+        M.SAEBENCH,
+        "classification sweeps; each class against the rest, balanced, at the pooled "
+        "position; `test/` probes fitted on train and scored on the held-out split",
+    ),
+    (
+        "The structure comparison with the control's SAE",
+        ["structure/{m}"],
+        M.STRUCTURE,
+        "each trial's SAE against the SAE of its paired λ = 0 model (same seed, cycle and "
+        "settings); `delta/features/...` give the same comparison of the dictionaries' "
+        "statistics",
+    ),
     (
         "Interpretability",
         ["interp/{m}", "test/interp/{m}", "base/{m}", "test/base/{m}"],
@@ -43,6 +58,9 @@ def meanings() -> dict[str, str]:
             for spelling in spellings:
                 if key == "time/{stage}_s":
                     out.update({f"time/{s}_s": meaning for s in M.STAGES})
+                elif "{k}" in key:
+                    name = spelling.format(m=key)
+                    out.update({name.format(k=k): meaning for k in M.SAEBENCH_KS})
                 else:
                     out[spelling.format(m=key)] = meaning
     for head in ("", "test/"):

@@ -31,9 +31,31 @@ LM_SAE = {
     "to the trial's k_sharp",
 }
 FEATURES = {
-    "density_above_1pct": "fraction of latents that fire on more than 1 % of tokens",
-    "density_above_10pct": "fraction of latents that fire on more than 10 % of tokens",
+    "density_above_1pct": "SAEBench: fraction of latents that fire on more than 1 % of tokens",
+    "density_above_10pct": "SAEBench: fraction of latents that fire on more than 10 % of tokens",
+    "log10_density_hist": "counts of latents by log10 firing density (JSON: dead latents, then "
+    "half-decade bins from 1e-6 to 1): the report's density histogram",
+    "firing_gini": "the seed's co-activation concentration: Gini of the latents' firing "
+    "frequencies (0: all fire equally often; near 1: a few do all the firing)",
     "max_decoder_cos": "the largest cosine between two distinct decoder rows",
+    "mean_max_decoder_cos": "SAEBench's average max decoder cosine: each latent's largest "
+    "cosine with another, averaged (high: latents duplicate or absorb each other)",
+    "decoder_silhouette": "the seed's decoder geometry: silhouette of k-means (k = 10) over "
+    "the unit decoder rows (high: the dictionary falls into tight groups)",
+}
+NOT_METRICS = {"log10_density_hist"}  # a JSON string in results.csv, not a number
+# SAEBench's sparse probing, one-vs-rest per class at the pooled position, mean over classes
+SAEBENCH_KS = (1, 2, 5)
+SAEBENCH = {
+    "sae_top_{k}_accuracy": "a logistic probe on the k latents whose class means differ most "
+    "on train (SAEBench's sparse probing, k = 1, 2, 5), mean accuracy over classes",
+    "llm_top_{k}_accuracy": "the same on the k dimensions of the model's own activations",
+}
+# The seed's structure comparison: each strategy's SAE against its paired control's
+OVERLAP = "structure/dict_overlap"
+STRUCTURE = {
+    "dict_overlap": "mean over the control SAE's decoder rows of the largest cosine with "
+    "this SAE's (1: every control feature is here; the control's own is 1)",
 }
 INTERP = {
     "u": "uncertainty coefficient I(1[z_j > 0]; Y) / H(Y), averaged over alive latents",
@@ -58,7 +80,6 @@ SAE = {
     "l0": "active latents per token",
     "dead_pct": "% of latents that never fire on validation tokens",
     "l2_ratio": "SAEBench's L2 ratio: mean over tokens of ‖x̂‖ / ‖x‖ (below 1: shrinkage)",
-    "absorption": "mean of the top-100 cosines between distinct decoder rows",
     "train_tokens_per_s": "the SAE fit's training rate",
     "steps_to_fvu": "steps until the training FVU's trailing mean is within 10 % of its last",
 }
@@ -94,7 +115,14 @@ PAIRED_TASK = {
     ],
     True: ["val/perplexity", "test/perplexity", "sae/ce_loss_score"],
 }
-PAIRED = [*PAIRED_TASK[False], *PAIRED_TASK[True], "sae/fvu"]
+PAIRED_SAE = [
+    "sae/fvu",
+    OVERLAP,
+    "features/firing_gini",
+    "features/mean_max_decoder_cos",
+    "features/decoder_silhouette",
+]
+PAIRED = [*PAIRED_TASK[False], *PAIRED_TASK[True], *PAIRED_SAE]
 
 
 def task_metrics(lm: bool) -> list[str]:
@@ -115,17 +143,21 @@ def known_metrics(lm: bool | None = None) -> list[str]:
     classification sweep, of a causal LM sweep (`lm`), or (None) of either."""
     if lm is None:
         return list(dict.fromkeys(known_metrics(False) + known_metrics(True)))
-    names = [*LM, *(f"sae/{m}" for m in LM_SAE), *(f"features/{m}" for m in FEATURES)]
+    names = [*LM, *(f"sae/{m}" for m in LM_SAE)]
     if not lm:
         names = [f"{split}/{m}" for split in ("val", "test") for m in TASK]
+        probes = [m.format(k=k) for m in SAEBENCH for k in SAEBENCH_KS]
+        names += [f"{head}saebench/{m}" for head in ("", "test/") for m in probes]
         for head in ("", "test/"):
             for kind in ("interp", "base"):
                 names += [f"{head}{kind}/{m}" for m in INTERP]
             names += [f"{head}interp/sparse_probe_accuracy@{k}" for k in SPARSE_PROBES]
         names += [f"targets/{m}" for m in TARGETS]
     names += [f"sae/{m}" for m in SAE]
+    names += [f"features/{m}" for m in FEATURES if m not in NOT_METRICS]
+    names += [f"structure/{m}" for m in STRUCTURE]
     names += [f"finetune/{m}" for m in FINETUNE]
-    paired = [*PAIRED_TASK[lm], "sae/fvu"]
+    paired = [*PAIRED_TASK[lm], *PAIRED_SAE]
     names += [f"{head}/{m}" for head in ("control", "delta") for m in paired]
     stages = [s for s in STAGES if not (lm and s == "targets")]  # LM targets are online
     names += [f"time/{s}_s" for s in stages] + ["artifacts/computed", "memory/worker_peak_mb"]

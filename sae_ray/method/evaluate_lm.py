@@ -1,12 +1,10 @@
 """A causal LM's cycle metrics (`model.task: causal_lm`): perplexity, the SAE spliced in
-(SAEBench's CE loss score and KL), the intervention curve over `k_sharp`, and label-free
-feature statistics. Run by one process (rank 0's evaluation, or `sae-ray intervene`)."""
+(SAEBench's CE loss score and KL) and the intervention curve over `k_sharp`. Run by one
+process (rank 0's evaluation, or `sae-ray intervene`)."""
 
 from __future__ import annotations
 
-import json
 import math
-from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -17,11 +15,8 @@ from sae_ray.lm.batching import encode, lm_batch_rows
 from sae_ray.lm.models import Classifier
 from sae_ray.lm.text_data import Split
 from sae_ray.method.cpt import next_token_ce, sharpened
-from sae_ray.method.evaluate import _batch_rows
 from sae_ray.method.finetune import perplexity_on, spliced_at
 from sae_ray.sae.model import SparseAutoencoder
-
-DENSITY_BINS = np.arange(-6.0, 0.5, 0.5)  # log10 firing density; dead latents below
 
 
 def splice(sae: SparseAutoencoder, k_sharp: int | None = None):
@@ -108,45 +103,3 @@ def intervention_curve(
     for row in rows:
         row["degradation_pct"] = 100.0 * (row["perplexity"] / clean - 1.0)
     return rows
-
-
-@torch.no_grad()
-def feature_stats(
-    sae: SparseAutoencoder, tokens: Iterable[np.ndarray], device: torch.device | str = "cpu"
-) -> dict[str, Any]:
-    """Label-free statistics of the dictionary: each latent's firing density over held-out
-    tokens (fractions above 1 % and 10 %, and a log10 histogram as JSON counts over
-    DENSITY_BINS, dead latents in the first count), and the largest cosine between two
-    decoder rows (duplicated features)."""
-    sae = sae.to(device).eval()
-    counts = torch.zeros(sae.cfg.num_latents, dtype=torch.float64, device=device)
-    n = 0
-    for part in tokens:
-        for start in range(0, len(part), _batch_rows(sae)):
-            codes = sae.encode(torch.from_numpy(part[start : start + _batch_rows(sae)]).to(device))
-            on = codes.values > 0
-            counts.index_add_(
-                0, codes.indices[on], torch.ones_like(codes.values[on], dtype=torch.float64)
-            )
-            n += len(codes.values)
-    density = (counts / max(n, 1)).cpu().numpy()
-    logs = np.log10(np.where(density > 0, density, 1e-12))
-    hist = [int((density == 0).sum())] + np.histogram(logs[density > 0], DENSITY_BINS)[0].tolist()
-    return {
-        "features/density_above_1pct": float((density > 0.01).mean()),
-        "features/density_above_10pct": float((density > 0.1).mean()),
-        "features/log10_density_hist": json.dumps(hist),
-        "features/max_decoder_cos": max_decoder_cos(sae.W_dec.detach()),
-    }
-
-
-def max_decoder_cos(w_dec: torch.Tensor, chunk: int = 4096) -> float:
-    """max over pairs i ≠ j of cos(W_dec[i], W_dec[j]), in row chunks (no latents² matrix)."""
-    w = F.normalize(w_dec.float(), dim=-1)
-    best = -1.0
-    for start in range(0, len(w), chunk):
-        sims = w[start : start + chunk] @ w.T
-        rows = torch.arange(len(sims), device=w.device)
-        sims[rows, rows + start] = -1.0
-        best = max(best, float(sims.max()))
-    return best

@@ -131,22 +131,6 @@ def default_lr(num_latents: int) -> float:
     return 2e-4 / math.sqrt(num_latents / 2**14)
 
 
-@torch.no_grad()
-def decoder_absorption(w_dec: torch.Tensor, top: int = 100, sample: int = 4096, seed: int = 0):
-    """Absorption proxy: mean of the `top` largest cosine similarities between distinct
-    decoder rows (each pair once). Near-duplicate latents split or absorb one feature; on
-    more than `sample` latents a fixed random sample keeps this O(sample²)."""
-    w = w_dec.float()
-    if len(w) > sample:
-        gen = torch.Generator(device="cpu").manual_seed(seed)
-        w = w[torch.randperm(len(w), generator=gen)[:sample].to(w.device)]
-    w = w / w.norm(dim=1, keepdim=True).clamp_min(1e-8)
-    n = len(w)
-    upper = torch.ones(n, n, dtype=torch.bool, device=w.device).triu(1)
-    cos = (w @ w.T).masked_fill_(~upper, -torch.inf).flatten()
-    return cos.topk(min(top, n * (n - 1) // 2)).values.mean().item()
-
-
 def fvu(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
     """Fraction of variance unexplained: Σ‖x − x̂‖² / Σ‖x − mean(x)‖²."""
     total = (x - x.mean(0)).pow(2).sum()

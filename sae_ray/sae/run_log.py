@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 
 from sae_ray import telemetry
+from sae_ray.sae.decoder import mean_max_decoder_cos
 from sae_ray.sae.fit import Fit
-from sae_ray.sae.model import decoder_absorption
 
 
 class RunLog:
@@ -42,7 +42,7 @@ class RunLog:
         row = {"step": fit.progress.step, "tokens": fit.progress.tokens, "epoch": epoch}
         for hp, s in fit.stats.items():
             row.update({f"{name}/{hp}": s[name] for name in LOGGED})
-            row[f"absorption/{hp}"] = decoder_absorption(fit.saes[hp].W_dec.detach())
+            row[f"mean_max_decoder_cos/{hp}"] = mean_max_decoder_cos(fit.saes[hp].W_dec)
         row["tokens_per_s"] = rate
         for key in fit.saes:
             telemetry.sae_tokens_per_s(cfg.sweep or cfg.run_name, key, rate)

@@ -20,14 +20,14 @@ import numpy as np
 
 from sae_ray import telemetry
 from sae_ray.config import CONTROL
-from sae_ray.config.metrics import PAIRED
+from sae_ray.config.metrics import OVERLAP, PAIRED
 from sae_ray.distributed.ranks import gather, rank_world
 from sae_ray.distributed.trainer import worker_device as device
 from sae_ray.lm.models import hookpoint, load_classifier, resolve_layer
 from sae_ray.method.targets import target_report
 from sae_ray.storage.artifacts import Artifact
 from sae_ray.trial import sae_fit, stages
-from sae_ray.trial.evaluation import evaluation
+from sae_ray.trial.evaluation import evaluation, overlap
 from sae_ray.trial.stages import Trial
 
 log = logging.getLogger(__name__)
@@ -106,8 +106,8 @@ def _seed_cycle(chain: Chain, cycle: int, times: dict[str, float], evaluate: boo
             chain.model = stages.retrain(trial, chain.model, chain.targets, cycle)
         if cycle == 0:
             chain.first = chain.model
-    metrics, chain.targets = _cycle(trial, chain.model, cycle, times, evaluate)
-    paired = _paired(chain, cycle, times, evaluate, metrics)
+    metrics, chain.targets, sae = _cycle(trial, chain.model, cycle, times, evaluate)
+    paired = _paired(chain, cycle, times, evaluate, metrics, sae)
     if metrics:
         metrics.update(paired, seed=trial.seed)
         if trial.cfg.is_lm:
@@ -143,18 +143,29 @@ def _base_perplexity(chain: Chain) -> dict[str, float]:
 
 
 def _paired(
-    chain: Chain, cycle: int, times: dict[str, float], evaluate: bool, own: dict[str, Any]
+    chain: Chain,
+    cycle: int,
+    times: dict[str, float],
+    evaluate: bool,
+    own: dict[str, Any],
+    sae: Artifact,
 ) -> dict[str, Any]:
     """`control/<m>` and `delta/<m>` (PAIRED): the λ = 0 model of this seed and cycle (the
     control trial's own, a shared artifact) through an SAE of this trial's settings, so the
-    difference isolates the strategy. The control trial, and cycle 0, are their own pair."""
+    difference isolates the strategy. The control trial, and cycle 0, are their own pair.
+    `structure/dict_overlap`: how much of the control's dictionary this SAE holds (1 for
+    the control itself, its `control/` value)."""
+    control_sae = sae
     if cycle == 0 or chain.trial.strategy == CONTROL:
         chain.control, control = chain.model, own
     else:
         twin = chain.trial.as_control()
         with _timed(times, "model"):
             chain.control = stages.retrain(twin, chain.control, None, cycle)
-        control, _ = _cycle(twin, chain.control, cycle, times, evaluate)
+        control, _, control_sae = _cycle(twin, chain.control, cycle, times, evaluate)
+    if own:
+        own[OVERLAP] = overlap(control_sae, sae)
+        control = {**control, OVERLAP: 1.0}
     out: dict[str, Any] = {}
     for metric in PAIRED:
         if metric in own and metric in control:
@@ -165,10 +176,10 @@ def _paired(
 
 def _cycle(
     trial: Trial, model: Artifact, cycle: int, times: dict[str, float], evaluate: bool = True
-) -> tuple[dict[str, Any], Artifact | None]:
+) -> tuple[dict[str, Any], Artifact | None, Artifact]:
     """Cycle `cycle` from its model on: activations, SAE, evaluation (rank 0), and the
     targets that train the next cycle's model (none after the last cycle, or for the
-    control)."""
+    control); and the SAE."""
     cfg = trial.cfg
     clf = load_classifier(model.local())
     clf.model.to(device())
@@ -192,13 +203,13 @@ def _cycle(
     del clf
     targets = None
     if cfg.is_lm:  # online targets: topk_sharp's next cycle reads this SAE
-        return metrics, sae_art if trial.strategy == "topk_sharp" else None
+        return metrics, sae_art if trial.strategy == "topk_sharp" else None, sae_art
     if cycle + 1 < cfg.cycles.count and trial.strategy != CONTROL:
         with _timed(times, "targets"):
             targets = stages.sharpened_targets(trial, sae_art, acts, hp, cycle)
             if evaluate and rank_world()[0] == 0:
                 metrics.update(target_report(targets, sae_art, acts, hp, device()))
-    return metrics, targets
+    return metrics, targets, sae_art
 
 
 def _peak_rss_mb() -> float:

@@ -15,6 +15,7 @@ from sae_ray.distributed.trainer import worker_device as device
 from sae_ray.lm.extraction import iter_tokens, load_sequences
 from sae_ray.lm.models import resolve_layer
 from sae_ray.lm.text_data import TextData
+from sae_ray.method.dictionary import feature_stats
 from sae_ray.method.evaluate import (
     accuracy,
     f1_macro,
@@ -23,7 +24,9 @@ from sae_ray.method.evaluate import (
     sparse_codes,
 )
 from sae_ray.method.finetune import HISTORY, best_epoch, predict
-from sae_ray.sae.model import SparseAutoencoder, decoder_absorption
+from sae_ray.method.sparse_probing import sparse_probing
+from sae_ray.sae.decoder import dictionary_overlap
+from sae_ray.sae.model import SparseAutoencoder
 from sae_ray.storage.artifacts import Artifact
 from sae_ray.trial.stages import Trial
 
@@ -44,7 +47,7 @@ def evaluation(
         "dataset": cfg.dataset.model_dump(),
         "max_length": cfg.model.max_length,
         "seed": cfg.experiment.seed,  # the clustering's and the null's streams
-        "metrics": 2,  # the set of metrics it holds (2: with sae/l2_ratio)
+        "metrics": 3,  # the set it holds (3: SAEBench's sparse probing and dictionary's)
     }
     if cfg.is_lm:  # the sharpened perplexity's k_sharp
         spec["sharpening"] = cfg.sharpening.model_dump(include={"k_sharp", "keep_frac"})
@@ -55,6 +58,14 @@ def evaluation(
 
     art = trial.store.get_or_compute("evaluation", spec, compute)
     return json.loads((art.local() / EVALUATION).read_text())
+
+
+def overlap(reference: Artifact, sae: Artifact) -> float:
+    """How much of `reference`'s dictionary `sae`'s holds (`dictionary_overlap`)."""
+    if reference.key == sae.key:
+        return 1.0
+    w_ref, w = (SparseAutoencoder.load(a.local()).W_dec for a in (reference, sae))
+    return dictionary_overlap(w_ref, w)
 
 
 def _metrics(
@@ -100,9 +111,9 @@ def classifier_metrics(
         out[f"{prefix}/accuracy"] = accuracy(preds, labels)
         out[f"{prefix}/f1_macro"] = f1_macro(preds, labels, data.num_classes)
     on = device()
-    quality = sae_quality(sae, iter_tokens(acts.local("validation") / "tokens", hp), on)
-    out.update({f"sae/{k}": v for k, v in quality.items()})
-    out["sae/absorption"] = decoder_absorption(sae.W_dec.detach())
+    tokens = acts.local("validation") / "tokens"
+    out.update({f"sae/{k}": v for k, v in sae_quality(sae, iter_tokens(tokens, hp), on).items()})
+    out.update(feature_stats(sae, iter_tokens(tokens, hp), on))
 
     def codes_of(x: np.ndarray):
         return sparse_codes(sae, x, on)
@@ -112,11 +123,16 @@ def classifier_metrics(
     seed = cfg.experiment.seed
     for split, head in (("validation", ""), ("test", "test/")):
         _, labels, x = load_sequences(acts.local(split) / "sequences", hp)
-        for kind, rep in (("interp", codes_of(x)), ("base", x)):
+        codes = codes_of(x)
+        for kind, rep in (("interp", codes), ("base", x)):
             metrics = interp_metrics(
                 train[kind], (rep, labels), data.num_classes, seed=seed, dense=kind == "base"
             )
             out.update({f"{head}{kind}/{k}": v for k, v in metrics.items()})
+        probes = sparse_probing(
+            (train["interp"][0], codes), (x_train, x), (y_train, labels), seed=seed
+        )
+        out.update({f"{head}saebench/{k}": v for k, v in probes.items()})
     return {k: float(v) if isinstance(v, (float, np.floating)) else v for k, v in out.items()}
 
 
@@ -127,7 +143,7 @@ def lm_metrics(
     quality on held-out tokens and spliced into the model, the perplexity with the
     sharpened reconstruction at the trial's `k_sharp`, and the dictionary's statistics."""
     from sae_ray.lm.batching import packed
-    from sae_ray.method.evaluate_lm import feature_stats, ppl, splice, splice_scores
+    from sae_ray.method.evaluate_lm import ppl, splice, splice_scores
 
     on, block = device(), cfg.model.max_length
     splits = packed(clf.tokenizer, data, block).splits
@@ -138,7 +154,6 @@ def lm_metrics(
     }
     tokens = acts.local("validation") / "tokens"
     out.update({f"sae/{k}": v for k, v in sae_quality(sae, iter_tokens(tokens, hp), on).items()})
-    out["sae/absorption"] = decoder_absorption(sae.W_dec.detach())
     out.update(splice_scores(clf, sae, splits["validation"], block, layer))
     k_sharp = cfg.sharpening.model_copy(update={"strategy": "topk_sharp"}).kept(sae.cfg.k, 0)
     out["sae/sharp_perplexity"] = ppl(clf, splits["validation"], block, layer, splice(sae, k_sharp))
