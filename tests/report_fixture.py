@@ -64,6 +64,11 @@ def fake_sweep(
                     + rng.normal(0, 0.005),
                     "sae/fvu": 0.3 - 0.01 * k / 4,
                     "sae/l0": float(k),
+                    "features/log10_density_hist": json.dumps(
+                        [int(v) for v in rng.integers(0, 5 * k, 14)]
+                    ),
+                    "structure/dict_overlap": 1.0 - 0.1 * cycle * (strategy != "none"),
+                    "delta/features/firing_gini": 0.02 * cycle * (strategy != "none"),
                     "status": "COMPLETE",
                     "error": "",
                 }

@@ -181,7 +181,7 @@ def test_train_sae_cli_resume_equals_an_uninterrupted_run(ray_cluster, tmp_path)
             torch.testing.assert_close(theirs[name], value, msg=f"{sae} {name}")
     assert float(SparseAutoencoder.load(a / "batchtopk-k4" / "h.0").threshold) > 0
     row = _log(a)[-1]
-    for metric in ("loss", "fvu", "l0", "dead_pct", "absorption"):
+    for metric in ("loss", "fvu", "l0", "dead_pct", "mean_max_decoder_cos"):
         assert f"{metric}/batchtopk-k4/h.1" in row, metric
     assert row["l0/topk-k8/h.0"] <= 8 and row["l0/topk-k4/h.0"] <= 4 and row["tokens_per_s"] > 0
     assert 0 < row["fvu/topk-k8/h.0"] < row["fvu/topk-k4/h.0"] < 1  # more latents, less error
@@ -268,7 +268,7 @@ def test_results_columns_are_the_metrics_objectives_may_name(quickstart_sweep):
     columns = list(pd.read_csv(quickstart_sweep / "results.csv").columns)
     searched = ["sae.k", "sae.expansion_factor", "sharpening.strategy"]
     rest = ["trial_id", "cycle", *searched, "strategy_effective", "is_control", "n_seeds", "nodes"]
-    rest += ["status", "error"]
+    rest += ["status", "error", "features/log10_density_hist"]  # a JSON string, no metric
     assert sorted(c for c in columns if c not in rest) == sorted(known_metrics(lm=False))
 
 
@@ -421,12 +421,15 @@ def test_quickstart_wandb_runs_carry_the_flat_config_and_every_cycle(quickstart_
     assert best["best/trial_id"] in set(results["trial_id"])
 
 
-def test_quickstart_sweep_writes_its_report(quickstart_sweep):
+def test_quickstart_sweep_writes_its_report(quickstart_sweep, tmp_path):
+    from tests.browser import check_rendered
     from tests.test_report import check_page
 
     index = quickstart_sweep / "report" / "index.html"
     links = check_page(str(index), lambda p: Path(p).read_bytes())
-    assert {"cycles.png", "front.png", "control.png"} <= set(links)
+    assert {"cycles.png", "front.png", "control.png", "density.png", "structure.png"} <= set(links)
+    shown = check_rendered(index, tmp_path / "quickstart-report.png")  # in headless Chromium
+    assert {image["src"] for image in shown.images} == {u for u in links if u.endswith(".png")}
 
 
 def test_quickstart_finetunes_on_ray_train_at_equal_compute(quickstart_sweep):

@@ -50,9 +50,23 @@ def test_report_links_only_real_non_blank_figures(tmp_path, monkeypatch):
     assert Path(index) == cfg.sweep_dir / "report" / "index.html" and pages == Path(index).parent
     links = check_page(index, lambda p: Path(p).read_bytes())
     assert {"cycles.png", "front.png", "control.png", "importance_0.png"} <= set(links)
+    assert {"density.png", "structure.png"} <= set(links)  # the dictionaries
     assert set(links) == {p.name for p in pages.glob("*.png")}  # nothing drawn and not shown
     page = Path(index).read_text()
     assert "deadbeef" in page and "model.layer: 5 is out of range" in page  # the error
+
+
+def test_report_renders_in_a_browser(tmp_path):
+    """Headless Chromium: every figure loads, every table renders (the quickstart's own
+    report gets the same check in test_ray_e2e)."""
+    from tests.browser import check_rendered
+
+    cfg = fake_sweep(str(tmp_path))
+    index, _ = build_report(cfg.sweep_uri)
+    shown = check_rendered(Path(index), tmp_path / "report.png")
+    drawn = {image["src"] for image in shown.images}
+    assert {"cycles.png", "control.png", "density.png", "structure.png"} <= drawn
+    assert len(shown.tables) >= 3  # comparison, strategies, by setting, trials
 
 
 def test_trials_are_sorted_by_the_objective_and_strategies_compared_with_the_control(tmp_path):

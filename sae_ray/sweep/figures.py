@@ -111,7 +111,7 @@ def plot_cycles(sweep: Sweep, out: Path) -> str:
     _strategy_legend(fig, done)
     fig.suptitle(f"{sweep.name}: metrics per cycle, one line per trial", fontsize=13)
     fig.tight_layout(rect=(0, 0, 1, 0.9))
-    return _save(fig, out / "cycles.png")
+    return save_figure(fig, out / "cycles.png")
 
 
 def _strategy_legend(fig, rows: pd.DataFrame) -> None:
@@ -210,7 +210,7 @@ def plot_front(sweep: Sweep, out: Path) -> str | None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
-    return _save(fig, out / "front.png")
+    return save_figure(fig, out / "front.png")
 
 
 IMPORTANCE_TRIALS = 20  # fewer, and one trial's noise decides the ranking
@@ -256,7 +256,7 @@ def plot_importance(metric: str, values: dict[str, float], out: Path, index: int
     ax.set_xlabel("importance (fANOVA share of variance, sums to 1)")
     ax.set_title(f"What drives {metric}")
     fig.tight_layout()
-    return _save(fig, out / f"importance_{index}.png")
+    return save_figure(fig, out / f"importance_{index}.png")
 
 
 def strategy_table(sweep: Sweep) -> pd.DataFrame:
@@ -316,10 +316,10 @@ def plot_control(sweep: Sweep, table: pd.DataFrame, out: Path) -> str | None:
         f"{sweep.name}: paired differences by seed, 95 % intervals (hatched: between strategies)"
     )
     fig.tight_layout()
-    return _save(fig, out / "control.png")
+    return save_figure(fig, out / "control.png")
 
 
-def _save(fig, path: Path) -> str:
+def save_figure(fig, path: Path) -> str:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path.name
@@ -348,4 +348,4 @@ def plot_intervention(rows: list[dict[str, Any]], out: Path, title: str) -> str:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
-    return _save(fig, out)
+    return save_figure(fig, out)

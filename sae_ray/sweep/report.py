@@ -28,6 +28,7 @@ from pydantic import ValidationError  # noqa: E402
 from sae_ray import storage  # noqa: E402
 from sae_ray.config import CONTROL, Config, ConfigError, one_line  # noqa: E402
 from sae_ray.sweep.comparison import Design, comparison, settings  # noqa: E402
+from sae_ray.sweep.dictionary_figures import plot_density, plot_structure  # noqa: E402
 from sae_ray.sweep.figures import (  # noqa: E402
     Sweep,
     importances,
@@ -148,11 +149,13 @@ table { border-collapse: collapse; font-size: 13px; margin: .5em 0 1.5em; }
 th, td { border: 1px solid #ccc; padding: 3px 7px; text-align: right; }
 th { background: #f3f3f3; cursor: pointer; } td:first-child, th:first-child { text-align: left; }
 .note { color: #666; font-size: 14px; }
+.scroll { overflow-x: auto; }
 """
 
 
 def _html_table(frame: pd.DataFrame) -> str:
-    return frame.to_html(
+    """A sortable table, scrolling sideways where it is wider than the page."""
+    table = frame.to_html(
         index=False,
         classes="sortable",
         na_rep="",
@@ -160,6 +163,7 @@ def _html_table(frame: pd.DataFrame) -> str:
         escape=True,
         border=0,
     )
+    return f"<div class=scroll>{table}</div>"
 
 
 def build_report(location: str, out: str | None = None) -> tuple[str, Path]:
@@ -226,6 +230,7 @@ def _write_pages(location: str, pages: Path) -> str:
                 "...; comparison_by_setting.csv, Holm-adjusted over that table).</p>",
                 _html_table(comparison_table(sweep, by_setting=True).round(4)),
             ]
+        sections += _dictionary_sections(sweep, pages)
         sections.append("<h2>Parameter importance</h2>")
         for i, (metric, values) in enumerate(importances(sweep).items()):
             if isinstance(values, dict) and values:
@@ -246,6 +251,20 @@ def _write_pages(location: str, pages: Path) -> str:
         )
         (pages / "index.html").write_text(page)
     return "index.html"
+
+
+def _dictionary_sections(sweep: Sweep, pages: Path) -> list[str]:
+    """The SAEs' dictionaries: density, and the structure comparison with the control."""
+    density, structure = plot_density(sweep, pages), plot_structure(sweep, pages)
+    if not (density or structure):
+        return []
+    out = [
+        "<h2>The dictionaries</h2><p class=note>SAEBench's feature density per strategy, "
+        "and the seed's structure comparison: each strategy's SAE against the SAE of its "
+        "paired λ = 0 model, per cycle (the comparison table above tests the final cycle's "
+        "delta/features/... and structure/dict_overlap across seeds).</p>"
+    ]
+    return out + [_img(name) for name in (density, structure) if name]
 
 
 def comparison_table(sweep: Sweep, by_setting: bool = False) -> pd.DataFrame:
