@@ -141,6 +141,9 @@ def test_a_cycles_evaluation_reports_every_metric(tmp_path, topics):
     want += [f"{h}saebench/{n}" for h in ("", "test/") for n in probes]
     for name in want:
         assert name in out and math.isfinite(out[name]), name
+    # absorption runs on the tiny model's tokens (its value means nothing there)
+    assert {"absorption/mean_fraction", "absorption/full_rate"} <= set(out)
+    assert out["absorption/letters"] >= 0
     # and the values are what they claim, computed here another way
     from sklearn.metrics import accuracy_score, f1_score
 

@@ -30,6 +30,13 @@ SECTIONS = [
         "position; `test/` probes fitted on train and scored on the held-out split",
     ),
     (
+        "SAEBench's first-letter absorption",
+        ["absorption/{m}"],
+        M.ABSORPTION,
+        "on validation tokens, the first half fitting the letter probes and main latents, "
+        "the second scored; its differences from SAEBench are in `method/absorption.py`",
+    ),
+    (
         "The structure comparison with the control's SAE",
         ["structure/{m}"],
         M.STRUCTURE,

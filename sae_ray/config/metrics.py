@@ -51,6 +51,15 @@ SAEBENCH = {
     "on train (SAEBench's sparse probing, k = 1, 2, 5), mean accuracy over classes",
     "llm_top_{k}_accuracy": "the same on the k dimensions of the model's own activations",
 }
+# SAEBench's first-letter absorption on the validation tokens (method/absorption.py)
+ABSORPTION = {
+    "mean_fraction": "SAEBench's absorption: the share of a letter probe's projection that "
+    "latents other than the letter's main ones carry, mean over tokens, then letters "
+    "(meaningful only for a trained model with a real tokenizer; NaN with too few letters)",
+    "full_rate": "the share of a letter's tokens fully absorbed (no main latent fires; one "
+    "other latent carries at least 40 %), mean over letters",
+    "letters": "letters with enough tokens to be evaluated",
+}
 # The seed's structure comparison: each strategy's SAE against its paired control's
 OVERLAP = "structure/dict_overlap"
 STRUCTURE = {
@@ -156,6 +165,7 @@ def known_metrics(lm: bool | None = None) -> list[str]:
     names += [f"sae/{m}" for m in SAE]
     names += [f"features/{m}" for m in FEATURES if m not in NOT_METRICS]
     names += [f"structure/{m}" for m in STRUCTURE]
+    names += [f"absorption/{m}" for m in ABSORPTION]
     names += [f"finetune/{m}" for m in FINETUNE]
     paired = [*PAIRED_TASK[lm], *PAIRED_SAE]
     names += [f"{head}/{m}" for head in ("control", "delta") for m in paired]

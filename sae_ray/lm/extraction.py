@@ -243,9 +243,9 @@ def extract(
                 n: vectors_to_arrow(r[:take].numpy().astype(np_dtype, copy=False))
                 for n, r in rows.items()
             }
-            writers["tokens"].write(
-                pa.record_batch({"example_id": pa.array(example[:take]), **tok})
-            )
+            ids = {"example_id": example[:take], "token_id": batch["input_ids"][keep][:take]}
+            ids = {k: pa.array(np.asarray(v)) for k, v in ids.items()}  # token_id: absorption's
+            writers["tokens"].write(pa.record_batch({**ids, **tok}))
             written += take
             if max_tokens is not None and written >= max_tokens:
                 break
@@ -274,6 +274,13 @@ def iter_tokens(root: Path, column: str | None = None) -> Iterator[np.ndarray]:
     for path in manifest.paths(root):
         for rb in pq.ParquetFile(path).iter_batches(columns=[column]):
             yield arrow_to_vectors(rb.column(0), manifest.d).astype(np.float32)
+
+
+def load_token_ids(root: Path, limit: int) -> np.ndarray:
+    """The vocabulary ids of a token table's first `limit` rows (iter_tokens' order)."""
+    manifest = read_manifest(root)
+    table = pq.read_table(manifest.paths(root), columns=["token_id"]).slice(0, limit)
+    return table.column(0).to_numpy()
 
 
 def load_tokens(root: Path, column: str | None = None, limit: int | None = None) -> np.ndarray:

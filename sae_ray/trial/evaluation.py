@@ -15,6 +15,7 @@ from sae_ray.distributed.trainer import worker_device as device
 from sae_ray.lm.extraction import iter_tokens, load_sequences
 from sae_ray.lm.models import resolve_layer
 from sae_ray.lm.text_data import TextData
+from sae_ray.method.absorption import absorption_on_tokens
 from sae_ray.method.dictionary import feature_stats
 from sae_ray.method.evaluate import (
     accuracy,
@@ -47,7 +48,7 @@ def evaluation(
         "dataset": cfg.dataset.model_dump(),
         "max_length": cfg.model.max_length,
         "seed": cfg.experiment.seed,  # the clustering's and the null's streams
-        "metrics": 3,  # the set it holds (3: SAEBench's sparse probing and dictionary's)
+        "metrics": 4,  # the set it holds (4: SAEBench's probing, absorption, dictionary's)
     }
     if cfg.is_lm:  # the sharpened perplexity's k_sharp
         spec["sharpening"] = cfg.sharpening.model_dump(include={"k_sharp", "keep_frac"})
@@ -114,6 +115,8 @@ def classifier_metrics(
     tokens = acts.local("validation") / "tokens"
     out.update({f"sae/{k}": v for k, v in sae_quality(sae, iter_tokens(tokens, hp), on).items()})
     out.update(feature_stats(sae, iter_tokens(tokens, hp), on))
+    absorption = absorption_on_tokens(sae, tokens, hp, clf.tokenizer, on)
+    out.update({f"absorption/{k}": v for k, v in absorption.items()})
 
     def codes_of(x: np.ndarray):
         return sparse_codes(sae, x, on)

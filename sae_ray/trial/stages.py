@@ -279,7 +279,7 @@ def activations(trial: Trial, clf: Classifier, model: Artifact, layer: int) -> A
         "parent": model.key,
         "layer": layer,
         "dtype": cfg.sae.stored_dtype(cfg.model.dtype),
-        "format": 2,  # one column per hookpoint
+        "format": 3,  # one column per hookpoint; token rows hold their vocabulary ids
     }
     return shared_artifact(trial.store, "activations", spec, make, everyone=True)
 
