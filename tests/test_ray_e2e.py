@@ -535,7 +535,16 @@ def test_sae_ray_run_evaluates_on_the_workers_as_one_process_would(ray_cluster, 
     assert len(here) > 40 and SparseAutoencoder.load(sae).cfg.architecture == "batchtopk"
     row = seeds[(seeds["cycle"] == 0) & (seeds["seed"] == 0)].iloc[0]
     for name, value in here.items():
-        assert math.isclose(row[name], value, rel_tol=1e-4, abs_tol=1e-6), (name, row[name], value)
+        if isinstance(value, str):  # the density histogram's JSON
+            assert row[name] == value, name
+        elif math.isnan(value):  # absorption, with too few letters on the tiny model
+            assert math.isnan(row[name]), name
+        else:
+            assert math.isclose(row[name], value, rel_tol=1e-4, abs_tol=1e-6), (
+                name,
+                row[name],
+                value,
+            )
 
 
 def _child(specs: dict, kind: str, parent: Path) -> Path:

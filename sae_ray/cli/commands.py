@@ -117,6 +117,9 @@ def plan(cfg: Config) -> int:
     """`sae-ray plan`: the whole memory plan, then its verdict (exit 2 when a stage won't fit).
     Only evaluation's codes and pooled activations depend on the dataset's size: a dataset
     that does not load (the hub unreachable) is planned at its configured size, said so."""
+    if cfg.ground_truth:
+        print(_ground_truth_plan(cfg))
+        return 0
     try:
         examples, assumed = preflight.check_dataset(cfg), None
     except ConfigError as err:
@@ -134,6 +137,25 @@ def plan(cfg: Config) -> int:
     memory.check()  # a ConfigError: the caller prints it and exits 2
     print("fits" if memory.device_gb else "set resources.gpu_memory_gb to check it against a GPU")
     return 0
+
+
+def _ground_truth_plan(cfg: Config) -> str:
+    """A ground-truth sweep has no model: what its world's draws and its largest SAE take."""
+    from sae_ray.sae.feeds import MATERIALIZE_BYTES
+
+    s = cfg.synthetic
+    stored = s.train_samples * s.hidden_dim * 4
+    latents = max(
+        cfg.sae.model_copy(update={"num_latents": n}).latents_for(s.hidden_dim)
+        for n in preflight.searched_values(cfg, "sae.num_latents", cfg.sae.num_latents)
+    )
+    sae = (2 * s.hidden_dim * latents + latents + s.hidden_dim) * 4 * 4  # weights, grads, Adam
+    held = "held in each worker" if stored <= MATERIALIZE_BYTES else "streamed by Ray Data"
+    return (
+        f"ground truth ({cfg.dataset.name}): no model. The world's {s.train_samples:,} draws "
+        f"x {s.hidden_dim} dims: {stored / 2**30:.2f} GiB stored, {held}; the largest SAE "
+        f"({latents} latents) with its gradients and Adam: {sae / 2**20:.1f} MB per worker"
+    )
 
 
 def after_sweep(cfg: Config, rows: list[dict[str, Any]]) -> None:

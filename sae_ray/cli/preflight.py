@@ -18,6 +18,10 @@ if TYPE_CHECKING:
 
 def check(cfg: Config) -> Plan | None:
     """Every check; returns the memory plan (None when the model's size is unknown)."""
+    if cfg.ground_truth:  # no model and no text: SAELens's generator and the SAE's size
+        check_ground_truth(cfg)
+        check_storage(cfg)
+        return None
     examples = check_dataset(cfg)
     check_model(cfg)
     check_layer(cfg)
@@ -114,8 +118,8 @@ def memory_plan(cfg: Config, examples: int) -> Plan | None:
     if config is None:
         return None
     shape = Shape.of(config, lm=cfg.is_lm)
-    k = max(_values(cfg, "sae.k", cfg.sae.k))
-    factor = max(_values(cfg, "sae.expansion_factor", cfg.sae.expansion_factor))
+    k = max(searched_values(cfg, "sae.k", cfg.sae.k))
+    factor = max(searched_values(cfg, "sae.expansion_factor", cfg.sae.expansion_factor))
     latents = cfg.sae.model_copy(update={"expansion_factor": factor}).latents_for(shape.hidden)
     return plan(cfg, shape, latents, k, examples)
 
@@ -161,7 +165,7 @@ def check_positions(cfg: Config, config) -> None:
     if config is None or cfg.model.name in TINY_PRESETS:
         return
     limit = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
-    longest = max(_values(cfg, "model.max_length", cfg.model.max_length))
+    longest = max(searched_values(cfg, "model.max_length", cfg.model.max_length))
     if isinstance(limit, int) and longest > limit:
         field = (
             "search.space.model.max_length"
@@ -202,20 +206,33 @@ def check_layer(cfg: Config) -> None:
         )
 
 
-def check_sae_size(cfg: Config) -> None:
-    """k must not exceed the latents (expansion_factor x width) for any sampled pair."""
-    d = hidden_size(cfg.model.name)
+def check_ground_truth(cfg: Config) -> None:
+    """A ground-truth sweep needs SAELens's synthetic generator (an optional extra)."""
+    try:
+        import sae_lens.synthetic  # noqa: F401
+    except ImportError:
+        raise ConfigError(
+            f"dataset.name: {cfg.dataset.name} draws from SAELens's synthetic generator, "
+            "which is not installed: pip install 'sae-ray[synthsae]'"
+        ) from None
+    check_sae_size(cfg, cfg.synthetic.hidden_dim, "synthetic.hidden_dim")
+
+
+def check_sae_size(cfg: Config, d: int | None = None, width: str | None = None) -> None:
+    """k must not exceed the latents (expansion_factor x width) for any sampled pair; the
+    width is the model's, or `d` (named `width`)."""
+    d = d or hidden_size(cfg.model.name)
     if d is None:
         return
-    ks = _values(cfg, "sae.k", cfg.sae.k)
-    factors = _values(cfg, "sae.expansion_factor", cfg.sae.expansion_factor)
+    ks = searched_values(cfg, "sae.k", cfg.sae.k)
+    factors = searched_values(cfg, "sae.expansion_factor", cfg.sae.expansion_factor)
     k, factor = max(ks), min(factors)
     latents = cfg.sae.model_copy(update={"expansion_factor": factor}).latents_for(d)
     if k > latents:
         field = "search.space.sae.k" if "sae.k" in cfg.search.space else "sae.k"
         raise ConfigError(
             f"{field}: k up to {k} is larger than the {latents} latents of "
-            f"expansion_factor {factor} x width {d} ({cfg.model.name})"
+            f"expansion_factor {factor} x width {d} ({width or cfg.model.name})"
         )
 
 
@@ -248,7 +265,7 @@ def check_sharpening(cfg: Config) -> None:
             raise ConfigError(str(err)) from None
 
 
-def _values(cfg: Config, name: str, fixed: int) -> list[int]:
+def searched_values(cfg: Config, name: str, fixed: int) -> list[int]:
     entry = cfg.search.space.get(name)
     if entry is None:
         return [fixed]

@@ -37,6 +37,13 @@ SECTIONS = [
         "the second scored; its differences from SAEBench are in `method/absorption.py`",
     ),
     (
+        "A ground-truth sweep",
+        ["gt/{m}"],
+        M.GROUND_TRUTH,
+        "`dataset.name: synthetic:synthsae`: SAELens's `eval_sae_on_synthetic_data` on "
+        "fresh draws from the synthetic world, against its known features",
+    ),
+    (
         "The structure comparison with the control's SAE",
         ["structure/{m}"],
         M.STRUCTURE,

@@ -60,6 +60,20 @@ ABSORPTION = {
     "other latent carries at least 40 %), mean over letters",
     "letters": "letters with enough tokens to be evaluated",
 }
+# A ground-truth sweep's (dataset.name synthetic:synthsae): SAELens's eval_sae_on_synthetic_data
+GROUND_TRUTH = {
+    "mcc": "mean correlation coefficient: the mean |cosine| of decoder rows and true features "
+    "matched one-to-one (Hungarian), 1 = every true feature found",
+    "f1": "each latent as a detector of its best-matching true feature: F1, mean over latents",
+    "precision": "of the draws a latent fires on, the share with its feature active, mean",
+    "recall": "of the draws with a latent's feature active, the share it fires on, mean",
+    "uniqueness": "share of latents tracking a true feature no other latent tracks",
+    "explained_variance": "R² of the reconstruction on fresh draws",
+    "l0": "active latents per draw",
+    "true_l0": "active true features per draw (the world's own L0)",
+    "dead_latents": "latents that never fire on the evaluation draws",
+    "shrinkage": "mean ‖x̂‖ / ‖x‖ (below 1: the SAE shrinks)",
+}
 # The seed's structure comparison: each strategy's SAE against its paired control's
 OVERLAP = "structure/dict_overlap"
 STRUCTURE = {
@@ -140,8 +154,10 @@ def task_metrics(lm: bool) -> list[str]:
     return list(LM)[:2] if lm else ["val/accuracy", "test/accuracy"]
 
 
-def headline(lm: bool) -> list[str]:
+def headline(lm: bool, ground_truth: bool = False) -> list[str]:
     """The console's and the report's columns beside the objective."""
+    if ground_truth:
+        return ["gt/mcc", "gt/l0", "gt/f1", "gt/explained_variance", "gt/dead_latents"]
     if lm:
         return [*list(LM)[:3], "sae/fvu", "sae/ce_loss_score", "sae/l0", "sae/dead_pct"]
     return [*task_metrics(False), "interp/u", "sae/fvu", "sae/l0", "sae/dead_pct"]
@@ -151,7 +167,8 @@ def known_metrics(lm: bool | None = None) -> list[str]:
     """Every metric name a cycle reports (the sparse probes at their default k): of a
     classification sweep, of a causal LM sweep (`lm`), or (None) of either."""
     if lm is None:
-        return list(dict.fromkeys(known_metrics(False) + known_metrics(True)))
+        every = known_metrics(False) + known_metrics(True) + ground_truth_metrics()
+        return list(dict.fromkeys(every))
     names = [*LM, *(f"sae/{m}" for m in LM_SAE)]
     if not lm:
         names = [f"{split}/{m}" for split in ("val", "test") for m in TASK]
@@ -172,6 +189,13 @@ def known_metrics(lm: bool | None = None) -> list[str]:
     stages = [s for s in STAGES if not (lm and s == "targets")]  # LM targets are online
     names += [f"time/{s}_s" for s in stages] + ["artifacts/computed", "memory/worker_peak_mb"]
     return names
+
+
+def ground_truth_metrics() -> list[str]:
+    """Every metric a ground-truth trial reports (its one fit per seed, as cycle 0)."""
+    names = [f"gt/{m}" for m in GROUND_TRUTH]
+    names += [f"time/{s}_s" for s in ("activations", "sae", "evaluate")]
+    return names + ["artifacts/computed", "memory/worker_peak_mb"]
 
 
 _SPARSE = re.compile(r"^(test/)?interp/sparse_probe_accuracy@\d+$")

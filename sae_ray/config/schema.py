@@ -20,6 +20,7 @@ from sae_ray.config.strategies import (
     TASK_STRATEGIES,
     effective_strategy,
 )
+from sae_ray.config.synthetic import GROUND_TRUTH, Synthetic
 
 
 class Experiment(Section):
@@ -219,6 +220,7 @@ class Config(Section):
     cycles: Cycles = Field(default_factory=Cycles)
     sae: Sae = Field(default_factory=Sae)
     sharpening: Sharpening = Field(default_factory=Sharpening)
+    synthetic: Synthetic = Field(default_factory=Synthetic)
     search: Search = Field(default_factory=Search)
     analysis: Analysis = Field(default_factory=Analysis)
     resources: Resources = Field(default_factory=Resources)
@@ -249,6 +251,11 @@ class Config(Section):
                     f"analysis.primary.cycle: {primary.cycle} is past the last cycle "
                     f"({self.cycles.count - 1})"
                 )
+        if self.ground_truth and (self.cycles.count != 1 or self.is_lm):
+            raise ValueError(
+                f"cycles.count: a ground-truth sweep ({GROUND_TRUTH}) fits one SAE per "
+                "trial and seed, no model to sharpen: set cycles.count: 1 (and no causal_lm)"
+            )
         if self.sae.target_l0 is not None and self.sae.architecture != "jumprelu":
             raise ValueError(
                 f"sae.target_l0: only a jumprelu has an L0 penalty, not "
@@ -256,6 +263,12 @@ class Config(Section):
                 "search entry `when: {sae.architecture: jumprelu}`)"
             )
         return self
+
+    @property
+    def ground_truth(self) -> bool:
+        """A ground-truth sweep: SAEs fitted on a synthetic world whose features are known
+        (no model, no cycles, no sharpening), scored by SAELens's MCC and F1."""
+        return self.dataset.name == GROUND_TRUTH
 
     @property
     def is_lm(self) -> bool:

@@ -36,7 +36,8 @@ COLORS = {
     "topk_sharp": "#1f77b4",
     "l1": "#ff7f0e",
 }
-ALL_TASK = task_metrics(False) + task_metrics(True)
+GT_X, GT_Y = "gt/l0", "gt/mcc"  # a ground-truth sweep's front: MCC against L0
+ALL_TASK = task_metrics(False) + task_metrics(True) + [GT_X]
 LABELS = {
     "val/perplexity": "validation perplexity (lower is better)",
     "test/perplexity": "test perplexity (held out)",
@@ -47,6 +48,8 @@ LABELS = {
     "sae/fvu": "SAE FVU (lower is better)",
     "sae/l0": "SAE L0 (active latents / token)",
     "sae/dead_pct": "dead latents (%)",
+    "gt/mcc": "MCC with the true features (1 = all found)",
+    "gt/l0": "L0 (active latents per draw, lower is sparser)",
 }
 
 
@@ -63,7 +66,10 @@ class Sweep:
 
     @property
     def task_metrics(self) -> list[str]:
-        """Accuracy, or perplexity for a causal LM sweep (validation, then test)."""
+        """Accuracy, or perplexity for a causal LM sweep (validation, then test); a
+        ground-truth sweep's trade-off is L0."""
+        if self.cfg.ground_truth:
+            return [GT_X]
         return task_metrics(self.cfg.is_lm)
 
 
@@ -145,9 +151,9 @@ def plot_front(sweep: Sweep, out: Path) -> str | None:
     """Final-cycle interpretability against held-out accuracy (a causal LM: perplexity):
     the trade-off the sweep asks about. The step line joins the trials nothing beats on
     both axes; stars are best.json's."""
-    lm = sweep.cfg.is_lm
-    x_metric = sweep.task_metrics[1]
-    default_y = ("sae/fvu", "min") if lm else ("interp/u", "max")
+    lm, truth = sweep.cfg.is_lm, sweep.cfg.ground_truth
+    x_metric = sweep.task_metrics[-1]
+    default_y = ("sae/fvu", "min") if lm else (GT_Y, "max") if truth else ("interp/u", "max")
     y_metric = next((g.metric for g in sweep.goals if g.metric not in ALL_TASK), default_y[0])
     y_mode = next((g.mode for g in sweep.goals if g.metric == y_metric), default_y[1])
     final = pd.DataFrame(final_rows(sweep.rows.to_dict("records")))
@@ -156,7 +162,7 @@ def plot_front(sweep: Sweep, out: Path) -> str | None:
         return None
     fig, ax = plt.subplots(figsize=(7.5, 5.5))
     sign = 1.0 if y_mode == "max" else -1.0
-    x_sign = -1.0 if lm else 1.0  # perplexity: lower is better
+    x_sign = -1.0 if lm or truth else 1.0  # perplexity, L0: lower is better
     pts = np.column_stack([x_sign * final[x_metric].to_numpy(), sign * final[y_metric].to_numpy()])
     front = final.iloc[undominated(pts)].sort_values(x_metric)
     if len(front) > 1:
@@ -169,12 +175,14 @@ def plot_front(sweep: Sweep, out: Path) -> str | None:
             zorder=1,
             label="front (nothing better on both axes)",
         )
-    for strategy, group in final.groupby("strategy_effective"):
+    # a ground-truth sweep has no strategies: its points are told apart by architecture
+    by = "sae.architecture" if truth and "sae.architecture" in final else "strategy_effective"
+    for i, (strategy, group) in enumerate(final.groupby(by)):
         ax.scatter(
             group[x_metric],
             group[y_metric],
             s=60,
-            color=COLORS.get(strategy, "#7f7f7f"),
+            color=f"C{i}" if by != "strategy_effective" else COLORS.get(strategy, "#7f7f7f"),
             marker="s" if strategy == CONTROL else "o",
             zorder=3,
             label="none (λ = 0 control)" if strategy == CONTROL else strategy,
@@ -205,7 +213,8 @@ def plot_front(sweep: Sweep, out: Path) -> str | None:
         )
     ax.set_xlabel(f"{_label(x_metric)}, final cycle")
     ax.set_ylabel(f"{_label(y_metric)}, final cycle")
-    ax.set_title(f"{sweep.name}: interpretability against {'perplexity' if lm else 'accuracy'}")
+    against = "L0" if truth else "perplexity" if lm else "accuracy"
+    ax.set_title(f"{sweep.name}: {'MCC' if truth else 'interpretability'} against {against}")
     ax.margins(x=0.12, y=0.12)  # room for the star labels at the edges
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")

@@ -41,10 +41,10 @@ class SweepProgress(tune.Callback):
         cycles: int,
         every: float = 120.0,
         out: TextIO | None = None,
-        lm: bool = False,
+        beside: list[str] | None = None,
     ):
         self.sweep, self.params, self.goals, self.cycles = sweep, params, goals, cycles
-        self.lm = lm
+        self.beside = task_metrics(False)[:1] if beside is None else beside
         self.every, self.out = every, out or sys.stdout
         self.trials: dict[str, TrialLine] = {}
         self.best: tuple[str, float] | None = None
@@ -99,7 +99,7 @@ class SweepProgress(tune.Callback):
         return self.trials[trial.trial_id]
 
     def _columns(self) -> list[str]:
-        return list(dict.fromkeys([g.key for g in self.goals] + task_metrics(self.lm)[:1]))
+        return list(dict.fromkeys([g.key for g in self.goals] + self.beside))
 
     def _say(self, text: str) -> None:
         """One line per event; the whole table only when a trial ends (a quiet console)."""

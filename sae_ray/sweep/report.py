@@ -198,39 +198,19 @@ def _write_pages(location: str, pages: Path) -> str:
             f"<h1>Sweep <code>{html.escape(sweep.name)}</code></h1>",
             f"<p class=note>{_summary_line(sweep)}</p>",
         ]
-        sections += ["<h2>Per cycle</h2>", _img(plot_cycles(sweep, pages))]
+        if not sweep.cfg.ground_truth:  # one fit per trial: no cycles to follow
+            sections += ["<h2>Per cycle</h2>", _img(plot_cycles(sweep, pages))]
         front = plot_front(sweep, pages)
         if front:
-            against = "perplexity" if sweep.cfg.is_lm else "accuracy"
-            sections += [f"<h2>Interpretability against {against}</h2>", _img(front)]
-        compared = comparison_table(sweep)
-        sections += [
-            "<h2>Strategies against the λ = 0 control</h2><p class=note>comparison.csv: each "
-            "strategy minus the control of the same seed (and each contrast between "
-            "strategies), its points averaged within each seed first, so n counts seeds; "
-            "mean, 95 % t-interval, p-value (the primary contrast unadjusted, the rest "
-            "Holm-adjusted together), d<sub>z</sub> and the minimum detectable effect at "
-            "80 % power. <i>underpowered</i>: the interval cannot rule out an effect of "
-            "that size.</p>"
-        ]
-        control = plot_control(sweep, compared, pages)
-        if control:
-            sections.append(_img(control))
-        else:
-            sections.append("<p class=note>No control trial finished: nothing to compare.</p>")
-        sections.append(_html_table(compared.round(4)))
-        sections += [
-            "<p class=note>Each strategy's trials' final-cycle means against the control "
-            "trials' (not paired: context for the table above).</p>",
-            _html_table(strategy_table(sweep)),
-        ]
-        if settings(sweep.cfg.search.space):
-            sections += [
-                "<p class=note>The same within each searched setting (architecture, k, "
-                "...; comparison_by_setting.csv, Holm-adjusted over that table).</p>",
-                _html_table(comparison_table(sweep, by_setting=True).round(4)),
-            ]
-        sections += _dictionary_sections(sweep, pages)
+            if sweep.cfg.ground_truth:
+                heading = "MCC against L0 (the Pareto front of the true features found)"
+            else:
+                against = "perplexity" if sweep.cfg.is_lm else "accuracy"
+                heading = f"Interpretability against {against}"
+            sections += [f"<h2>{heading}</h2>", _img(front)]
+        if not sweep.cfg.ground_truth:  # a ground-truth sweep has no strategies or control
+            sections += _comparison_sections(sweep, pages)
+            sections += _dictionary_sections(sweep, pages)
         sections.append("<h2>Parameter importance</h2>")
         for i, (metric, values) in enumerate(importances(sweep).items()):
             if isinstance(values, dict) and values:
@@ -251,6 +231,40 @@ def _write_pages(location: str, pages: Path) -> str:
         )
         (pages / "index.html").write_text(page)
     return "index.html"
+
+
+def _comparison_sections(sweep: Sweep, pages: Path) -> list[str]:
+    """Each strategy against the λ = 0 control: comparison.csv's table and figure, the
+    unpaired strategy means, and the same per searched setting."""
+    sections: list[str] = []
+    compared = comparison_table(sweep)
+    sections += [
+        "<h2>Strategies against the λ = 0 control</h2><p class=note>comparison.csv: each "
+        "strategy minus the control of the same seed (and each contrast between "
+        "strategies), its points averaged within each seed first, so n counts seeds; "
+        "mean, 95 % t-interval, p-value (the primary contrast unadjusted, the rest "
+        "Holm-adjusted together), d<sub>z</sub> and the minimum detectable effect at "
+        "80 % power. <i>underpowered</i>: the interval cannot rule out an effect of "
+        "that size.</p>"
+    ]
+    control = plot_control(sweep, compared, pages)
+    if control:
+        sections.append(_img(control))
+    else:
+        sections.append("<p class=note>No control trial finished: nothing to compare.</p>")
+    sections.append(_html_table(compared.round(4)))
+    sections += [
+        "<p class=note>Each strategy's trials' final-cycle means against the control "
+        "trials' (not paired: context for the table above).</p>",
+        _html_table(strategy_table(sweep)),
+    ]
+    if settings(sweep.cfg.search.space):
+        sections += [
+            "<p class=note>The same within each searched setting (architecture, k, "
+            "...; comparison_by_setting.csv, Holm-adjusted over that table).</p>",
+            _html_table(comparison_table(sweep, by_setting=True).round(4)),
+        ]
+    return sections
 
 
 def _dictionary_sections(sweep: Sweep, pages: Path) -> list[str]:

@@ -150,7 +150,8 @@ def best_row(rows: list[dict[str, Any]], metric: str, mode: str) -> dict[str, An
 
 def summary_table(rows: list[dict[str, Any]], params: list[str], metric: str) -> str:
     lm = any("val/perplexity" in row for row in rows)
-    headline = [metric] + [m for m in metrics_headline(lm) if m != metric]
+    truth = any("gt/mcc" in row for row in rows)
+    headline = [metric] + [m for m in metrics_headline(lm, truth) if m != metric]
     table = []
     for row in final_rows(rows):
         line = {

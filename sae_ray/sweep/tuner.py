@@ -32,6 +32,7 @@ from sae_ray.config import (
     apply_params,
     effective_strategy,
 )
+from sae_ray.config.metrics import task_metrics
 from sae_ray.sweep.cluster import capacity
 from sae_ray.sweep.comparison import STRATEGY
 from sae_ray.sweep.progress import SweepProgress
@@ -64,6 +65,8 @@ def with_control(cfg: Config) -> Config:
         effective_strategy(p.get(STRATEGY), p.get("cycles.aux_weight")) == CONTROL for p in points
     )
     always = cfg.strategy == CONTROL
+    if cfg.ground_truth:  # no model to sharpen: nothing to control for
+        return cfg
     if not search.control or already or (always and STRATEGY not in search.space):
         return cfg
     space = dict(search.space)
@@ -248,7 +251,12 @@ def _callbacks(cfg: Config) -> list:
     callbacks = [
         SweepMetrics(cfg.experiment.name, goals),
         SweepProgress(
-            cfg.experiment.name, list(cfg.search.space), goals, cfg.cycles.count, lm=cfg.is_lm
+            cfg.experiment.name,
+            list(cfg.search.space),
+            goals,
+            cfg.cycles.count,
+            # the column beside the objectives: the model's own quality, or what MCC costs
+            beside=["gt/f1"] if cfg.ground_truth else task_metrics(cfg.is_lm)[:1],
         ),
     ]
     if cfg.wandb.mode == "disabled":

@@ -64,7 +64,7 @@ def run_cycles(trial: Trial, report: Report, reported: int = 0) -> None:
         if not evaluate:
             continue
         # every rank's high-water mark and node: a collective
-        peaks, nodes = zip(*gather((_peak_rss_mb(), telemetry.node())), strict=True)
+        peaks, nodes = zip(*gather((peak_rss_mb(), telemetry.node())), strict=True)
         metrics: dict[str, Any] = {}
         if rank_world()[0] == 0:
             metrics = mean_over_seeds(rows)
@@ -99,7 +99,7 @@ def _seed_cycle(chain: Chain, cycle: int, times: dict[str, float], evaluate: boo
     """One seed's cycle: its model, activations, SAE, evaluation and targets, then its
     λ = 0 pair's. Rank 0's evaluated row; an empty dict elsewhere."""
     trial = chain.trial
-    with _timed(times, "model"):
+    with timed(times, "model"):
         if cycle == 0:
             chain.model = stages.cycle0(trial)
         else:
@@ -160,7 +160,7 @@ def _paired(
         chain.control, control = chain.model, own
     else:
         twin = chain.trial.as_control()
-        with _timed(times, "model"):
+        with timed(times, "model"):
             chain.control = stages.retrain(twin, chain.control, None, cycle)
         control, _, control_sae = _cycle(twin, chain.control, cycle, times, evaluate)
     if own:
@@ -185,13 +185,13 @@ def _cycle(
     clf.model.to(device())
     layer = resolve_layer(clf.model, cfg.model.layer)
     hp = hookpoint(clf.model, layer)
-    with _timed(times, "activations"):
+    with timed(times, "activations"):
         acts = stages.activations(trial, clf, model, layer)
-    with _timed(times, "sae"):
+    with timed(times, "sae"):
         sae_art = sae_fit.fitted_sae(trial, acts, hp, cycle)
     metrics: dict[str, Any] = {}
     if evaluate and rank_world()[0] == 0:
-        with _timed(times, "evaluate"):
+        with timed(times, "evaluate"):
             metrics = evaluation(trial, clf, model, sae_art, acts, hp)
         metrics.update(
             {
@@ -205,14 +205,14 @@ def _cycle(
     if cfg.is_lm:  # online targets: topk_sharp's next cycle reads this SAE
         return metrics, sae_art if trial.strategy == "topk_sharp" else None, sae_art
     if cycle + 1 < cfg.cycles.count and trial.strategy != CONTROL:
-        with _timed(times, "targets"):
+        with timed(times, "targets"):
             targets = stages.sharpened_targets(trial, sae_art, acts, hp, cycle)
             if evaluate and rank_world()[0] == 0:
                 metrics.update(target_report(targets, sae_art, acts, hp, device()))
     return metrics, targets, sae_art
 
 
-def _peak_rss_mb() -> float:
+def peak_rss_mb() -> float:
     """This process's peak resident memory so far (Linux reports KiB)."""
     import resource
 
@@ -220,7 +220,7 @@ def _peak_rss_mb() -> float:
 
 
 @contextlib.contextmanager
-def _timed(times: dict[str, float], stage: str):
+def timed(times: dict[str, float], stage: str):
     started = time.perf_counter()
     try:
         yield

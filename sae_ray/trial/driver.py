@@ -49,7 +49,7 @@ def open_trial(cfg: Config, trial_id: str, plan: list[dict[str, Any]] | None = N
 
     root, train_runs = cfg.trial_dirs(trial_id)
     split = cfg.dataset.split_for(cfg.experiment.seed)
-    data = load_text_data(cfg.dataset, split, documents=cfg.is_lm)
+    data = None if cfg.ground_truth else load_text_data(cfg.dataset, split, documents=cfg.is_lm)
     store = ArtifactStore(root, holder=f"{cfg.experiment.name}/{trial_id}")
     return Trial(cfg, data, store, train_runs, cfg.strategy, plan or [])
 
@@ -60,6 +60,7 @@ def trial_loop(config: dict[str, Any]) -> None:
     import torch
 
     from sae_ray.trial.cycle import run_cycles
+    from sae_ray.trial.ground_truth import run_ground_truth
 
     threads = int(os.environ.get("SAE_RAY_TORCH_THREADS", "0"))
     if threads:
@@ -71,7 +72,11 @@ def trial_loop(config: dict[str, Any]) -> None:
             reported = reported_cycles(Path(directory))
     cfg, trial_id = config["cfg"], config["trial_id"]
     report = functools.partial(_report_cycle, TrialRecord(cfg, trial_id))
-    run_cycles(open_trial(cfg, trial_id, config.get("plan")), report, reported)
+    trial = open_trial(cfg, trial_id, config.get("plan"))
+    if cfg.ground_truth:  # a synthetic world's SAEs, scored against its known features
+        run_ground_truth(trial, report)
+    else:
+        run_cycles(trial, report, reported)
 
 
 def _report_cycle(record: TrialRecord, cycle: int, metrics: dict[str, Any]) -> None:
@@ -95,6 +100,12 @@ def _refuse_known_failures(cfg: Config) -> None:
     """Settings the model's config alone rules out (a sampled layer it lacks, a k above
     the sampled dictionary, a keep count that sharpens nothing) fail the trial here, before
     a worker group is started only to find out: the worker's own message (`TrialFailed`)."""
+    if cfg.ground_truth:  # no model: the SAE's width is the world's
+        try:
+            cfg.sae.check_fits(cfg.synthetic.hidden_dim)
+        except ValueError as err:
+            raise TrialFailed(f"ValueError: {err}") from None
+        return
     config = config_of(cfg.model.name)
     if config is None:
         return
