@@ -59,6 +59,13 @@ class Sae(Section):
     lr: float | None = Field(
         None, gt=0, description="learning rate (default: 2e-4 / sqrt(latents / 2^14))"
     )
+    lr_warmup_steps: int = Field(
+        0, ge=0, description="steps of linear warm-up from lr / steps to lr (SAELens's)"
+    )
+    lr_decay: Literal["constant", "linear", "cosine"] = Field(
+        "constant",
+        description="after the warm-up: constant, or linear / cosine decay to 0 at the last step",
+    )
     auxk_alpha: float = Field(1 / 32, ge=0, description="weight of the AuxK loss on dead latents")
     l0_coefficient: float = Field(
         1e-3, ge=0, description="jumprelu: L0 penalty per active latent, in FVU units"
@@ -150,6 +157,8 @@ PER_SAE = (
     "expansion_factor",
     "num_latents",
     "lr",
+    "lr_warmup_steps",
+    "lr_decay",
     "auxk_alpha",
     "dead_tokens",
     "dead_percentage_threshold",

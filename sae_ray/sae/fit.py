@@ -37,6 +37,7 @@ class Fit:
     members: dict[str, SaeTrainConfig] = field(default_factory=dict)  # each SAE's config
     stats: dict[str, dict[str, float]] = field(default_factory=dict)
     micro: int = 0
+    steps: int = 1  # the fit's optimizer steps, for the learning-rate schedule
     # what a checkpoint is handed to: Ray Train's report (`train-sae`), or the trial's
     # storage when the fit is one stage of a trial's Train run
     save: Callable[[Fit], None] | None = None

@@ -45,6 +45,7 @@ from sae_ray.sae.fit import Fit
 from sae_ray.sae.fit_config import SaeTrainConfig
 from sae_ray.sae.model import SaeConfig, SparseAutoencoder
 from sae_ray.sae.run_log import RunLog
+from sae_ray.sae.schedule import lr_factor, set_lr, total_steps
 from sae_ray.sae.spliced import ModelFeed
 from sae_ray.sae.training import DeadTracker, make_optimizer, optimizer_step
 
@@ -94,6 +95,7 @@ def _start_fit(
     save_dir = Path(config["save_dir"]) if config.get("save_dir") else None
     budget = cfg.max_tokens or cfg.epochs * config["rows"]
     fit = Fit(cfg, saes, opts, trackers, progress, rank, budget, save_dir, members=members)
+    fit.steps = total_steps(budget, cfg.batch_size, cfg.grad_acc_steps)
     fit.started_tokens, fit.resumed_from = progress.tokens, progress.step
     fit.restored = checkpoint is not None
     return fit
@@ -156,6 +158,9 @@ def _epoch(fit: Fit, feed, shard, log: RunLog, world: int, device: torch.device)
         if not step_due:
             continue
         for hp, sae in fit.saes.items():
+            m = fit.members[hp]
+            factor = lr_factor(progress.step, m.lr_warmup_steps, fit.steps, m.lr_decay)
+            set_lr(fit.opts[hp], m.learning_rate, factor)
             optimizer_step(sae, fit.opts[hp])
         progress.step += 1
         progress.fvu_curve.append(round(first["fvu"], 6))

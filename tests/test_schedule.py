@@ -1,0 +1,66 @@
+"""The SAE's learning-rate schedule: its rates equal torch's schedulers' (LinearLR warm-up,
+then LinearLR / CosineAnnealingLR decay, chained by SequentialLR), and the trainer applies
+it at every optimizer step of a fit."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sae_ray.sae import trainer
+from sae_ray.sae.fit_config import SaeTrainConfig
+from sae_ray.sae.schedule import lr_factor, total_steps
+
+BASE = 3e-4
+
+
+def _torch_rates(warmup: int, total: int, decay: str) -> list[float]:
+    from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, SequentialLR
+
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=BASE)
+    span = total - warmup
+    after = {
+        "constant": lambda: LinearLR(opt, 1.0, 1.0, total_iters=1),
+        "linear": lambda: LinearLR(opt, 1.0, 0.0, total_iters=span),
+        "cosine": lambda: CosineAnnealingLR(opt, T_max=span),
+    }
+    if warmup:
+        warm = LinearLR(opt, start_factor=1 / warmup, end_factor=1.0, total_iters=warmup)
+        sched = SequentialLR(opt, [warm, after[decay]()], milestones=[warmup])
+    else:
+        sched = after[decay]()
+    rates = []
+    for _ in range(total):
+        rates.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return rates
+
+
+@pytest.mark.parametrize("decay", ["constant", "linear", "cosine"])
+@pytest.mark.parametrize("warmup", [0, 7])
+def test_rates_equal_torchs_schedulers(warmup, decay):
+    total = 40
+    ours = [BASE * lr_factor(s, warmup, total, decay) for s in range(total)]
+    assert ours == pytest.approx(_torch_rates(warmup, total, decay), rel=1e-6, abs=1e-12)
+
+
+def test_a_fit_follows_the_schedule_at_every_step(tmp_path, monkeypatch):
+    seen: list[float] = []
+    real = trainer.set_lr
+
+    def record(opt, base, factor):
+        seen.append(base * factor)
+        real(opt, base, factor)
+
+    monkeypatch.setattr(trainer, "set_lr", record)
+    cfg = SaeTrainConfig(
+        hookpoints=["h"], d_in=8, k=2, expansion_factor=2, batch_size=64, epochs=2,
+        lr=1e-3, lr_warmup_steps=3, lr_decay="cosine", progress=False,
+    )  # fmt: skip
+    x = torch.randn(640, 8, generator=torch.Generator().manual_seed(0))
+    trainer.fit_in_process({"h": x}, cfg)
+    steps = total_steps(2 * 640, 64, 1)
+    assert len(seen) == steps == 20
+    assert seen == pytest.approx([1e-3 * lr_factor(s, 3, steps, "cosine") for s in range(steps)])
+    assert seen[0] == pytest.approx(1e-3 / 3) and seen[3] == pytest.approx(1e-3)
