@@ -51,6 +51,10 @@ def _sae_flags(group: argparse._ArgumentGroup) -> None:
         kwargs: dict = {"help": (field.description or name).replace("%", "%%")}
         if get_origin(kind) is Literal:
             kwargs["choices"] = list(options)
+        elif get_origin(kind) is list:  # e.g. --exclude_tokens 0 50256
+            kwargs.update(type=options[0], nargs="*")
+        elif kind is bool:
+            kwargs.update(type=_bool, nargs="?", const=True)
         else:
             kwargs["type"] = next((t for t in options if t is not type(None)), kind)
         default = _offered(field).get("saetrain_default", field.default)

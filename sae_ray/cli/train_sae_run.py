@@ -48,6 +48,10 @@ def run(args: argparse.Namespace, connect: Callable[[], None] = lambda: None) ->
     clf, split = _model_and_data(args, kind)
     layers = _layers(args, clf.model)
     check_fits(sae, variants, clf.model.config.hidden_size)
+    # the ids themselves, special ones resolved here: the fit's cfg.json records them
+    sae = sae.model_copy(
+        update={"exclude_tokens": sae.excluded_ids(clf.tokenizer), "exclude_special_tokens": False}
+    )
     connect()
     hookpoints = [hookpoint(clf.model, ly) for ly in layers]
     run_name = args.run_name or f"{Path(args.model).name}-" + "-".join(map(str, layers))
@@ -62,10 +66,11 @@ def run(args: argparse.Namespace, connect: Callable[[], None] = lambda: None) ->
         "dtype": _stored_dtype(args, clf),
         "seed": args.shuffle_seed,
         "init": args.init_seeds,
+        "exclude": sae.exclude_tokens,
     }
     if kind is None:
         tokens_dir = store.get_or_compute(
-            "activations", spec, lambda out: _extract(args, clf, split, layers, out)
+            "activations", spec, lambda out: _extract(args, clf, split, layers, out, sae)
         ).uri("tokens")
         d_in, e2e = read_manifest(tokens_dir).d, None
         dataset, tokens_per_epoch = _activations(tokens_dir, hookpoints)
@@ -179,7 +184,9 @@ def _stored_dtype(args: argparse.Namespace, clf) -> str:
     return stored_activation_dtype(args.activation_dtype, str(next(clf.model.parameters()).dtype))
 
 
-def _extract(args: argparse.Namespace, clf, split: Split, layers: list[int], out: Path) -> None:
+def _extract(
+    args: argparse.Namespace, clf, split: Split, layers: list[int], out: Path, sae: Sae
+) -> None:
     extract(
         clf,
         split,
@@ -188,6 +195,7 @@ def _extract(args: argparse.Namespace, clf, split: Split, layers: list[int], out
         args.ctx_len,
         dtype=_stored_dtype(args, clf),
         max_tokens=args.max_tokens,
+        exclude=sae.exclude_tokens,
     )
 
 

@@ -97,6 +97,16 @@ class Sae(Section):
     max_tokens: int | None = Field(
         None, ge=1, description="global token budget; else epochs", **saetrain(1_000_000)
     )
+    exclude_tokens: list[int] = Field(
+        default_factory=list,
+        description="token ids left out of SAE training and its metrics (sparsify's "
+        "exclude_tokens): never stored as token rows, never spliced end to end",
+    )
+    exclude_special_tokens: bool = Field(
+        False,
+        description="leave out the tokenizer's special tokens too (BOS, EOS, CLS, SEP, PAD): "
+        "one token an SAE would otherwise spend latents and FVU on",
+    )
     activation_dtype: Literal["auto", "float32", "float16"] = Field(
         "auto",
         description="how stored activations are kept: auto is float16 for a model that runs "
@@ -110,6 +120,11 @@ class Sae(Section):
     def stored_dtype(self, model_dtype: str) -> str:
         """The dtype activations are stored in, for a model whose weights are `model_dtype`."""
         return stored_activation_dtype(self.activation_dtype, model_dtype)
+
+    def excluded_ids(self, tokenizer) -> list[int]:
+        """The token ids this SAE never sees, with the tokenizer's special ones if asked."""
+        special = getattr(tokenizer, "all_special_ids", []) if self.exclude_special_tokens else []
+        return sorted(set(self.exclude_tokens) | set(special))
 
     def latents_for(self, d_in: int) -> int:
         return self.num_latents or d_in * self.expansion_factor

@@ -183,6 +183,7 @@ def extract(
     max_tokens: int | None = None,
     order: np.ndarray | None = None,
     part: int | None = None,
+    exclude: list[int] | None = None,
 ) -> dict[str, Manifest]:
     """Write `out_dir/tokens` (optional) and `out_dir/sequences` for one split.
 
@@ -191,6 +192,7 @@ def extract(
     `max_tokens` stops once that many token rows are written (the SAE's budget). `order`
     picks the examples (one rank's slice) and `part` names that rank's shards, whose
     manifests are returned, not written: the ranks' parts are merged by `merge_manifests`.
+    Token ids in `exclude` are left out of the token rows (the pooled rows keep them).
     """
     clf.model.eval()
     device = next(clf.model.parameters()).device
@@ -207,9 +209,9 @@ def extract(
                 attention_mask=batch["attention_mask"].to(device),
             )
         mask = batch["attention_mask"]
-        keep = mask.bool()
+        keep = token_rows(batch, exclude)
         hidden = {names[ly]: store[ly].float().cpu() for ly in names}
-        rows = {name: h[keep] for name, h in hidden.items()}  # every non-pad token
+        rows = {name: h[keep] for name, h in hidden.items()}  # every kept token
         _check_finite(rows, batch["ids"])
         _check_range(rows, np_dtype)
         if not writers:
@@ -238,7 +240,6 @@ def extract(
         if tokens:
             example = batch["ids"].unsqueeze(1).expand_as(mask)[keep].numpy()
             take = len(example) if max_tokens is None else min(len(example), max_tokens - written)
-            # every non-pad token, no Python loop
             tok = {
                 n: vectors_to_arrow(r[:take].numpy().astype(np_dtype, copy=False))
                 for n, r in rows.items()
@@ -250,6 +251,14 @@ def extract(
             if max_tokens is not None and written >= max_tokens:
                 break
     return {kind: w.close(write=part is None) for kind, w in writers.items()}
+
+
+def token_rows(batch: dict[str, torch.Tensor], exclude: list[int] | None) -> torch.Tensor:
+    """Which positions are token rows: real tokens (not padding) not in `exclude`."""
+    keep = batch["attention_mask"].bool()
+    if exclude:
+        keep &= ~torch.isin(batch["input_ids"], torch.as_tensor(exclude))
+    return keep
 
 
 def load_sequences(

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from sae_ray.distributed.ranks import all_reduce
+from sae_ray.lm.extraction import token_rows
 from sae_ray.lm.models import block_output, blocks, hooked_many
 from sae_ray.lm.text_data import Split
 from sae_ray.sae.fit_config import SaeTrainConfig
@@ -90,7 +91,7 @@ class ModelFeed:
 
     def init_b_dec(self, saes: dict[str, SparseAutoencoder], batch) -> None:
         """b_dec from the clean activations (real tokens) of the first batch."""
-        keep = batch["attention_mask"].bool()
+        keep = token_rows(batch, self.cfg.exclude_tokens)
         with torch.no_grad(), hooked_many(self.model, list(self.layers.values())) as found:
             self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         for hp, layer in self.layers.items():
@@ -114,7 +115,8 @@ class ModelFeed:
         )
 
     def losses(self, models, saes, batch, trackers: dict[str, DeadTracker]):
-        keep = batch["attention_mask"].bool()
+        # excluded tokens keep their clean activations: never spliced, never counted
+        keep = token_rows(batch, self.cfg.exclude_tokens)
         aux_total: torch.Tensor | float = 0.0
         stats: dict[str, dict[str, float]] = {}
         pieces: dict[str, tuple] = {}

@@ -247,6 +247,7 @@ def activations(trial: Trial, clf: Classifier, model: Artifact, layer: int) -> A
     sequence rows at the pooled position for all three), each rank extracting a slice."""
     cfg = trial.cfg
     data = packed(clf.tokenizer, trial.data, cfg.model.max_length) if clf.is_lm else trial.data
+    exclude = cfg.sae.excluded_ids(clf.tokenizer)
 
     def make(out: str, lead: bool) -> None:
         started = time.perf_counter()
@@ -266,6 +267,7 @@ def activations(trial: Trial, clf: Classifier, model: Artifact, layer: int) -> A
                 tokens=split != "test",
                 order=rows,
                 part=rank if world > 1 else None,
+                exclude=exclude,
             )
         send()
         if world > 1:
@@ -280,6 +282,7 @@ def activations(trial: Trial, clf: Classifier, model: Artifact, layer: int) -> A
         "layer": layer,
         "dtype": cfg.sae.stored_dtype(cfg.model.dtype),
         "format": 3,  # one column per hookpoint; token rows hold their vocabulary ids
+        "exclude": exclude,
     }
     return shared_artifact(trial.store, "activations", spec, make, everyone=True)
 
