@@ -76,11 +76,13 @@ def _sae_from_flags(args: argparse.Namespace) -> tuple[Sae, list[dict[str, Any]]
     several = {n: v for n, v in lists.items() if len(v) > 1}
     combos = itertools.product(*several.values()) if several else ()  # product() is [()]
     variants = [dict(zip(several, c, strict=True)) for c in combos]
+    if len(args.init_seeds) > 1:  # each setting under each seed
+        variants = [{**v, "init_seed": s} for v in variants or [{}] for s in args.init_seeds]
     batch = max(1, args.batch_size * args.ctx_len)
     try:
         sae = Sae(**base, batch_size=batch)
         for override in variants:
-            Sae(**{**base, **override}, batch_size=batch)
+            Sae(**{**base, **_settings(override)}, batch_size=batch)
     except ValidationError as err:
         raise ConfigError(one_line(err, flag_of)) from None
     return sae, variants
@@ -89,10 +91,15 @@ def _sae_from_flags(args: argparse.Namespace) -> tuple[Sae, list[dict[str, Any]]
 def check_fits(sae: Sae, variants: list[dict[str, Any]], d_in: int) -> None:
     """k against the dictionary, for every co-trained SAE: one line naming `--k`."""
     try:
-        for cfg in [sae] + [sae.model_copy(update=v) for v in variants]:
+        for cfg in [sae] + [sae.model_copy(update=_settings(v)) for v in variants]:
             cfg.check_fits(d_in)
     except ValueError as err:
         raise ConfigError(f"--{err}") from None
+
+
+def _settings(override: dict[str, Any]) -> dict[str, Any]:
+    """A variant's SAE settings (its init seed is the fit's, not the SAE config's)."""
+    return {k: v for k, v in override.items() if k != "init_seed"}
 
 
 def flag_of(field: str) -> str:
@@ -136,7 +143,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="tokens of each worker's shuffle buffer (a set that fits in memory, up to "
         "256 MB, is permuted whole each epoch instead); 0: the stored order",
     )
-    g.add_argument("--init_seeds", type=int, default=42, help="seed of the SAE's init")
+    g.add_argument(
+        "--init_seeds",
+        type=int,
+        nargs="+",
+        default=[42],
+        help="seed of the SAE's init (several: one SAE each, co-trained on one stream)",
+    )
     g.add_argument("--data_preprocessing_num_proc", type=int, default=1, help="tokeniser threads")
     g = p.add_argument_group("saving and logging")
     g.add_argument("--save_dir", default="./output", help="where runs and the cache go")

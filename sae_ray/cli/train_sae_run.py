@@ -65,7 +65,7 @@ def run(args: argparse.Namespace, connect: Callable[[], None] = lambda: None) ->
         "max_tokens": args.max_tokens,
         "dtype": _stored_dtype(args, clf),
         "seed": args.shuffle_seed,
-        "init": args.init_seeds,
+        "init": args.init_seeds[0],  # a tiny model's build seed
         "exclude": sae.exclude_tokens,
     }
     if kind is None:
@@ -159,12 +159,13 @@ def _model_and_data(args: argparse.Namespace, kind: str | None) -> tuple[Classif
     split = data.splits["train"]
     try:
         if kind == "lm" and args.model == "tiny-gpt2":
-            clf = build_tiny_lm(args.model, split.texts, args.init_seeds, args.ctx_len)
+            clf = build_tiny_lm(args.model, split.texts, args.init_seeds[0], args.ctx_len)
         elif kind is not None and args.model != "tiny-bert":
             clf = Classifier(load_model(args.model, kind), _tokenizer(args.model))
         else:
             labels = max(2, data.num_classes)
-            clf = build_classifier(args.model, labels, split.texts, args.init_seeds, args.ctx_len)
+            seed = args.init_seeds[0]
+            clf = build_classifier(args.model, labels, split.texts, seed, args.ctx_len)
     except (OSError, ValueError) as err:  # not on the hub / no network / not a model folder
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise ConfigError(f"model: cannot load {args.model!r} ({reason})") from None
@@ -227,7 +228,7 @@ def _fit_config(
             loss_fn=args.loss_fn,
             log_every=args.wandb_log_frequency,
             max_steps=args.max_steps,
-            init_seed=args.init_seeds,
+            init_seed=args.init_seeds[0],
             shuffle_seed=args.shuffle_seed,
             shuffle_buffer_tokens=args.shuffle_buffer,
             log_to_wandb=args.log_to_wandb,

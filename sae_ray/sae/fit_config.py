@@ -11,6 +11,10 @@ from pydantic import Field, ValidationError, model_validator
 from sae_ray.config import PER_SAE, Sae, one_line
 from sae_ray.sae.model import default_lr
 
+# Per SAE of a fit: the SAE config's own settings, and the seed of its initial weights
+# (several init seeds: one SAE each on one stream, the spread that is the SAE's alone).
+PER_FIT = (*PER_SAE, "init_seed")
+
 
 class SaeTrainConfig(Sae):
     hookpoints: list[str] = Field(min_length=1)
@@ -32,7 +36,7 @@ class SaeTrainConfig(Sae):
     variants: list[dict[str, Any]] = Field(
         default_factory=list,
         description="co-trained SAEs: each entry overrides the SAE's own settings "
-        f"({', '.join(PER_SAE)}) for one SAE per hookpoint, all fed by one stream",
+        f"({', '.join(PER_FIT)}) for one SAE per hookpoint, all fed by one stream",
     )
 
     @model_validator(mode="after")
@@ -59,7 +63,7 @@ class SaeTrainConfig(Sae):
             return {hp: self.model_copy(update={"hookpoints": [hp]}) for hp in self.hookpoints}
         out = {}
         for override in self.variants:
-            bad = sorted(set(override) - set(PER_SAE))
+            bad = sorted(set(override) - set(PER_FIT))
             if bad:
                 raise ValueError(f"{bad[0]} is shared by the stream, not per SAE")
             member = type(self)(**{**self.model_dump(), **override, "variants": []})
@@ -80,7 +84,13 @@ class SaeTrainConfig(Sae):
         return self.lr or default_lr(self.latents)
 
 
-SHORT = {"k": "k", "expansion_factor": "x", "num_latents": "latents", "architecture": ""}
+SHORT = {
+    "k": "k",
+    "expansion_factor": "x",
+    "num_latents": "latents",
+    "architecture": "",
+    "init_seed": "seed",
+}
 
 
 def variant_name(override: dict[str, Any]) -> str:

@@ -63,13 +63,13 @@ def _start_fit(
     config: dict[str, Any], device: torch.device, rank: int, checkpoint: Path | None
 ) -> Fit:
     """Fresh SAEs, or the ones of the checkpoint a restarted group or `--resume` hands over.
-    Each SAE starts from `init_seed` alone, so a co-trained SAE starts where its solo fit
-    would."""
+    Each SAE starts from its own `init_seed` alone, so a co-trained SAE starts where its
+    solo fit would."""
     cfg = SaeTrainConfig(**config["cfg"])
     members = cfg.members()
     saes, opts, trackers = {}, {}, {}
     for key, m in members.items():
-        torch.manual_seed(cfg.init_seed)
+        torch.manual_seed(m.init_seed)
         saes[key] = SparseAutoencoder(
             SaeConfig(
                 cfg.d_in,
