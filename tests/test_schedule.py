@@ -64,3 +64,39 @@ def test_a_fit_follows_the_schedule_at_every_step(tmp_path, monkeypatch):
     assert len(seen) == steps == 20
     assert seen == pytest.approx([1e-3 * lr_factor(s, 3, steps, "cosine") for s in range(steps)])
     assert seen[0] == pytest.approx(1e-3 / 3) and seen[3] == pytest.approx(1e-3)
+
+
+def test_k_anneals_linearly_to_k_on_a_hand_case():
+    from sae_ray.sae.schedule import k_at
+
+    assert [k_at(s, 4, 20, 8) for s in range(11)] == [20, 18, 16, 14, 12, 10, 8, 6, 4, 4, 4]
+    assert [k_at(s, 4, None, 8) for s in range(3)] == [4, 4, 4]  # no annealing
+
+
+def test_a_fit_anneals_k_step_by_step_and_ends_at_k(monkeypatch):
+    """The k each step's forward used, read at its optimizer step; the saved SAE's k is k."""
+    seen: list[int] = []
+    real = trainer.optimizer_step
+
+    def record(sae, opt):
+        seen.append(sae.cfg.k)
+        real(sae, opt)
+
+    monkeypatch.setattr(trainer, "optimizer_step", record)
+    cfg = SaeTrainConfig(
+        hookpoints=["h"], d_in=8, k=2, k_anneal_from=10, k_anneal_steps=8, expansion_factor=2,
+        batch_size=64, epochs=2, progress=False,
+    )  # fmt: skip
+    x = torch.randn(640, 8, generator=torch.Generator().manual_seed(0))
+    result = trainer.fit_in_process({"h": x}, cfg)
+    assert seen == [10, 9, 8, 7, 6, 5, 4, 3] + [2] * 12
+    assert result.saes["h"].cfg.k == 2 and result.metrics["l0/h"] <= 2
+
+
+def test_k_anneal_from_is_checked_against_the_dictionary():
+    from sae_ray.config import Sae
+
+    with pytest.raises(ValueError, match="k_anneal_from: 1 must lie between k"):
+        Sae(k=4, k_anneal_from=1).check_fits(8)
+    with pytest.raises(ValueError, match="k_anneal_from: 99"):
+        Sae(k=4, k_anneal_from=99, expansion_factor=2).check_fits(8)

@@ -43,6 +43,12 @@ class Sae(Section):
     )
     k: int = Field(32, ge=1, description="active latents per token", **saetrain(192))
     expansion_factor: int = Field(8, ge=1, description="latents = d_in x this", **saetrain(32))
+    k_anneal_from: int | None = Field(
+        None, ge=1, description="k annealing: the k of the first step, decayed linearly to k"
+    )
+    k_anneal_steps: int = Field(
+        0, ge=0, description="steps of that decay (0: no annealing; at most the fit's steps)"
+    )
     num_latents: int | None = Field(None, ge=1, description="latents (overrides expansion_factor)")
     epochs: int = Field(
         1,
@@ -135,6 +141,11 @@ class Sae(Section):
         latents = self.latents_for(d_in)
         if self.k > latents:
             raise ValueError(f"k: {self.k} is larger than the {latents} latents")
+        start = self.k_anneal_from
+        if start is not None and not self.k <= start <= latents:
+            raise ValueError(
+                f"k_anneal_from: {start} must lie between k ({self.k}) and the {latents} latents"
+            )
         if self.target_l0 is not None and self.architecture != "jumprelu":
             raise ValueError(
                 f"target_l0: only a jumprelu has an L0 penalty, not {self.architecture}"
@@ -169,6 +180,8 @@ SHUFFLE_BUFFER_TOKENS = 16384
 PER_SAE = (
     "architecture",
     "k",
+    "k_anneal_from",
+    "k_anneal_steps",
     "expansion_factor",
     "num_latents",
     "lr",

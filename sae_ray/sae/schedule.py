@@ -1,4 +1,5 @@
-"""An SAE's learning-rate schedule: linear warm-up from lr / warm-up steps to lr, then
+"""An SAE's schedules: its k (annealed from a larger one), and its learning rate: linear
+warm-up from lr / warm-up steps to lr, then
 constant, or linear or cosine decay to 0 at the fit's last step (torch's `LinearLR` then
 `LinearLR` / `CosineAnnealingLR`, chained as `SequentialLR` chains them; a test checks
 the two agree). A pure function of the step, so a resumed fit continues the schedule
@@ -22,6 +23,13 @@ def lr_factor(step: int, warmup: int, total: int, decay: str) -> float:
     if decay == "linear":
         return 1.0 - done
     return 0.5 * (1 + math.cos(math.pi * done))
+
+
+def k_at(step: int, k: int, start: int | None, steps: int) -> int:
+    """k annealing: `start` at step 0, linearly down to `k` at step `steps`, then `k`."""
+    if start is None or steps <= 0:
+        return k
+    return round(start + (k - start) * min(step, steps) / steps)
 
 
 def total_steps(budget_tokens: int, batch_tokens: int, grad_acc_steps: int) -> int:
