@@ -103,6 +103,12 @@ class Sae(Section):
     max_tokens: int | None = Field(
         None, ge=1, description="global token budget; else epochs", **saetrain(1_000_000)
     )
+    normalize_activations: bool = Field(
+        False,
+        description="train on activations scaled to E‖x‖ = √d (SAELens's "
+        "expected_average_only_in), the scale estimated on the first batch; the saved SAE "
+        "folds it in and takes raw activations",
+    )
     exclude_tokens: list[int] = Field(
         default_factory=list,
         description="token ids left out of SAE training and its metrics (sparsify's "

@@ -31,6 +31,8 @@ class Progress:
     fvu_curve: list[float] = field(default_factory=list)  # the first SAE's FVU, per step
     # with several SAEs on the stream, each one's FVU per step (its own steps_to_fvu)
     fvu_curves: dict[str, list[float]] = field(default_factory=dict)
+    # normalize_activations: each hookpoint's scale, set on the first batch, kept to resume
+    scales: dict[str, float] = field(default_factory=dict)
 
 
 def _flatten_optimizer(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:

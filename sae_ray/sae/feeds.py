@@ -4,6 +4,7 @@ end-to-end feed, through a frozen model, is `spliced.ModelFeed`."""
 
 from __future__ import annotations
 
+import math
 import warnings
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import ray
 import torch
 
 from sae_ray import storage
-from sae_ray.distributed.ranks import rank_world
+from sae_ray.distributed.ranks import all_reduce, rank_world
 from sae_ray.lm.extraction import Manifest, column_of, read_manifest
 from sae_ray.sae.fit_config import SaeTrainConfig
 from sae_ray.sae.model import SparseAutoencoder
@@ -46,6 +47,19 @@ class ActivationFeed:
     def init_b_dec(self, saes: dict[str, SparseAutoencoder], batch) -> None:
         for key, sae in saes.items():
             sae.init_b_dec(batch[self.column(key)])
+
+    def norm_scales(self, batch) -> dict[str, float]:
+        """Each hookpoint's scale to E‖x‖ = √d (SAELens's rule), from this batch on every
+        rank (their mean norm, all-reduced: one scale for all)."""
+        out = {}
+        for column in self.cfg.hookpoints:
+            x = batch[column].float()
+            norms = all_reduce(torch.stack([x.norm(dim=-1).sum(), x.new_tensor(len(x))]))
+            out[column] = math.sqrt(x.shape[-1]) / float(norms[0] / norms[1])
+        return out
+
+    def scaled(self, batch, scales: dict[str, float]):
+        return {**batch, **{column: batch[column] * s for column, s in scales.items()}}
 
     def losses(self, models, saes, batch, trackers) -> tuple[torch.Tensor, dict[str, dict]]:
         """Every SAE's loss on its hookpoint's column of the one batch. Their parameters are

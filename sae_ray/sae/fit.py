@@ -3,6 +3,7 @@ reads and its checkpoints save."""
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -37,6 +38,7 @@ class Fit:
     members: dict[str, SaeTrainConfig] = field(default_factory=dict)  # each SAE's config
     stats: dict[str, dict[str, float]] = field(default_factory=dict)
     micro: int = 0
+    finished: bool = False  # its last step is taken: what it saves is what it publishes
     steps: int = 1  # the fit's optimizer steps, for the learning-rate schedule
     # what a checkpoint is handed to: Ray Train's report (`train-sae`), or the trial's
     # storage when the fit is one stage of a trial's Train run
@@ -45,6 +47,18 @@ class Fit:
     def done(self) -> bool:
         p, cfg = self.progress, self.cfg
         return p.tokens >= self.budget or bool(cfg.max_steps and p.step >= cfg.max_steps)
+
+    def published(self) -> dict[str, SparseAutoencoder]:
+        """The SAEs as a checkpoint saves them: trained on normalised activations, a
+        finished fit's take raw ones (each hookpoint's scale folded in); mid-fit they keep
+        training's weights, which a resume continues from."""
+        scales = self.progress.scales
+        if not scales or not (self.finished or self.done()):
+            return self.saes
+        return {
+            key: copy.deepcopy(sae).fold_input_scale(scales[self.members[key].hookpoints[0]])
+            for key, sae in self.saes.items()
+        }
 
     def rate(self) -> float:
         return (self.progress.tokens - self.started_tokens) / (time.perf_counter() - self.started)

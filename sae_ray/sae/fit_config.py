@@ -41,6 +41,11 @@ class SaeTrainConfig(Sae):
 
     @model_validator(mode="after")
     def _fits(self) -> SaeTrainConfig:
+        if self.normalize_activations and self.loss_fn in ("ce", "kl"):
+            raise ValueError(
+                f"normalize_activations: an end-to-end fit (loss_fn {self.loss_fn}) splices "
+                "the SAE into the model's own activations; normalise a reconstruction fit"
+            )
         if self.variants and self.loss_fn in ("ce", "kl"):
             raise ValueError(
                 f"variants: an end-to-end fit (loss_fn {self.loss_fn}) splices one SAE per "

@@ -100,6 +100,16 @@ class SparseAutoencoder(nn.Module):
         return z @ self.W_dec + self.b_dec
 
     @torch.no_grad()
+    def fold_input_scale(self, scale: float) -> SparseAutoencoder:
+        """Trained on `scale`·x, this SAE becomes one that takes raw x: its codes and its
+        reconstruction divided by `scale` (b_enc, b_dec and any threshold over `scale`; the
+        decoder keeps its unit rows). In place; returns it."""
+        self.encoder.bias /= scale
+        self.b_dec /= scale
+        self.arch.fold_scale(self, scale)
+        return self
+
+    @torch.no_grad()
     def set_decoder_norm_to_unit_norm(self) -> None:
         self.W_dec.data /= self.W_dec.data.norm(dim=1, keepdim=True).clamp_min(1e-8)
 

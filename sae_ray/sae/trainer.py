@@ -153,6 +153,10 @@ def _epoch(fit: Fit, feed, shard, log: RunLog, world: int, device: torch.device)
         seen_any = True
         if i < skip:  # consumed before the checkpoint this run resumed from
             continue
+        if cfg.normalize_activations:
+            if not progress.scales:  # the first batch (all ranks): E‖x‖ = √d from here on
+                progress.scales = feed.norm_scales(batch)
+            batch = feed.scaled(batch, progress.scales)
         if not fit.models:
             if not fit.restored:
                 feed.init_b_dec(fit.saes, batch)  # rank 0's first batch; DDP broadcasts it
@@ -209,7 +213,7 @@ def fit_saes(
     while not done:
         done = _epoch(fit, feed, shard, log, world, device)
         if not done and fit.cfg.max_tokens is None and fit.progress.epoch >= fit.cfg.epochs:
-            done = True
+            done = fit.finished = True
             if fit.progress.step % fit.cfg.save_every:  # the last step's checkpoint
                 _report(fit)
     log.close()
@@ -269,7 +273,7 @@ def _report_to_disk(fit: Fit) -> None:
     """One process, no Ray: every checkpoint straight to `<save_dir>` (sparsify's layout)."""
     if fit.save_dir is not None:
         with tempfile.TemporaryDirectory() as tmp:
-            save_checkpoint(Path(tmp), fit.saes, fit.opts, fit.trackers, fit.progress)
+            save_checkpoint(Path(tmp), fit.published(), fit.opts, fit.trackers, fit.progress)
             publish(Path(tmp), fit.save_dir)
 
 
@@ -294,7 +298,7 @@ def fit_in_process(
     fit = fit_saes(config, None, None, _report_to_disk)
     metrics = fit_metrics(fit)
     metrics["tokens_per_s"] = metrics.pop("run_tokens") / max(metrics.pop("elapsed_s"), 1e-9)
-    return SaeTrainResult(saes=fit.saes, metrics=metrics)
+    return SaeTrainResult(saes=fit.published(), metrics=metrics)
 
 
 def _report_to_train(fit: Fit) -> None:
@@ -305,7 +309,7 @@ def _report_to_train(fit: Fit) -> None:
         ray.train.report(metrics)
         return
     with tempfile.TemporaryDirectory() as tmp:
-        save_checkpoint(Path(tmp), fit.saes, fit.opts, fit.trackers, fit.progress)
+        save_checkpoint(Path(tmp), fit.published(), fit.opts, fit.trackers, fit.progress)
         if fit.save_dir is not None:
             publish(Path(tmp), fit.save_dir)
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))

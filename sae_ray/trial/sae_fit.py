@@ -71,7 +71,7 @@ def keep_checkpoint(fit: Fit, location: str, fault_point: str) -> None:
     this fit stands for the fault points above."""
     if fit.rank == 0:
         with tempfile.TemporaryDirectory() as tmp:
-            save_checkpoint(Path(tmp), fit.saes, fit.opts, fit.trackers, fit.progress)
+            save_checkpoint(Path(tmp), fit.published(), fit.opts, fit.trackers, fit.progress)
             store_checkpoint(Path(tmp), location)
     here = fault_point.format(fit.progress.step)
     for variable, fault in ((KILL_SAE_FIT_AT, _kill), (HOLD_SAE_FIT_AT, _hold)):
@@ -212,13 +212,14 @@ def _fit(
             return
         metrics = fit_metrics(fit)
         metrics["tokens_per_s"] = metrics.pop("run_tokens") / max(metrics.pop("elapsed_s"), 1e-9)
+        saes = fit.published()
         if not overrides:
-            _save_sae(fit.saes[hp], metrics, out)
+            _save_sae(saes[hp], metrics, out)
         else:  # a claimed peer's scratch is published, its lock released, as `stack` closes
             for name, place in {cofit.OWN: out, **claimed.scratches}.items():
                 if place is not None:
                     member = cofit.member_metrics(metrics, name, hp)
-                    _save_sae(fit.saes[f"{name}/{hp}"], member, place)
+                    _save_sae(saes[f"{name}/{hp}"], member, place)
     # The workers report it live, but a short fit ends before their last export.
     telemetry.sae_tokens_per_s(cfg.experiment.name, hp, metrics["tokens_per_s"])
 

@@ -43,6 +43,10 @@ class Architecture:
         """How SAELens loads it: its architecture name, config keys and extra tensors."""
         raise NotImplementedError
 
+    def fold_scale(self, sae: nn.Module, scale: float) -> None:
+        """Pre-activations are divided by `scale` (`SparseAutoencoder.fold_input_scale`):
+        whatever they are compared with (a threshold) follows."""
+
 
 ARCHITECTURES: dict[str, Architecture] = {}
 

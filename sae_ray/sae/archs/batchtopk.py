@@ -72,6 +72,9 @@ class BatchTopK(Architecture):
         update_threshold(sae, values.detach())
         return Codes(values, cols, aux_values, aux_indices, offsets=offsets)
 
+    def fold_scale(self, sae, scale):
+        sae.threshold /= scale
+
     def saelens(self, sae):
         return (
             "jumprelu",

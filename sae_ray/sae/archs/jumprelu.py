@@ -130,5 +130,8 @@ class JumpReLUArchitecture(Architecture):
         penalty = l0_penalty(l0, sae.cfg.target_l0)
         return Codes(values, cols, aux_values, aux_indices, penalty=penalty, offsets=offsets)
 
+    def fold_scale(self, sae, scale):
+        sae.log_threshold -= math.log(scale)
+
     def saelens(self, sae):
         return "jumprelu", {}, {"threshold": sae.log_threshold.exp()}
