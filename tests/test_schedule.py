@@ -100,3 +100,27 @@ def test_k_anneal_from_is_checked_against_the_dictionary():
         Sae(k=4, k_anneal_from=1).check_fits(8)
     with pytest.raises(ValueError, match="k_anneal_from: 99"):
         Sae(k=4, k_anneal_from=99, expansion_factor=2).check_fits(8)
+
+
+def test_the_l0_coefficient_warms_up_as_saelens_does(monkeypatch):
+    """SAELens's l0 warm-up: coefficient x min(1, (step + 1) / steps); read in each step's
+    loss, the saved SAE ends at the full coefficient."""
+    from sae_ray.sae.schedule import warmed
+
+    assert [warmed(0.5, s, 4) for s in range(6)] == [0.125, 0.25, 0.375, 0.5, 0.5, 0.5]
+    seen: list[float] = []
+    real = trainer.optimizer_step
+
+    def record(sae, opt):
+        seen.append(sae.cfg.l0_coefficient)
+        real(sae, opt)
+
+    monkeypatch.setattr(trainer, "optimizer_step", record)
+    cfg = SaeTrainConfig(
+        hookpoints=["h"], d_in=8, k=2, expansion_factor=2, batch_size=64, epochs=1,
+        architecture="jumprelu", l0_coefficient=0.01, l0_warmup_steps=4, progress=False,
+    )  # fmt: skip
+    x = torch.randn(640, 8, generator=torch.Generator().manual_seed(0))
+    result = trainer.fit_in_process({"h": x}, cfg)
+    assert seen == pytest.approx([0.0025, 0.005, 0.0075] + [0.01] * 7)
+    assert result.saes["h"].cfg.l0_coefficient == 0.01

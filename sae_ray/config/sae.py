@@ -76,6 +76,12 @@ class Sae(Section):
     l0_coefficient: float = Field(
         1e-3, ge=0, description="jumprelu: L0 penalty per active latent, in FVU units"
     )
+    l0_warmup_steps: int = Field(
+        0,
+        ge=0,
+        description="jumprelu: steps over which the L0 coefficient rises linearly "
+        "from 0 (SAELens's l0_warm_up_steps)",
+    )
     target_l0: float | None = Field(
         None, gt=0, description="jumprelu: hold L0 near T by l0_coefficient x 2/T x (L0 - T)^2"
     )
@@ -199,6 +205,7 @@ PER_SAE = (
     "optimizer",
     "weight_decay",
     "l0_coefficient",
+    "l0_warmup_steps",
     "target_l0",
     "matryoshka_widths",
 )

@@ -32,6 +32,12 @@ def k_at(step: int, k: int, start: int | None, steps: int) -> int:
     return round(start + (k - start) * min(step, steps) / steps)
 
 
+def warmed(value: float, step: int, steps: int) -> float:
+    """A coefficient's warm-up: linearly from 0 to `value` over `steps` (SAELens's rule,
+    (step + 1) / steps), then `value`."""
+    return value if steps <= 0 else value * min(1.0, (step + 1) / steps)
+
+
 def total_steps(budget_tokens: int, batch_tokens: int, grad_acc_steps: int) -> int:
     """Optimizer steps in a fit of `budget_tokens` (batches of `batch_tokens`)."""
     return max(1, math.ceil(budget_tokens / (batch_tokens * grad_acc_steps)))

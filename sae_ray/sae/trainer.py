@@ -45,7 +45,7 @@ from sae_ray.sae.fit import Fit
 from sae_ray.sae.fit_config import SaeTrainConfig
 from sae_ray.sae.model import SaeConfig, SparseAutoencoder
 from sae_ray.sae.run_log import RunLog
-from sae_ray.sae.schedule import k_at, lr_factor, set_lr, total_steps
+from sae_ray.sae.schedule import k_at, lr_factor, set_lr, total_steps, warmed
 from sae_ray.sae.spliced import ModelFeed
 from sae_ray.sae.training import DeadTracker, make_optimizer, optimizer_step
 
@@ -135,12 +135,14 @@ def _backward(fit: Fit, feed, batch, world: int, device: torch.device) -> bool:
     return last_micro
 
 
-def _anneal_k(fit: Fit) -> None:
-    """Each SAE's k for the coming step (annealing ends by the fit's last step at latest)."""
+def _step_settings(fit: Fit) -> None:
+    """Each SAE's k (annealing ends by the fit's last step at latest) and L0 coefficient
+    (warming up) for the coming step."""
+    step = fit.progress.step
     for key, sae in fit.saes.items():
         m = fit.members[key]
-        span = min(m.k_anneal_steps, fit.steps)
-        sae.cfg.k = k_at(fit.progress.step, m.k, m.k_anneal_from, span)
+        sae.cfg.k = k_at(step, m.k, m.k_anneal_from, min(m.k_anneal_steps, fit.steps))
+        sae.cfg.l0_coefficient = warmed(m.l0_coefficient, step, m.l0_warmup_steps)
 
 
 def _epoch(fit: Fit, feed, shard, log: RunLog, world: int, device: torch.device) -> bool:
@@ -161,7 +163,7 @@ def _epoch(fit: Fit, feed, shard, log: RunLog, world: int, device: torch.device)
             if not fit.restored:
                 feed.init_b_dec(fit.saes, batch)  # rank 0's first batch; DDP broadcasts it
             fit.models = {key: _prepare(sae, world) for key, sae in fit.saes.items()}
-        _anneal_k(fit)
+        _step_settings(fit)
         step_due = _backward(fit, feed, batch, world, device)
         first = next(iter(fit.stats.values()))
         n_global = first["tokens"]
