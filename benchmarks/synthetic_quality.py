@@ -19,6 +19,7 @@ also gives the ratio with sampling left in.
 
     python -m benchmarks.synthetic_quality                       # 4096 features, 1M tokens
     python -m benchmarks.synthetic_quality --tokens 100000 --architectures topk
+    python -m benchmarks.synthetic_quality --lr_warmup_steps 100 --lr_decay cosine --normalize
 """
 
 from __future__ import annotations
@@ -83,6 +84,9 @@ def train_ours(model, arch: str, args, out: Path) -> float:
         architecture=arch,
         lr=args.lr,
         target_l0=args.k if arch == "jumprelu" else None,
+        lr_warmup_steps=args.lr_warmup_steps,
+        lr_decay=args.lr_decay,
+        normalize_activations=args.normalize,
     )
     config = {
         "cfg": cfg.model_dump(),
@@ -92,7 +96,7 @@ def train_ours(model, arch: str, args, out: Path) -> float:
     start = time.perf_counter()
     fit = fit_saes(config, None, None, lambda fit: None)
     wall = time.perf_counter() - start
-    export_saelens(fit.saes["h"].eval(), out)
+    export_saelens(fit.published()["h"].eval(), out)  # normalised: the scale folded in
     return wall
 
 
@@ -159,6 +163,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--batch", type=int, default=1024)
     parser.add_argument("--lr", type=float, default=3e-4, help="both trainers'")
     parser.add_argument("--eval_samples", type=int, default=20_000)
+    # our recipe options (SAELens's side trains as it always does)
+    parser.add_argument("--lr_warmup_steps", type=int, default=0, help="ours: lr warm-up")
+    parser.add_argument("--lr_decay", default="constant", choices=["constant", "linear", "cosine"])
+    parser.add_argument("--normalize", action="store_true", help="ours: E‖x‖ = √d")
     parser.add_argument(
         "--architectures", nargs="+", default=["topk", "batchtopk", "jumprelu", "matryoshka"]
     )
@@ -185,6 +193,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 "tokens": args.tokens,
                 "batch": args.batch,
                 "lr": args.lr,
+                "ours_recipe": {
+                    "lr_warmup_steps": args.lr_warmup_steps,
+                    "lr_decay": args.lr_decay,
+                    "normalize": args.normalize,
+                },
                 "ours": ours,
                 "sae_lens": theirs,
             }
