@@ -138,12 +138,15 @@ PAIRED_TASK = {
     ],
     True: ["val/perplexity", "test/perplexity", "sae/ce_loss_score"],
 }
-PAIRED_SAE = [
+PAIRED_SAE = [  # the SAE's quality and the seed's structure comparison
     "sae/fvu",
+    "sae/steps_to_fvu",
     OVERLAP,
     "features/firing_gini",
     "features/mean_max_decoder_cos",
     "features/decoder_silhouette",
+    "absorption/mean_fraction",
+    "absorption/full_rate",
 ]
 PAIRED = [*PAIRED_TASK[False], *PAIRED_TASK[True], *PAIRED_SAE]
 

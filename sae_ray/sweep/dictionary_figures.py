@@ -38,10 +38,16 @@ def _bin_labels(count: int) -> list[str]:
 
 def plot_density(sweep: Sweep, out: Path) -> str | None:
     """Final-cycle log10 firing density, the fraction of each strategy's latents per bin
-    (its trials' SAEs pooled): where the dead and the dense latents are."""
+    (its trials' SAEs pooled, every seed's from seeds.csv; results.csv holds the first
+    seed's): where the dead and the dense latents are."""
+    seeded = sweep.seeds is not None and HIST in sweep.seeds
     final = pd.DataFrame(final_rows(sweep.rows.to_dict("records")))
     if HIST not in final:
         return None
+    if seeded:  # each trial's seeds at its final cycle
+        last = final.set_index("trial_id")["cycle"]
+        seeds = sweep.seeds[sweep.seeds["trial_id"].isin(last.index)]
+        final = seeds[seeds["cycle"] == seeds["trial_id"].map(last)]
     per_strategy: dict[str, np.ndarray] = {}
     for strategy, rows in final.groupby("strategy_effective", sort=True):
         hists = [np.asarray(json.loads(h), float) for h in rows[HIST] if isinstance(h, str)]
