@@ -48,7 +48,7 @@ def evaluation(
         "dataset": cfg.dataset.model_dump(),
         "max_length": cfg.model.max_length,
         "seed": cfg.experiment.seed,  # the clustering's and the null's streams
-        "metrics": 4,  # the set it holds (4: SAEBench's probing, absorption, dictionary's)
+        "metrics": 5,  # the set it holds (5: SAEBench's probing, absorption, dictionary's)
     }
     if cfg.is_lm:  # the sharpened perplexity's k_sharp
         spec["sharpening"] = cfg.sharpening.model_dump(include={"k_sharp", "keep_frac"})
@@ -86,6 +86,14 @@ def _metrics(
     return metrics
 
 
+def dictionary_metrics(sae: SparseAutoencoder, tokens: Path, hp: str, tokenizer, on):
+    """`features/...` and `absorption/...` of the SAE on the held-out token rows: what a
+    classifier's cycle and a causal LM's both report."""
+    out = feature_stats(sae, iter_tokens(tokens, hp), on)
+    absorption = absorption_on_tokens(sae, tokens, hp, tokenizer, on)
+    return {**out, **{f"absorption/{k}": v for k, v in absorption.items()}}
+
+
 def _finetune_stats(model_dir: Path) -> dict[str, float]:
     """How the cycle's model was trained: steps (equal across strategies and the control),
     the epoch validation chose, and that epoch's training losses."""
@@ -114,9 +122,7 @@ def classifier_metrics(
     on = device()
     tokens = acts.local("validation") / "tokens"
     out.update({f"sae/{k}": v for k, v in sae_quality(sae, iter_tokens(tokens, hp), on).items()})
-    out.update(feature_stats(sae, iter_tokens(tokens, hp), on))
-    absorption = absorption_on_tokens(sae, tokens, hp, clf.tokenizer, on)
-    out.update({f"absorption/{k}": v for k, v in absorption.items()})
+    out.update(dictionary_metrics(sae, tokens, hp, clf.tokenizer, on))
 
     def codes_of(x: np.ndarray):
         return sparse_codes(sae, x, on)
@@ -160,5 +166,5 @@ def lm_metrics(
     out.update(splice_scores(clf, sae, splits["validation"], block, layer))
     k_sharp = cfg.sharpening.model_copy(update={"strategy": "topk_sharp"}).kept(sae.cfg.k, 0)
     out["sae/sharp_perplexity"] = ppl(clf, splits["validation"], block, layer, splice(sae, k_sharp))
-    out.update(feature_stats(sae, iter_tokens(tokens, hp), on))
+    out.update(dictionary_metrics(sae, tokens, hp, clf.tokenizer, on))
     return out
