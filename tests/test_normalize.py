@@ -70,3 +70,34 @@ def test_a_normalised_fit_saves_an_sae_for_raw_activations(tmp_path):
 def test_end_to_end_fits_refuse_it():
     with pytest.raises(ValueError, match="normalize_activations: an end-to-end fit"):
         SaeTrainConfig(hookpoints=["h"], d_in=8, loss_fn="ce", normalize_activations=True)
+
+
+def test_a_normalised_fit_stopped_and_resumed_ends_where_an_uninterrupted_one_does(tmp_path):
+    """Mid-fit checkpoints keep training's weights and the scale; the resumed fit reuses
+    that scale (no new estimate) and ends with the uninterrupted fit's folded SAE."""
+    from sae_ray.sae.feeds import ArrayFeed
+    from sae_ray.sae.trainer import _report_to_disk, fit_saes
+
+    x = torch.randn(2048, 8, generator=torch.Generator().manual_seed(0)) * 30 + 5
+    base = dict(
+        hookpoints=["h"], d_in=8, k=2, expansion_factor=2, batch_size=128, epochs=2,
+        lr=3e-3, normalize_activations=True, progress=False, save_every=5,
+    )  # fmt: skip
+
+    def run(cfg: SaeTrainConfig, save_dir, checkpoint=None):
+        config = {
+            "cfg": cfg.model_dump(),
+            "rows": len(x),
+            "save_dir": str(save_dir),
+            "feed": lambda c, world, device: ArrayFeed(c, world, device, {"h": x}),
+        }
+        return fit_saes(config, None, checkpoint, _report_to_disk)
+
+    whole = run(SaeTrainConfig(**base), tmp_path / "whole")
+    stopped = run(SaeTrainConfig(**base, max_steps=15), tmp_path / "part")
+    assert not stopped.finished and stopped.progress.step == 15
+    resumed = run(SaeTrainConfig(**base), tmp_path / "again", checkpoint=tmp_path / "part")
+    assert resumed.progress.scales == whole.progress.scales == stopped.progress.scales
+    ours, theirs = resumed.published()["h"].state_dict(), whole.published()["h"].state_dict()
+    for name, value in theirs.items():
+        torch.testing.assert_close(ours[name], value, rtol=1e-5, atol=1e-6, msg=name)

@@ -49,11 +49,12 @@ class Fit:
         return p.tokens >= self.budget or bool(cfg.max_steps and p.step >= cfg.max_steps)
 
     def published(self) -> dict[str, SparseAutoencoder]:
-        """The SAEs as a checkpoint saves them: trained on normalised activations, a
-        finished fit's take raw ones (each hookpoint's scale folded in); mid-fit they keep
-        training's weights, which a resume continues from."""
+        """The SAEs as a checkpoint saves them: trained on normalised activations, a fit
+        that spent its budget saves ones that take raw activations (each hookpoint's scale
+        folded in); before that, and at a `max_steps` stop, training's weights, which a
+        resume continues from (the scale is in the checkpoint's state)."""
         scales = self.progress.scales
-        if not scales or not (self.finished or self.done()):
+        if not scales or not (self.finished or self.progress.tokens >= self.budget):
             return self.saes
         return {
             key: copy.deepcopy(sae).fold_input_scale(scales[self.members[key].hookpoints[0]])
