@@ -45,21 +45,32 @@ def test_rates_equal_torchs_schedulers(warmup, decay):
     assert ours == pytest.approx(_torch_rates(warmup, total, decay), rel=1e-6, abs=1e-12)
 
 
-def test_a_fit_follows_the_schedule_at_every_step(tmp_path, monkeypatch):
-    seen: list[float] = []
-    real = trainer.set_lr
+def _fit_seen(monkeypatch, read, **settings):
+    """A small fit (640 rows of 8, batches of 64) and what `read(sae)` gave at each of
+    its optimizer steps, with its result."""
+    seen: list = []
+    real = trainer.optimizer_step
 
-    def record(opt, base, factor):
-        seen.append(base * factor)
-        real(opt, base, factor)
+    def record(sae, opt):
+        seen.append(read(sae, opt))
+        real(sae, opt)
 
-    monkeypatch.setattr(trainer, "set_lr", record)
-    cfg = SaeTrainConfig(
-        hookpoints=["h"], d_in=8, k=2, expansion_factor=2, batch_size=64, epochs=2,
-        lr=1e-3, lr_warmup_steps=3, lr_decay="cosine", progress=False,
-    )  # fmt: skip
+    monkeypatch.setattr(trainer, "optimizer_step", record)
+    base = {"hookpoints": ["h"], "d_in": 8, "k": 2, "expansion_factor": 2, "batch_size": 64}
+    cfg = SaeTrainConfig(**base, progress=False, **settings)
     x = torch.randn(640, 8, generator=torch.Generator().manual_seed(0))
-    trainer.fit_in_process({"h": x}, cfg)
+    return seen, trainer.fit_in_process({"h": x}, cfg)
+
+
+def test_a_fit_follows_the_schedule_at_every_step(monkeypatch):
+    seen, _ = _fit_seen(
+        monkeypatch,
+        lambda sae, opt: opt.param_groups[0]["lr"],
+        epochs=2,
+        lr=1e-3,
+        lr_warmup_steps=3,
+        lr_decay="cosine",
+    )
     steps = total_steps(2 * 640, 64, 1)
     assert len(seen) == steps == 20
     assert seen == pytest.approx([1e-3 * lr_factor(s, 3, steps, "cosine") for s in range(steps)])
@@ -75,20 +86,9 @@ def test_k_anneals_linearly_to_k_on_a_hand_case():
 
 def test_a_fit_anneals_k_step_by_step_and_ends_at_k(monkeypatch):
     """The k each step's forward used, read at its optimizer step; the saved SAE's k is k."""
-    seen: list[int] = []
-    real = trainer.optimizer_step
-
-    def record(sae, opt):
-        seen.append(sae.cfg.k)
-        real(sae, opt)
-
-    monkeypatch.setattr(trainer, "optimizer_step", record)
-    cfg = SaeTrainConfig(
-        hookpoints=["h"], d_in=8, k=2, k_anneal_from=10, k_anneal_steps=8, expansion_factor=2,
-        batch_size=64, epochs=2, progress=False,
-    )  # fmt: skip
-    x = torch.randn(640, 8, generator=torch.Generator().manual_seed(0))
-    result = trainer.fit_in_process({"h": x}, cfg)
+    seen, result = _fit_seen(
+        monkeypatch, lambda sae, opt: sae.cfg.k, epochs=2, k_anneal_from=10, k_anneal_steps=8
+    )
     assert seen == [10, 9, 8, 7, 6, 5, 4, 3] + [2] * 12
     assert result.saes["h"].cfg.k == 2 and result.metrics["l0/h"] <= 2
 
@@ -108,19 +108,13 @@ def test_the_l0_coefficient_warms_up_as_saelens_does(monkeypatch):
     from sae_ray.sae.schedule import warmed
 
     assert [warmed(0.5, s, 4) for s in range(6)] == [0.125, 0.25, 0.375, 0.5, 0.5, 0.5]
-    seen: list[float] = []
-    real = trainer.optimizer_step
-
-    def record(sae, opt):
-        seen.append(sae.cfg.l0_coefficient)
-        real(sae, opt)
-
-    monkeypatch.setattr(trainer, "optimizer_step", record)
-    cfg = SaeTrainConfig(
-        hookpoints=["h"], d_in=8, k=2, expansion_factor=2, batch_size=64, epochs=1,
-        architecture="jumprelu", l0_coefficient=0.01, l0_warmup_steps=4, progress=False,
-    )  # fmt: skip
-    x = torch.randn(640, 8, generator=torch.Generator().manual_seed(0))
-    result = trainer.fit_in_process({"h": x}, cfg)
+    seen, result = _fit_seen(
+        monkeypatch,
+        lambda sae, opt: sae.cfg.l0_coefficient,
+        epochs=1,
+        architecture="jumprelu",
+        l0_coefficient=0.01,
+        l0_warmup_steps=4,
+    )
     assert seen == pytest.approx([0.0025, 0.005, 0.0075] + [0.01] * 7)
     assert result.saes["h"].cfg.l0_coefficient == 0.01

@@ -63,20 +63,28 @@ def run_cycles(trial: Trial, report: Report, reported: int = 0) -> None:
         rows = [_seed_cycle(chain, cycle, times, evaluate) for chain in chains]
         if not evaluate:
             continue
-        # every rank's high-water mark and node: a collective
-        peaks, nodes = zip(*gather((peak_rss_mb(), telemetry.node())), strict=True)
-        metrics: dict[str, Any] = {}
-        if rank_world()[0] == 0:
-            metrics = mean_over_seeds(rows)
-            metrics.update(times, **{"artifacts/computed": trial.store.computed - computed})
-            metrics["memory/worker_peak_mb"] = max(peaks)
-            metrics["nodes"] = ",".join(sorted(set(nodes)))  # which machines ran this trial
-            metrics[SEED_ROWS] = rows
+        metrics = cycle_metrics(rows, times, trial.store.computed - computed)
         times, computed = {}, trial.store.computed
         report(cycle, metrics)
 
 
 SEED_ROWS = "seeds"
+
+
+def cycle_metrics(
+    rows: list[dict[str, Any]], times: dict[str, float], computed: int
+) -> dict[str, Any]:
+    """What a cycle reports (rank 0; an empty dict elsewhere): the mean over the seeds'
+    `rows`, each seed's row under SEED_ROWS, where its time went, the artifacts it
+    computed, and every rank's peak memory and node (gathered: every rank calls it)."""
+    peaks, nodes = zip(*gather((peak_rss_mb(), telemetry.node())), strict=True)
+    if rank_world()[0] != 0:
+        return {}
+    metrics = {**mean_over_seeds(rows), **times, "artifacts/computed": computed}
+    metrics["memory/worker_peak_mb"] = max(peaks)
+    metrics["nodes"] = ",".join(sorted(set(nodes)))  # which machines ran this trial
+    metrics[SEED_ROWS] = rows
+    return metrics
 
 
 def mean_over_seeds(rows: list[dict[str, Any]]) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from sae_ray.distributed.ranks import gather, rank_world, shared_artifact
+from sae_ray.distributed.ranks import rank_world, shared_artifact
 from sae_ray.lm.extraction import ShardWriter, vectors_to_arrow
 from sae_ray.storage.artifacts import Artifact
 from sae_ray.trial import sae_fit
@@ -130,8 +130,7 @@ def scored(trial: Trial, world: Artifact, sae_art: Artifact) -> dict[str, Any]:
 def run_ground_truth(trial: Trial, report) -> None:
     """Each seed's SAE fitted on the world's draws and scored; reported once, as cycle 0,
     the mean over seeds with each seed's row (`run_cycles`' contract)."""
-    from sae_ray import telemetry
-    from sae_ray.trial.cycle import SEED_ROWS, mean_over_seeds, peak_rss_mb, timed
+    from sae_ray.trial.cycle import cycle_metrics, timed
 
     base, times, rows = trial.cfg.experiment.seed, {}, []
     for i in range(trial.cfg.search.seeds):
@@ -143,11 +142,4 @@ def run_ground_truth(trial: Trial, report) -> None:
         if rank_world()[0] == 0:
             with timed(times, "evaluate"):
                 rows.append({"cycle": 0, "seed": seeded.seed, **scored(seeded, world, sae_art)})
-    peaks, nodes = zip(*gather((peak_rss_mb(), telemetry.node())), strict=True)
-    metrics: dict[str, Any] = {}
-    if rank_world()[0] == 0:
-        metrics = {**mean_over_seeds(rows), **times, "artifacts/computed": trial.store.computed}
-        metrics["memory/worker_peak_mb"] = max(peaks)
-        metrics["nodes"] = ",".join(sorted(set(nodes)))
-        metrics[SEED_ROWS] = rows
-    report(0, metrics)
+    report(0, cycle_metrics(rows, times, trial.store.computed))
