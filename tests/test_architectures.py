@@ -253,14 +253,15 @@ def relu_l1():
     @register
     class ReluL1(Architecture):
         name = "test_relu_l1"
+        saelens_name = "standard"
 
         def encode(self, sae, x, dead):
-            z = F.relu(F.linear(x - sae.b_dec, sae.encoder.weight, sae.encoder.bias))
+            z = F.relu(F.linear(sae.centred(x), sae.encoder.weight, sae.encoder.bias))
             codes = dense_codes(z, sae.cfg.k)
             return codes._replace(penalty=z.sum()) if sae.training else codes
 
         def saelens(self, sae):
-            return "standard", {}, {}
+            return {}, {}
 
     yield ReluL1.name
     del ARCHITECTURES[ReluL1.name]

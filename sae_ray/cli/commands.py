@@ -79,7 +79,7 @@ def export_saelens(run_dir: str, out: str, push_to: str | None = None) -> int:
     """`sae-ray export-saelens RUN OUT [--push REPO_ID]`: every SAE under RUN (each folder
     holding `cfg.json` + `sae.safetensors`) as a SAELens folder with its model card at the
     same relative path; with `push_to`, uploaded to that hub repository."""
-    from sae_ray.sae.export import export_run, push
+    from sae_ray.sae.export import check_exportable, export_run, push
 
     source = Path(run_dir)
     if not source.is_dir():
@@ -90,6 +90,10 @@ def export_saelens(run_dir: str, out: str, push_to: str | None = None) -> int:
         raise ConfigError(f"{out}: inside {run_dir}; export somewhere else")
     if push_to is not None:
         _check_push(push_to)
+    try:
+        check_exportable(source)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     for folder in export_run(source, out):
         print(f"SAELens folder: {folder}")
     if push_to is not None:

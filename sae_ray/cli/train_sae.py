@@ -122,6 +122,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     _sae_flags(p.add_argument_group("the SAE (the sweep YAML's `sae` section)"))
     g = p.add_argument_group("data and layers")
     g.add_argument("--layers", type=int, nargs="+", help="layer(s) to train on (default: all)")
+    g.add_argument(
+        "--hookpoints",
+        nargs="+",
+        metavar="PATTERN",
+        help="modules to train on instead of --layers, by name pattern below the base model "
+        "(sparsify's: 'h.*.mlp', 'layers.*.self_attn'); each module's output, or its input "
+        "with a ':input' suffix ('h.*.mlp:input')",
+    )
     g.add_argument("--layer_stride", type=int, default=1, help="stride when --layers is unset")
     g.add_argument("--batch_size", type=int, default=4, help="sequences per step (x ctx_len)")
     g.add_argument("--ctx_len", type=int, default=512, help="tokens per sequence")
@@ -190,4 +198,19 @@ def check_flags(args: argparse.Namespace) -> tuple[Sae, list[dict[str, Any]]]:
         raise ConfigError("--activations: give MODEL DATASET or --activations, not both")
     if args.activations is not None and args.loss_fn in ("ce", "kl"):
         raise ConfigError(f"--loss_fn: {args.loss_fn} needs the model; --activations has none")
-    return _sae_from_flags(args)
+    if args.hookpoints and args.layers:
+        raise ConfigError("--hookpoints: give --layers or --hookpoints, not both")
+    if args.hookpoints and args.activations is not None:
+        raise ConfigError("--hookpoints: --activations trains on every column of its files")
+    if args.hookpoints and args.loss_fn in ("ce", "kl"):
+        raise ConfigError(
+            f"--hookpoints: an end-to-end fit (--loss_fn {args.loss_fn}) splices SAEs at "
+            "block outputs; name blocks with --layers"
+        )
+    sae, variants = _sae_from_flags(args)
+    if sae.transcode and args.loss_fn in ("ce", "kl"):
+        raise ConfigError(
+            f"--transcode: an end-to-end fit (--loss_fn {args.loss_fn}) splices autoencoders "
+            "at block outputs; train a transcoder on --loss_fn fvu or mse"
+        )
+    return sae, variants

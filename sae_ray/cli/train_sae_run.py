@@ -16,6 +16,8 @@ from sae_ray.cli.train_sae import check_fits, check_flags, flag_of, head_kind_of
 from sae_ray.config import ConfigError, Dataset, Resources, Sae, local_path_or_name, one_line
 from sae_ray.config.sae import stored_activation_dtype
 from sae_ray.lm.extraction import extract, read_manifest
+from sae_ray.lm.hookpoints import INPUT, matching
+from sae_ray.lm.hookpoints import widths as hookpoint_widths
 from sae_ray.lm.models import (
     Classifier,
     build_classifier,
@@ -46,21 +48,26 @@ def run(args: argparse.Namespace, connect: Callable[[], None] = lambda: None) ->
     save_dir = _save_dir(args)
     kind = head_kind_of(args.model) if args.loss_fn in ("ce", "kl") else None
     clf, split = _model_and_data(args, kind)
-    layers = _layers(args, clf.model)
-    check_fits(sae, variants, clf.model.config.hidden_size)
+    layers = [] if args.hookpoints else _layers(args, clf.model)
+    hookpoints = _hookpoints(args, clf.model) or [hookpoint(clf.model, ly) for ly in layers]
+    columns = [c for hp in hookpoints for c in ((hp + INPUT, hp) if sae.transcode else (hp,))]
+    widths = _widths(clf.model, columns)
+    for hp in hookpoints:
+        check_fits(sae, variants, widths[hp + INPUT if sae.transcode else hp])
     # the ids themselves, special ones resolved here: the fit's cfg.json records them
     sae = sae.model_copy(
         update={"exclude_tokens": sae.excluded_ids(clf.tokenizer), "exclude_special_tokens": False}
     )
     connect()
-    hookpoints = [hookpoint(clf.model, ly) for ly in layers]
-    run_name = args.run_name or f"{Path(args.model).name}-" + "-".join(map(str, layers))
+    run_name = args.run_name or f"{Path(args.model).name}-" + "-".join(
+        map(str, layers or hookpoints)
+    )
     store = ArtifactStore(save_dir / ".activations")
     spec = {
         "model": args.model,
         "dataset": args.dataset,
         "text_column": args.text_column,
-        "layers": layers,
+        "hookpoints": columns,
         "ctx_len": args.ctx_len,
         "max_tokens": args.max_tokens,
         "dtype": _stored_dtype(args, clf),
@@ -70,16 +77,15 @@ def run(args: argparse.Namespace, connect: Callable[[], None] = lambda: None) ->
     }
     if kind is None:
         tokens_dir = store.get_or_compute(
-            "activations", spec, lambda out: _extract(args, clf, split, layers, out, sae)
+            "activations", spec, lambda out: _extract(args, clf, split, columns, out, sae)
         ).uri("tokens")
-        d_in, e2e = read_manifest(tokens_dir).d, None
-        dataset, tokens_per_epoch = _activations(tokens_dir, hookpoints)
+        e2e = None
+        dataset, tokens_per_epoch = _activations(tokens_dir, columns)
     else:
         e2e = _end_to_end(args, kind, clf, store, spec, dict(zip(hookpoints, layers, strict=True)))
-        d_in = clf.model.config.hidden_size
         table, tokens_per_epoch = token_table(clf.tokenizer, split, args.ctx_len)
         dataset = ray.data.from_arrow(table).materialize()
-    fit_cfg = _fit_config(args, sae, variants, hookpoints, d_in, run_name)
+    fit_cfg = _fit_config(args, sae, variants, hookpoints, widths, run_name)
     return _train(args, dataset, tokens_per_epoch, fit_cfg, save_dir, e2e)
 
 
@@ -87,7 +93,7 @@ def _activations(tokens: str | Path, columns: list[str]):
     """What the fit reads: a set that fits in memory is read by the workers themselves, each
     its share, once (`feeds.held_feed`); a larger one streams through Ray Data."""
     manifest = read_manifest(tokens, verify=True)
-    if held(manifest, len(columns)):
+    if held(manifest, columns):
         return held_feed(str(tokens), manifest, columns), manifest.rows
     return activation_dataset(tokens, columns)
 
@@ -127,17 +133,23 @@ def _run_on_activations(
     save_dir = _save_dir(args)
     tokens = table_of(args.activations, save_dir / ".activations")
     manifest = read_manifest(tokens)
-    check_fits(sae, variants, manifest.d)
+    hookpoints = manifest.columns
+    if sae.transcode:  # the modules whose input and output are both there
+        hookpoints = [c for c in manifest.columns if c + INPUT in manifest.columns]
+        if not hookpoints:
+            raise ConfigError(
+                f"--transcode: {args.activations} has no NAME{INPUT} column beside a NAME "
+                f"column (has {', '.join(manifest.columns)})"
+            )
+    columns = [c for hp in hookpoints for c in ((hp + INPUT, hp) if sae.transcode else (hp,))]
+    widths = {c: manifest.width(c) for c in columns}
+    for column in columns:
+        check_fits(sae, variants, widths[column])
     connect()
     run_name = args.run_name or Path(args.activations).stem
-    dataset, rows = _activations(tokens, manifest.columns)
-    return _train(
-        args,
-        dataset,
-        rows,
-        _fit_config(args, sae, variants, manifest.columns, manifest.d, run_name),
-        save_dir,
-    )
+    dataset, rows = _activations(tokens, columns)
+    fit_cfg = _fit_config(args, sae, variants, hookpoints, widths, run_name)
+    return _train(args, dataset, rows, fit_cfg, save_dir)
 
 
 def _save_dir(args: argparse.Namespace) -> Path:
@@ -172,6 +184,23 @@ def _model_and_data(args: argparse.Namespace, kind: str | None) -> tuple[Classif
     return clf, split
 
 
+def _hookpoints(args: argparse.Namespace, model) -> list[str]:
+    """`--hookpoints`' modules (every `--layer_stride`-th, as sparsify), or none given."""
+    if not args.hookpoints:
+        return []
+    try:
+        return matching(model, args.hookpoints)[:: args.layer_stride]
+    except ValueError as err:
+        raise ConfigError(f"--hookpoints: {err}") from None
+
+
+def _widths(model, columns: list[str]) -> dict[str, int]:
+    try:
+        return hookpoint_widths(model, columns)
+    except ValueError as err:
+        raise ConfigError(f"--hookpoints: {err}") from None
+
+
 def _layers(args: argparse.Namespace, model) -> list[int]:
     n_layers = model.config.num_hidden_layers
     layers = args.layers if args.layers else list(range(0, n_layers, args.layer_stride))
@@ -186,12 +215,12 @@ def _stored_dtype(args: argparse.Namespace, clf) -> str:
 
 
 def _extract(
-    args: argparse.Namespace, clf, split: Split, layers: list[int], out: Path, sae: Sae
+    args: argparse.Namespace, clf, split: Split, columns: list[str], out: Path, sae: Sae
 ) -> None:
     extract(
         clf,
         split,
-        layers,
+        columns,
         out,
         args.ctx_len,
         dtype=_stored_dtype(args, clf),
@@ -217,14 +246,17 @@ def _fit_config(
     sae: Sae,
     variants: list[dict],
     hookpoints: list[str],
-    d_in: int,
+    widths: dict[str, int],
     run_name: str,
 ) -> SaeTrainConfig:
+    """The fit's config; its d_in is the first SAE's input width, `widths` the rest."""
+    d_in = widths[(hookpoints[0] + INPUT) if sae.transcode else hookpoints[0]]
     try:
         return SaeTrainConfig(
             **sae.model_dump(),
             hookpoints=hookpoints,
             d_in=d_in,
+            widths={c: w for c, w in widths.items() if w != d_in},
             loss_fn=args.loss_fn,
             log_every=args.wandb_log_frequency,
             max_steps=args.max_steps,

@@ -115,6 +115,14 @@ class Sae(Section):
         "expected_average_only_in), the scale estimated on the first batch; the saved SAE "
         "folds it in and takes raw activations",
     )
+    transcode: bool = Field(
+        False,
+        description="a transcoder: predict each hooked module's output from its input "
+        "(sparsify's transcode; SAELens loads the export) instead of reconstructing it",
+    )
+    skip_connection: bool = Field(
+        False, description="a transcoder's linear skip term W_skip x beside its latents"
+    )
     exclude_tokens: list[int] = Field(
         default_factory=list,
         description="token ids left out of SAE training and its metrics (sparsify's "
@@ -164,6 +172,13 @@ class Sae(Section):
             )
         if self.target_l0 is not None and self.target_l0 > latents:
             raise ValueError(f"target_l0: {self.target_l0:g} is more than the {latents} latents")
+        if self.skip_connection and not self.transcode:
+            raise ValueError("skip_connection: only a transcoder (transcode) has a skip term")
+        if self.skip_connection and self.architecture == "matryoshka":
+            raise ValueError(
+                "skip_connection: a matryoshka's prefixes would each need the skip term; "
+                "a skip transcoder is topk, batchtopk or jumprelu"
+            )
         widths = self.matryoshka_widths or []
         if widths and (
             widths != sorted(set(widths)) or widths[0] < self.k or widths[-1] >= latents

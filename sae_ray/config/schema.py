@@ -227,6 +227,15 @@ class Config(Section):
     wandb: Wandb = Field(default_factory=Wandb)
 
     @model_validator(mode="after")
+    def _an_autoencoder(self) -> Config:
+        if self.sae.transcode:
+            raise ValueError(
+                "sae.transcode: a sweep's SAE reconstructs the hooked block, whose features "
+                "SAE-ception sharpens; train transcoders with train-sae --transcode"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _strategy_of_task(self) -> Config:
         allowed = TASK_STRATEGIES[self.model.task]
         if self.sharpening.strategy not in allowed:

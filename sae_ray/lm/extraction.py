@@ -20,7 +20,8 @@ import torch
 
 from sae_ray import storage
 from sae_ray.lm.batching import batches
-from sae_ray.lm.models import Classifier, hooked_many, hookpoint, pooled, resolve_layer
+from sae_ray.lm.hookpoints import hooked_points
+from sae_ray.lm.models import Classifier, hookpoint, pooled
 from sae_ray.lm.text_data import Split
 
 MANIFEST = "manifest.json"
@@ -34,6 +35,10 @@ class Manifest:
     rows: int = 0
     files: list[dict] = field(default_factory=list)
     columns: list[str] = field(default_factory=lambda: ["x"])  # vector columns, each (rows, d)
+    widths: dict[str, int] = field(default_factory=dict)  # a column's width, where not d
+
+    def width(self, column: str) -> int:
+        return self.widths.get(column, self.d)
 
     def paths(self, root: Path | str) -> list[str]:
         """The shards as paths or URIs, whichever `root` is (Ray Data reads both)."""
@@ -63,9 +68,12 @@ class ShardWriter:
         rows_per_shard: int = 200_000,
         columns: list[str] | None = None,
         prefix: str = "",
+        widths: dict[str, int] | None = None,
     ):
         self.root, self.rows_per_shard, self.prefix = root, rows_per_shard, prefix
+        widths = {c: w for c, w in (widths or {}).items() if w != d}
         self.manifest = Manifest(kind=kind, d=d, dtype=dtype, columns=columns or ["x"])
+        self.manifest.widths = widths
         self._writer: pq.ParquetWriter | None = None
         self._rows_in_shard = 0
         root.mkdir(parents=True, exist_ok=True)
@@ -108,7 +116,9 @@ def merge_manifests(parts: list[Manifest]) -> Manifest:
     """One table from the parts several ranks wrote, in rank order (the rows' order when a
     single process extracts the same examples)."""
     first = parts[0]
-    merged = Manifest(kind=first.kind, d=first.d, dtype=first.dtype, columns=first.columns)
+    merged = Manifest(
+        kind=first.kind, d=first.d, dtype=first.dtype, columns=first.columns, widths=first.widths
+    )
     for part in parts:
         merged.files.extend(part.files)
         merged.rows += part.rows
@@ -174,7 +184,7 @@ def _check_range(rows: dict[str, torch.Tensor], dtype: np.dtype) -> None:
 def extract(
     clf: Classifier,
     split: Split,
-    layers: int | list[int],
+    layers: int | list[int] | list[str],
     out_dir: Path,
     max_length: int,
     batch_size: int = 64,
@@ -187,8 +197,9 @@ def extract(
 ) -> dict[str, Manifest]:
     """Write `out_dir/tokens` (optional) and `out_dir/sequences` for one split.
 
-    Every layer in `layers` is captured from the same forward pass and stored as its own
-    column, named by its hookpoint: training SAEs on many layers costs one extraction.
+    Every layer in `layers` (a block's index, or any hookpoint: `hookpoints.matching`) is
+    captured from the same forward pass and stored as its own column, named by its
+    hookpoint: training SAEs on many layers costs one extraction.
     `max_tokens` stops once that many token rows are written (the SAE's budget). `order`
     picks the examples (one rank's slice) and `part` names that rank's shards, whose
     manifests are returned, not written: the ranks' parts are merged by `merge_manifests`.
@@ -197,31 +208,27 @@ def extract(
     clf.model.eval()
     device = next(clf.model.parameters()).device
     layers = [layers] if isinstance(layers, int) else list(layers)
-    names = {resolve_layer(clf.model, ly): hookpoint(clf.model, ly) for ly in layers}
+    points = list(
+        dict.fromkeys(p if isinstance(p, str) else hookpoint(clf.model, p) for p in layers)
+    )
     trunk = clf.model.base_model if clf.is_lm else clf.model  # an LM's logits: never needed
     np_dtype = np.dtype(dtype)
     writers: dict[str, ShardWriter] = {}
     written = 0
     for batch in batches(clf, split, batch_size, max_length, order):
-        with hooked_many(clf.model, layers) as store:
+        with hooked_points(clf.model, points) as store:
             trunk(
                 input_ids=batch["input_ids"].to(device),
                 attention_mask=batch["attention_mask"].to(device),
             )
         mask = batch["attention_mask"]
         keep = token_rows(batch, exclude)
-        hidden = {names[ly]: store[ly].float().cpu() for ly in names}
+        hidden = {name: store[name].float().cpu() for name in points}
         rows = {name: h[keep] for name, h in hidden.items()}  # every kept token
         _check_finite(rows, batch["ids"])
         _check_range(rows, np_dtype)
         if not writers:
-            d = next(iter(hidden.values())).shape[-1]
-            kinds = ("tokens", "sequences") if tokens else ("sequences",)
-            cols = list(hidden)
-            prefix = "" if part is None else f"r{part:03d}-"
-            writers = {
-                k: ShardWriter(out_dir / k, k, d, dtype, columns=cols, prefix=prefix) for k in kinds
-            }
+            writers = _writers(out_dir, hidden, dtype, tokens, part)
         seq = {
             name: vectors_to_arrow(
                 pooled(h, mask, clf.pooling).numpy().astype(np_dtype, copy=False)
@@ -253,6 +260,22 @@ def extract(
     return {kind: w.close(write=part is None) for kind, w in writers.items()}
 
 
+def _writers(
+    out_dir: Path, hidden: dict[str, torch.Tensor], dtype: str, tokens: bool, part: int | None
+) -> dict[str, ShardWriter]:
+    """The tables' writers, each column as wide as its hookpoint's activations."""
+    widths = {name: h.shape[-1] for name, h in hidden.items()}
+    columns = list(hidden)
+    kinds = ("tokens", "sequences") if tokens else ("sequences",)
+    prefix = "" if part is None else f"r{part:03d}-"
+    return {
+        k: ShardWriter(
+            out_dir / k, k, widths[columns[0]], dtype, columns=columns, prefix=prefix, widths=widths
+        )
+        for k in kinds
+    }
+
+
 def token_rows(batch: dict[str, torch.Tensor], exclude: list[int] | None) -> torch.Tensor:
     """Which positions are token rows: real tokens (not padding) not in `exclude`."""
     keep = batch["attention_mask"].bool()
@@ -271,7 +294,7 @@ def load_sequences(
     return (
         table["example_id"].to_numpy(),
         table["label"].to_numpy(),
-        arrow_to_vectors(table[column], manifest.d).astype(np.float32),
+        arrow_to_vectors(table[column], manifest.width(column)).astype(np.float32),
     )
 
 
@@ -282,7 +305,7 @@ def iter_tokens(root: Path, column: str | None = None) -> Iterator[np.ndarray]:
     column = column_of(manifest, root, column)
     for path in manifest.paths(root):
         for rb in pq.ParquetFile(path).iter_batches(columns=[column]):
-            yield arrow_to_vectors(rb.column(0), manifest.d).astype(np.float32)
+            yield arrow_to_vectors(rb.column(0), manifest.width(column)).astype(np.float32)
 
 
 def load_token_ids(root: Path, limit: int) -> np.ndarray:

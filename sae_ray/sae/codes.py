@@ -54,7 +54,7 @@ def dead_latents(sae: nn.Module, dead: torch.Tensor | None) -> tuple[torch.Tenso
     if dead is None or not bool(dead.any()):
         return None, 0
     dead_idx = dead.nonzero().squeeze(1)
-    return dead_idx, min(sae.cfg.d_in // 2, len(dead_idx))
+    return dead_idx, min(sae.cfg.width_out // 2, len(dead_idx))
 
 
 def aux_candidates(pre: torch.Tensor, dead_idx: torch.Tensor | None, k_aux: int):
@@ -116,7 +116,7 @@ def pairs_encode(sae: nn.Module, x: torch.Tensor, dead: torch.Tensor | None, sel
     their rows, latents and CSR offsets, AuxK's values and latents)."""
     dead_idx, k_aux = dead_latents(sae, dead)
     return _PairsEncode.apply(
-        x - sae.b_dec, sae.encoder.weight, sae.encoder.bias, select, dead_idx, k_aux
+        sae.centred(x), sae.encoder.weight, sae.encoder.bias, select, dead_idx, k_aux
     )
 
 

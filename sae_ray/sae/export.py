@@ -17,25 +17,43 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from sae_ray.sae.model import SparseAutoencoder
+from sae_ray.sae.archs import architecture
+from sae_ray.sae.model import SaeConfig, SparseAutoencoder
 
 CFG, WEIGHTS, CARD = "cfg.json", "sae_weights.safetensors", "README.md"
 
 
+def saelens_name(cfg: SaeConfig) -> str:
+    """SAELens's architecture for an SAE: its own, or for a transcoder the JumpReLU
+    transcoder (skip or not) that BatchTopK, Matryoshka and JumpReLU all save as. ValueError
+    for a TopK transcoder, which SAELens has no class for."""
+    name = architecture(cfg.architecture).saelens_name
+    if not cfg.transcode:
+        return name
+    if name != "jumprelu":
+        raise ValueError(
+            f"a {cfg.architecture} transcoder: SAELens has JumpReLU transcoders only; "
+            "train it as batchtopk or jumprelu to export it"
+        )
+    return "jumprelu_skip_transcoder" if cfg.skip_connection else "jumprelu_transcoder"
+
+
 def saelens_config(sae: SparseAutoencoder, metadata: dict[str, Any] | None = None) -> dict:
     cfg = sae.cfg
-    name, extra, _ = sae.arch.saelens(sae)
+    extra, _ = sae.arch.saelens(sae)
     out: dict[str, Any] = {
-        "architecture": name,
+        "architecture": saelens_name(cfg),
         "d_in": cfg.d_in,
         "d_sae": cfg.num_latents,
         "dtype": "float32",
         "device": "cpu",
-        "apply_b_dec_to_input": True,
+        "apply_b_dec_to_input": not cfg.transcode,  # a transcoder's b_dec is the output's
         "normalize_activations": "none",
         "metadata": metadata or {},
         **extra,
     }
+    if cfg.transcode:
+        out["d_out"] = cfg.width_out
     return out
 
 
@@ -52,11 +70,24 @@ def export_saelens(
         "W_dec": sae.W_dec,
         "b_dec": sae.b_dec,
     }
-    state.update(sae.arch.saelens(sae)[2])  # a threshold, for all but TopK
+    state.update(sae.arch.saelens(sae)[1])  # a threshold, for all but TopK
+    if sae.cfg.skip_connection:
+        state["W_skip"] = sae.W_skip
     tensors = {k: v.detach().float().contiguous().cpu() for k, v in state.items()}
     save_file(tensors, str(out / WEIGHTS))
     (out / CFG).write_text(json.dumps(saelens_config(sae, metadata), indent=1))
     return out
+
+
+def check_exportable(run_dir: Path | str) -> None:
+    """Every SAE under `run_dir` has a SAELens class (ValueError naming the first that has
+    none), checked before anything is written."""
+    for weights in sorted(Path(run_dir).rglob("sae.safetensors")):
+        cfg = SaeConfig(**json.loads((weights.parent / "cfg.json").read_text()))
+        try:
+            saelens_name(cfg)
+        except ValueError as err:
+            raise ValueError(f"{weights.parent}: {err}") from None
 
 
 def export_run(run_dir: Path | str, out: Path | str) -> list[Path]:

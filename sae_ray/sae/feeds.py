@@ -42,17 +42,23 @@ class ActivationFeed:
         )
 
     def column(self, key: str) -> str:
-        return self.members[key].hookpoints[0]
+        """The column the SAE `key` reads."""
+        return self.members[key].source()
+
+    def target(self, key: str, batch) -> torch.Tensor | None:
+        """What a transcoder predicts (its module's output); None: its own input."""
+        member = self.members[key]
+        return batch[member.target()] if member.transcode else None
 
     def init_b_dec(self, saes: dict[str, SparseAutoencoder], batch) -> None:
         for key, sae in saes.items():
-            sae.init_b_dec(batch[self.column(key)])
+            sae.init_b_dec(batch[self.column(key)], self.target(key, batch))
 
     def norm_scales(self, batch) -> dict[str, float]:
         """Each hookpoint's scale to E‖x‖ = √d (SAELens's rule), from this batch on every
         rank (their mean norm, all-reduced: one scale for all)."""
         out = {}
-        for column in self.cfg.hookpoints:
+        for column in self.cfg.columns():
             x = batch[column].float()
             norms = all_reduce(torch.stack([x.norm(dim=-1).sum(), x.new_tensor(len(x))]))
             out[column] = math.sqrt(x.shape[-1]) / float(norms[0] / norms[1])
@@ -74,6 +80,7 @@ class ActivationFeed:
                 self.members[key].auxk_alpha,
                 self.world,
                 self.cfg.loss_fn,
+                self.target(key, batch),
             )
             total = total + loss
         return total, stats
@@ -137,11 +144,16 @@ def held_feed(tokens_dir: str, manifest: Manifest, columns: list[str]):
     return make
 
 
-def held(manifest: Manifest, columns: int = 1) -> bool:
+def held(manifest: Manifest, columns: int | list[str] = 1) -> bool:
     """Whether a fit holds these activations in memory (read once, each rank its share)
     rather than streaming them through Ray Data every epoch."""
-    nbytes = manifest.rows * manifest.d * np.dtype(manifest.dtype).itemsize * columns
-    return nbytes <= MATERIALIZE_BYTES
+    return _bytes(manifest, columns) <= MATERIALIZE_BYTES
+
+
+def _bytes(manifest: Manifest, columns: int | list[str]) -> int:
+    """What `columns` (a count of width d, or named columns) of the table weigh."""
+    named = [manifest.d] * columns if isinstance(columns, int) else map(manifest.width, columns)
+    return manifest.rows * sum(named) * np.dtype(manifest.dtype).itemsize
 
 
 def read_rows(
@@ -172,7 +184,7 @@ def read_columns(
     never waits for a free CPU that a cluster which lost a node may not have. Each record
     batch is copied once, straight to where it goes."""
     dtype = getattr(torch, np.dtype(manifest.dtype).name)
-    out = {c: torch.empty(max(0, stop - start), manifest.d, dtype=dtype) for c in columns}
+    out = {c: torch.empty(max(0, stop - start), manifest.width(c), dtype=dtype) for c in columns}
     where = None if order is None else torch.argsort(order)
     first = 0
     for entry in manifest.files:
@@ -227,7 +239,7 @@ def activation_dataset(
     for hp in hookpoints:
         column_of(manifest, tokens_dir, hp)
     quiet_ordered_data()
-    nbytes = manifest.rows * manifest.d * np.dtype(manifest.dtype).itemsize * len(hookpoints)
+    nbytes = _bytes(manifest, hookpoints)
     context = ray.data.DataContext.get_current()
     v2, context.use_datasource_v2 = context.use_datasource_v2, False
     try:

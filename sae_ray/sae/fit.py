@@ -56,10 +56,11 @@ class Fit:
         scales = self.progress.scales
         if not scales or not (self.finished or self.progress.tokens >= self.budget):
             return self.saes
-        return {
-            key: copy.deepcopy(sae).fold_input_scale(scales[self.members[key].hookpoints[0]])
-            for key, sae in self.saes.items()
-        }
+        out = {}
+        for key, sae in self.saes.items():
+            m = self.members[key]
+            out[key] = copy.deepcopy(sae).fold_input_scale(scales[m.source()], scales[m.target()])
+        return out
 
     def rate(self) -> float:
         return (self.progress.tokens - self.started_tokens) / (time.perf_counter() - self.started)

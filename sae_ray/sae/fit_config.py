@@ -9,6 +9,7 @@ from typing import Any, Literal
 from pydantic import Field, ValidationError, model_validator
 
 from sae_ray.config import PER_SAE, Sae, one_line
+from sae_ray.lm.hookpoints import INPUT
 from sae_ray.sae.model import default_lr
 
 # Per SAE of a fit: the SAE config's own settings, and the seed of its initial weights
@@ -19,6 +20,9 @@ PER_FIT = (*PER_SAE, "init_seed")
 class SaeTrainConfig(Sae):
     hookpoints: list[str] = Field(min_length=1)
     d_in: int = Field(ge=1)
+    widths: dict[str, int] = Field(
+        default_factory=dict, description="each column's width where it is not d_in"
+    )
     loss_fn: Literal["fvu", "mse", "ce", "kl"] = Field(
         "fvu", description="ce / kl: end to end, the SAE spliced into the model's forward"
     )
@@ -46,6 +50,17 @@ class SaeTrainConfig(Sae):
                 f"normalize_activations: an end-to-end fit (loss_fn {self.loss_fn}) splices "
                 "the SAE into the model's own activations; normalise a reconstruction fit"
             )
+        if self.transcode and self.loss_fn in ("ce", "kl"):
+            raise ValueError(
+                f"transcode: an end-to-end fit (loss_fn {self.loss_fn}) splices autoencoders "
+                "at block outputs; train a transcoder on stored activations (fvu, mse)"
+            )
+        reads_input = [hp for hp in self.hookpoints if hp.endswith(INPUT)]
+        if self.transcode and reads_input:
+            raise ValueError(
+                f"transcode: a transcoder maps a module's input to its output: name the "
+                f"module ({reads_input[0].removesuffix(INPUT)}), not its input"
+            )
         if self.variants and self.loss_fn in ("ce", "kl"):
             raise ValueError(
                 f"variants: an end-to-end fit (loss_fn {self.loss_fn}) splices one SAE per "
@@ -53,7 +68,7 @@ class SaeTrainConfig(Sae):
             )
         try:
             for cfg in self.members().values():
-                cfg.check_fits(self.d_in)
+                cfg.check_fits(cfg.d_in)
         except ValidationError as err:  # a variant's own value, checked by its config
             raise ValueError(f"variants: {one_line(err)}") from None
         except ValueError as err:
@@ -65,7 +80,7 @@ class SaeTrainConfig(Sae):
         `<variant>/<hookpoint>` with variants (each variant folder is then a run sparsify
         loads). Each member is this config with its variant's settings and one hookpoint."""
         if not self.variants:
-            return {hp: self.model_copy(update={"hookpoints": [hp]}) for hp in self.hookpoints}
+            return {hp: self._at(hp) for hp in self.hookpoints}
         out = {}
         for override in self.variants:
             bad = sorted(set(override) - set(PER_FIT))
@@ -73,12 +88,32 @@ class SaeTrainConfig(Sae):
                 raise ValueError(f"{bad[0]} is shared by the stream, not per SAE")
             member = type(self)(**{**self.model_dump(), **override, "variants": []})
             for hp in self.hookpoints:
-                out[f"{variant_name(override)}/{hp}"] = member.model_copy(
-                    update={"hookpoints": [hp]}
-                )
+                out[f"{variant_name(override)}/{hp}"] = member._at(hp)
         if len(out) != len(self.variants) * len(self.hookpoints):
             raise ValueError("two entries are the same SAE")
         return out
+
+    def _at(self, hp: str) -> SaeTrainConfig:
+        """This config for the one SAE at `hp`, its width that of the column it reads."""
+        return self.model_copy(update={"hookpoints": [hp], "d_in": self.width(self.source(hp))})
+
+    def source(self, hp: str | None = None) -> str:
+        """The column the SAE at `hp` (a member's own by default) reads: a transcoder's is
+        its module's input."""
+        hp = hp or self.hookpoints[0]
+        return hp + INPUT if self.transcode else hp
+
+    def target(self, hp: str | None = None) -> str:
+        """The column it reconstructs (a transcoder: its module's output)."""
+        return hp or self.hookpoints[0]
+
+    def columns(self) -> list[str]:
+        """Every column the fit reads, each once."""
+        pairs = [(self.source(hp), self.target(hp)) for hp in self.hookpoints]
+        return list(dict.fromkeys(c for pair in pairs for c in pair))
+
+    def width(self, column: str) -> int:
+        return self.widths.get(column, self.d_in)
 
     @property
     def latents(self) -> int:

@@ -1,7 +1,10 @@
 """The sparse autoencoder (EleutherAI/sparsify's formulation and tensor names).
 
 x̂ = W_dec z + b_dec, decoder rows unit norm, z the codes of its architecture (`archs/`:
-TopK, BatchTopK, JumpReLU, Matryoshka), which decides the encoding. The decode is sparse
+TopK, BatchTopK, JumpReLU, Matryoshka), which decides the encoding. A transcoder (sparsify's
+`transcode`) predicts another activation y from x (an MLP's output from its input): its
+encoder reads x uncentred, its decoder (zero at the start, rows free) writes y, and a skip
+connection adds W_skip x. The decode is sparse
 (embedding_bag over the active pairs), so its cost grows with the active latents and not
 with the number of latents.
 """
@@ -31,11 +34,19 @@ class SaeConfig:
     l0_coefficient: float = 1e-3  # jumprelu's L0 penalty, in FVU units per active latent
     matryoshka_widths: list[int] | None = None  # matryoshka's prefixes (default: n/8, /4, /2)
     target_l0: float | None = None  # jumprelu: a quadratic penalty around this L0 instead
+    transcode: bool = False  # predict another activation (width d_out) from x
+    d_out: int | None = None  # a transcoder's target width (default d_in)
+    skip_connection: bool = False  # a transcoder's linear skip term W_skip x
 
     def __post_init__(self) -> None:
         if self.k > self.num_latents:
             raise ValueError(f"sae.k: {self.k} is larger than the {self.num_latents} latents")
         architecture(self.architecture).check(self)
+
+    @property
+    def width_out(self) -> int:
+        """The width of what the SAE reconstructs (a transcoder's target)."""
+        return self.d_out or self.d_in
 
 
 class SparseAutoencoder(nn.Module):
@@ -44,20 +55,33 @@ class SparseAutoencoder(nn.Module):
         self.cfg = cfg
         self.encoder = nn.Linear(cfg.d_in, cfg.num_latents)
         self.encoder.bias.data.zero_()
-        # W_dec starts as W_encᵀ with unit rows: each latent first reconstructs what it reads.
-        self.W_dec = nn.Parameter(self.encoder.weight.data.clone())
-        self.b_dec = nn.Parameter(torch.zeros(cfg.d_in))
+        if cfg.transcode:  # sparsify's: what a latent writes is learnt from nothing
+            self.W_dec = nn.Parameter(torch.zeros(cfg.num_latents, cfg.width_out))
+        else:  # W_encᵀ with unit rows: each latent first reconstructs what it reads
+            self.W_dec = nn.Parameter(self.encoder.weight.data.clone())
+        self.b_dec = nn.Parameter(torch.zeros(cfg.width_out))
+        if cfg.skip_connection:
+            self.W_skip = nn.Parameter(torch.zeros(cfg.width_out, cfg.d_in))
         self.set_decoder_norm_to_unit_norm()
         self.arch = architecture(cfg.architecture)
         self.arch.add_parameters(self)
 
     @torch.no_grad()
-    def init_b_dec(self, x: torch.Tensor) -> None:
-        """b_dec from the data (mean), so the encoder sees centred inputs from step one; then
-        whatever else the architecture sets from the first batch (a JumpReLU's thresholds)."""
+    def init_b_dec(self, x: torch.Tensor, y: torch.Tensor | None = None) -> None:
+        """b_dec from the data (the mean of what is reconstructed, `y` for a transcoder), so
+        the encoder sees centred inputs from step one (a transcoder's: b_enc = −W_enc E[x],
+        sparsify's); then whatever else the architecture sets from the first batch."""
         x = x.float()
-        self.b_dec.data.copy_(x.mean(0).to(self.b_dec.dtype))
+        target = x if y is None else y.float()
+        self.b_dec.data.copy_(target.mean(0).to(self.b_dec.dtype))
+        if self.cfg.transcode:
+            self.encoder.bias.data.copy_(-(self.encoder.weight.float() @ x.mean(0)))
         self.arch.init_from_data(self, x)
+
+    def centred(self, x: torch.Tensor) -> torch.Tensor:
+        """What the encoder reads: x − b_dec (Anthropic's), or a transcoder's x as it is
+        (its b_dec lives in the target's space)."""
+        return x if self.cfg.transcode else x - self.b_dec
 
     def encode(self, x: torch.Tensor, dead: torch.Tensor | None = None) -> Codes:
         """The architecture's codes; with a `dead` mask also the AuxK candidates (Gao et al.
@@ -82,8 +106,12 @@ class SparseAutoencoder(nn.Module):
     ) -> tuple[torch.Tensor, Codes]:
         codes = self.encode(x, dead)
         if codes.dense is not None:
-            return self.decode_dense(codes.dense), codes
-        return self.decode_sparse(codes.values, codes.indices, codes.offsets) + self.b_dec, codes
+            out = self.decode_dense(codes.dense)
+        else:
+            out = self.decode_sparse(codes.values, codes.indices, codes.offsets) + self.b_dec
+        if self.cfg.skip_connection:
+            out = out + x.to(self.W_skip.dtype) @ self.W_skip.T
+        return out, codes
 
     def dense_codes(self, x: torch.Tensor) -> torch.Tensor:
         codes = self.encode(x)
@@ -100,23 +128,31 @@ class SparseAutoencoder(nn.Module):
         return z @ self.W_dec + self.b_dec
 
     @torch.no_grad()
-    def fold_input_scale(self, scale: float) -> SparseAutoencoder:
-        """Trained on `scale`·x, this SAE becomes one that takes raw x: its codes and its
-        reconstruction divided by `scale` (b_enc, b_dec and any threshold over `scale`; the
-        decoder keeps its unit rows). In place; returns it."""
+    def fold_input_scale(self, scale: float, out_scale: float | None = None) -> SparseAutoencoder:
+        """Trained on `scale`·x (to reconstruct `out_scale`·y, a transcoder's target), this SAE
+        becomes one that takes raw x: its codes divided by `scale` (b_enc and any threshold
+        over it), its output by `out_scale` (default `scale`: an autoencoder's decoder keeps
+        its unit rows). In place; returns it."""
+        out = scale if out_scale is None else out_scale
         self.encoder.bias /= scale
-        self.b_dec /= scale
+        self.b_dec /= out
+        if self.cfg.transcode:
+            self.W_dec *= scale / out
+        if self.cfg.skip_connection:
+            self.W_skip *= scale / out
         self.arch.fold_scale(self, scale)
         return self
 
     @torch.no_grad()
     def set_decoder_norm_to_unit_norm(self) -> None:
+        if self.cfg.transcode:  # its rows write another space: their norms are learnt
+            return
         self.W_dec.data /= self.W_dec.data.norm(dim=1, keepdim=True).clamp_min(1e-8)
 
     @torch.no_grad()
     def remove_gradient_parallel_to_decoder_directions(self) -> None:
         """Keep the unit-norm constraint honest: Adam should not push rows off the sphere."""
-        if self.W_dec.grad is None:
+        if self.W_dec.grad is None or self.cfg.transcode:
             return
         parallel = (self.W_dec.grad * self.W_dec.data).sum(-1, keepdim=True)
         self.W_dec.grad -= parallel * self.W_dec.data

@@ -70,17 +70,7 @@ def _start_fit(
     saes, opts, trackers = {}, {}, {}
     for key, m in members.items():
         torch.manual_seed(m.init_seed)
-        saes[key] = SparseAutoencoder(
-            SaeConfig(
-                cfg.d_in,
-                m.latents,
-                m.k,
-                m.architecture,
-                m.l0_coefficient,
-                m.matryoshka_widths,
-                m.target_l0,
-            )
-        ).to(device)
+        saes[key] = SparseAutoencoder(sae_config(m)).to(device)
         opts[key] = make_optimizer(
             m.optimizer, saes[key].parameters(), m.learning_rate, m.weight_decay
         )
@@ -99,6 +89,22 @@ def _start_fit(
     fit.started_tokens, fit.resumed_from = progress.tokens, progress.step
     fit.restored = checkpoint is not None
     return fit
+
+
+def sae_config(m: SaeTrainConfig) -> SaeConfig:
+    """The model's config of one member of a fit (`SaeTrainConfig.members`)."""
+    return SaeConfig(
+        m.d_in,
+        m.latents,
+        m.k,
+        m.architecture,
+        m.l0_coefficient,
+        m.matryoshka_widths,
+        m.target_l0,
+        transcode=m.transcode,
+        d_out=m.width(m.target()) if m.transcode else None,
+        skip_connection=m.skip_connection,
+    )
 
 
 def _make_feed(config: dict[str, Any], cfg: SaeTrainConfig, world: int, device: torch.device):

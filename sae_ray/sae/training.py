@@ -88,15 +88,18 @@ def sae_loss(
     auxk_alpha: float,
     world: int = 1,
     loss_fn: str = "fvu",
+    y: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """This worker's share of the union batch's FVU (or MSE per token) + α·AuxK, already
-    × world for DDP."""
+    × world for DDP; of `y` predicted from `x` for a transcoder (sparsify's: the FVU of its
+    target)."""
     dead = tracker.dead()
     x_hat, codes = model(x, dead)
-    total_var, n_global = global_total_variance(x)
-    loss_fvu = (x - x_hat).pow(2).sum() / total_var
-    aux = auxk_loss(sae, x, x_hat, codes, int(dead.sum()), total_variance=total_var)
-    sq_err = sae.arch.squared_error(sae, x, x_hat, codes)  # Matryoshka: its prefixes'
+    y = x if y is None else y
+    total_var, n_global = global_total_variance(y)
+    loss_fvu = (y - x_hat).pow(2).sum() / total_var
+    aux = auxk_loss(sae, y, x_hat, codes, int(dead.sum()), total_variance=total_var)
+    sq_err = sae.arch.squared_error(sae, y, x_hat, codes)  # Matryoshka: its prefixes'
     main = sq_err / total_var if loss_fn == "fvu" else sq_err / n_global
     if codes.penalty is not None:  # jumprelu: the union batch's mean L0, weighted
         main = main + sae.cfg.l0_coefficient * codes.penalty / n_global

@@ -19,6 +19,7 @@ class Architecture:
     name: ClassVar[str]
     fixed_l0: ClassVar[bool] = False  # every code has exactly k active latents (TopK)
     uses_target_l0: ClassVar[bool] = False
+    saelens_name: ClassVar[str] = "jumprelu"  # SAELens's class it saves as (`saelens`)
 
     def check(self, cfg: Any) -> None:
         """Refuse a config this architecture cannot train (`cfg`: the model's SaeConfig)."""
@@ -39,8 +40,8 @@ class Architecture:
         """What the loss's reconstruction term sums: ‖x − x̂‖² (Matryoshka: its prefixes')."""
         return (x - x_hat).pow(2).sum()
 
-    def saelens(self, sae: nn.Module) -> tuple[str, dict[str, Any], dict[str, torch.Tensor]]:
-        """How SAELens loads it: its architecture name, config keys and extra tensors."""
+    def saelens(self, sae: nn.Module) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        """How SAELens loads it (as `saelens_name`): its config keys and extra tensors."""
         raise NotImplementedError
 
     def fold_scale(self, sae: nn.Module, scale: float) -> None:

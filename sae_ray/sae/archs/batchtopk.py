@@ -63,7 +63,7 @@ class BatchTopK(Architecture):
 
     def encode(self, sae, x, dead):
         if not sae.training:
-            pre = F.linear(x - sae.b_dec, sae.encoder.weight, sae.encoder.bias)
+            pre = F.linear(sae.centred(x), sae.encoder.weight, sae.encoder.bias)
             return dense_codes(pre.relu() * (pre > sae.threshold.to(pre.dtype)), sae.cfg.k)
         pre, _, cols, offsets, aux_values, aux_indices = pairs_encode(
             sae, x, dead, _batch_top(sae.cfg.k)
@@ -77,7 +77,6 @@ class BatchTopK(Architecture):
 
     def saelens(self, sae):
         return (
-            "jumprelu",
             {},
             {"threshold": torch.full_like(sae.encoder.bias, float(sae.threshold))},
         )

@@ -109,7 +109,7 @@ class JumpReLUArchitecture(Architecture):
         theta = INIT_THRESHOLD * float(scale)
         if sae.cfg.target_l0 is not None:
             w = sae.encoder.weight.float()
-            pre = F.linear(x - sae.b_dec.float(), w, sae.encoder.bias.float()).flatten()
+            pre = F.linear(sae.centred(x).float(), w, sae.encoder.bias.float()).flatten()
             on = min(max(1, round(sae.cfg.target_l0 * len(x))), len(pre))
             theta = max(float(pre.topk(on).values[-1]), theta)
         sae.log_threshold.data.fill_(math.log(theta))
@@ -117,7 +117,7 @@ class JumpReLUArchitecture(Architecture):
     def encode(self, sae, x, dead):
         theta = sae.log_threshold.exp()
         if not sae.training:
-            pre = F.linear(x - sae.b_dec, sae.encoder.weight, sae.encoder.bias)
+            pre = F.linear(sae.centred(x), sae.encoder.weight, sae.encoder.bias)
             return dense_codes(pre * (pre > theta), sae.cfg.k)
         eps = BANDWIDTH * float(sae.input_scale)
         pre, rows, cols, offsets, aux_values, aux_indices = pairs_encode(
@@ -134,4 +134,4 @@ class JumpReLUArchitecture(Architecture):
         sae.log_threshold -= math.log(scale)
 
     def saelens(self, sae):
-        return "jumprelu", {}, {"threshold": sae.log_threshold.exp()}
+        return {}, {"threshold": sae.log_threshold.exp()}

@@ -59,13 +59,14 @@ class _TopKEncode(torch.autograd.Function):
 class TopK(Architecture):
     name = "topk"
     fixed_l0 = True
+    saelens_name = "topk"
 
     def encode(self, sae, x, dead):
         dead_idx, k_aux = dead_latents(sae, dead)
         values, indices, aux_values, aux_indices = _TopKEncode.apply(
-            x - sae.b_dec, sae.encoder.weight, sae.encoder.bias, sae.cfg.k, dead_idx, k_aux
+            sae.centred(x), sae.encoder.weight, sae.encoder.bias, sae.cfg.k, dead_idx, k_aux
         )
         return Codes(values, indices, aux_values, aux_indices)
 
     def saelens(self, sae):
-        return "topk", {"k": sae.cfg.k}, {}
+        return {"k": sae.cfg.k}, {}
