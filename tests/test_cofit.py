@@ -97,6 +97,31 @@ def test_peers_read_the_same_activations_and_only_those():
     assert _ks(peer_saes(rand, stronger, C.CONTROL, 1)) == [4]  # and λ = 0 chain
 
 
+def test_sae_only_seeds_are_co_trained_where_no_sae_is_upstream(tmp_path):
+    """`search.seeds_vary: sae`: a point's seeds share its model and activations; each of
+    its SAEs (and its peers', under every seed) is a peer where no SAE shaped the model;
+    each seed's chain is the same experiment with its own SAE seed."""
+    from sae_ray.trial.sae_fit import _fitting_peers
+    from sae_ray.trial.stages import Trial
+
+    cfg = C.apply_params(
+        _sweep("search.seeds=3", "search.seeds_vary=sae"),
+        {"sae.k": 8, "sharpening.strategy": "per_class"},
+    )
+    trial = Trial(cfg, None, None, str(tmp_path), "per_class", plan=planned_points(cfg))
+    chains = [trial.seeded(s) for s in trial.seeds()]
+    assert {c.seed for c in chains} == {cfg.experiment.seed}  # one experiment
+    assert [c.sae_seed for c in chains] == [cfg.experiment.seed + i for i in range(3)]
+    second = chains[1]
+    peers = _fitting_peers(second, 0, 16)
+    assert sorted((p.k, s) for p, s in peers) == sorted(
+        [(8, s) for s in trial.seeds() if s != second.sae_seed] + [(4, s) for s in trial.seeds()]
+    )
+    assert _fitting_peers(second, 1, 16) == []  # cycle 1 reads per_class's own model
+    alone = Trial(_sweep(), None, None, str(tmp_path), "per_class")
+    assert alone.seeded(5).seed == 5 and alone.seeded(5).sae_seed == 5  # the whole experiment
+
+
 def test_a_searched_layer_or_expansion_is_a_peer_only_on_its_own_activations():
     cfg = with_control(
         C.load(

@@ -28,6 +28,8 @@ OVERRIDES = [
     "sae.k: {type: choice, values: [2, 4, 8]}, sae.num_latents: {type: choice, values: [64]}}",
     "search.points_to_evaluate=[{sae.architecture: topk, sae.k: 2, sae.num_latents: 64}, "
     "{sae.architecture: batchtopk, sae.k: 8, sae.num_latents: 64}]",
+    "search.seeds=2",
+    "search.seeds_vary=sae",  # one world, two SAE inits a point, co-trained on its draws
     "wandb.mode=disabled",
 ]
 
@@ -55,6 +57,17 @@ def test_synthsae_sweep_finds_features_and_draws_the_mcc_l0_front(ray_cluster, t
     assert topk["gt/l0"].iloc[0] == pytest.approx(2.0, abs=0.01)  # TopK: exactly k
     world = [p for p in (sweep / "artifacts").glob("activations-*") if p.is_dir()]
     assert len(world) == 1  # one world, every trial's SAE fitted on it
+    seeds = pd.read_csv(sweep / "seeds.csv")
+    assert (results["n_seeds"] == 2).all() and len(seeds) == 6
+    per_trial = {tuple(sorted(g)) for _, g in seeds.groupby("trial_id")["seed"]}
+    assert len(per_trial) == 1 and len(per_trial.pop()) == 2  # the same two seeds each
+    assert (seeds.groupby("trial_id")["gt/mcc"].nunique() == 2).all()  # the SAE's spread
+    fits = [
+        json.loads(p.read_text()) for p in (sweep / "artifacts").glob("sae-*/train_metrics.json")
+    ]
+    points = results[["sae.architecture", "sae.k"]].drop_duplicates()
+    assert len(fits) == 2 * len(points)  # an SAE per point and seed
+    assert all(f["co_trained"] >= 2 for f in fits)  # each seed's beside another's, one stream
     front = json.loads((sweep / "best.json").read_text())["pareto_front"]
     assert front and all("gt/mcc" in e["objectives"] for e in front)
     index = sweep / "report" / "index.html"

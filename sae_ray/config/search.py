@@ -121,6 +121,12 @@ class Search(Section):
         description="experiment seeds each point runs under (seed, seed+1, ...): a trial "
         "reports their mean, seeds.csv each one",
     )
+    seeds_vary: Literal["experiment", "sae"] = Field(
+        "experiment",
+        description="what the seeds vary: the whole experiment (model, split, fine-tuning, "
+        "SAE), or the SAE's initialisation alone (one model and one stream, each seed's SAE "
+        "co-trained on it where the activations are shared): the spread that is the SAE's",
+    )
     metric: str = Field("interp/u", description="the one objective (see objectives)")
     mode: Literal["max", "min"] = Field("max", description="maximise or minimise metric")
 

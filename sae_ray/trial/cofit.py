@@ -68,6 +68,14 @@ def peer_saes(cfg: Config, plan: list[dict[str, Any]], strategy: str, cycle: int
     return out
 
 
+def peer_seeds(cfg: Config, strategy: str, cycle: int, seeds: list[int]) -> list[int]:
+    """With `search.seeds_vary: sae`, the SAE seeds whose SAEs read the activations a
+    trial's do (all of its seeds, where no SAE is upstream); none otherwise."""
+    if cfg.search.seeds_vary != "sae" or (cycle > 0 and strategy not in SAE_FREE):
+        return []
+    return seeds
+
+
 def override(own: Sae, other: Sae) -> dict[str, Any]:
     """`other` as a co-trained variant of `own`: the per-SAE settings that differ."""
     mine, theirs = own.model_dump(include=set(PER_SAE)), other.model_dump(include=set(PER_SAE))
@@ -94,20 +102,19 @@ OWN = variant_name({})
 def claim_peers(
     stack: contextlib.ExitStack,
     store: ArtifactStore,
-    peers: list[tuple[Sae, dict[str, Any]]],
-    own: Sae,
+    peers: list[tuple[dict[str, Any], dict[str, Any]]],
     checkpoints: str,
 ) -> Group:
-    """Rank 0: take each peer (its section and artifact spec) that nobody has published or
-    is building, holding its lock on `stack` until the fit is published. A restarted fit
-    trains the group its checkpoints were made with (`GROUP`), claimed or not."""
+    """Rank 0: take each peer (its settings where they differ from this fit's SAE, and its
+    artifact spec) that nobody has published or is building, holding its lock on `stack`
+    until the fit is published. A restarted fit trains the group its checkpoints were made
+    with (`GROUP`), claimed or not."""
     recorded_at = storage.join(checkpoints, GROUP)
     recorded = None
     if storage.is_file(recorded_at):
         recorded = json.loads(storage.read_bytes(recorded_at))
     group = Group()
-    for sae, spec in peers:
-        change = override(own, sae)
+    for change, spec in peers:
         name = variant_name(change)
         if recorded is not None and name not in recorded:
             continue

@@ -52,8 +52,7 @@ def run_cycles(trial: Trial, report: Report, reported: int = 0) -> None:
     as the mean over seeds, with each seed's own row under "seeds". The first `reported`
     cycles were reported before a worker-group restart: they are replayed from the store
     (their stages are found) without evaluating."""
-    base = trial.cfg.experiment.seed
-    chains = [Chain(trial.with_seed(base + i)) for i in range(trial.cfg.search.seeds)]
+    chains = [Chain(trial.seeded(seed)) for seed in trial.seeds()]
     # what each stage of a cycle took (computing, waiting on another trial, or loading) and
     # how many artifacts this trial computed: where a sweep's time goes, and what sharing saved
     times: dict[str, float] = {}
@@ -117,7 +116,7 @@ def _seed_cycle(chain: Chain, cycle: int, times: dict[str, float], evaluate: boo
     metrics, chain.targets, sae = _cycle(trial, chain.model, cycle, times, evaluate)
     paired = _paired(chain, cycle, times, evaluate, metrics, sae)
     if metrics:
-        metrics.update(paired, seed=trial.seed)
+        metrics.update(paired, seed=trial.sae_seed)
         if trial.cfg.is_lm:
             metrics.update(_perplexity_change(chain, metrics))
     return metrics

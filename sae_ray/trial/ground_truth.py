@@ -132,14 +132,14 @@ def run_ground_truth(trial: Trial, report) -> None:
     the mean over seeds with each seed's row (`run_cycles`' contract)."""
     from sae_ray.trial.cycle import cycle_metrics, timed
 
-    base, times, rows = trial.cfg.experiment.seed, {}, []
-    for i in range(trial.cfg.search.seeds):
-        seeded = trial.with_seed(base + i)
+    times, rows = {}, []
+    for seed in trial.seeds():
+        seeded = trial.seeded(seed)
         with timed(times, "activations"):
             world = world_activations(seeded)
         with timed(times, "sae"):
             sae_art = sae_fit.fitted_sae(seeded, world, HOOKPOINT, 0)
         if rank_world()[0] == 0:
             with timed(times, "evaluate"):
-                rows.append({"cycle": 0, "seed": seeded.seed, **scored(seeded, world, sae_art)})
+                rows.append({"cycle": 0, "seed": seeded.sae_seed, **scored(seeded, world, sae_art)})
     report(0, cycle_metrics(rows, times, trial.store.computed))

@@ -30,6 +30,8 @@ def trial_spec(cfg: Config) -> dict[str, Any]:
     """What decides a trial's numbers (a mismatch only costs a rerun, never a wrong replay)."""
     spec = cfg.model_dump(mode="json", exclude={"search", "wandb"})
     spec["seeds"] = cfg.search.seeds
+    if cfg.search.seeds_vary != "experiment":  # (only then: earlier records keep their key)
+        spec["seeds_vary"] = cfg.search.seeds_vary
     return spec
 
 

@@ -11,6 +11,7 @@ import os
 import signal
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -100,15 +101,22 @@ def _hold() -> None:
 
 
 def sae_train_config(
-    cfg: Config, hp: str, d_in: int, cycle: int, variants: list[dict[str, Any]] | None = None
+    cfg: Config,
+    hp: str,
+    d_in: int,
+    cycle: int,
+    variants: list[dict[str, Any]] | None = None,
+    sae_seed: int | None = None,
 ) -> SaeTrainConfig:
     """The sweep's `sae` section is the trainer's config; the fit adds where it runs (and
-    the peers it co-trains, `cofit.py`)."""
+    the peers it co-trains, `cofit.py`). Its SAE starts from `sae_seed`'s stream (default:
+    the experiment's seed); its rows come in the experiment seed's order."""
+    seed = cfg.experiment.seed if sae_seed is None else sae_seed
     return SaeTrainConfig(
         **cfg.sae.model_dump(),
         hookpoints=[hp],
         d_in=d_in,
-        init_seed=stream(cfg.experiment.seed, cycle, "sae"),
+        init_seed=stream(seed, cycle, "sae"),
         shuffle_buffer_tokens=SHUFFLE_BUFFER_TOKENS,
         shuffle_seed=stream(cfg.experiment.seed, cycle, "sae_order"),
         progress=False,  # Tune reports
@@ -126,7 +134,7 @@ def sae_spec(
     spec = {
         "parent": acts.key,
         "sae": section.model_dump(exclude={"save_every", "num_latents"}),
-        "seed": stream(trial.seed, cycle, "sae"),
+        "seed": stream(trial.sae_seed, cycle, "sae"),
         "workers": trial.cfg.resources.num_workers,
         "shuffle_buffer_tokens": SHUFFLE_BUFFER_TOKENS,
         "order": "held" if held(manifest) else "streamed",
@@ -150,7 +158,13 @@ def fitted_sae(trial: Trial, acts: Artifact, hp: str, cycle: int) -> Artifact:
     def make(out: str, lead: bool) -> None:
         # rank 0 reads the running trials' points (they come and go): one list for every rank
         fitting = broadcast(_fitting_peers(trial, cycle, manifest.d) if lead else None)
-        peers = [(s, sae_spec(trial, acts, cycle, s, manifest)) for s in fitting]
+        peers = [
+            (
+                {**cofit.override(cfg.sae, s), **_seed_change(trial, seed, cycle)},
+                sae_spec(replace(trial, sae_only_seed=seed), acts, cycle, s, manifest),
+            )
+            for s, seed in fitting
+        ]
         try:
             _fit(trial, hp, cycle, (tokens, manifest), Path(out), lead, checkpoints, peers)
         except FloatingPointError:
@@ -170,15 +184,23 @@ def fitted_sae(trial: Trial, acts: Artifact, hp: str, cycle: int) -> Artifact:
     return art
 
 
-def _fitting_peers(trial: Trial, cycle: int, d_in: int) -> list[Sae]:
+def _fitting_peers(trial: Trial, cycle: int, d_in: int) -> list[tuple[Sae, int]]:
+    """The SAEs (section, SAE seed) this fit may co-train: the peers' under this seed, and
+    with `search.seeds_vary: sae` every seed's of its own and the peers' sections."""
     points = trial.plan + running_points(trial.train_runs)
     peers = cofit.peer_saes(trial.cfg, points, trial.strategy, cycle)
+    seeds = cofit.peer_seeds(trial.cfg, trial.strategy, cycle, trial.seeds())
     out = []
-    for section in peers:
+    for section in [trial.cfg.sae, *peers]:
         with contextlib.suppress(ValueError):  # a point its own trial refuses
             section.check_fits(d_in)
-            out.append(section)
-    return out
+            out += [(section, seed) for seed in seeds or [trial.sae_seed]]
+    return [(s, seed) for s, seed in out if (s, seed) != (trial.cfg.sae, trial.sae_seed)]
+
+
+def _seed_change(trial: Trial, seed: int, cycle: int) -> dict[str, int]:
+    """A co-trained SAE's own init seed, where it is not this fit's."""
+    return {} if seed == trial.sae_seed else {"init_seed": stream(seed, cycle, "sae")}
 
 
 def _fit(
@@ -198,9 +220,10 @@ def _fit(
     with contextlib.ExitStack() as stack:
         claimed = cofit.Group()
         if lead and peers:
-            claimed = cofit.claim_peers(stack, trial.store, peers, cfg.sae, checkpoints)
+            claimed = cofit.claim_peers(stack, trial.store, peers, checkpoints)
         overrides = broadcast(claimed.overrides if lead else None)
-        fit_cfg = sae_train_config(cfg, hp, manifest.d, cycle, cofit.Group(overrides).variants)
+        variants = cofit.Group(overrides).variants
+        fit_cfg = sae_train_config(cfg, hp, manifest.d, cycle, variants, trial.sae_seed)
         shard, feed = feed_split(tokens, manifest, hp)
         fit = fit_saes(
             {"cfg": fit_cfg.model_dump(), "rows": manifest.rows, "feed": feed},

@@ -61,10 +61,28 @@ class Trial:
     # the sweep's points known ahead (a grid, points_to_evaluate): whose SAEs this trial's
     # fits may co-train (`cofit.py`)
     plan: list[dict[str, Any]] = field(default_factory=list)
+    # `search.seeds_vary: sae`: the seed of this chain's SAEs alone (else the experiment's)
+    sae_only_seed: int | None = None
 
     @property
     def seed(self) -> int:
         return self.cfg.experiment.seed
+
+    @property
+    def sae_seed(self) -> int:
+        """The seed its SAEs' initialisations stream from."""
+        return self.seed if self.sae_only_seed is None else self.sae_only_seed
+
+    def seeds(self) -> list[int]:
+        """The seeds a point runs under (`search.seeds`)."""
+        return [self.seed + i for i in range(self.cfg.search.seeds)]
+
+    def seeded(self, seed: int) -> Trial:
+        """The trial under one of its seeds: the whole experiment's, or (`search.seeds_vary:
+        sae`) its SAEs' alone."""
+        if self.cfg.search.seeds_vary == "sae":
+            return replace(self, sae_only_seed=seed)
+        return self.with_seed(seed)
 
     def with_seed(self, seed: int) -> Trial:
         """The trial under experiment seed `seed`: its data split too, when the split
