@@ -51,9 +51,16 @@ def vectors_to_arrow(x: np.ndarray) -> pa.FixedSizeListArray:
 
 
 def arrow_to_vectors(column: pa.ChunkedArray | pa.Array, d: int) -> np.ndarray:
-    if isinstance(column, pa.ChunkedArray):
-        column = column.combine_chunks()
-    return column.values.to_numpy(zero_copy_only=False).reshape(-1, d)
+    """A fixed-size-list column -> (n, d), without a copy where it is one chunk (then
+    read-only: Arrow's memory). `flatten` respects a sliced chunk's offset (`.values` would
+    return the whole buffer behind it)."""
+    chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
+    parts = [c.flatten().to_numpy(zero_copy_only=False).reshape(-1, d) for c in chunks]
+    if len(parts) == 1:
+        return parts[0]
+    if not parts:
+        return np.empty((0, d), dtype=column.type.value_type.to_pandas_dtype())
+    return np.concatenate(parts)
 
 
 class ShardWriter:

@@ -15,13 +15,23 @@ import torch
 
 from sae_ray import storage
 from sae_ray.distributed.ranks import all_reduce, rank_world
-from sae_ray.lm.extraction import Manifest, column_of, read_manifest
+from sae_ray.lm.extraction import Manifest, arrow_to_vectors, column_of, read_manifest
 from sae_ray.sae.fit_config import SaeTrainConfig
 from sae_ray.sae.model import SparseAutoencoder
 from sae_ray.sae.training import sae_loss
 
 MATERIALIZE_BYTES = 256 << 20  # activation sets up to this size are read once, then reused
 BLOCK_BYTES = 16 << 20  # Ray Data blocks of the activation feed
+PREFETCH_BATCHES = 4  # batches Ray Data prepares ahead of the step (its default: 1)
+
+
+def tensor_of(column, d: int) -> torch.Tensor:
+    """An Arrow fixed-size-list column as an (n, d) tensor in its stored dtype, sharing
+    Arrow's read-only memory where it is one chunk (the feed only reads it)."""
+    rows = arrow_to_vectors(column, d)
+    with warnings.catch_warnings():  # read-only Arrow memory, only read
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(rows)
 
 
 class ActivationFeed:
@@ -32,14 +42,22 @@ class ActivationFeed:
         self.members = cfg.members()
 
     def batches(self, shard, epoch: int):
+        """This worker's batches of its shard, as Arrow tables made tensors here without a
+        copy (`arrow_to_vectors`): Ray Data's own torch and numpy formats convert a
+        fixed-size-list column at about half the rate (`benchmarks/feed_read.py`)."""
         cfg = self.cfg
-        return shard.iter_torch_batches(
+        tables = shard.iter_batches(
             batch_size=max(1, cfg.batch_size // self.world),
-            dtypes=torch.float32,
-            device=self.device,
+            batch_format="pyarrow",
+            prefetch_batches=PREFETCH_BATCHES,
             local_shuffle_buffer_size=cfg.shuffle_buffer_tokens or None,
             local_shuffle_seed=cfg.shuffle_seed + epoch if cfg.shuffle_buffer_tokens else None,
         )
+        for table in tables:
+            yield {
+                name: tensor_of(table[name], cfg.width(name)).to(self.device, torch.float32)
+                for name in table.column_names
+            }
 
     def column(self, key: str) -> str:
         """The column the SAE `key` reads."""
