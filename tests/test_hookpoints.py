@@ -57,3 +57,22 @@ def test_extraction_stores_each_hookpoint_with_its_width(gpt2, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(clf.model.transformer.h[0].mlp(x), y, rtol=1e-4, atol=1e-5)
     assert load_tokens(tmp_path / "tokens", "h.1.mlp.c_fc").shape == (500, 256)
+
+
+def test_train_sae_help_lists_every_recipe_flag_with_its_default():
+    import re
+
+    from sae_ray.cli.parser import parser
+
+    sub = parser()._subparsers._group_actions[0].choices["train-sae"]
+    entries = re.split(r"\n  (?=--)", sub.format_help().split("\noptions:", 1)[1])
+    helps = {e.split()[0]: re.sub(r"\s+", " ", e) for e in entries if e.startswith("--")}
+    expected = {
+        "--lr_warmup_steps": "0", "--lr_decay": "constant", "--l0_warmup_steps": "0",
+        "--normalize_activations": "False", "--exclude_tokens": r"\[\]",
+        "--exclude_special_tokens": "False", "--init_seeds": r"\[42\]",
+        "--k_anneal_from": "None", "--k_anneal_steps": "0", "--hookpoints": "None",
+        "--transcode": "False", "--skip_connection": "False",
+    }  # fmt: skip
+    for flag, default in expected.items():
+        assert re.search(rf"\(default: {default}\)$", helps[flag].strip()), helps[flag]

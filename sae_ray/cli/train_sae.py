@@ -57,7 +57,9 @@ def _sae_flags(group: argparse._ArgumentGroup) -> None:
             kwargs.update(type=_bool, nargs="?", const=True)
         else:
             kwargs["type"] = next((t for t in options if t is not type(None)), kind)
-        default = _offered(field).get("saetrain_default", field.default)
+        default = _offered(field).get(
+            "saetrain_default", field.get_default(call_default_factory=True)
+        )
         if "type" in kwargs:
             kwargs["metavar"] = flag.upper()
         if name in PER_SAE:  # several values: one SAE each, all co-trained on one stream
