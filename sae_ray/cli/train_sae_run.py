@@ -50,10 +50,9 @@ def run(args: argparse.Namespace, connect: Callable[[], None] = lambda: None) ->
     clf, split = _model_and_data(args, kind)
     layers = [] if args.hookpoints else _layers(args, clf.model)
     hookpoints = _hookpoints(args, clf.model) or [hookpoint(clf.model, ly) for ly in layers]
-    columns = [c for hp in hookpoints for c in ((hp + INPUT, hp) if sae.transcode else (hp,))]
+    columns = _columns(sae, hookpoints)
     widths = _widths(clf.model, columns)
-    for hp in hookpoints:
-        check_fits(sae, variants, widths[hp + INPUT if sae.transcode else hp])
+    _check_fits(sae, variants, hookpoints, widths)
     # the ids themselves, special ones resolved here: the fit's cfg.json records them
     sae = sae.model_copy(
         update={"exclude_tokens": sae.excluded_ids(clf.tokenizer), "exclude_special_tokens": False}
@@ -141,10 +140,9 @@ def _run_on_activations(
                 f"--transcode: {args.activations} has no NAME{INPUT} column beside a NAME "
                 f"column (has {', '.join(manifest.columns)})"
             )
-    columns = [c for hp in hookpoints for c in ((hp + INPUT, hp) if sae.transcode else (hp,))]
+    columns = _columns(sae, hookpoints)
     widths = {c: manifest.width(c) for c in columns}
-    for column in columns:
-        check_fits(sae, variants, widths[column])
+    _check_fits(sae, variants, hookpoints, widths)
     connect()
     run_name = args.run_name or Path(args.activations).stem
     dataset, rows = _activations(tokens, columns)
@@ -182,6 +180,21 @@ def _model_and_data(args: argparse.Namespace, kind: str | None) -> tuple[Classif
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise ConfigError(f"model: cannot load {args.model!r} ({reason})") from None
     return clf, split
+
+
+def _source(sae: Sae, hp: str) -> str:
+    """The column the SAE at `hp` reads (a transcoder: its module's input)."""
+    return hp + INPUT if sae.transcode else hp
+
+
+def _columns(sae: Sae, hookpoints: list[str]) -> list[str]:
+    """Every column the fit reads: each hookpoint's, and a transcoder's input beside it."""
+    return [c for hp in hookpoints for c in dict.fromkeys((_source(sae, hp), hp))]
+
+
+def _check_fits(sae: Sae, variants: list[dict], hookpoints: list[str], widths: dict) -> None:
+    for hp in hookpoints:
+        check_fits(sae, variants, widths[_source(sae, hp)])
 
 
 def _hookpoints(args: argparse.Namespace, model) -> list[str]:
@@ -250,7 +263,7 @@ def _fit_config(
     run_name: str,
 ) -> SaeTrainConfig:
     """The fit's config; its d_in is the first SAE's input width, `widths` the rest."""
-    d_in = widths[(hookpoints[0] + INPUT) if sae.transcode else hookpoints[0]]
+    d_in = widths[_source(sae, hookpoints[0])]
     try:
         return SaeTrainConfig(
             **sae.model_dump(),
