@@ -167,3 +167,31 @@ def test_a_normalised_transcoder_takes_raw_input_and_predicts_raw_output(tmp_pat
         fvu = float((y - saved(x)[0]).pow(2).sum() / (y - y.mean(0)).pow(2).sum())
     assert fvu < 0.1 and fvu == pytest.approx(result.metrics["fvu/m"], abs=0.05)
     assert '"scales": {"m:input": ' in (tmp_path / "run" / "state.json").read_text()
+
+
+def test_train_on_activations_pairs_each_module_with_its_input(tmp_path):
+    """The Python API (and `train-sae --activations --transcode`): a Parquet file of `m:input`
+    and `m` columns trains the transcoder m; a file without inputs is refused, naming it."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from sae_ray.config import ConfigError
+    from sae_ray.lm.extraction import vectors_to_arrow
+    from sae_ray.sae.cached import train_on_activations
+
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(2048, 16, generator=gen)
+    y = x @ torch.randn(16, 8, generator=gen)
+    table = {"m:input": vectors_to_arrow(x.numpy()), "m": vectors_to_arrow(y.numpy())}
+    pq.write_table(pa.table(table), tmp_path / "acts.parquet")
+    sae = {"k": 4, "expansion_factor": 4, "epochs": 8, "batch_size": 128, "lr": 1e-2}
+    sae.update(transcode=True, skip_connection=True)
+    result = train_on_activations(
+        tmp_path / "acts.parquet", sae, tmp_path / "out", use_ray=False, progress=False
+    )
+    tc = result.saes["m"]
+    assert list(result.saes) == ["m"] and tc.cfg.d_in == 16 and tc.cfg.width_out == 8
+    assert result.metrics["fvu/m"] < 0.5
+    pq.write_table(pa.table({"m": table["m"]}), tmp_path / "outputs.parquet")
+    with pytest.raises(ConfigError, match=r"transcode: .*outputs.parquet has no NAME:input"):
+        train_on_activations(tmp_path / "outputs.parquet", sae, tmp_path / "out", use_ray=False)

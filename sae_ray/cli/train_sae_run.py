@@ -127,19 +127,15 @@ def _run_on_activations(
     args: argparse.Namespace, sae: Sae, variants: list[dict], connect: Callable[[], None]
 ) -> dict:
     """`--activations PATH`: one SAE per vector column of the files, no model."""
-    from sae_ray.sae.cached import table_of
+    from sae_ray.sae.cached import table_hookpoints, table_of
 
     save_dir = _save_dir(args)
     tokens = table_of(args.activations, save_dir / ".activations")
     manifest = read_manifest(tokens)
-    hookpoints = manifest.columns
-    if sae.transcode:  # the modules whose input and output are both there
-        hookpoints = [c for c in manifest.columns if c + INPUT in manifest.columns]
-        if not hookpoints:
-            raise ConfigError(
-                f"--transcode: {args.activations} has no NAME{INPUT} column beside a NAME "
-                f"column (has {', '.join(manifest.columns)})"
-            )
+    try:
+        hookpoints = table_hookpoints(manifest, sae.transcode, args.activations)
+    except ValueError as err:
+        raise ConfigError(f"--{err}") from None
     columns = _columns(sae, hookpoints)
     widths = {c: manifest.width(c) for c in columns}
     _check_fits(sae, variants, hookpoints, widths)

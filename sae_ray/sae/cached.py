@@ -20,11 +20,13 @@ from pydantic import ValidationError
 from sae_ray.config import ConfigError, Resources, Sae, one_line
 from sae_ray.lm.extraction import (
     MANIFEST,
+    Manifest,
     ShardWriter,
     load_tokens,
     read_manifest,
     vectors_to_arrow,
 )
+from sae_ray.lm.hookpoints import INPUT
 from sae_ray.storage.artifacts import ArtifactStore
 
 SUFFIXES = (".npy", ".parquet")
@@ -65,9 +67,10 @@ def _import(files: list[Path], out: Path, column: str) -> None:
     rows = 0
     for batch in _batches(files, column):
         n = len(next(iter(batch.values())))
-        if writer is None:
-            d, dtype = next(iter(batch.values())).shape[1], "float32"
-            writer = ShardWriter(out, "tokens", d, dtype, columns=list(batch))
+        if writer is None:  # each column as wide as its vectors (a transcoder's pair)
+            widths = {k: x.shape[1] for k, x in batch.items()}
+            d = next(iter(widths.values()))
+            writer = ShardWriter(out, "tokens", d, "float32", columns=list(batch), widths=widths)
         ids = pa.array(np.arange(rows, rows + n, dtype=np.int64))
         arrays = {k: vectors_to_arrow(x.astype(np.float32, copy=False)) for k, x in batch.items()}
         writer.write(pa.record_batch({"example_id": ids, **arrays}))
@@ -105,6 +108,20 @@ def _to_numpy(column: pa.Array) -> np.ndarray:
     return column.flatten().to_numpy(zero_copy_only=False).reshape(n, -1)
 
 
+def table_hookpoints(manifest: Manifest, transcode: bool, source: str) -> list[str]:
+    """The SAEs a fit on this table trains: one per vector column, or, transcoding, one per
+    `NAME` column that has its `NAME:input` beside it (ValueError naming `source` if none)."""
+    if not transcode:
+        return list(manifest.columns)
+    found = [c for c in manifest.columns if c + INPUT in manifest.columns]
+    if not found:
+        raise ValueError(
+            f"transcode: {source} has no NAME{INPUT} column beside a NAME column "
+            f"(has {', '.join(manifest.columns)})"
+        )
+    return found
+
+
 def train_on_activations(
     source: str | Path,
     sae: Sae | dict[str, Any] | None = None,
@@ -134,11 +151,13 @@ def train_on_activations(
     manifest = read_manifest(tokens)
     run_name = run_name or Path(source).stem
     try:
-        sae.check_fits(manifest.d)
+        hookpoints = table_hookpoints(manifest, sae.transcode, str(source))
+        d_in = manifest.width(hookpoints[0] + INPUT if sae.transcode else hookpoints[0])
         cfg = SaeTrainConfig(
             **sae.model_dump(),
-            hookpoints=manifest.columns,
-            d_in=manifest.d,
+            hookpoints=hookpoints,
+            d_in=d_in,
+            widths={c: manifest.width(c) for c in manifest.columns},
             run_name=run_name,
             **fit,
         )
@@ -147,8 +166,8 @@ def train_on_activations(
     except ValueError as err:
         raise ConfigError(str(err)) from None
     if not use_ray:
-        return _in_process(tokens, manifest.columns, cfg, save_dir / run_name)
-    return _on_ray(tokens, manifest.columns, cfg, resources, save_dir, resume)
+        return _in_process(tokens, cfg.columns(), cfg, save_dir / run_name)
+    return _on_ray(tokens, cfg.columns(), cfg, resources, save_dir, resume)
 
 
 def _in_process(tokens, columns: list[str], cfg, run_dir: Path):
