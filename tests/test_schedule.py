@@ -14,15 +14,15 @@ from sae_ray.sae.schedule import lr_factor, total_steps
 BASE = 3e-4
 
 
-def _torch_rates(warmup: int, total: int, decay: str) -> list[float]:
+def _torch_rates(warmup: int, total: int, decay: str, end: float = 0.0) -> list[float]:
     from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, SequentialLR
 
     opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=BASE)
     span = total - warmup
     after = {
         "constant": lambda: LinearLR(opt, 1.0, 1.0, total_iters=1),
-        "linear": lambda: LinearLR(opt, 1.0, 0.0, total_iters=span),
-        "cosine": lambda: CosineAnnealingLR(opt, T_max=span),
+        "linear": lambda: LinearLR(opt, 1.0, end, total_iters=span),
+        "cosine": lambda: CosineAnnealingLR(opt, T_max=span, eta_min=BASE * end),
     }
     if warmup:
         warm = LinearLR(opt, start_factor=1 / warmup, end_factor=1.0, total_iters=warmup)
@@ -37,12 +37,13 @@ def _torch_rates(warmup: int, total: int, decay: str) -> list[float]:
     return rates
 
 
+@pytest.mark.parametrize("end", [0.0, 0.1])
 @pytest.mark.parametrize("decay", ["constant", "linear", "cosine"])
 @pytest.mark.parametrize("warmup", [0, 7])
-def test_rates_equal_torchs_schedulers(warmup, decay):
+def test_rates_equal_torchs_schedulers(warmup, decay, end):
     total = 40
-    ours = [BASE * lr_factor(s, warmup, total, decay) for s in range(total)]
-    assert ours == pytest.approx(_torch_rates(warmup, total, decay), rel=1e-6, abs=1e-12)
+    ours = [BASE * lr_factor(s, warmup, total, decay, end) for s in range(total)]
+    assert ours == pytest.approx(_torch_rates(warmup, total, decay, end), rel=1e-6, abs=1e-12)
 
 
 def _fit_seen(monkeypatch, read, **settings):
@@ -70,10 +71,13 @@ def test_a_fit_follows_the_schedule_at_every_step(monkeypatch):
         lr=1e-3,
         lr_warmup_steps=3,
         lr_decay="cosine",
+        lr_end_factor=0.1,
     )
     steps = total_steps(2 * 640, 64, 1)
     assert len(seen) == steps == 20
-    assert seen == pytest.approx([1e-3 * lr_factor(s, 3, steps, "cosine") for s in range(steps)])
+    expected = [1e-3 * lr_factor(s, 3, steps, "cosine", 0.1) for s in range(steps)]
+    assert seen == pytest.approx(expected)
+    assert seen[-1] > 1e-4  # the floor: lr x 0.1, reached after the last step
     assert seen[0] == pytest.approx(1e-3 / 3) and seen[3] == pytest.approx(1e-3)
 
 

@@ -70,7 +70,15 @@ class Sae(Section):
     )
     lr_decay: Literal["constant", "linear", "cosine"] = Field(
         "constant",
-        description="after the warm-up: constant, or linear / cosine decay to 0 at the last step",
+        description="after the warm-up: constant, or linear / cosine decay to lr x "
+        "lr_end_factor at the last step",
+    )
+    lr_end_factor: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="where a decay ends, as a fraction of lr (torch's end_factor / eta_min; "
+        "SAELens's lr_end is lr x this)",
     )
     auxk_alpha: float = Field(1 / 32, ge=0, description="weight of the AuxK loss on dead latents")
     l0_coefficient: float = Field(
@@ -214,6 +222,7 @@ PER_SAE = (
     "lr",
     "lr_warmup_steps",
     "lr_decay",
+    "lr_end_factor",
     "auxk_alpha",
     "dead_tokens",
     "dead_percentage_threshold",

@@ -1,6 +1,6 @@
 """An SAE's schedules: its k (annealed from a larger one), and its learning rate: linear
-warm-up from lr / warm-up steps to lr, then
-constant, or linear or cosine decay to 0 at the fit's last step (torch's `LinearLR` then
+warm-up from lr / warm-up steps to lr, then constant, or linear or cosine decay to
+lr x lr_end_factor (0 by default) at the fit's last step (torch's `LinearLR` then
 `LinearLR` / `CosineAnnealingLR`, chained as `SequentialLR` chains them; a test checks
 the two agree). A pure function of the step, so a resumed fit continues the schedule
 exactly where its checkpoint left it."""
@@ -12,8 +12,9 @@ import math
 import torch
 
 
-def lr_factor(step: int, warmup: int, total: int, decay: str) -> float:
-    """The factor on the base learning rate at optimizer step `step` (0-based) of `total`."""
+def lr_factor(step: int, warmup: int, total: int, decay: str, end: float = 0.0) -> float:
+    """The factor on the base learning rate at optimizer step `step` (0-based) of `total`;
+    a decay ends at `end`."""
     if step < warmup:
         return 1 / warmup + (1 - 1 / warmup) * step / warmup
     if decay == "constant":
@@ -21,8 +22,8 @@ def lr_factor(step: int, warmup: int, total: int, decay: str) -> float:
     span = max(total - warmup, 1)
     done = min(step - warmup, span) / span
     if decay == "linear":
-        return 1.0 - done
-    return 0.5 * (1 + math.cos(math.pi * done))
+        return 1.0 - (1.0 - end) * done
+    return end + (1.0 - end) * 0.5 * (1 + math.cos(math.pi * done))
 
 
 def k_at(step: int, k: int, start: int | None, steps: int) -> int:

@@ -180,7 +180,9 @@ def _epoch(fit: Fit, feed, shard, log: RunLog, world: int, device: torch.device)
             continue
         for hp, sae in fit.saes.items():
             m = fit.members[hp]
-            factor = lr_factor(progress.step, m.lr_warmup_steps, fit.steps, m.lr_decay)
+            factor = lr_factor(
+                progress.step, m.lr_warmup_steps, fit.steps, m.lr_decay, m.lr_end_factor
+            )
             set_lr(fit.opts[hp], m.learning_rate, factor)  # this step's learning rate
             optimizer_step(sae, fit.opts[hp])
         progress.step += 1
