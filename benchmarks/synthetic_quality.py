@@ -86,6 +86,7 @@ def train_ours(model, arch: str, args, out: Path) -> float:
         target_l0=args.k if arch == "jumprelu" else None,
         lr_warmup_steps=args.lr_warmup_steps,
         lr_decay=args.lr_decay,
+        lr_end_factor=args.lr_end_factor,
         normalize_activations=args.normalize,
     )
     config = {
@@ -166,6 +167,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     # our recipe options (SAELens's side trains as it always does)
     parser.add_argument("--lr_warmup_steps", type=int, default=0, help="ours: lr warm-up")
     parser.add_argument("--lr_decay", default="constant", choices=["constant", "linear", "cosine"])
+    parser.add_argument("--lr_end_factor", type=float, default=0.0, help="ours: decay's end")
     parser.add_argument("--normalize", action="store_true", help="ours: E‖x‖ = √d")
     parser.add_argument(
         "--architectures", nargs="+", default=["topk", "batchtopk", "jumprelu", "matryoshka"]
@@ -196,6 +198,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 "ours_recipe": {
                     "lr_warmup_steps": args.lr_warmup_steps,
                     "lr_decay": args.lr_decay,
+                    "lr_end_factor": args.lr_end_factor,
                     "normalize": args.normalize,
                 },
                 "ours": ours,
