@@ -68,7 +68,8 @@ def test_train_sae_help_lists_every_recipe_flag_with_its_default():
     entries = re.split(r"\n  (?=--)", sub.format_help().split("\noptions:", 1)[1])
     helps = {e.split()[0]: re.sub(r"\s+", " ", e) for e in entries if e.startswith("--")}
     expected = {
-        "--lr_warmup_steps": "0", "--lr_decay": "constant", "--lr_end_factor": "0.0", "--l0_warmup_steps": "0",
+        "--lr_warmup_steps": "0", "--lr_decay": "constant", "--lr_end_factor": "0.0",
+        "--l0_warmup_steps": "0",
         "--normalize_activations": "False", "--exclude_tokens": r"\[\]",
         "--exclude_special_tokens": "False", "--init_seeds": r"\[42\]",
         "--k_anneal_from": "None", "--k_anneal_steps": "0", "--hookpoints": "None",
