@@ -16,7 +16,8 @@ from sae_ray.cli.train_sae import check_fits, check_flags, flag_of, head_kind_of
 from sae_ray.config import ConfigError, Dataset, Resources, Sae, local_path_or_name, one_line
 from sae_ray.config.sae import stored_activation_dtype
 from sae_ray.lm.extraction import extract, read_manifest
-from sae_ray.lm.hookpoints import INPUT, matching
+from sae_ray.lm.hookpoints import columns as columns_of
+from sae_ray.lm.hookpoints import matching, source
 from sae_ray.lm.hookpoints import widths as hookpoint_widths
 from sae_ray.lm.models import (
     Classifier,
@@ -50,7 +51,7 @@ def run(args: argparse.Namespace, connect: Callable[[], None] = lambda: None) ->
     clf, split = _model_and_data(args, kind)
     layers = [] if args.hookpoints else _layers(args, clf.model)
     hookpoints = _hookpoints(args, clf.model) or [hookpoint(clf.model, ly) for ly in layers]
-    columns = _columns(sae, hookpoints)
+    columns = columns_of(hookpoints, sae.transcode)
     widths = _widths(clf.model, columns)
     _check_fits(sae, variants, hookpoints, widths)
     # the ids themselves, special ones resolved here: the fit's cfg.json records them
@@ -136,7 +137,7 @@ def _run_on_activations(
         hookpoints = table_hookpoints(manifest, sae.transcode, args.activations)
     except ValueError as err:
         raise ConfigError(f"--{err}") from None
-    columns = _columns(sae, hookpoints)
+    columns = columns_of(hookpoints, sae.transcode)
     widths = {c: manifest.width(c) for c in columns}
     _check_fits(sae, variants, hookpoints, widths)
     connect()
@@ -178,19 +179,9 @@ def _model_and_data(args: argparse.Namespace, kind: str | None) -> tuple[Classif
     return clf, split
 
 
-def _source(sae: Sae, hp: str) -> str:
-    """The column the SAE at `hp` reads (a transcoder: its module's input)."""
-    return hp + INPUT if sae.transcode else hp
-
-
-def _columns(sae: Sae, hookpoints: list[str]) -> list[str]:
-    """Every column the fit reads: each hookpoint's, and a transcoder's input beside it."""
-    return [c for hp in hookpoints for c in dict.fromkeys((_source(sae, hp), hp))]
-
-
 def _check_fits(sae: Sae, variants: list[dict], hookpoints: list[str], widths: dict) -> None:
     for hp in hookpoints:
-        check_fits(sae, variants, widths[_source(sae, hp)])
+        check_fits(sae, variants, widths[source(hp, sae.transcode)])
 
 
 def _hookpoints(args: argparse.Namespace, model) -> list[str]:
@@ -259,7 +250,7 @@ def _fit_config(
     run_name: str,
 ) -> SaeTrainConfig:
     """The fit's config; its d_in is the first SAE's input width, `widths` the rest."""
-    d_in = widths[_source(sae, hookpoints[0])]
+    d_in = widths[source(hookpoints[0], sae.transcode)]
     try:
         return SaeTrainConfig(
             **sae.model_dump(),

@@ -78,9 +78,13 @@ class ShardWriter:
         widths: dict[str, int] | None = None,
     ):
         self.root, self.rows_per_shard, self.prefix = root, rows_per_shard, prefix
-        widths = {c: w for c, w in (widths or {}).items() if w != d}
-        self.manifest = Manifest(kind=kind, d=d, dtype=dtype, columns=columns or ["x"])
-        self.manifest.widths = widths
+        self.manifest = Manifest(
+            kind=kind,
+            d=d,
+            dtype=dtype,
+            columns=columns or ["x"],
+            widths={c: w for c, w in (widths or {}).items() if w != d},
+        )
         self._writer: pq.ParquetWriter | None = None
         self._rows_in_shard = 0
         root.mkdir(parents=True, exist_ok=True)

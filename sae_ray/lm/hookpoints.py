@@ -27,6 +27,17 @@ def module_of(point: str) -> tuple[str, bool]:
     return point, False
 
 
+def source(point: str, transcode: bool) -> str:
+    """The column an SAE at `point` reads: the point's own, or a transcoder's module input."""
+    return point + INPUT if transcode else point
+
+
+def columns(points: list[str], transcode: bool) -> list[str]:
+    """Every column SAEs at `points` read, each once: a transcoder's input beside its
+    output."""
+    return list(dict.fromkeys(c for p in points for c in (source(p, transcode), p)))
+
+
 def _base(model: nn.Module) -> nn.Module:
     return getattr(model, "base_model", model)
 

@@ -27,6 +27,7 @@ from sae_ray.lm.extraction import (
     vectors_to_arrow,
 )
 from sae_ray.lm.hookpoints import INPUT
+from sae_ray.lm.hookpoints import source as source_column
 from sae_ray.storage.artifacts import ArtifactStore
 
 SUFFIXES = (".npy", ".parquet")
@@ -152,7 +153,7 @@ def train_on_activations(
     run_name = run_name or Path(source).stem
     try:
         hookpoints = table_hookpoints(manifest, sae.transcode, str(source))
-        d_in = manifest.width(hookpoints[0] + INPUT if sae.transcode else hookpoints[0])
+        d_in = manifest.width(source_column(hookpoints[0], sae.transcode))
         cfg = SaeTrainConfig(
             **sae.model_dump(),
             hookpoints=hookpoints,

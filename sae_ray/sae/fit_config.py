@@ -10,6 +10,8 @@ from pydantic import Field, ValidationError, model_validator
 
 from sae_ray.config import PER_SAE, Sae, one_line
 from sae_ray.lm.hookpoints import INPUT
+from sae_ray.lm.hookpoints import columns as columns_of
+from sae_ray.lm.hookpoints import source as source_column
 from sae_ray.sae.model import default_lr
 
 # Per SAE of a fit: the SAE config's own settings, and the seed of its initial weights
@@ -100,8 +102,7 @@ class SaeTrainConfig(Sae):
     def source(self, hp: str | None = None) -> str:
         """The column the SAE at `hp` (a member's own by default) reads: a transcoder's is
         its module's input."""
-        hp = hp or self.hookpoints[0]
-        return hp + INPUT if self.transcode else hp
+        return source_column(hp or self.hookpoints[0], self.transcode)
 
     def target(self, hp: str | None = None) -> str:
         """The column it reconstructs (a transcoder: its module's output)."""
@@ -109,8 +110,7 @@ class SaeTrainConfig(Sae):
 
     def columns(self) -> list[str]:
         """Every column the fit reads, each once."""
-        pairs = [(self.source(hp), self.target(hp)) for hp in self.hookpoints]
-        return list(dict.fromkeys(c for pair in pairs for c in pair))
+        return columns_of(self.hookpoints, self.transcode)
 
     def width(self, column: str) -> int:
         return self.widths.get(column, self.d_in)
