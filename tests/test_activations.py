@@ -41,7 +41,7 @@ def test_a_sliced_or_chunked_column_gives_its_own_rows():
     import pyarrow as pa
 
     from sae_ray.lm.extraction import arrow_to_vectors
-    from sae_ray.sae.feeds import tensor_of
+    from sae_ray.sae.shard_reads import tensor_of
 
     x = np.arange(40, dtype=np.float32).reshape(10, 4)
     column = vectors_to_arrow(x)

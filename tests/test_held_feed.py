@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from sae_ray.lm.extraction import ShardWriter, vectors_to_arrow
-from sae_ray.sae import feeds
+from sae_ray.sae import feeds, shard_reads
 from sae_ray.sae.fit_config import SaeTrainConfig
 from sae_ray.sae.trainer import fit_saes
 from sae_ray.trial import sae_fit
@@ -24,7 +24,7 @@ def _tokens(root, n=1000, d=8, per_shard=300):
 def test_a_share_of_rows_is_read_exactly_across_shard_boundaries(tmp_path, start, stop):
     x, manifest = _tokens(tmp_path)
     assert len(manifest.files) == 4
-    rows = feeds.read_rows(str(tmp_path), manifest, "x", start, stop)
+    rows = shard_reads.read_rows(str(tmp_path), manifest, "x", start, stop)
     assert rows.dtype == torch.float32 and rows.shape == (stop - start, 8)
     np.testing.assert_array_equal(rows.numpy(), x[start:stop])
 
@@ -32,14 +32,14 @@ def test_a_share_of_rows_is_read_exactly_across_shard_boundaries(tmp_path, start
 def test_later_epochs_read_no_parquet_and_each_rank_gets_an_equal_share(tmp_path, monkeypatch):
     x, manifest = _tokens(tmp_path)
     reads = []
-    real = feeds.pq.read_table
-    monkeypatch.setattr(feeds.pq, "read_table", lambda *a, **k: reads.append(1) or real(*a, **k))
+    real = shard_reads.pq.read_table
+    monkeypatch.setattr(shard_reads.pq, "read_table", lambda *a, **k: reads.append(1) or real(*a, **k))
     assert feeds.held(manifest)
     cfg = SaeTrainConfig(
         k=2, expansion_factor=2, batch_size=100, epochs=3, hookpoints=["x"], d_in=8,
         progress=False, shuffle_buffer_tokens=1, shuffle_seed=7,
     )  # fmt: skip
-    shard, factory = sae_fit.feed_split(str(tmp_path), manifest, "x")
+    shard, factory = sae_fit.feed_split(str(tmp_path), manifest, "x", "workers")
     assert shard is None and reads == []  # read by each rank's fit, in its own process
     feed = factory(cfg, 1, "cpu")  # what a rank's fit does first
     assert len(reads) == len(manifest.files)  # every shard once, up front
@@ -55,7 +55,7 @@ def test_later_epochs_read_no_parquet_and_each_rank_gets_an_equal_share(tmp_path
 
     # two ranks: equal contiguous shares, each its batch_size / world rows a step
     monkeypatch.setattr(feeds, "rank_world", lambda: (1, 2))
-    _, second = sae_fit.feed_split(str(tmp_path), manifest, "x")
+    _, second = sae_fit.feed_split(str(tmp_path), manifest, "x", "workers")
     in_order = cfg.model_copy(update={"shuffle_buffer_tokens": 0})
     batches = list(second(in_order, 2, "cpu").batches(None, 0))
     assert [len(b["x"]) for b in batches] == [50] * 10
@@ -81,7 +81,7 @@ def test_half_precision_storage_halves_the_bytes_and_keeps_the_fvu(tmp_path):
             writer.write(pa.record_batch({"x": vectors_to_arrow(rows)}))
         manifest = writer.close()
         sizes[dtype] = sum(f["bytes"] for f in manifest.files)
-        held = feeds.read_rows(str(tmp_path / dtype), manifest, "x", 0, manifest.rows)
+        held = shard_reads.read_rows(str(tmp_path / dtype), manifest, "x", 0, manifest.rows)
         assert held.dtype == getattr(torch, dtype)
         cfg = SaeTrainConfig(
             k=8, expansion_factor=4, batch_size=500, epochs=4, hookpoints=["x"], d_in=32,

@@ -73,13 +73,11 @@ def test_ray_data_delivers_every_row_once_across_two_workers(ray_cluster, tmp_pa
 
 
 def test_sae_through_ray_train_learns_a_sparse_dictionary(ray_cluster, tmp_path, monkeypatch):
-    """Fed by Ray Data's streaming path (the one activation sets above the materialise
-    threshold take: read lazily, again each epoch), split over two workers."""
-    from ray.data.dataset import MaterializedDataset
-
+    """Fed by the workers' stream (what activation sets above the hold threshold take: each
+    worker reads its share again each epoch), split over two workers."""
+    from sae_ray.lm.extraction import read_manifest
     from sae_ray.method.evaluate import sae_quality
     from sae_ray.sae import feeds
-    from sae_ray.sae.feeds import activation_dataset
     from sae_ray.sae.fit_config import SaeTrainConfig
     from sae_ray.sae.trainer import train_saes
 
@@ -105,9 +103,12 @@ def test_sae_through_ray_train_learns_a_sparse_dictionary(ray_cluster, tmp_path,
         run_name="sae-known-dictionary",
     )
     monkeypatch.setattr(feeds, "MATERIALIZE_BYTES", 0)  # 1.3 MB: streamed, not held
-    data = activation_dataset(tmp_path / "tokens", ["x"])
-    assert not isinstance(data[0], MaterializedDataset)
-    result = train_saes(*data, cfg, Resources(num_workers=2), tmp_path / "train")
+    manifest = read_manifest(tmp_path / "tokens")
+    feed = feeds.worker_feed(str(tmp_path / "tokens"), manifest, ["x"])
+    assert feed.__qualname__.startswith("streamed_feed")
+    result = train_saes(
+        None, manifest.rows, cfg, Resources(num_workers=2), tmp_path / "train", feed=feed
+    )
     sae = result.saes["x"]
     held_out = sae_quality(sae, x[10000:])
     assert held_out["fvu"] < 0.2, held_out
@@ -555,8 +556,8 @@ def _child(specs: dict, kind: str, parent: Path) -> Path:
 
 def test_a_sweeps_sae_stream_is_shuffled_seeded_and_whole(ray_cluster, tmp_path):
     """Stored token rows come example by example (a run of one text's tokens); a sweep's
-    SAE fit draws them through a seeded shuffle buffer: every row once per epoch, not in
-    stored order, the same order for the same seed and epoch (co-fits stay bit for bit)."""
+    SAE fit through Ray Data (`sae.feed: ray_data`) draws them through a seeded shuffle
+    buffer: every row once per epoch, not in stored order, the same order for the same seed and epoch (co-fits stay bit for bit)."""
     from sae_ray.config import Config
     from sae_ray.sae.feeds import ActivationFeed, activation_dataset
     from sae_ray.trial.sae_fit import sae_train_config

@@ -154,7 +154,9 @@ def _ground_truth_plan(cfg: Config) -> str:
         for n in preflight.searched_values(cfg, "sae.num_latents", cfg.sae.num_latents)
     )
     sae = (2 * s.hidden_dim * latents + latents + s.hidden_dim) * 4 * 4  # weights, grads, Adam
-    held = "held in each worker" if stored <= MATERIALIZE_BYTES else "streamed by Ray Data"
+    held = "held in each worker" if stored <= MATERIALIZE_BYTES else "streamed by each worker"
+    if cfg.sae.feed == "ray_data":
+        held = "streamed by Ray Data"
     return (
         f"ground truth ({cfg.dataset.name}): no model. The world's {s.train_samples:,} draws "
         f"x {s.hidden_dim} dims: {stored / 2**30:.2f} GiB stored, {held}; the largest SAE "

@@ -27,7 +27,7 @@ from sae_ray.lm.models import (
     resolve_layer,
 )
 from sae_ray.lm.text_data import Split, load_text_data
-from sae_ray.sae.feeds import activation_dataset, held, held_feed
+from sae_ray.sae.feeds import activation_dataset, worker_feed
 from sae_ray.sae.fit_config import SaeTrainConfig
 from sae_ray.sae.spliced import load_model, save_for_workers, token_table
 from sae_ray.sae.trainer import train_saes
@@ -80,7 +80,7 @@ def run(args: argparse.Namespace, connect: Callable[[], None] = lambda: None) ->
             "activations", spec, lambda out: _extract(args, clf, split, columns, out, sae)
         ).uri("tokens")
         e2e = None
-        dataset, tokens_per_epoch = _activations(tokens_dir, columns)
+        dataset, tokens_per_epoch = _activations(tokens_dir, columns, sae.feed)
     else:
         e2e = _end_to_end(args, kind, clf, store, spec, dict(zip(hookpoints, layers, strict=True)))
         table, tokens_per_epoch = token_table(clf.tokenizer, split, args.ctx_len)
@@ -89,12 +89,12 @@ def run(args: argparse.Namespace, connect: Callable[[], None] = lambda: None) ->
     return _train(args, dataset, tokens_per_epoch, fit_cfg, save_dir, e2e)
 
 
-def _activations(tokens: str | Path, columns: list[str]):
-    """What the fit reads: a set that fits in memory is read by the workers themselves, each
-    its share, once (`feeds.held_feed`); a larger one streams through Ray Data."""
+def _activations(tokens: str | Path, columns: list[str], feed: str):
+    """What the fit reads (`sae.feed`): the workers' own reads of the shards
+    (`feeds.worker_feed`), or a Ray Dataset."""
     manifest = read_manifest(tokens, verify=True)
-    if held(manifest, columns):
-        return held_feed(str(tokens), manifest, columns), manifest.rows
+    if feed == "workers":
+        return worker_feed(str(tokens), manifest, columns), manifest.rows
     return activation_dataset(tokens, columns)
 
 
@@ -142,7 +142,7 @@ def _run_on_activations(
     _check_fits(sae, variants, hookpoints, widths)
     connect()
     run_name = args.run_name or Path(args.activations).stem
-    dataset, rows = _activations(tokens, columns)
+    dataset, rows = _activations(tokens, columns, sae.feed)
     fit_cfg = _fit_config(args, sae, variants, hookpoints, widths, run_name)
     return _train(args, dataset, rows, fit_cfg, save_dir)
 

@@ -147,6 +147,14 @@ class Sae(Section):
         "in bfloat16 or float16 (half the bytes to store and read; the SAE computes in "
         "float32), else float32",
     )
+    feed: Literal["workers", "ray_data"] = Field(
+        "workers",
+        description="how stored activations reach the SAE's workers. workers: each reads its "
+        "own share of the shards with pyarrow (held after one read when the set fits in "
+        "memory, streamed each epoch when not; every worker reaches the run's storage, as on "
+        "any cluster). ray_data: streamed through Ray Data's read tasks and object store "
+        "(about half the rate here: benchmarks/feed_read)",
+    )
     save_every: int = Field(
         1000, ge=1, description="SAE steps between checkpoints (a worker fault resumes there)"
     )

@@ -5,33 +5,24 @@ end-to-end feed, through a frozen model, is `spliced.ModelFeed`."""
 from __future__ import annotations
 
 import math
-import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import ray
 import torch
 
-from sae_ray import storage
 from sae_ray.distributed.ranks import all_reduce, rank_world
-from sae_ray.lm.extraction import Manifest, arrow_to_vectors, column_of, read_manifest
+from sae_ray.lm.extraction import Manifest, column_of, read_manifest
+from sae_ray.sae.batching import rebatched, shuffled, window_rows
 from sae_ray.sae.fit_config import SaeTrainConfig
 from sae_ray.sae.model import SparseAutoencoder
+from sae_ray.sae.shard_reads import read_columns, stream_columns, tensor_of
 from sae_ray.sae.training import sae_loss
 
 MATERIALIZE_BYTES = 256 << 20  # activation sets up to this size are read once, then reused
 BLOCK_BYTES = 16 << 20  # Ray Data blocks of the activation feed
 PREFETCH_BATCHES = 4  # batches Ray Data prepares ahead of the step (its default: 1)
-
-
-def tensor_of(column, d: int) -> torch.Tensor:
-    """An Arrow fixed-size-list column as an (n, d) tensor in its stored dtype, sharing
-    Arrow's read-only memory where it is one chunk (the feed only reads it)."""
-    rows = arrow_to_vectors(column, d)
-    with warnings.catch_warnings():  # read-only Arrow memory, only read
-        warnings.simplefilter("ignore", UserWarning)
-        return torch.from_numpy(rows)
 
 
 class ActivationFeed:
@@ -162,6 +153,52 @@ def held_feed(tokens_dir: str, manifest: Manifest, columns: list[str]):
     return make
 
 
+class StreamFeed(ActivationFeed):
+    """This rank's rows streamed from the shards by this process each epoch (`read`, a
+    fresh `shard_reads.stream_columns` per pass), cut into the fit's batches, drawn from
+    seeded shuffled windows of `shuffle_buffer_tokens` rows when the fit shuffles
+    (`batching.shuffled`): a set too large to hold."""
+
+    def __init__(self, cfg: SaeTrainConfig, world: int, device, read):
+        super().__init__(cfg, world, device)
+        self.read = read
+
+    def batches(self, shard, epoch: int) -> Iterator[dict[str, torch.Tensor]]:
+        cfg = self.cfg
+        size = max(1, cfg.batch_size // self.world)
+        if not cfg.shuffle_buffer_tokens:
+            return map(self._on_device, rebatched(self.read(), size))
+        # Each window goes to the device whole and is permuted there: a CPU's one copy of
+        # every row (the gather) is a GPU's to make where one trains.
+        windows = rebatched(self.read(), window_rows(cfg.shuffle_buffer_tokens, size))
+        return shuffled(map(self._on_device, windows), size, cfg.shuffle_seed + epoch)
+
+    def _on_device(self, rows: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {c: x.to(self.device, torch.float32) for c, x in rows.items()}
+
+
+def streamed_feed(tokens_dir: str, manifest: Manifest, columns: list[str]):
+    """The feed factory of a set too large to hold: each rank streams its contiguous equal
+    share of `columns` every epoch (`StreamFeed`)."""
+
+    def make(cfg: SaeTrainConfig, world: int, device: torch.device) -> StreamFeed:
+        rank = rank_world()[0]
+        per = manifest.rows // world
+        lo, hi = rank * per, (rank + 1) * per
+        return StreamFeed(
+            cfg, world, device, lambda: stream_columns(tokens_dir, manifest, columns, lo, hi)
+        )
+
+    return make
+
+
+def worker_feed(tokens_dir: str, manifest: Manifest, columns: list[str]):
+    """The feed factory of a fit on stored activations, read by its workers themselves:
+    held when the set fits in memory (`held`), streamed every epoch when it does not."""
+    make = held_feed if held(manifest, columns) else streamed_feed
+    return make(tokens_dir, manifest, columns)
+
+
 def held(manifest: Manifest, columns: int | list[str] = 1) -> bool:
     """Whether a fit holds these activations in memory (read once, each rank its share)
     rather than streaming them through Ray Data every epoch."""
@@ -172,67 +209,6 @@ def _bytes(manifest: Manifest, columns: int | list[str]) -> int:
     """What `columns` (a count of width d, or named columns) of the table weigh."""
     named = [manifest.d] * columns if isinstance(columns, int) else map(manifest.width, columns)
     return manifest.rows * sum(named) * np.dtype(manifest.dtype).itemsize
-
-
-def read_rows(
-    tokens_dir: str,
-    manifest: Manifest,
-    column: str,
-    start: int,
-    stop: int,
-    order: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Rows [start, stop) of one vector column (`read_columns`)."""
-    return read_columns(tokens_dir, manifest, [column], start, stop, order)[column]
-
-
-def read_columns(
-    tokens_dir: str,
-    manifest: Manifest,
-    columns: list[str],
-    start: int,
-    stop: int,
-    order: torch.Tensor | None = None,
-) -> dict[str, torch.Tensor]:
-    """Rows [start, stop) of vector columns, a tensor each (the stored dtype), read with
-    pyarrow in this process from only the shards that hold them, each shard once; with
-    `order` (a permutation of the range) row `order[i]` of the range is written at i.
-
-    No Ray task is involved: a rank reads its share with the CPU it already holds, so a fit
-    never waits for a free CPU that a cluster which lost a node may not have. Each record
-    batch is copied once, straight to where it goes."""
-    dtype = getattr(torch, np.dtype(manifest.dtype).name)
-    out = {c: torch.empty(max(0, stop - start), manifest.width(c), dtype=dtype) for c in columns}
-    where = None if order is None else torch.argsort(order)
-    first = 0
-    for entry in manifest.files:
-        last = first + entry["rows"]
-        if last > start and first < stop:
-            fs, path = storage.filesystem(storage.join(tokens_dir, entry["path"]))
-            with fs.open_input_file(path) as f:
-                table = pq.read_table(f, columns=columns)
-            for column in columns:
-                _place(table[column].chunks, out[column], first, start, stop, where)
-        first = last
-    return out
-
-
-def _place(chunks, out: torch.Tensor, first: int, start: int, stop: int, where) -> None:
-    """Copy the chunks' rows (rows `first`.. of the table) that fall in [start, stop) to
-    their places in `out`: in order, or at `where[row - start]`."""
-    d = out.shape[1]
-    for chunk in chunks:
-        lo, hi = max(start, first), min(stop, first + len(chunk))
-        if lo < hi:
-            rows = chunk.flatten().to_numpy().reshape(-1, d)
-            with warnings.catch_warnings():  # read-only Arrow memory, only read
-                warnings.simplefilter("ignore", UserWarning)
-                part = torch.from_numpy(rows[lo - first : hi - first])
-            if where is None:
-                out[lo - start : hi - start] = part
-            else:
-                out.index_copy_(0, where[lo - start : hi - start], part)
-        first += len(chunk)
 
 
 def quiet_ordered_data() -> None:

@@ -23,7 +23,7 @@ from sae_ray.distributed.ranks import barrier, broadcast, rank_world, shared_art
 from sae_ray.lm.extraction import Manifest, read_manifest
 from sae_ray.method.seeds import stream
 from sae_ray.sae.checkpoints import save_checkpoint, store_checkpoint, stored_checkpoint
-from sae_ray.sae.feeds import activation_dataset, held, held_feed
+from sae_ray.sae.feeds import activation_dataset, held, worker_feed
 from sae_ray.sae.fit import Fit
 from sae_ray.sae.fit_config import SaeTrainConfig
 from sae_ray.sae.model import SparseAutoencoder
@@ -38,16 +38,16 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def feed_split(tokens: str, manifest: Manifest, hp: str) -> tuple[Any, Any]:
+def feed_split(tokens: str, manifest: Manifest, hp: str, feed: str) -> tuple[Any, Any]:
     """This rank's equal share of the token rows, as (shard, feed factory) for `fit_saes`.
 
-    A set that fits in memory (`feeds.held`) is read once, each rank its contiguous share
-    by pyarrow in its own process (`feeds.held_feed`): no Ray task, so the fit needs no CPU
-    beyond its workers' (a cluster that lost a node has none to spare) and no epoch after
-    the first reads Parquet. A larger set streams from one Ray Dataset split across the
-    ranks (rank 0 plans it; each rank receives its iterator)."""
-    if held(manifest):
-        return None, held_feed(tokens, manifest, [hp])
+    `workers` (the `sae.feed` default): each rank reads its contiguous share itself, with
+    pyarrow (`feeds.worker_feed`): no Ray task, so the fit needs no CPU beyond its workers'
+    (a cluster that lost a node has none to spare), and a set that fits in memory is read
+    once, not every epoch. `ray_data`: one Ray Dataset split across the ranks (rank 0 plans
+    it; each rank receives its iterator)."""
+    if feed == "workers":
+        return None, worker_feed(tokens, manifest, [hp])
     rank, world = rank_world()
     splits = None
     if rank == 0:
@@ -130,14 +130,14 @@ def sae_spec(
     trial: Trial, acts: Artifact, cycle: int, section: Sae, manifest: Manifest
 ) -> dict[str, Any]:
     """What determines an SAE artifact: its activations, its `sae` section, seed and ranks,
-    and the order its rows come in (held and permuted whole, or a streamed shuffle)."""
+    and the order its rows come in (held and permuted whole, or a stream's shuffle)."""
     spec = {
         "parent": acts.key,
         "sae": section.model_dump(exclude={"save_every", "num_latents"}),
         "seed": stream(trial.sae_seed, cycle, "sae"),
         "workers": trial.cfg.resources.num_workers,
         "shuffle_buffer_tokens": SHUFFLE_BUFFER_TOKENS,
-        "order": "held" if held(manifest) else "streamed",
+        "order": "held" if section.feed == "workers" and held(manifest) else section.feed,
     }
     if section.num_latents is not None:  # sized by expansion_factor: no num_latents in it
         spec["sae"]["num_latents"] = section.num_latents
@@ -224,7 +224,7 @@ def _fit(
         overrides = broadcast(claimed.overrides if lead else None)
         variants = cofit.Group(overrides).variants
         fit_cfg = sae_train_config(cfg, hp, manifest.d, cycle, variants, trial.sae_seed)
-        shard, feed = feed_split(tokens, manifest, hp)
+        shard, feed = feed_split(tokens, manifest, hp, cfg.sae.feed)
         fit = fit_saes(
             {"cfg": fit_cfg.model_dump(), "rows": manifest.rows, "feed": feed},
             shard,
