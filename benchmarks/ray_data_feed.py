@@ -1,17 +1,21 @@
-"""Ray Data feed: SAE tokens/s fed from Parquet shards through Ray Data into a Ray Train
-worker vs the same loop over in-memory tensors in the same worker setup. Target >= 0.95.
-A second figure does the same for the held feed (what a sweep's fit uses for a set that
-fits in memory: the worker reads its rows with pyarrow, inside the timed run).
+"""The fit's feeds inside a Ray Train worker: SAE tokens/s fed from Parquet shards vs the
+same loop over in-memory tensors in the same worker setup. Target >= 0.95 each.
 
-Both sides are `train_saes` (one TorchTrainer run each, same worker, same SAE, same batches
-in the same order); only the feed differs: Ray Data's streaming `read_parquet` ->
-`iter_torch_batches` (the sweep's path: the set is larger than what `activation_dataset`
-materialises, so it streams), or the shard's rows loaded into a tensor before the clock
-starts. Runs alternate A B A B; each side's value is its median tokens/s as the worker
-measures it (from its first batch request to its last step, start-up excluded).
+Every side is `train_saes` (one TorchTrainer run each, same worker, same SAE, same batches
+in the same order); only the feed differs:
+- streamed: the fit's stream of a set too large to hold (`sae.feed: workers`,
+  `feeds.streamed_feed`): the worker reads the shards itself with pyarrow's scanner;
+- ray_data: the same stream through Ray Data (`sae.feed: ray_data`): `read_parquet`,
+  not materialised -> Arrow batches;
+- held: a set that fits in memory (`feeds.held_feed`): the worker reads its rows with
+  pyarrow inside the timed run, then serves them;
+- in_memory: the shard's rows loaded into a tensor before the clock starts.
+Runs alternate A B C D A B C D; each side's value is its median tokens/s as the worker
+measures it (from its first batch request to its last step, start-up excluded). The config
+has how long each stream kept the worker waiting, before its first batch and after.
 
     python -m benchmarks.ray_data_feed                # 320k tokens x d 256 (328 MB), x8
-    python -m benchmarks.ray_data_feed --rows 40000   # quicker (then it is materialised)
+    python -m benchmarks.ray_data_feed --rows 40000   # quicker
 """
 
 from __future__ import annotations
@@ -29,15 +33,10 @@ import torch
 from benchmarks.common import device_name, emit, one_pass_fit, start_ray, write_token_shards
 from sae_ray.config import Resources
 from sae_ray.lm.extraction import load_tokens, read_manifest
-from sae_ray.sae.feeds import (
-    MATERIALIZE_BYTES,
-    ActivationFeed,
-    ArrayFeed,
-    activation_dataset,
-    epoch_order,
-    read_columns,
-)
+from sae_ray.sae import feeds
+from sae_ray.sae.feeds import ActivationFeed, ArrayFeed, epoch_order, streamed_feed
 from sae_ray.sae.fit_config import SaeTrainConfig
+from sae_ray.sae.shard_reads import read_columns
 from sae_ray.sae.trainer import train_saes
 
 HOOKPOINT = "h"
@@ -62,49 +61,35 @@ class TensorFeed(ActivationFeed):
             yield {hp: x[start : start + size].to(self.device) for hp, x in self.x.items()}
 
 
-class WatchedFeed(ActivationFeed):
-    """Ray Data's feed as the trainer uses it, calling `watch(seconds waited)` as each batch
-    arrives and writing `state` to `log` as JSON (as it goes: the trainer stops mid-iteration
-    at its budget)."""
+def timed(make, log: str):
+    """A feed factory whose feeds write to `log` (JSON, as they go: the trainer stops
+    mid-iteration at its budget) how long the worker waited for its first batch and for all
+    the others: where a ratio's gap is."""
 
-    def __init__(self, cfg, world, device, log: str):
-        super().__init__(cfg, world, device)
-        self.log, self.state = log, {}
+    def wrapped(cfg, world, device):
+        feed = make(cfg, world, device)
+        batches = feed.batches
 
-    def watch(self, waited: float) -> None:
-        raise NotImplementedError
+        def watched(shard, epoch: int):
+            state, it = {}, iter(batches(shard, epoch))
+            while True:
+                started = time.perf_counter()
+                try:
+                    batch = next(it)
+                except StopIteration:
+                    return
+                waited = time.perf_counter() - started
+                if state:
+                    state["rest"] += waited
+                else:
+                    state = {"first": waited, "rest": 0.0}
+                Path(log).write_text(json.dumps(state))
+                yield batch
 
-    def batches(self, shard, epoch: int):
-        it = iter(super().batches(shard, epoch))
-        while True:
-            started = time.perf_counter()
-            try:
-                batch = next(it)
-            except StopIteration:
-                return
-            self.watch(time.perf_counter() - started)
-            Path(self.log).write_text(json.dumps(self.state))
-            yield batch
+        feed.batches = watched
+        return feed
 
-    @classmethod
-    def factory(cls, log: str):
-        """What `train_saes(feed=...)` takes: built on each worker."""
-
-        def make(cfg, world, device):
-            return cls(cfg, world, device, log)
-
-        return make
-
-
-class TimedFeed(WatchedFeed):
-    """How long the worker waited for its first batch and for all the others: where the
-    ratio's gap is."""
-
-    def watch(self, waited: float) -> None:
-        if "first" not in self.state:
-            self.state = {"first": waited, "rest": 0.0}
-        else:
-            self.state["rest"] += waited
+    return wrapped
 
 
 class HeldFeed(ArrayFeed):
@@ -134,6 +119,15 @@ def held(tokens_dir: str):
     return make
 
 
+def _streamed_dataset(tokens: Path):
+    """Ray Data's stream of the shards, not materialised whatever their size."""
+    limit, feeds.MATERIALIZE_BYTES = feeds.MATERIALIZE_BYTES, 0
+    try:
+        return feeds.activation_dataset(tokens, [HOOKPOINT])[0]
+    finally:
+        feeds.MATERIALIZE_BYTES = limit
+
+
 def in_memory(tokens_dir: str):
     def make(cfg, world, device):
         return TensorFeed(cfg, world, device, tokens_dir)
@@ -161,39 +155,38 @@ def main(argv: list[str] | None = None) -> list[dict]:
         dead_tokens=args.rows // 2,
     )
     resources = Resources(num_workers=1, cpus_per_worker=1)
-    rates: dict[str, list[float]] = {"ray_data": [], "held": [], "in_memory": []}
-    waits: list[dict[str, float]] = []
+    sides = ("streamed", "ray_data", "held", "in_memory")
+    rates: dict[str, list[float]] = {s: [] for s in sides}
+    waits: dict[str, list[dict[str, float]]] = {"streamed": [], "ray_data": []}
     with tempfile.TemporaryDirectory() as tmp:
         tokens = Path(tmp) / "tokens"
         write_token_shards(tokens, args.rows, args.d_in, HOOKPOINT)
+        manifest, log = read_manifest(tokens), str(Path(tmp) / "waits.json")
+        makers = {
+            "streamed": timed(streamed_feed(str(tokens), manifest, [HOOKPOINT]), log),
+            "ray_data": timed(ActivationFeed, log),
+            "held": held(str(tokens)),
+            "in_memory": in_memory(str(tokens)),
+        }
         for rep in range(args.repeats):
-            for side in rates:
+            for side in sides:
+                dataset = None
                 if side == "ray_data":
-                    dataset, rows = activation_dataset(tokens, [HOOKPOINT])
-                    result = train_saes(
-                        dataset,
-                        rows,
-                        cfg,
-                        resources,
-                        Path(tmp) / "runs",
-                        train_run_name=f"data-{rep}",
-                        feed=TimedFeed.factory(str(Path(tmp) / "waits.json")),
-                    )
-                else:
-                    result = train_saes(
-                        None,
-                        args.rows,
-                        cfg,
-                        resources,
-                        Path(tmp) / "runs",
-                        train_run_name=f"{side}-{rep}",
-                        feed=(held if side == "held" else in_memory)(str(tokens)),
-                    )
+                    dataset = _streamed_dataset(tokens)
+                result = train_saes(
+                    dataset,
+                    args.rows,
+                    cfg,
+                    resources,
+                    Path(tmp) / "runs",
+                    train_run_name=f"{side}-{rep}",
+                    feed=makers[side],
+                )
                 rates[side].append(result.metrics["tokens_per_s"])
-                if side == "ray_data":
-                    waits.append(json.loads((Path(tmp) / "waits.json").read_text()))
+                if side in waits:
+                    waits[side].append(json.loads(Path(log).read_text()))
     ray.shutdown()
-    data, kept, memory = (statistics.median(rates[s]) for s in ("ray_data", "held", "in_memory"))
+    rate = {side: statistics.median(r) for side, r in rates.items()}
     config = {
         "rows": args.rows,
         "d_in": args.d_in,
@@ -201,19 +194,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
         "k": args.k,
         "batch": args.batch,
         "repeats": args.repeats,
-        "streamed": args.rows * args.d_in * 4 > MATERIALIZE_BYTES,
         "workers": 1,
         "cpus": args.num_cpus,
         "all_rates": {s: [round(r) for r in v] for s, v in rates.items()},
-        # seconds the worker waited on Ray Data: before its first batch / after it
-        "ray_data_wait_first_s": [round(w["first"], 2) for w in waits],
-        "ray_data_wait_rest_s": [round(w["rest"], 2) for w in waits],
+        # seconds the worker waited on each stream: before its first batch / after it
+        "wait_first_s": {s: [round(w["first"], 2) for w in v] for s, v in waits.items()},
+        "wait_rest_s": {s: [round(w["rest"], 2) for w in v] for s, v in waits.items()},
     }
     return [
         emit(
-            name,
-            ours,
-            memory,
+            f"{side}_feed_tokens_per_s",
+            rate[side],
+            rate["in_memory"],
             target=0.95,
             better="higher",
             unit="tokens/s",
@@ -221,9 +213,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
             config=config,
             device=device_name("cpu"),
         )
-        for name, ours, what in (
-            ("ray_data_feed_tokens_per_s", data, "Ray Data read_parquet -> iter_torch_batches"),
-            ("held_feed_tokens_per_s", kept, "read by the worker (pyarrow), held, shuffled"),
+        for side, what in (
+            ("streamed", "streamed by the worker from the shards (pyarrow's scanner)"),
+            ("ray_data", "streamed through Ray Data (read_parquet -> Arrow batches)"),
+            ("held", "read by the worker (pyarrow) in the timed run, held"),
         )
     ]
 

@@ -43,13 +43,18 @@ def test_a_sliced_or_chunked_column_gives_its_own_rows():
     from sae_ray.lm.extraction import arrow_to_vectors
     from sae_ray.sae.shard_reads import tensor_of
 
-    x = np.arange(40, dtype=np.float32).reshape(10, 4)
-    column = vectors_to_arrow(x)
-    np.testing.assert_array_equal(arrow_to_vectors(column.slice(3, 2), 4), x[3:5])
-    chunked = pa.chunked_array([column.slice(7, 3), column.slice(0, 1)])
-    np.testing.assert_array_equal(arrow_to_vectors(chunked, 4), x[[7, 8, 9, 0]])
-    assert arrow_to_vectors(pa.chunked_array([], type=column.type), 4).shape == (0, 4)
-    assert tensor_of(pa.chunked_array([column.slice(2, 3)]), 4).tolist() == x[2:5].tolist()
+    for dtype in ("float32", "float16"):
+        x = np.arange(40, dtype=dtype).reshape(10, 4)
+        old = pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), 4)  # shards before
+        for column in (vectors_to_arrow(x), old):
+            got = arrow_to_vectors(column.slice(3, 2), 4)
+            assert got.dtype == dtype
+            np.testing.assert_array_equal(got, x[3:5])
+            chunked = pa.chunked_array([column.slice(7, 3), column.slice(0, 1)])
+            np.testing.assert_array_equal(arrow_to_vectors(chunked, 4), x[[7, 8, 9, 0]])
+            empty = arrow_to_vectors(pa.chunked_array([], type=column.type), 4)
+            assert empty.shape == (0, 4) and empty.dtype == dtype
+            assert tensor_of(pa.chunked_array([column.slice(2, 3)]), 4).tolist() == x[2:5].tolist()
 
 
 def test_corrupted_shard_is_refused(tmp_path):

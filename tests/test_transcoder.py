@@ -176,8 +176,10 @@ def test_train_on_activations_pairs_each_module_with_its_input(tmp_path):
     import pyarrow.parquet as pq
 
     from sae_ray.config import ConfigError
-    from sae_ray.lm.extraction import vectors_to_arrow
     from sae_ray.sae.cached import train_on_activations
+
+    def vectors_to_arrow(a):  # a user's file: float vectors as fixed-size lists
+        return pa.FixedSizeListArray.from_arrays(pa.array(a.reshape(-1)), a.shape[1])
 
     gen = torch.Generator().manual_seed(2)
     x = torch.randn(2048, 16, generator=gen)

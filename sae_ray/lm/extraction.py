@@ -45,22 +45,42 @@ class Manifest:
         return [storage.join(str(root), f["path"]) for f in self.files]
 
 
-def vectors_to_arrow(x: np.ndarray) -> pa.FixedSizeListArray:
-    """(n, d) -> fixed-size-list column without a Python loop or copy."""
-    return pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), x.shape[1])
+def vectors_to_arrow(x: np.ndarray) -> pa.FixedSizeBinaryArray:
+    """(n, d) -> a column of each row's bytes (fixed-size binary; the manifest keeps the
+    dtype), without a copy of a C-contiguous array. Parquet stores a fixed-size list with a
+    repetition and a definition level per element: reading one back ran at a fifth of the
+    rate of the same bytes stored whole per row."""
+    x = np.ascontiguousarray(x)
+    kind = pa.binary(x.shape[1] * x.itemsize)
+    return pa.FixedSizeBinaryArray.from_buffers(kind, len(x), [None, pa.py_buffer(x)])
 
 
 def arrow_to_vectors(column: pa.ChunkedArray | pa.Array, d: int) -> np.ndarray:
-    """A fixed-size-list column -> (n, d), without a copy where it is one chunk (then
-    read-only: Arrow's memory). `flatten` respects a sliced chunk's offset (`.values` would
-    return the whole buffer behind it)."""
+    """A vector column (`vectors_to_arrow`'s, or a fixed-size list of floats, as shards
+    stored before it) -> (n, d), without a copy where it is one chunk (then read-only:
+    Arrow's memory). A sliced chunk is read from its offset."""
     chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
-    parts = [c.flatten().to_numpy(zero_copy_only=False).reshape(-1, d) for c in chunks]
+    parts = [_chunk_rows(c, d) for c in chunks]
     if len(parts) == 1:
         return parts[0]
     if not parts:
-        return np.empty((0, d), dtype=column.type.value_type.to_pandas_dtype())
+        return np.empty((0, d), dtype=_float_of(column.type, d))
     return np.concatenate(parts)
+
+
+def _float_of(kind: pa.DataType, d: int) -> np.dtype:
+    if pa.types.is_fixed_size_binary(kind):
+        return np.dtype(f"<f{kind.byte_width // d}")
+    return np.dtype(kind.value_type.to_pandas_dtype())
+
+
+def _chunk_rows(chunk: pa.Array, d: int) -> np.ndarray:
+    if not pa.types.is_fixed_size_binary(chunk.type):  # `flatten` respects the offset
+        return chunk.flatten().to_numpy(zero_copy_only=False).reshape(-1, d)
+    width = chunk.type.byte_width
+    data = chunk.buffers()[1]
+    rows = np.frombuffer(data, _float_of(chunk.type, d), len(chunk) * d, chunk.offset * width)
+    return rows.reshape(-1, d)
 
 
 class ShardWriter:

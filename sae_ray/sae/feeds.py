@@ -33,9 +33,9 @@ class ActivationFeed:
         self.members = cfg.members()
 
     def batches(self, shard, epoch: int):
-        """This worker's batches of its shard, as Arrow tables made tensors here without a
-        copy (`arrow_to_vectors`): Ray Data's own torch and numpy formats convert a
-        fixed-size-list column at about half the rate (`benchmarks/feed_read.py`)."""
+        """This worker's batches of its Ray Data shard (`sae.feed: ray_data`), as Arrow
+        tables made tensors here without a copy (`arrow_to_vectors`): Ray Data's own torch
+        and numpy formats convert a vector column element by element."""
         cfg = self.cfg
         tables = shard.iter_batches(
             batch_size=max(1, cfg.batch_size // self.world),

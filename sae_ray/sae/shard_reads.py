@@ -26,8 +26,8 @@ FILES_AHEAD = 1  # shards opened ahead: each more holds its batches in flight to
 
 
 def tensor_of(column, d: int) -> torch.Tensor:
-    """An Arrow fixed-size-list column as an (n, d) tensor in its stored dtype, sharing
-    Arrow's read-only memory where it is one chunk (the feed only reads it)."""
+    """A stored vector column as an (n, d) tensor in its stored dtype, sharing Arrow's
+    read-only memory where it is one chunk (the feed only reads it)."""
     rows = arrow_to_vectors(column, d)
     with warnings.catch_warnings():  # read-only Arrow memory, only read
         warnings.simplefilter("ignore", UserWarning)
