@@ -557,7 +557,8 @@ def _child(specs: dict, kind: str, parent: Path) -> Path:
 def test_a_sweeps_sae_stream_is_shuffled_seeded_and_whole(ray_cluster, tmp_path):
     """Stored token rows come example by example (a run of one text's tokens); a sweep's
     SAE fit through Ray Data (`sae.feed: ray_data`) draws them through a seeded shuffle
-    buffer: every row once per epoch, not in stored order, the same order for the same seed and epoch (co-fits stay bit for bit)."""
+    buffer: every row once per epoch, not in stored order, the same order for the same
+    seed and epoch (co-fits stay bit for bit)."""
     from sae_ray.config import Config
     from sae_ray.sae.feeds import ActivationFeed, activation_dataset
     from sae_ray.trial.sae_fit import sae_train_config
