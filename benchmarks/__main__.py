@@ -21,6 +21,7 @@ FIGURES: dict[str, list[str]] = {
     "sae_step": ["--d_in", "64", "--expansion_factor", "8", "--batch", "512", "--steps", "2"],
     "ray_data_feed": ["--rows", "20000", "--d_in", "64", "--repeats", "1"],
     "feed_read": ["--rows", "20000", "--d_in", "64", "--repeats", "1"],
+    "fit_bound": ["--widths", "64", "--mbytes", "8", "--batch", "512", "--repeats", "1"],
     "extraction": ["--model", "tiny-gpt2", "--layer", "-1", "--examples", "200", "--repeats", "1"],
     "sweep_sharing": [],  # no small version: it is two whole sweeps
     "memory_scaling": [

@@ -9,8 +9,8 @@ feed keeps up) means the step bounds the fit and the feed waits, below 1 that th
 for the feed. Each side is the median of its runs, the feed's runs and the step's
 alternated.
 
-    python -m benchmarks.fit_bound                       # d 256, 768, 1536 on the CPU
-    python -m benchmarks.fit_bound --device cuda         # the step on the GPU (gpu_check.sh)
+    python -m benchmarks.fit_bound          # d 256, 768, 1536; the step on a GPU if there is one
+    python -m benchmarks.fit_bound --widths 768 --expansion_factor 32 --batch 4096
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--k", type=int, default=32)
     parser.add_argument("--batch", type=int, default=2048, help="tokens per step")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     sync = torch.cuda.synchronize if args.device == "cuda" else None
     out = []

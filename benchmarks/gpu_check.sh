@@ -7,6 +7,8 @@
 #                   SAE fit in bf16 autocast, evaluation), its wall time and trial statuses
 #   sae_step        ours vs eai-sparsify, tokens/s, bf16 autocast on CUDA
 #   gpu_flops       the SAE step's FLOP/s against a bf16 matmul of the encoder's shape
+#   fit_bound_d*    per width: the streamed feed's rows/s (CPU) vs an SAE step's tokens/s
+#                   (GPU): which of the two bounds a fit there
 # Logs go to $OUT (or a temp dir) as gpu_check-*.log. Exit 1 if a check failed.
 #   bash benchmarks/gpu_check.sh            # with .venv/bin/python, else python3
 #   PYTHON=/opt/env/bin/python bash benchmarks/gpu_check.sh
@@ -57,7 +59,7 @@ print(json.dumps(line), flush=True)
 sys.exit(0 if line["ok"] else 1)
 EOF
 
-for figure in sae_step gpu_flops; do
+for figure in sae_step gpu_flops fit_bound; do
   timeout 120 "$PY" -m "benchmarks.$figure" 2>"$LOGS/gpu_check-$figure.log" || {
     echo "{\"check\": \"$figure\", \"ok\": false, \"error\": \"see $LOGS/gpu_check-$figure.log\"}"
     failed=1

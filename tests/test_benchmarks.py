@@ -20,7 +20,7 @@ KEYS = {"name", "ours", "theirs", "ratio", "target", "better", "met", "config", 
 
 
 def test_runner_prints_one_json_line_per_figure():
-    figures = ["sae_step", "extraction", "gpu_flops"]
+    figures = ["sae_step", "extraction", "gpu_flops", "fit_bound"]
     done = subprocess.run(
         [sys.executable, "-m", "benchmarks", "--quick", "--only", *figures],
         cwd=ROOT,
@@ -32,6 +32,7 @@ def test_runner_prints_one_json_line_per_figure():
     lines = [json.loads(ln) for ln in done.stdout.splitlines()]
     assert [ln["name"] for ln in lines] == [
         "sae_step_tokens_per_s",
+        "fit_bound_d64",  # the runner's order: `FIGURES`
         "extraction_tokens_per_s",
         "sae_step_flops_vs_matmul",
     ]
