@@ -83,3 +83,20 @@ def test_extract_writes_every_non_pad_token(tmp_path, topics):
     assert x.shape == (len(split), 64)
     token_ids = pq.read_table(read_manifest(tmp_path / "tokens").paths(tmp_path / "tokens"))
     assert set(token_ids["example_id"].to_pylist()) == set(split.ids.tolist())
+
+
+def test_a_models_small_batches_gather_into_large_row_groups(tmp_path):
+    """A reader's record batch is at most one row group: extraction's batch-sized writes
+    (a few thousand rows) are gathered into row groups of about 64 MB."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    x = np.random.default_rng(0).standard_normal((2000, 16)).astype(np.float32)
+    writer = ShardWriter(tmp_path, "tokens", 16, "float32", rows_per_shard=1200)
+    for start in range(0, 2000, 100):
+        writer.write(pa.record_batch({"x": vectors_to_arrow(x[start : start + 100])}))
+    manifest = writer.close()
+    assert [f["rows"] for f in manifest.files] == [1200, 800]
+    for f in manifest.files:
+        assert pq.ParquetFile(tmp_path / f["path"]).metadata.num_row_groups == 1
+    np.testing.assert_array_equal(load_tokens(tmp_path), x)

@@ -4,6 +4,7 @@ seeded windows when the fit shuffles."""
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -19,7 +20,9 @@ def _tokens(root, n=1000, d=8, per_shard=300, group=100):
     `group` (one per record batch written)."""
     x = np.random.default_rng(0).standard_normal((n, d)).astype(np.float32)
     x[:, 0] = np.arange(n)
-    writer = ShardWriter(root, "tokens", d, "float32", rows_per_shard=per_shard)
+    writer = ShardWriter(
+        root, "tokens", d, "float32", rows_per_shard=per_shard, row_group_bytes=group * d * 4
+    )
     for start in range(0, n, group):
         writer.write(pa.record_batch({"x": vectors_to_arrow(x[start : start + group])}))
     return x, writer.close()
@@ -33,6 +36,8 @@ def _ids(batches) -> np.ndarray:
 def test_a_stream_holds_exactly_its_rows_across_shards_and_row_groups(tmp_path, start, stop):
     x, manifest = _tokens(tmp_path, group=70)  # shards of 350, 350, 300 rows
     assert [f["rows"] for f in manifest.files] == [350, 350, 300]
+    groups = [pq.ParquetFile(tmp_path / f["path"]).metadata.num_row_groups for f in manifest.files]
+    assert groups == [5, 5, 5]  # row groups of 70 rows (and a shard's short last one)
     chunks = list(shard_reads.stream_columns(str(tmp_path), manifest, ["x"], start, stop))
     assert all(c["x"].dtype == torch.float32 and len(c["x"]) > 0 for c in chunks)
     got = torch.cat([c["x"] for c in chunks]) if chunks else torch.empty(0, 8)

@@ -83,8 +83,15 @@ def _chunk_rows(chunk: pa.Array, d: int) -> np.ndarray:
     return rows.reshape(-1, d)
 
 
+# Bytes of rows gathered into one Parquet row group. A model's batch of tokens (a few
+# thousand rows) made a row group each; a reader's record batch is at most one row group,
+# and an SAE batch that spans two is a copy (`sae/shard_reads.py`, `sae/batching.py`).
+ROW_GROUP_BYTES = 64 << 20
+
+
 class ShardWriter:
-    """Streams record batches into fixed-size Parquet shards; nothing is held whole."""
+    """Streams record batches into fixed-size Parquet shards, in row groups of about
+    `row_group_bytes`; nothing is held whole."""
 
     def __init__(
         self,
@@ -96,8 +103,11 @@ class ShardWriter:
         columns: list[str] | None = None,
         prefix: str = "",
         widths: dict[str, int] | None = None,
+        row_group_bytes: int = ROW_GROUP_BYTES,
     ):
         self.root, self.rows_per_shard, self.prefix = root, rows_per_shard, prefix
+        self.row_group_bytes = row_group_bytes
+        self._pending: list[pa.RecordBatch] = []  # the row group being gathered
         self.manifest = Manifest(
             kind=kind,
             d=d,
@@ -117,15 +127,23 @@ class ShardWriter:
             ids = [f.name for f in batch.schema if f.name not in self.manifest.columns]
             self._writer = pq.ParquetWriter(self.root / name, batch.schema, use_dictionary=ids)
             self.manifest.files.append({"path": name, "rows": 0})
-        self._writer.write_batch(batch)
+        self._pending.append(batch)
+        if sum(b.nbytes for b in self._pending) >= self.row_group_bytes:
+            self._flush()
         self._rows_in_shard += batch.num_rows
         self.manifest.files[-1]["rows"] += batch.num_rows
         self.manifest.rows += batch.num_rows
         if self._rows_in_shard >= self.rows_per_shard:
             self._close_shard()
 
+    def _flush(self) -> None:
+        if self._pending:
+            self._writer.write_table(pa.Table.from_batches(self._pending))  # one row group
+            self._pending = []
+
     def _close_shard(self) -> None:
         if self._writer is not None:
+            self._flush()
             self._writer.close()
             entry = self.manifest.files[-1]
             entry["sha256"] = storage.sha256(self.root / entry["path"])
