@@ -107,3 +107,8 @@ def test_auto_stores_half_precision_for_a_half_precision_model_and_refuses_overf
     with pytest.raises(FloatingPointError, match="past float16's 65504.*activation_dtype"):
         _check_range({"h": torch.full((2, 3), 7e4)}, np.dtype("float16"))
     _check_range({"h": torch.full((2, 3), 7e4)}, np.dtype("float32"))
+
+
+def test_a_cpu_fit_holds_its_rows_as_read():
+    rows = {"x": torch.ones(4, 2)}
+    assert feeds.placed(rows, "cpu")["x"] is rows["x"]  # no copy, no pinning
