@@ -87,7 +87,7 @@ def test_extract_writes_every_non_pad_token(tmp_path, topics):
 
 def test_a_models_small_batches_gather_into_large_row_groups(tmp_path):
     """A reader's record batch is at most one row group: extraction's batch-sized writes
-    (a few thousand rows) are gathered into row groups of about 64 MB."""
+    (a few thousand rows) are gathered into row groups of about 16 MB."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 

@@ -99,7 +99,8 @@ def test_each_epoch_streams_its_rows_again_in_a_new_seeded_order(tmp_path, monke
         {"cfg": cfg.model_dump(), "rows": manifest.rows, "feed": factory}, None, None, None
     )
     assert fit.progress.step == 30 and fit.progress.tokens == 3 * 1000
-    assert len(passes) == 3  # read again each epoch: nothing held
+    # read again each epoch (nothing held), and a next pass begun as the third ended
+    assert len(passes) == 4
 
 
 def test_two_ranks_stream_equal_contiguous_shares(tmp_path, monkeypatch):
@@ -113,3 +114,20 @@ def test_two_ranks_stream_equal_contiguous_shares(tmp_path, monkeypatch):
         assert [len(b["x"]) for b in batches] == [50] * 10  # batch_size / world a step
         shares.append(_ids(batches))
     np.testing.assert_array_equal(np.concatenate(shares), np.arange(1000))  # row 1000 left out
+
+
+def test_a_pass_starts_reading_before_its_batches_are_asked_for():
+    """The first pass's first chunk is read from the feed's construction on, and each
+    next pass's as the last chunk of the one before is taken, in a thread."""
+    import threading
+
+    readers = []
+
+    def read():
+        readers.append(threading.current_thread().name)
+        yield {"x": torch.arange(16.0).view(2, 8)}
+
+    feed = feeds.StreamFeed(_cfg(batch_size=2), 1, "cpu", read)
+    for epoch in range(2):
+        assert [len(b["x"]) for b in feed.batches(None, epoch)] == [2]
+    assert len(readers) == 3 and all(r.startswith("read-ahead") for r in readers), readers

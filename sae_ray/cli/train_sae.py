@@ -150,8 +150,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--shuffle_buffer",
         type=int,
         default=SHUFFLE_BUFFER_TOKENS,
-        help="tokens of each worker's shuffle buffer (a set that fits in memory, up to "
-        "256 MB, is permuted whole each epoch instead); 0: the stored order",
+        help="rows of each worker's shuffle window: a streamed set's batches are drawn from "
+        "shuffled windows of this many (a set that fits in memory, up to 256 MB, is "
+        "permuted whole each epoch instead); 0: the stored order",
     )
     g.add_argument(
         "--init_seeds",

@@ -4,7 +4,8 @@ equal-length tensors, one per column."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -63,3 +64,20 @@ def shuffled(windows: Iterable[Rows], size: int, seed: int) -> Iterator[Rows]:
         order = torch.randperm(_rows(rows), generator=g).to(next(iter(rows.values())).device)
         for at in range(0, len(order), size):
             yield {k: v.index_select(0, order[at : at + size]) for k, v in rows.items()}
+
+
+def read_ahead(read: Callable[[], Iterable[Rows]]) -> Iterator[Rows]:
+    """`read()`'s chunks, the first one read in a thread from now on: a pass's first read
+    (cold: fresh pages, the reader starting) is the one nothing else overlaps."""
+    chunks = iter(read())
+    pool = ThreadPoolExecutor(1, thread_name_prefix="read-ahead")
+    first = pool.submit(next, chunks, None)
+    pool.shutdown(wait=False)
+
+    def rest() -> Iterator[Rows]:
+        head = first.result()
+        if head is not None:
+            yield head
+            yield from chunks
+
+    return rest()

@@ -4,7 +4,7 @@ package wrote (a sweep's `activations-*/train/tokens`, `train-sae`'s cache).
 
 Everything becomes the store's token table (Parquet shards with a manifest, one column
 per hookpoint) once, cached by what the files are, so every fit reads one format through
-the same Ray Data feed, trainer, checkpoints and metrics as the rest of sae-ray.
+the same feeds, trainer, checkpoints and metrics as the rest of sae-ray.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ import torch
 
 from sae_ray.distributed.ranks import all_reduce, rank_world
 from sae_ray.lm.extraction import Manifest, column_of, read_manifest
-from sae_ray.sae.batching import rebatched, shuffled, window_rows
+from sae_ray.sae.batching import read_ahead, rebatched, shuffled, window_rows
 from sae_ray.sae.fit_config import SaeTrainConfig
 from sae_ray.sae.model import SparseAutoencoder
 from sae_ray.sae.shard_reads import read_columns, stream_columns, tensor_of
@@ -179,15 +179,22 @@ class StreamFeed(ActivationFeed):
     def __init__(self, cfg: SaeTrainConfig, world: int, device, read):
         super().__init__(cfg, world, device)
         self.read = read
+        self._next: Iterator | None = read_ahead(read)  # the first pass reads from now on
+
+    def _pass(self) -> Iterator[dict[str, torch.Tensor]]:
+        """One pass's chunks; as its last is taken, the next pass's first read begins."""
+        chunks, self._next = self._next, None
+        yield from chunks if chunks is not None else self.read()
+        self._next = read_ahead(self.read)
 
     def batches(self, shard, epoch: int) -> Iterator[dict[str, torch.Tensor]]:
         cfg = self.cfg
         size = max(1, cfg.batch_size // self.world)
         if not cfg.shuffle_buffer_tokens:
-            return map(self._on_device, rebatched(self.read(), size))
+            return map(self._on_device, rebatched(self._pass(), size))
         # Each window goes to the device whole and is permuted there: a CPU's one copy of
         # every row (the gather) is a GPU's to make where one trains.
-        windows = rebatched(self.read(), window_rows(cfg.shuffle_buffer_tokens, size))
+        windows = rebatched(self._pass(), window_rows(cfg.shuffle_buffer_tokens, size))
         return shuffled(map(self._on_device, windows), size, cfg.shuffle_seed + epoch)
 
     def _on_device(self, rows: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -32,7 +32,9 @@ class SaeTrainConfig(Sae):
     max_steps: int | None = Field(None, ge=1, description="stop early (resumable) after this")
     init_seed: int = 42
     shuffle_seed: int = 42
-    shuffle_buffer_tokens: int = Field(0, ge=0, description="0 keeps the stored order")
+    shuffle_buffer_tokens: int = Field(
+        0, ge=0, description="rows of a streamed set's shuffle window; 0 keeps the stored order"
+    )
     autocast: bool = Field(True, description="bf16 autocast of the encoder on a CUDA device")
     progress: bool = True
     log_to_wandb: bool = False

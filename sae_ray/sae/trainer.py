@@ -1,9 +1,10 @@
-"""Train TopK SAEs with Ray Train workers fed by Ray Data from the activation shards.
+"""Train SAEs with Ray Train workers on the activation shards.
 
 One trainer for everything: `sae-ray train-sae` (several hookpoints at once, the saetrain
-flags) and every cycle of a sweep. Driver: `train_saes` reads the token shards with
-`ray.data.read_parquet` and runs a `TorchTrainer`. Worker: `train_loop` streams its shard,
-trains one SAE per hookpoint under DDP, logs, and checkpoints in sparsify's layout.
+flags) and every cycle of a sweep. Driver: `train_saes` runs a `TorchTrainer` with the
+feed (`feeds`: the workers read their shares of the shards themselves, or a Ray Dataset
+is split across them). Worker: `train_loop` draws its batches, trains one SAE per
+hookpoint under DDP, logs, and checkpoints in sparsify's layout.
 
 A step is DDP-exact: every worker's loss is normalised by the union batch's variance and
 scaled by the world size, so N workers on b1..bN take the step one worker takes on their
@@ -214,10 +215,11 @@ def fit_saes(
     handing every checkpoint to `save`. Every rank of the process group calls it."""
     device = worker_device()
     rank, world = rank_world()
+    # The feed first: a stream's first read runs while the SAEs are built and the log opens.
+    feed = _make_feed(config, SaeTrainConfig(**config["cfg"]), world, device)
     fit = _start_fit(config, device, rank, checkpoint)
     fit.save = save
     log = RunLog(fit, config.get("wandb_dir"))
-    feed = _make_feed(config, fit.cfg, world, device)
     fit.started = time.perf_counter()  # this run's clock starts with its first batch
     done = fit.done()
     while not done:
