@@ -178,14 +178,17 @@ class StreamFeed(ActivationFeed):
 
     def __init__(self, cfg: SaeTrainConfig, world: int, device, read):
         super().__init__(cfg, world, device)
-        self.read = read
+        self.read, self.passes = read, 0
         self._next: Iterator | None = read_ahead(read)  # the first pass reads from now on
 
     def _pass(self) -> Iterator[dict[str, torch.Tensor]]:
-        """One pass's chunks; as its last is taken, the next pass's first read begins."""
+        """One pass's chunks; as its last is taken, the next pass's first read begins, if
+        the fit has one (its epochs; a token budget may end it anywhere)."""
         chunks, self._next = self._next, None
         yield from chunks if chunks is not None else self.read()
-        self._next = read_ahead(self.read)
+        self.passes += 1
+        if self.cfg.max_tokens is not None or self.passes < self.cfg.epochs:
+            self._next = read_ahead(self.read)
 
     def batches(self, shard, epoch: int) -> Iterator[dict[str, torch.Tensor]]:
         cfg = self.cfg
