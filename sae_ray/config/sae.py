@@ -153,7 +153,7 @@ class Sae(Section):
         "own share of the shards with pyarrow (held after one read when the set fits in "
         "memory, streamed each epoch when not; every worker reaches the run's storage, as on "
         "any cluster). ray_data: streamed through Ray Data's read tasks and object store "
-        "(an eighth of the workers' stream's rate here: docs/performance.md)",
+        "(a ninth of the workers' stream's rate here: docs/performance.md)",
     )
     save_every: int = Field(
         1000, ge=1, description="SAE steps between checkpoints (a worker fault resumes there)"
