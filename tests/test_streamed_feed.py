@@ -131,3 +131,34 @@ def test_a_pass_starts_reading_before_its_batches_are_asked_for():
         assert [len(b["x"]) for b in feed.batches(None, epoch)] == [2]
     # the two epochs' reads, each begun ahead; none for a third pass the fit will not take
     assert len(readers) == 2 and all(r.startswith("read-ahead") for r in readers), readers
+
+
+def test_read_ahead_raises_the_reads_error_and_lets_an_abandoned_thread_go():
+    import gc
+    import threading
+
+    from sae_ray.sae.batching import read_ahead
+
+    def broken():
+        yield {"x": torch.zeros(1, 2)}
+        raise OSError("shard gone")
+
+    chunks = read_ahead(broken)
+    assert len(next(chunks)["x"]) == 1
+    with pytest.raises(OSError, match="shard gone"):
+        next(chunks)
+
+    def endless():
+        while True:
+            yield {"x": torch.zeros(1, 2)}
+
+    for started in (True, False):  # a consumer that stops early, one that never starts
+        old = set(threading.enumerate())
+        chunks = read_ahead(endless)
+        (reader,) = set(threading.enumerate()) - old
+        if started:
+            next(chunks)
+        del chunks
+        gc.collect()
+        reader.join(timeout=5)
+        assert not reader.is_alive(), started

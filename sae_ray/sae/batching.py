@@ -4,8 +4,10 @@ equal-length tensors, one per column."""
 
 from __future__ import annotations
 
+import queue
+import threading
+import weakref
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -66,18 +68,42 @@ def shuffled(windows: Iterable[Rows], size: int, seed: int) -> Iterator[Rows]:
             yield {k: v.index_select(0, order[at : at + size]) for k, v in rows.items()}
 
 
-def read_ahead(read: Callable[[], Iterable[Rows]]) -> Iterator[Rows]:
-    """`read()`'s chunks, the first one read in a thread from now on: a pass's first read
-    (cold: fresh pages, the reader starting) is the one nothing else overlaps."""
-    chunks = iter(read())
-    pool = ThreadPoolExecutor(1, thread_name_prefix="read-ahead")
-    first = pool.submit(next, chunks, None)
-    pool.shutdown(wait=False)
+def read_ahead(read: Callable[[], Iterable[Rows]], depth: int = 2) -> Iterator[Rows]:
+    """`read()`'s chunks, read by a thread from now on, up to `depth` ahead of the consumer
+    (pyarrow lets go of the GIL while it reads, so the read overlaps the step). An error in
+    the read is raised to the consumer; a consumer that stops early, or never starts, lets
+    the thread go."""
+    chunks: queue.Queue = queue.Queue(depth)
+    stop = threading.Event()
 
-    def rest() -> Iterator[Rows]:
-        head = first.result()
-        if head is not None:
-            yield head
-            yield from chunks
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                chunks.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
 
-    return rest()
+    def produce() -> None:
+        try:
+            for chunk in read():
+                if not put(chunk):
+                    return
+            put(_END)
+        except BaseException as err:  # handed to the consumer, raised there
+            put(err)
+
+    def consume() -> Iterator[Rows]:
+        while (item := chunks.get()) is not _END:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    threading.Thread(target=produce, name="read-ahead", daemon=True).start()
+    out = consume()
+    weakref.finalize(out, stop.set)  # let go once the consumer has finished with it
+    return out
+
+
+_END = object()

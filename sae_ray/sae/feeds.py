@@ -182,10 +182,11 @@ class StreamFeed(ActivationFeed):
         self._next: Iterator | None = read_ahead(read)  # the first pass reads from now on
 
     def _pass(self) -> Iterator[dict[str, torch.Tensor]]:
-        """One pass's chunks; as its last is taken, the next pass's first read begins, if
-        the fit has one (its epochs; a token budget may end it anywhere)."""
+        """One pass's chunks, read ahead of the step in a thread; as its last is taken, the
+        next pass's read begins, if the fit has one (its epochs; a token budget may end it
+        anywhere)."""
         chunks, self._next = self._next, None
-        yield from chunks if chunks is not None else self.read()
+        yield from chunks if chunks is not None else read_ahead(self.read)
         self.passes += 1
         if self.cfg.max_tokens is not None or self.passes < self.cfg.epochs:
             self._next = read_ahead(self.read)

@@ -97,9 +97,9 @@ def stream_columns(
 ) -> Iterator[dict[str, torch.Tensor]]:
     """Rows [start, stop) of vector columns in stored order, as chunks of up to `READ_ROWS`
     rows (a tensor per column, viewing Arrow's memory), reading only the row groups that
-    hold them. Read in the calling thread (`batching.read_ahead` starts a pass early): at
-    memory speed that is a few percent of a CPU step's time, and pyarrow's dataset scanner,
-    decoding ahead in its own threads, took 2-10x the CPU for it on 2 cores."""
+    hold them. Read where it is iterated (`batching.read_ahead` runs it in a thread, ahead of
+    the step): pyarrow's dataset scanner, decoding ahead in its own pool, took 2-10x the
+    CPU for it on 2 cores."""
     for entry, first in _spans(manifest, start, stop):
         fs, path = storage.filesystem(storage.join(tokens_dir, entry["path"]))
         with fs.open_input_file(path) as f:
