@@ -39,7 +39,7 @@ from sae_ray.config import SHUFFLE_BUFFER_TOKENS
 from sae_ray.lm.extraction import arrow_to_vectors, read_manifest
 from sae_ray.sae import feeds
 from sae_ray.sae.fit_config import SaeTrainConfig
-from sae_ray.sae.shard_reads import READ_ROWS, read_rows
+from sae_ray.sae.shard_reads import FILES_AHEAD, READ_AHEAD, READ_ROWS, read_rows
 
 HOOKPOINT = "h"
 
@@ -59,11 +59,16 @@ def pyarrow_read(tokens: Path) -> int:
 
 
 def scanner_read(tokens: Path) -> int:
-    """pyarrow's other read: its dataset scanner's record batches of every shard (decoded
-    ahead in its threads), each touched."""
+    """pyarrow's other read: its dataset scanner's record batches of every shard (read
+    ahead as the fit's stream reads them), each touched."""
     manifest, rows = read_manifest(tokens), 0
     dataset = ds.dataset(manifest.paths(tokens), format="parquet")
-    for b in dataset.to_batches(columns=[HOOKPOINT], batch_size=READ_ROWS):
+    for b in dataset.to_batches(
+        columns=[HOOKPOINT],
+        batch_size=READ_ROWS,
+        batch_readahead=READ_AHEAD,
+        fragment_readahead=FILES_AHEAD,
+    ):
         x = arrow_to_vectors(b.column(0), manifest.d)
         float(x[0, 0])
         rows += len(x)

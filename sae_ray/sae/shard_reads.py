@@ -11,15 +11,18 @@ import warnings
 from collections.abc import Iterator
 
 import numpy as np
+import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import torch
 
 from sae_ray import storage
 from sae_ray.lm.extraction import Manifest, arrow_to_vectors
 
-# Rows per record batch of a stream (at most a row group): pyarrow's per-batch cost put
-# 4096-row batches at a third of the rate of 65,536-row ones.
+# Rows per record batch of a stream: pyarrow's per-batch cost put 4096-row batches at a
+# third of the rate of 65,536-row ones (`benchmarks/feed_read.py`'s note).
 READ_ROWS = 65_536
+READ_AHEAD = 4  # record batches pyarrow's threads decode ahead of the consumer
+FILES_AHEAD = 1  # shards opened ahead: each more holds its batches in flight too
 
 
 def tensor_of(column, d: int) -> torch.Tensor:
@@ -96,23 +99,33 @@ def stream_columns(
     tokens_dir: str, manifest: Manifest, columns: list[str], start: int, stop: int
 ) -> Iterator[dict[str, torch.Tensor]]:
     """Rows [start, stop) of vector columns in stored order, as chunks of up to `READ_ROWS`
-    rows (a tensor per column, viewing Arrow's memory), reading only the row groups that
-    hold them. Read where it is iterated (`batching.read_ahead` runs it in a thread, ahead of
-    the step): pyarrow's dataset scanner, decoding ahead in its own pool, took 2-10x the
-    CPU for it on 2 cores."""
+    rows (a tensor per column, viewing Arrow's memory). Only the row groups holding the range
+    are read, by pyarrow's scanner, which decodes `READ_AHEAD` batches ahead in its own
+    threads (the feed iterates it in `batching.read_ahead`'s thread: the step never waits
+    on a read). ParquetFile.iter_batches in that thread took less CPU but read at a third
+    of the rate, and a step waited on it."""
+    fragments, fmt, fs, pos = [], ds.ParquetFileFormat(), None, None
     for entry, first in _spans(manifest, start, stop):
         fs, path = storage.filesystem(storage.join(tokens_dir, entry["path"]))
-        with fs.open_input_file(path) as f:
-            parquet = pq.ParquetFile(f)
-            groups, at = [], None
-            for g in range(parquet.metadata.num_row_groups):
-                n = parquet.metadata.row_group(g).num_rows
-                if first + n > start and first < stop:
-                    groups.append(g)
-                    at = first if at is None else at
-                first += n
-            for batch in parquet.iter_batches(READ_ROWS, row_groups=groups, columns=columns):
-                lo, hi = max(start, at) - at, min(stop, at + batch.num_rows) - at
-                at += batch.num_rows
-                if lo < hi:
-                    yield {c: tensor_of(batch.column(c), manifest.width(c))[lo:hi] for c in columns}
+        groups = pq.ParquetFile(path, filesystem=fs).metadata
+        picked = []
+        for g in range(groups.num_row_groups):
+            n = groups.row_group(g).num_rows
+            if first + n > start and first < stop:
+                picked.append(g)
+                pos = first if pos is None else pos
+            first += n
+        fragments.append(fmt.make_fragment(path, fs, row_groups=picked))
+    if not fragments:
+        return
+    dataset = ds.FileSystemDataset(fragments, fragments[0].physical_schema, fmt, fs)
+    for batch in dataset.to_batches(
+        columns=columns,
+        batch_size=READ_ROWS,
+        batch_readahead=READ_AHEAD,
+        fragment_readahead=FILES_AHEAD,
+    ):
+        lo, hi = max(start, pos) - pos, min(stop, pos + batch.num_rows) - pos
+        pos += batch.num_rows
+        if lo < hi:
+            yield {c: tensor_of(batch.column(c), manifest.width(c))[lo:hi] for c in columns}
