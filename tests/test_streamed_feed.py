@@ -131,6 +131,9 @@ def test_a_pass_starts_reading_before_its_batches_are_asked_for():
         assert [len(b["x"]) for b in feed.batches(None, epoch)] == [2]
     # the two epochs' reads, each begun ahead; none for a third pass the fit will not take
     assert len(readers) == 2 and all(r.startswith("read-ahead") for r in readers), readers
+    resumed = feeds.StreamFeed(_cfg(batch_size=2, epochs=3), 1, "cpu", read)
+    assert len(list(resumed.batches(None, 2))) == 1  # a fit resumed in its last epoch
+    assert len(readers) == 3
 
 
 def test_read_ahead_raises_the_reads_error_and_lets_an_abandoned_thread_go():

@@ -178,27 +178,26 @@ class StreamFeed(ActivationFeed):
 
     def __init__(self, cfg: SaeTrainConfig, world: int, device, read):
         super().__init__(cfg, world, device)
-        self.read, self.passes = read, 0
+        self.read = read
         self._next: Iterator | None = read_ahead(read)  # the first pass reads from now on
 
-    def _pass(self) -> Iterator[dict[str, torch.Tensor]]:
-        """One pass's chunks, read ahead of the step in a thread; as its last is taken, the
-        next pass's read begins, if the fit has one (its epochs; a token budget may end it
+    def _pass(self, epoch: int) -> Iterator[dict[str, torch.Tensor]]:
+        """One epoch's chunks, read ahead of the step in a thread; as its last is taken, the
+        next epoch's read begins, if the fit has one (its epochs; a token budget may end it
         anywhere)."""
         chunks, self._next = self._next, None
         yield from chunks if chunks is not None else read_ahead(self.read)
-        self.passes += 1
-        if self.cfg.max_tokens is not None or self.passes < self.cfg.epochs:
+        if self.cfg.max_tokens is not None or epoch + 1 < self.cfg.epochs:
             self._next = read_ahead(self.read)
 
     def batches(self, shard, epoch: int) -> Iterator[dict[str, torch.Tensor]]:
         cfg = self.cfg
         size = max(1, cfg.batch_size // self.world)
         if not cfg.shuffle_buffer_tokens:
-            return map(self._on_device, rebatched(self._pass(), size))
+            return map(self._on_device, rebatched(self._pass(epoch), size))
         # Each window goes to the device whole and is permuted there: a CPU's one copy of
         # every row (the gather) is a GPU's to make where one trains.
-        windows = rebatched(self._pass(), window_rows(cfg.shuffle_buffer_tokens, size))
+        windows = rebatched(self._pass(epoch), window_rows(cfg.shuffle_buffer_tokens, size))
         return shuffled(map(self._on_device, windows), size, cfg.shuffle_seed + epoch)
 
     def _on_device(self, rows: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
