@@ -155,8 +155,7 @@ def _ground_truth_plan(cfg: Config) -> str:
     )
     sae = (2 * s.hidden_dim * latents + latents + s.hidden_dim) * 4 * 4  # weights, grads, Adam
     held = "held in each worker" if stored <= MATERIALIZE_BYTES else "streamed by each worker"
-    if cfg.sae.feed == "ray_data":
-        held = "streamed by Ray Data"
+    held = "streamed by Ray Data" if cfg.sae.feed == "ray_data" else held
     return (
         f"ground truth ({cfg.dataset.name}): no model. The world's {s.train_samples:,} draws "
         f"x {s.hidden_dim} dims: {stored / 2**30:.2f} GiB stored, {held}; the largest SAE "

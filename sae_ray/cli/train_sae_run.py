@@ -27,7 +27,7 @@ from sae_ray.lm.models import (
     resolve_layer,
 )
 from sae_ray.lm.text_data import Split, load_text_data
-from sae_ray.sae.feeds import activation_dataset, worker_feed
+from sae_ray.sae.feeds import fit_data
 from sae_ray.sae.fit_config import SaeTrainConfig
 from sae_ray.sae.spliced import load_model, save_for_workers, token_table
 from sae_ray.sae.trainer import train_saes
@@ -80,30 +80,21 @@ def run(args: argparse.Namespace, connect: Callable[[], None] = lambda: None) ->
             "activations", spec, lambda out: _extract(args, clf, split, columns, out, sae)
         ).uri("tokens")
         e2e = None
-        dataset, tokens_per_epoch = _activations(tokens_dir, columns, sae.feed)
+        data = fit_data(tokens_dir, columns, sae.feed)
     else:
         e2e = _end_to_end(args, kind, clf, store, spec, dict(zip(hookpoints, layers, strict=True)))
         table, tokens_per_epoch = token_table(clf.tokenizer, split, args.ctx_len)
-        dataset = ray.data.from_arrow(table).materialize()
+        data = ray.data.from_arrow(table).materialize(), None, tokens_per_epoch
     fit_cfg = _fit_config(args, sae, variants, hookpoints, widths, run_name)
-    return _train(args, dataset, tokens_per_epoch, fit_cfg, save_dir, e2e)
-
-
-def _activations(tokens: str | Path, columns: list[str], feed: str):
-    """What the fit reads (`sae.feed`): the workers' own reads of the shards
-    (`feeds.worker_feed`), or a Ray Dataset."""
-    manifest = read_manifest(tokens, verify=True)
-    if feed == "workers":
-        return worker_feed(str(tokens), manifest, columns), manifest.rows
-    return activation_dataset(tokens, columns)
+    return _train(args, data, fit_cfg, save_dir, e2e)
 
 
 def _train(
-    args: argparse.Namespace, data, rows: int, cfg: SaeTrainConfig, save_dir: Path, e2e=None
+    args: argparse.Namespace, data: tuple, cfg: SaeTrainConfig, save_dir: Path, e2e=None
 ) -> dict:
     """The one Ray Train run of the SAEs, checkpoints under `<save_dir>/<run_name>`; `data`
-    is a Ray Dataset, or a feed factory that reads the rows in the workers."""
-    dataset, feed = (None, data) if callable(data) else (data, None)
+    is (a Ray Dataset or None, a feed factory or None, rows per epoch): `feeds.fit_data`."""
+    dataset, feed, rows = data
     result = train_saes(
         dataset,
         rows,
@@ -142,9 +133,9 @@ def _run_on_activations(
     _check_fits(sae, variants, hookpoints, widths)
     connect()
     run_name = args.run_name or Path(args.activations).stem
-    dataset, rows = _activations(tokens, columns, sae.feed)
+    data = fit_data(tokens, columns, sae.feed)
     fit_cfg = _fit_config(args, sae, variants, hookpoints, widths, run_name)
-    return _train(args, dataset, rows, fit_cfg, save_dir)
+    return _train(args, data, fit_cfg, save_dir)
 
 
 def _save_dir(args: argparse.Namespace) -> Path:

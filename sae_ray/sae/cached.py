@@ -183,17 +183,12 @@ def _in_process(tokens, columns: list[str], cfg, run_dir: Path):
 def _on_ray(tokens, columns: list[str], cfg, resources, save_dir: Path, resume: bool):
     import ray
 
-    from sae_ray.sae.feeds import activation_dataset, worker_feed
+    from sae_ray.sae.feeds import fit_data
     from sae_ray.sae.trainer import train_saes
 
     if not ray.is_initialized():
         ray.init(configure_logging=False, log_to_driver=False)
-    manifest = read_manifest(tokens)
-    dataset, feed, rows = None, None, manifest.rows
-    if cfg.feed == "workers":  # the workers read their shares (`Sae.feed`)
-        feed = worker_feed(str(tokens), manifest, columns)
-    else:
-        dataset, rows = activation_dataset(tokens, columns)
+    dataset, feed, rows = fit_data(tokens, columns, cfg.feed)
     return train_saes(
         dataset,
         rows,

@@ -219,6 +219,16 @@ def streamed_feed(tokens_dir: str, manifest: Manifest, columns: list[str]):
     return make
 
 
+def fit_data(tokens_dir: str | Path, columns: list[str], feed: str):
+    """What a fit on the stored activations under `tokens_dir` reads, by `sae.feed`:
+    (None, the workers' own feed factory, rows) or (a Ray Dataset, None, rows)."""
+    if feed == "ray_data":
+        dataset, rows = activation_dataset(tokens_dir, columns)
+        return dataset, None, rows
+    manifest = read_manifest(tokens_dir, verify=True)
+    return None, worker_feed(str(tokens_dir), manifest, columns), manifest.rows
+
+
 def worker_feed(tokens_dir: str, manifest: Manifest, columns: list[str]):
     """The feed factory of a fit on stored activations, read by its workers themselves:
     held when the set fits in memory (`held`), streamed every epoch when it does not."""

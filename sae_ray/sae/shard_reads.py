@@ -2,8 +2,8 @@
 held whole (`read_columns`) or streamed in order (`stream_columns`). No Ray task is
 involved: a rank reads its share with the CPU it already holds, so a fit never waits for a
 free CPU that a cluster which lost a node may not have, and no block passes through the
-object store (Ray Data's hop for a stream that needs no transform, at about half the rate:
-`benchmarks/feed_read.py`)."""
+object store (Ray Data's hop for a stream that needs no transform: a ninth of the rate
+here, `benchmarks/feed_read.py`)."""
 
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ import torch
 from sae_ray import storage
 from sae_ray.lm.extraction import Manifest, arrow_to_vectors
 
-# Rows per record batch of a stream: pyarrow's per-batch cost put 4096-row batches at a
-# third of the rate of 65,536-row ones (`benchmarks/feed_read.py`'s note).
+# Rows per record batch of a stream (at most a row group): pyarrow's per-batch cost put
+# 4096-row batches at a third of the rate of 65,536-row ones.
 READ_ROWS = 65_536
 READ_AHEAD = 4  # record batches pyarrow's threads decode ahead of the consumer
 FILES_AHEAD = 1  # shards opened ahead: each more holds its batches in flight too
